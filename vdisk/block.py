@@ -1,0 +1,407 @@
+"""The generic block layer: an opened chain of images.
+
+``Image`` wraps one driver and the ``Image`` below it (its backing image).  It checks
+every request (bounds, read-only), hands the driver a reader for the backing image
+that returns zeros past the backing image's end, resolves block status through the
+chain, and owns opening and closing the whole chain.
+
+Backing references are resolved relative to the overlay's directory.  A backing
+file must lie under an allowed directory (by default, the directory of the image
+that was opened, plus ``VDISK_BACKING_DIRS``, colon-separated), so that an image
+from elsewhere cannot make vdisk read arbitrary host files; ``unsafe_backing=True``
+lifts this.  Chains are at most ``MAX_CHAIN_DEPTH`` images deep, and loops are refused.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+from .drivers import get_driver, probe
+from .drivers.base import BackingRef, BlockDriver, CheckResult, CreateOptions, Extent, SnapshotInfo, Status
+from .errors import BackingError, ImageNotFound, OutOfBounds, ReadOnlyImage, UsageError, VdiskError
+from .host import HostFile
+
+MAX_CHAIN_DEPTH = 64
+PROBE_BYTES = 4096
+
+
+def detect_format(path: str) -> str:
+    """The format of an existing image file, by its magic.  A file without a known
+    magic is raw -- only when the user opens it by name, never as a backing file."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(PROBE_BYTES)
+    except FileNotFoundError:
+        raise ImageNotFound(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise VdiskError(f"{path}: is a directory, not an image file") from None
+    except PermissionError:
+        raise VdiskError(f"{path}: permission denied") from None
+    return probe(head) or "raw"
+
+
+class _BackingView:
+    """The image below, as a driver sees it: reads past its end are zeros."""
+
+    def __init__(self, image: Image):
+        self._image = image
+
+    @property
+    def size(self) -> int:
+        return self._image.size
+
+    def read(self, offset: int, length: int) -> bytes:
+        size = self._image.size
+        if offset >= size:
+            return bytes(length)
+        if offset + length <= size:
+            return self._image.read(offset, length)
+        head = self._image.read(offset, size - offset)
+        return head + bytes(offset + length - size)
+
+    def block_status(self, offset: int, length: int) -> list[Extent]:
+        size = self._image.size
+        out: list[Extent] = []
+        if offset < size:
+            out = self._image.block_status(offset, min(length, size - offset))
+        if offset + length > size:
+            start = max(offset, size)
+            out.append(Extent(start, offset + length - start, Status.ZERO, depth=-1))
+        return out
+
+
+class Image:
+    """An opened image and, through ``backing``, the rest of its chain."""
+
+    def __init__(self, driver: BlockDriver, filename: str, backing: Image | None, snapshot: str | None = None):
+        self.driver = driver
+        self.filename = filename
+        self.backing = backing
+        self.snapshot = snapshot
+        self._closed = False
+        driver.attach_backing(_BackingView(backing) if backing is not None else None)
+
+    # ---------------------------------------------------------------- properties
+    @property
+    def format(self) -> str:
+        return self.driver.format_name
+
+    @property
+    def size(self) -> int:
+        return self.driver.size
+
+    @property
+    def cluster_size(self) -> int:
+        return self.driver.cluster_size
+
+    @property
+    def read_only(self) -> bool:
+        return self.driver.read_only
+
+    def chain(self) -> Iterator[Image]:
+        """This image, then each backing image down to the base."""
+        node: Image | None = self
+        while node is not None:
+            yield node
+            node = node.backing
+
+    # ---------------------------------------------------------------- checks
+    def _check(self, offset: int, length: int) -> None:
+        if self._closed:
+            raise VdiskError(f"{self.filename}: image is closed")
+        if offset < 0 or length < 0:
+            raise OutOfBounds(f"{self.filename}: negative offset or length ({offset}, {length})")
+        if offset + length > self.driver.size:
+            raise OutOfBounds(
+                f"{self.filename}: request {offset}+{length} ends past the end of the disk ({self.driver.size} bytes)"
+            )
+
+    def _check_write(self, offset: int, length: int) -> None:
+        self._check(offset, length)
+        if self.driver.read_only:
+            raise ReadOnlyImage(f"{self.filename}: image is open read-only")
+
+    # ---------------------------------------------------------------- data path
+    def read(self, offset: int, length: int) -> bytes:
+        self._check(offset, length)
+        if length == 0:
+            return b""
+        return self.driver.read(offset, length)
+
+    def write(self, offset: int, data: bytes) -> None:
+        self._check_write(offset, len(data))
+        if data:
+            self.driver.write(offset, bytes(data) if not isinstance(data, bytes) else data)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        self._check_write(offset, length)
+        if length:
+            self.driver.write_zeroes(offset, length)
+
+    def discard(self, offset: int, length: int) -> None:
+        self._check_write(offset, length)
+        if length:
+            self.driver.discard(offset, length)
+
+    def flush(self) -> None:
+        if not self.driver.read_only:
+            self.driver.flush()
+
+    def resize(self, new_size: int, *, shrink: bool = False) -> None:
+        if self.driver.read_only:
+            raise ReadOnlyImage(f"{self.filename}: image is open read-only")
+        if new_size < 0:
+            raise UsageError("size must not be negative")
+        if new_size < self.size and not shrink:
+            raise UsageError(
+                f"{self.filename}: shrinking from {self.size} to {new_size} bytes drops data; pass --shrink to do it"
+            )
+        if new_size != self.size:
+            self.driver.resize(new_size)
+
+    def block_status(self, offset: int = 0, length: int | None = None, *, chain: bool = True) -> list[Extent]:
+        """Extents of ``[offset, offset+length)``.  With ``chain``, UNALLOCATED ranges are
+        resolved through the backing images (``depth`` says which image holds them) and
+        what no image holds is reported as ZERO with depth -1... or UNALLOCATED at the
+        base when there is no backing image at all."""
+        if length is None:
+            length = self.size - offset
+        self._check(offset, length)
+        if length == 0:
+            return []
+        own = self.driver.block_status(offset, length)
+        if not chain or self.backing is None:
+            return own
+        out: list[Extent] = []
+        view = _BackingView(self.backing)
+        for ext in own:
+            if ext.status != Status.UNALLOCATED:
+                out.append(ext)
+                continue
+            for sub in view.block_status(ext.offset, ext.length):
+                depth = sub.depth + 1 if sub.depth >= 0 else -1
+                out.append(Extent(sub.offset, sub.length, sub.status, sub.host_offset, sub.compressed, depth))
+        return _merge(out)
+
+    # ---------------------------------------------------------------- metadata
+    def info(self) -> dict:
+        d = self.driver
+        out = {
+            "filename": self.filename,
+            "format": d.format_name,
+            "virtual_size": d.size,
+            "disk_size": d.disk_usage(),
+            "cluster_size": d.cluster_size,
+            "read_only": d.read_only,
+        }
+        if d.backing_ref is not None:
+            out["backing_filename"] = d.backing_ref.filename
+            out["backing_format"] = d.backing_ref.format
+            if d.backing_ref.snapshot:
+                out["backing_snapshot"] = d.backing_ref.snapshot
+            if self.backing is not None:
+                out["full_backing_filename"] = self.backing.filename
+        out.update(d.info())
+        return out
+
+    def check(self, *, repair: str | None = None) -> CheckResult:
+        if repair and self.driver.read_only:
+            raise ReadOnlyImage(f"{self.filename}: image is open read-only; cannot repair")
+        return self.driver.check(repair=repair)
+
+    def snapshot_list(self) -> list[SnapshotInfo]:
+        return self.driver.snapshot_list()
+
+    def snapshot_create(self, name: str) -> SnapshotInfo:
+        self._check_write(0, 0)
+        return self.driver.snapshot_create(name)
+
+    def snapshot_delete(self, name: str) -> None:
+        self._check_write(0, 0)
+        self.driver.snapshot_delete(name)
+
+    def snapshot_revert(self, name: str) -> None:
+        self._check_write(0, 0)
+        self.driver.snapshot_revert(name)
+
+    # ---------------------------------------------------------------- lifecycle
+    def close(self) -> None:
+        """Flush and close this image and its whole backing chain."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.driver.close()
+        finally:
+            if self.backing is not None:
+                self.backing.close()
+
+    def __enter__(self) -> Image:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Image {self.filename!r} {self.format} {self.size} bytes>"
+
+
+def _merge(extents: list[Extent]) -> list[Extent]:
+    out: list[Extent] = []
+    for e in extents:
+        if e.length == 0:
+            continue
+        if out:
+            p = out[-1]
+            if (
+                p.status == e.status
+                and p.depth == e.depth
+                and p.compressed == e.compressed
+                and p.end == e.offset
+                and (
+                    (p.host_offset is None and e.host_offset is None)
+                    or (p.host_offset is not None and e.host_offset is not None and p.host_offset + p.length == e.host_offset)
+                )
+            ):
+                out[-1] = Extent(p.offset, p.length + e.length, p.status, p.host_offset, p.compressed, p.depth)
+                continue
+        out.append(e)
+    return out
+
+
+def _allowed_dirs(top_path: str, extra: list[str] | None) -> list[str]:
+    dirs = [os.path.dirname(os.path.realpath(top_path))]
+    env = os.environ.get("VDISK_BACKING_DIRS", "")
+    dirs += [os.path.realpath(p) for p in env.split(":") if p]
+    dirs += [os.path.realpath(p) for p in (extra or [])]
+    return dirs
+
+
+def _is_under(path: str, dirs: list[str]) -> bool:
+    return any(path == d or path.startswith(d.rstrip("/") + "/") for d in dirs)
+
+
+def resolve_backing_path(overlay_path: str, ref: BackingRef) -> str:
+    """The host path a backing reference names: relative names are relative to the overlay."""
+    if os.path.isabs(ref.filename):
+        return ref.filename
+    return os.path.join(os.path.dirname(os.path.abspath(overlay_path)), ref.filename)
+
+
+def open(  # noqa: A001 - the public name is vdisk.open
+    path: str,
+    *,
+    read_only: bool = False,
+    format: str | None = None,  # noqa: A002
+    snapshot: str | None = None,
+    backing: bool = True,
+    allow_backing_dirs: list[str] | None = None,
+    unsafe_backing: bool = False,
+) -> Image:
+    """Open an image and its backing chain.
+
+    ``format`` None probes the file's magic (raw if none).  ``snapshot`` opens that
+    internal snapshot, read-only.  ``backing=False`` opens the top image alone (its
+    unallocated ranges then read as zeros).
+    """
+    path = os.fspath(path)
+    if snapshot is not None:
+        read_only = True
+    fmt = format or detect_format(path)
+    allowed = None if unsafe_backing else _allowed_dirs(path, allow_backing_dirs)
+    seen: set[tuple[int, int, str | None]] = set()
+    return _open_node(path, fmt, read_only, snapshot, backing, allowed, seen, 0)
+
+
+def _open_node(path, fmt, read_only, snapshot, with_backing, allowed, seen, depth) -> Image:
+    if depth >= MAX_CHAIN_DEPTH:
+        raise BackingError(f"{path}: backing chain is deeper than {MAX_CHAIN_DEPTH} images")
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ImageNotFound(f"{path}: no such file") from None
+    except OSError as exc:
+        raise VdiskError(f"{path}: {exc.strerror}") from None
+    key = (st.st_dev, st.st_ino, snapshot)
+    if any(k[:2] == key[:2] for k in seen):
+        raise BackingError(f"{path}: backing chain loops back to this file")
+    seen.add(key)
+    cls = get_driver(fmt)
+    host = HostFile(path, read_only=read_only)
+    try:
+        driver = cls.open(host, read_only=read_only, snapshot=snapshot)
+    except BaseException:
+        host.close()
+        raise
+    below: Image | None = None
+    try:
+        ref = driver.backing_ref
+        if ref is not None and with_backing:
+            bpath = resolve_backing_path(path, ref)
+            real = os.path.realpath(bpath)
+            if allowed is not None and not _is_under(real, allowed):
+                raise BackingError(
+                    f"{path}: backing file {ref.filename!r} lies outside the allowed directories "
+                    f"({', '.join(allowed)}); allow it with VDISK_BACKING_DIRS or --unsafe-backing"
+                )
+            if not os.path.exists(bpath):
+                raise BackingError(f"{path}: backing file {bpath} does not exist")
+            below = _open_node(bpath, ref.format, True, ref.snapshot, True, allowed, seen, depth + 1)
+        return Image(driver, path, below, snapshot)
+    except BaseException:
+        driver.close()
+        if below is not None:
+            below.close()
+        raise
+
+
+def create(
+    path: str,
+    size: int | None = None,
+    *,
+    format: str = "vdk",  # noqa: A002
+    cluster_size: int | None = None,
+    compression: str | None = None,
+    backing_file: str | None = None,
+    backing_format: str | None = None,
+    backing_snapshot: str | None = None,
+    options: dict | None = None,
+) -> None:
+    """Create a new image file.  ``backing_file`` is a path as the caller sees it (relative
+    to the current directory); it is stored relative to the new image's directory.
+    Without ``size``, an overlay takes its backing image's size."""
+    path = os.fspath(path)
+    cls = get_driver(format)
+    ref = None
+    if backing_file is not None:
+        if not cls.supports_backing:
+            raise UsageError(f"{format} images cannot have a backing file")
+        if not os.path.exists(backing_file):
+            raise ImageNotFound(f"backing file {backing_file}: no such file")
+        if backing_format is None:
+            backing_format = detect_format(backing_file)
+            if backing_format == "raw":
+                raise UsageError(f"backing file {backing_file}: give its format with -F (raw is never probed)")
+        rel = os.path.relpath(os.path.abspath(backing_file), os.path.dirname(os.path.abspath(path)))
+        ref = BackingRef(rel, backing_format, backing_snapshot)
+        if size is None:
+            with open(backing_file, read_only=True, format=backing_format, snapshot=backing_snapshot,
+                      unsafe_backing=True) as b:
+                size = b.size
+    if size is None:
+        raise UsageError("a size is needed (or a backing file to take it from)")
+    if size < 0:
+        raise UsageError("size must not be negative")
+    opts = CreateOptions(cluster_size=cluster_size, compression=compression, backing=ref, extra=dict(options or {}))
+    host = HostFile(path, create=True)
+    try:
+        cls.create(host, size, opts)
+    except BaseException:
+        host.close()
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        raise
+    host.close()
