@@ -1,0 +1,164 @@
+"""Copy an image's guest-visible content into a new image (``vdisk convert``).
+
+Sparseness: ranges the source's chain reports as ZERO or UNALLOCATED are neither read
+nor written; data ranges are read in large chunks aligned to both cluster sizes, and
+parts of a chunk that turn out to be all zeros (checked per destination cluster, with
+memcmp-speed comparisons) are not written either.  The destination is created fresh,
+so what is not written reads as zeros.
+
+The destination is built under a temporary name next to it and renamed into place
+only once complete and flushed: a failed or interrupted convert leaves an existing
+destination untouched (like ``qemu-img convert``, an existing destination is
+replaced -- unless another process has it open).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from .. import block
+from ..block import Image
+from ..errors import UsageError
+from .compare import ProgressFn, chunk_size_for, chunks, data_runs, is_zero, zeros
+
+
+@dataclass
+class ConvertStats:
+    """What a copy did, in guest bytes."""
+
+    size: int = 0
+    bytes_read: int = 0  # read from the source
+    bytes_written: int = 0  # written to the destination
+    bytes_skipped: int = 0  # never read: the source chain reports them as zeros
+    zero_bytes_dropped: int = 0  # read, found all-zero, not written
+
+
+def _sparse_write(dst: Image, off: int, data: bytes, gran: int, stats: ConvertStats) -> None:
+    """Write ``data`` at ``off`` into a destination that reads as zeros, leaving out
+    every ``gran``-aligned piece that is all zeros."""
+    n = len(data)
+    if is_zero(data):
+        stats.zero_bytes_dropped += n
+        return
+    if n <= gran or data.find(zeros(gran)) < 0:
+        # No run of `gran` zero bytes anywhere: no aligned zero granule either.
+        dst.write(off, data)
+        stats.bytes_written += n
+        return
+    end = off + n
+    run = -1  # start of the pending non-zero run, or -1
+    pos = off
+    while pos < end:
+        g_end = min(end, (pos // gran + 1) * gran)
+        if is_zero(data[pos - off : g_end - off]):
+            if run >= 0:
+                dst.write(run, data[run - off : pos - off])
+                stats.bytes_written += pos - run
+                run = -1
+            stats.zero_bytes_dropped += g_end - pos
+        elif run < 0:
+            run = pos
+        pos = g_end
+    if run >= 0:
+        dst.write(run, data[run - off :])
+        stats.bytes_written += end - run
+
+
+def copy_content(
+    src: Image,
+    dst: Image,
+    *,
+    progress: ProgressFn | None = None,
+    chunk_size: int | None = None,
+    granularity: int | None = None,
+) -> ConvertStats:
+    """Copy ``src``'s guest content into ``dst``, which must already read as zeros over
+    ``[0, src.size)`` (a freshly created image).  Does not flush ``dst``.
+
+    ``granularity`` is the size of the zero pieces left unwritten (default: the
+    destination's cluster size, at least 4 KiB).  ``progress(n)`` gets guest bytes done
+    since the previous call; the total is ``src.size``."""
+    if dst.size < src.size:
+        raise UsageError(f"{dst.filename}: destination ({dst.size} bytes) is smaller than the source ({src.size} bytes)")
+    stats = ConvertStats(size=src.size)
+    chunk = chunk_size or chunk_size_for(src, dst)
+    gran = granularity or max(dst.cluster_size or 0, 4096)
+    tick = progress or (lambda n: None)
+    for s, e, has_data in data_runs(src, 0, src.size):
+        if not has_data:
+            stats.bytes_skipped += e - s
+            tick(e - s)
+            continue
+        for off, n in chunks(s, e, chunk):
+            data = src.read(off, n)
+            stats.bytes_read += n
+            _sparse_write(dst, off, data, gran, stats)
+            tick(n)
+    return stats
+
+
+def _refuse_if_in_use(path: str) -> None:
+    """Fail if another process holds ``path`` open through vdisk (a VM, a mount).
+    Opened as raw, so nothing in the file is parsed: only the lock is taken."""
+    block.open(path, format="raw", read_only=True, backing=False).close()
+
+
+def convert(
+    src: Image,
+    dst_path: str,
+    *,
+    format: str = "raw",  # noqa: A002
+    cluster_size: int | None = None,
+    compression: str | None = None,
+    options: dict | None = None,
+    progress: ProgressFn | None = None,
+    chunk_size: int | None = None,
+) -> ConvertStats:
+    """Create ``dst_path`` in ``format`` with ``src``'s guest size and content.
+
+    An existing regular file at ``dst_path`` is replaced atomically once the copy is
+    complete and flushed; until then it is left as it was."""
+    dst_path = os.fspath(dst_path)
+    target = os.path.realpath(dst_path) if os.path.islink(dst_path) else dst_path
+    if os.path.exists(target):
+        if not os.path.isfile(target):
+            raise UsageError(f"{dst_path}: exists and is not a regular file")
+        if os.path.samefile(target, src.filename):
+            raise UsageError(f"{dst_path}: source and destination are the same file")
+        _refuse_if_in_use(target)
+    directory, base = os.path.split(os.path.abspath(target))
+    tmp = os.path.join(directory, f".{base}.vdisk-convert-{os.getpid()}")
+    if os.path.lexists(tmp):
+        os.unlink(tmp)
+    block.create(
+        tmp,
+        src.size,
+        format=format,
+        cluster_size=cluster_size,
+        compression=compression,
+        options=options,
+    )
+    try:
+        dst = block.open(tmp, format=format, read_only=False, backing=False)
+        try:
+            stats = copy_content(src, dst, progress=progress, chunk_size=chunk_size)
+            dst.flush()
+        finally:
+            dst.close()
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:
+        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+    return stats
