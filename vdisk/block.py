@@ -14,6 +14,7 @@ lifts this.  Chains are at most ``MAX_CHAIN_DEPTH`` images deep, and loops are r
 
 from __future__ import annotations
 
+import builtins
 import os
 from typing import Iterator
 
@@ -23,14 +24,14 @@ from .errors import BackingError, ImageNotFound, OutOfBounds, ReadOnlyImage, Usa
 from .host import HostFile
 
 MAX_CHAIN_DEPTH = 64
-PROBE_BYTES = 4096
+PROBE_BYTES = 8192
 
 
 def detect_format(path: str) -> str:
     """The format of an existing image file, by its magic.  A file without a known
     magic is raw -- only when the user opens it by name, never as a backing file."""
     try:
-        with open(path, "rb") as f:
+        with builtins.open(path, "rb") as f:
             head = f.read(PROBE_BYTES)
     except FileNotFoundError:
         raise ImageNotFound(f"{path}: no such file") from None

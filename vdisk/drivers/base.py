@@ -129,7 +129,7 @@ class BlockDriver(abc.ABC):
     # ------------------------------------------------------------------ lifecycle
     @classmethod
     def probe(cls, head: bytes) -> bool:
-        """Return True if ``head`` (the first 4 KiB of a file) is this format.
+        """Return True if ``head`` (the first 8 KiB of a file) is this format.
 
         Raw never claims a file: a raw image is only ever opened when named."""
         return False

@@ -1,0 +1,392 @@
+"""Encode and decode the on-disk structures of the vdk format, version 1.
+
+No I/O happens here: bytes in, frozen dataclasses (or plain ints, on the hot path)
+out, and back.  This module is the only code that knows the struct layouts; the
+specification is ``formats/vdk.md`` and ``tests/test_vdk_codec.py`` holds the two
+together.  All integers are little-endian.  All checksums are XXH3-64 (seed 0) of
+the bytes named, stored as a little-endian u64.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field, replace
+
+import xxhash
+
+from ..errors import CorruptImage, UnsupportedFeature
+
+MAGIC = b"\x89VDK\r\n\x1a\n"
+VERSION = 1
+
+SLOT_SIZE = 4096
+SLOT_OFFSETS = (0, 4096)
+HEADER_AREA = 8192  # both slots; clusters overlapping it are reserved
+HEADER_FIXED = 192  # fixed part of a header slot; names follow
+
+MIN_CLUSTER_BITS = 12
+MAX_CLUSTER_BITS = 21
+DEFAULT_CLUSTER_BITS = 16
+
+MAX_OFFSET = 1 << 56  # host offsets must be below this (56-bit field)
+MAX_VIRTUAL_SIZE = 1 << 56
+MAX_BACKING_NAME = 1024
+MAX_BACKING_FORMAT = 16
+MAX_SNAPSHOT_NAME = 255
+MAX_SNAPSHOTS = 65536
+MAX_SNAPSHOT_TABLE = 64 << 20
+
+# feature bits
+INCOMPAT_CORRUPT = 1 << 0  # a writer found corruption: open read-only only
+KNOWN_INCOMPAT = INCOMPAT_CORRUPT
+KNOWN_COMPAT = 0
+KNOWN_AUTOCLEAR = 0
+
+COMPRESSION_NONE = 0
+COMPRESSION_ZSTD = 1
+COMPRESSION_NAMES = {COMPRESSION_NONE: "none", COMPRESSION_ZSTD: "zstd"}
+
+# L2 entry types (bits 56..59 of the descriptor)
+T_UNALLOCATED = 0
+T_ZERO = 1
+T_DATA = 2
+T_COMPRESSED = 3
+TYPE_NAMES = {T_UNALLOCATED: "unallocated", T_ZERO: "zero", T_DATA: "data", T_COMPRESSED: "compressed"}
+
+OFFSET_MASK = (1 << 56) - 1
+TYPE_SHIFT = 56
+RESERVED_DESC_MASK = 0xF << 60
+
+L1_ENTRY = struct.Struct("<QQ")  # l2_offset, l2_checksum
+L2_ENTRY = struct.Struct("<QIIQQ")  # descriptor, stored_length, codec, checksum, birth
+RT_ENTRY = struct.Struct("<QQ")  # refcount block offset, its checksum
+RC_ENTRY = struct.Struct("<I")
+L1_ENTRY_SIZE = L1_ENTRY.size  # 16
+L2_ENTRY_SIZE = L2_ENTRY.size  # 32
+RT_ENTRY_SIZE = RT_ENTRY.size  # 16
+RC_ENTRY_SIZE = RC_ENTRY.size  # 4
+
+
+def checksum(data) -> int:
+    return xxhash.xxh3_64_intdigest(data)
+
+
+# ----------------------------------------------------------------------------- header
+_HEADER = struct.Struct(
+    "<8s"  # 0 magic
+    "I"  # 8 version
+    "I"  # 12 header_length
+    "Q"  # 16 generation
+    "Q"  # 24 incompatible_features
+    "Q"  # 32 compatible_features
+    "Q"  # 40 autoclear_features
+    "I"  # 48 cluster_bits
+    "B"  # 52 compression_type
+    "b"  # 53 compression_level
+    "2x"  # 54 reserved
+    "Q"  # 56 virtual_size
+    "Q"  # 64 l1_offset
+    "I"  # 72 l1_entries
+    "4x"  # 76 reserved
+    "Q"  # 80 l1_checksum
+    "Q"  # 88 refcount_table_offset
+    "I"  # 96 refcount_table_entries
+    "4x"  # 100 reserved
+    "Q"  # 104 refcount_table_checksum
+    "Q"  # 112 snapshot_table_offset
+    "I"  # 120 snapshot_count
+    "I"  # 124 snapshot_table_length
+    "Q"  # 128 snapshot_table_checksum
+    "Q"  # 136 next_snapshot_id
+    "Q"  # 144 host_clusters
+    "Q"  # 152 dedup_table_offset
+    "Q"  # 160 dedup_table_length
+    "Q"  # 168 dedup_table_checksum
+    "H"  # 176 backing_name_length
+    "B"  # 178 backing_format_length
+    "B"  # 179 backing_snapshot_length
+    "12x"  # 180 reserved
+)
+assert _HEADER.size == HEADER_FIXED
+
+#: field name -> (offset, size), for the specification test
+HEADER_FIELDS = {
+    "magic": (0, 8), "version": (8, 4), "header_length": (12, 4), "generation": (16, 8),
+    "incompatible_features": (24, 8), "compatible_features": (32, 8), "autoclear_features": (40, 8),
+    "cluster_bits": (48, 4), "compression_type": (52, 1), "compression_level": (53, 1),
+    "virtual_size": (56, 8), "l1_offset": (64, 8), "l1_entries": (72, 4), "l1_checksum": (80, 8),
+    "refcount_table_offset": (88, 8), "refcount_table_entries": (96, 4), "refcount_table_checksum": (104, 8),
+    "snapshot_table_offset": (112, 8), "snapshot_count": (120, 4), "snapshot_table_length": (124, 4),
+    "snapshot_table_checksum": (128, 8), "next_snapshot_id": (136, 8), "host_clusters": (144, 8),
+    "dedup_table_offset": (152, 8), "dedup_table_length": (160, 8), "dedup_table_checksum": (168, 8),
+    "backing_name_length": (176, 2), "backing_format_length": (178, 1), "backing_snapshot_length": (179, 1),
+}
+
+
+@dataclass(frozen=True)
+class Header:
+    generation: int
+    cluster_bits: int
+    virtual_size: int
+    l1_offset: int = 0
+    l1_entries: int = 0
+    l1_checksum: int = 0
+    refcount_table_offset: int = 0
+    refcount_table_entries: int = 0
+    refcount_table_checksum: int = 0
+    snapshot_table_offset: int = 0
+    snapshot_count: int = 0
+    snapshot_table_length: int = 0
+    snapshot_table_checksum: int = 0
+    next_snapshot_id: int = 1
+    host_clusters: int = 0
+    compression_type: int = COMPRESSION_NONE
+    compression_level: int = 3
+    incompatible_features: int = 0
+    compatible_features: int = 0
+    autoclear_features: int = 0
+    dedup_table_offset: int = 0
+    dedup_table_length: int = 0
+    dedup_table_checksum: int = 0
+    backing_name: str = ""
+    backing_format: str = ""
+    backing_snapshot: str = ""
+    version: int = VERSION
+
+    @property
+    def cluster_size(self) -> int:
+        return 1 << self.cluster_bits
+
+    def replace(self, **kw) -> Header:
+        return replace(self, **kw)
+
+    def encode(self) -> bytes:
+        name = self.backing_name.encode()
+        fmt = self.backing_format.encode()
+        snap = self.backing_snapshot.encode()
+        if len(name) > MAX_BACKING_NAME or len(fmt) > MAX_BACKING_FORMAT or len(snap) > MAX_SNAPSHOT_NAME:
+            raise ValueError("backing reference too long")
+        tail = name + fmt + snap
+        length = _align(HEADER_FIXED + len(tail), 8) + 8
+        fixed = _HEADER.pack(
+            MAGIC, self.version, length, self.generation, self.incompatible_features,
+            self.compatible_features, self.autoclear_features, self.cluster_bits, self.compression_type,
+            self.compression_level, self.virtual_size, self.l1_offset, self.l1_entries, self.l1_checksum,
+            self.refcount_table_offset, self.refcount_table_entries, self.refcount_table_checksum,
+            self.snapshot_table_offset, self.snapshot_count, self.snapshot_table_length,
+            self.snapshot_table_checksum, self.next_snapshot_id, self.host_clusters, self.dedup_table_offset,
+            self.dedup_table_length, self.dedup_table_checksum, len(name), len(fmt), len(snap),
+        )
+        body = fixed + tail
+        body += bytes(length - 8 - len(body))
+        return body + struct.pack("<Q", checksum(body))
+
+    @classmethod
+    def decode(cls, slot: bytes) -> Header:
+        """Decode one header slot.  Raises CorruptImage for a slot that is not a valid
+        header (bad magic, bad checksum, out-of-range field) and UnsupportedFeature for
+        a valid header this implementation must not open."""
+        if len(slot) < HEADER_FIXED or slot[:8] != MAGIC:
+            raise CorruptImage("not a vdk image (bad magic)")
+        (magic, version, length, gen, incompat, compat, autoclear, cbits, ctype, clevel, vsize, l1_off, l1_n, l1_sum,
+         rt_off, rt_n, rt_sum, st_off, st_n, st_len, st_sum, next_id, host_clusters, dd_off, dd_len, dd_sum,
+         name_len, fmt_len, snap_len) = _HEADER.unpack_from(slot)
+        if version != VERSION:
+            raise UnsupportedFeature(f"vdk version {version} is not supported (this vdisk reads version {VERSION})")
+        if not HEADER_FIXED + 8 <= length <= SLOT_SIZE or length % 8:
+            raise CorruptImage(f"header length {length} is out of range")
+        if length > len(slot):
+            raise CorruptImage("header slot is truncated")
+        (stored,) = struct.unpack_from("<Q", slot, length - 8)
+        if stored != checksum(slot[: length - 8]):
+            raise CorruptImage("header checksum mismatch")
+        if name_len > MAX_BACKING_NAME or fmt_len > MAX_BACKING_FORMAT or HEADER_FIXED + name_len + fmt_len + snap_len > length - 8:
+            raise CorruptImage("backing reference in the header is too long")
+        pos = HEADER_FIXED
+        try:
+            name = slot[pos:pos + name_len].decode()
+            fmt = slot[pos + name_len:pos + name_len + fmt_len].decode("ascii")
+            snap = slot[pos + name_len + fmt_len:pos + name_len + fmt_len + snap_len].decode()
+        except UnicodeDecodeError:
+            raise CorruptImage("backing reference in the header is not valid UTF-8") from None
+        if "\0" in name or "\0" in snap:
+            raise CorruptImage("backing reference contains a NUL byte")
+        unknown = incompat & ~KNOWN_INCOMPAT
+        if unknown:
+            raise UnsupportedFeature(f"image uses unknown incompatible features 0x{unknown:x}")
+        return cls(
+            generation=gen, cluster_bits=cbits, virtual_size=vsize, l1_offset=l1_off, l1_entries=l1_n,
+            l1_checksum=l1_sum, refcount_table_offset=rt_off, refcount_table_entries=rt_n,
+            refcount_table_checksum=rt_sum, snapshot_table_offset=st_off, snapshot_count=st_n,
+            snapshot_table_length=st_len, snapshot_table_checksum=st_sum, next_snapshot_id=next_id,
+            host_clusters=host_clusters, compression_type=ctype, compression_level=clevel,
+            incompatible_features=incompat, compatible_features=compat, autoclear_features=autoclear & KNOWN_AUTOCLEAR,
+            dedup_table_offset=dd_off, dedup_table_length=dd_len, dedup_table_checksum=dd_sum,
+            backing_name=name, backing_format=fmt, backing_snapshot=snap, version=version,
+        )
+
+
+def _align(n: int, a: int) -> int:
+    return (n + a - 1) // a * a
+
+
+# ----------------------------------------------------------------------------- geometry
+def l2_entries(cluster_bits: int) -> int:
+    return (1 << cluster_bits) // L2_ENTRY_SIZE
+
+
+def l1_entries_for(virtual_size: int, cluster_bits: int) -> int:
+    span = (1 << cluster_bits) * l2_entries(cluster_bits)
+    return (virtual_size + span - 1) // span
+
+
+def rc_entries(cluster_bits: int) -> int:
+    return (1 << cluster_bits) // RC_ENTRY_SIZE
+
+
+# ----------------------------------------------------------------------------- L2 entries
+def make_desc(kind: int, host_offset: int = 0) -> int:
+    return (kind << TYPE_SHIFT) | host_offset
+
+
+def desc_type(desc: int) -> int:
+    return (desc >> TYPE_SHIFT) & 0xF
+
+
+def desc_offset(desc: int) -> int:
+    return desc & OFFSET_MASK
+
+
+@dataclass(frozen=True)
+class L2Entry:
+    kind: int
+    host_offset: int = 0
+    stored_length: int = 0
+    codec: int = 0
+    checksum: int = 0
+    birth: int = 0
+
+    def encode(self) -> bytes:
+        return L2_ENTRY.pack(make_desc(self.kind, self.host_offset), self.stored_length, self.codec, self.checksum, self.birth)
+
+    @classmethod
+    def decode(cls, buf, index: int = 0) -> L2Entry:
+        desc, length, codec, csum, birth = L2_ENTRY.unpack_from(buf, index * L2_ENTRY_SIZE)
+        return cls(desc_type(desc), desc_offset(desc), length, codec, csum, birth)
+
+
+def validate_l2_entry(desc: int, length: int, codec: int, cluster_size: int, host_limit: int) -> str | None:
+    """Why this L2 entry is invalid, or None.  ``host_limit`` is the end of the host area."""
+    if desc & RESERVED_DESC_MASK:
+        return "reserved bits set in L2 entry"
+    kind = desc_type(desc)
+    off = desc_offset(desc)
+    if kind in (T_UNALLOCATED, T_ZERO):
+        if off or length or codec:
+            return f"{TYPE_NAMES[kind]} L2 entry carries an offset or length"
+        return None
+    if kind == T_DATA:
+        if off % cluster_size or off < HEADER_AREA:
+            return f"data cluster offset {off:#x} is not a cluster-aligned offset past the header"
+        if length != cluster_size or codec:
+            return f"data cluster at {off:#x} has stored length {length}"
+        if off + cluster_size > host_limit:
+            return f"data cluster offset {off:#x} lies past the end of the image"
+        return None
+    if kind == T_COMPRESSED:
+        if codec != COMPRESSION_ZSTD:
+            return f"compressed cluster at {off:#x} uses unknown codec {codec}"
+        if not 0 < length < cluster_size:
+            return f"compressed cluster at {off:#x} has stored length {length} out of range"
+        if off < HEADER_AREA or (off % cluster_size) + length > cluster_size:
+            return f"compressed cluster at {off:#x}+{length} crosses a cluster boundary"
+        if off + length > host_limit:
+            return f"compressed cluster at {off:#x} lies past the end of the image"
+        return None
+    return f"unknown L2 entry type {kind}"
+
+
+# ----------------------------------------------------------------------------- snapshots
+_SNAP = struct.Struct("<QQqQQIIQIHH")  # 64 bytes fixed
+SNAPSHOT_FIELDS = {
+    "id": (0, 8), "generation": (8, 8), "create_time_ns": (16, 8), "virtual_size": (24, 8), "l1_offset": (32, 8),
+    "l1_entries": (40, 4), "flags": (44, 4), "l1_checksum": (48, 8), "holds": (56, 4), "name_length": (60, 2),
+    "reserved": (62, 2),
+}
+SNAP_HIDDEN = 1 << 0  # deleted by the user but kept while linked clones hold it
+KNOWN_SNAP_FLAGS = SNAP_HIDDEN
+
+
+@dataclass(frozen=True)
+class SnapshotRecord:
+    id: int
+    name: str
+    generation: int
+    create_time_ns: int
+    virtual_size: int
+    l1_offset: int
+    l1_entries: int
+    l1_checksum: int
+    flags: int = 0
+    holds: int = 0
+
+    def encode(self) -> bytes:
+        name = self.name.encode()
+        if not 0 < len(name) <= MAX_SNAPSHOT_NAME:
+            raise ValueError("snapshot name length out of range")
+        rec = _SNAP.pack(self.id, self.generation, self.create_time_ns, self.virtual_size, self.l1_offset,
+                         self.l1_entries, self.flags, self.l1_checksum, self.holds, len(name), 0) + name
+        return rec + bytes(_align(len(rec), 8) - len(rec))
+
+
+def encode_snapshot_table(records) -> bytes:
+    return b"".join(r.encode() for r in records)
+
+
+def decode_snapshot_table(buf: bytes, count: int) -> list[SnapshotRecord]:
+    out = []
+    pos = 0
+    seen_ids: set[int] = set()
+    seen_names: set[str] = set()
+    for _ in range(count):
+        if pos + _SNAP.size > len(buf):
+            raise CorruptImage("snapshot table is shorter than its snapshot count")
+        (sid, gen, ctime, vsize, l1_off, l1_n, flags, l1_sum, holds, name_len, _r) = _SNAP.unpack_from(buf, pos)
+        if not 0 < name_len <= MAX_SNAPSHOT_NAME or pos + _SNAP.size + name_len > len(buf):
+            raise CorruptImage(f"snapshot {sid} has a name length of {name_len}")
+        try:
+            name = buf[pos + _SNAP.size:pos + _SNAP.size + name_len].decode()
+        except UnicodeDecodeError:
+            raise CorruptImage(f"snapshot {sid} has a name that is not UTF-8") from None
+        if flags & ~KNOWN_SNAP_FLAGS:
+            raise UnsupportedFeature(f"snapshot {name!r} has unknown flags 0x{flags:x}")
+        if sid in seen_ids or (name in seen_names and not flags & SNAP_HIDDEN):
+            raise CorruptImage(f"snapshot table has a duplicate snapshot {name!r} (id {sid})")
+        seen_ids.add(sid)
+        if not flags & SNAP_HIDDEN:
+            seen_names.add(name)
+        out.append(SnapshotRecord(sid, name, gen, ctime, vsize, l1_off, l1_n, l1_sum, flags, holds))
+        pos += _align(_SNAP.size + name_len, 8)
+    if pos != len(buf):
+        raise CorruptImage("snapshot table length does not match its records")
+    return out
+
+
+# ----------------------------------------------------------------------------- tables
+def encode_l1(offsets, sums) -> bytes:
+    out = bytearray(len(offsets) * L1_ENTRY_SIZE)
+    for i, (o, s) in enumerate(zip(offsets, sums)):
+        L1_ENTRY.pack_into(out, i * L1_ENTRY_SIZE, o, s)
+    return bytes(out)
+
+
+def decode_l1(buf: bytes, n: int) -> tuple[list[int], list[int]]:
+    offs, sums = [], []
+    for o, s in L1_ENTRY.iter_unpack(buf[: n * L1_ENTRY_SIZE]):
+        offs.append(o)
+        sums.append(s)
+    return offs, sums
+
+
+encode_refcount_table = encode_l1
+decode_refcount_table = decode_l1

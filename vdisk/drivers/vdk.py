@@ -1,0 +1,1157 @@
+"""The vdk driver: our copy-on-write format (specification: formats/vdk.md).
+
+How a write stays crash-safe (DESIGN.md, property 1): nothing that the last durable
+header references is ever overwritten.  Data goes to clusters allocated in the
+current transaction; L2 tables, the L1 table, the snapshot table and the refcount
+blocks that change are written to new clusters at commit (``flush``); then one
+fdatasync; then the header goes to the older of the two header slots with the next
+generation number; then a second fdatasync.  Clusters whose refcount drops to zero
+during a transaction stay reserved ("pending free") until that header is durable,
+so a crash at any point leaves the previous generation intact.
+
+Snapshots share tables lazily (Rodeh, "B-trees, shadowing, and clones"): a
+refcount counts references from *table instances*, so taking a snapshot only
+increments the refcount of the live L1 table.  The first change after that copies
+the L1 (incrementing each L2 it names) and each L2 it touches (incrementing each
+data cluster that L2 names).  Deleting a snapshot decrements its L1 and recurses
+only into tables whose count reaches zero: it costs what it frees.
+
+Concurrency: a driver instance is used by one caller at a time (the FUSE layer
+serialises requests on its trio thread); nothing here locks.
+"""
+
+from __future__ import annotations
+
+import array
+import heapq
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import zstandard
+
+from ..codec import vdk as C
+from ..errors import ChecksumMismatch, CorruptImage, SnapshotExists, SnapshotNotFound, UsageError, VdiskError
+from ..host import HostStorage
+from . import register
+from .base import BackingRef, BlockDriver, CheckResult, CreateOptions, Extent, SnapshotInfo, Status
+
+MAX_L1_BYTES = 32 << 20  # implementation limit: L1 tables up to 32 MiB (2 Mi entries)
+AUTO_COMMIT_DIRTY_L2 = 1024
+AUTO_COMMIT_PENDING_FREE = 1 << 16
+
+_unpack_l2 = C.L2_ENTRY.unpack_from
+_pack_l2 = C.L2_ENTRY.pack_into
+_ESZ = C.L2_ENTRY_SIZE
+_SHIFT = C.TYPE_SHIFT
+_MASK = C.OFFSET_MASK
+_T_UNALLOC, _T_ZERO, _T_DATA, _T_COMP = C.T_UNALLOCATED, C.T_ZERO, C.T_DATA, C.T_COMPRESSED
+_BIG_ENDIAN = sys.byteorder == "big"
+
+_pool: ThreadPoolExecutor | None = None
+
+
+def _compress_pool() -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="vdk-zstd")
+    return _pool
+
+
+def _rc_bytes(rc: array.array, start: int, count: int) -> bytes:
+    part = rc[start:start + count]
+    if len(part) < count:
+        part.extend([0] * (count - len(part)))
+    if _BIG_ENDIAN:
+        part.byteswap()
+    return part.tobytes()
+
+
+def validate_snapshot_name(name: str) -> None:
+    raw = name.encode()
+    if not 0 < len(raw) <= C.MAX_SNAPSHOT_NAME:
+        raise UsageError(f"snapshot name must be 1 to {C.MAX_SNAPSHOT_NAME} bytes long")
+    if "\0" in name or "/" in name or name.startswith("#") or name != name.strip():
+        raise UsageError(f"invalid snapshot name {name!r}: no '/', NUL, leading '#' or surrounding spaces")
+
+
+@register
+class VdkDriver(BlockDriver):
+    format_name = "vdk"
+    supports_backing = True
+    supports_snapshots = True
+    supports_compression = True
+    supports_discard = True
+    default_cluster_size = 1 << C.DEFAULT_CLUSTER_BITS
+
+    # ================================================================ open / create
+    @classmethod
+    def probe(cls, head: bytes) -> bool:
+        # either slot may be the valid one; a file with the magic in either is vdk
+        return head[:8] == C.MAGIC or head[C.SLOT_SIZE:C.SLOT_SIZE + 8] == C.MAGIC
+
+    @classmethod
+    def create(cls, host: HostStorage, size: int, opts: CreateOptions) -> None:
+        cs = opts.cluster_size or cls.default_cluster_size
+        if cs & (cs - 1) or not 1 << C.MIN_CLUSTER_BITS <= cs <= 1 << C.MAX_CLUSTER_BITS:
+            raise UsageError(f"cluster size {cs} must be a power of two from 4 KiB to 2 MiB")
+        cbits = cs.bit_length() - 1
+        comp = {None: C.COMPRESSION_NONE, "none": C.COMPRESSION_NONE, "off": C.COMPRESSION_NONE,
+                "zstd": C.COMPRESSION_ZSTD}.get(opts.compression)
+        if comp is None:
+            raise UsageError(f"unknown compression {opts.compression!r} for vdk (none or zstd)")
+        extra = dict(opts.extra)
+        level = int(extra.pop("compression_level", 3))
+        if not -7 <= level <= 19:
+            raise UsageError("compression_level must be from -7 to 19")
+        if extra:
+            raise UsageError(f"unknown vdk option(s): {', '.join(sorted(extra))}")
+        cls._check_size(size, cbits)
+        ref = opts.backing
+        hdr = C.Header(generation=1, cluster_bits=cbits, virtual_size=size, compression_type=comp,
+                       compression_level=level,
+                       backing_name=ref.filename if ref else "", backing_format=ref.format if ref else "",
+                       backing_snapshot=(ref.snapshot or "") if ref else "")
+        try:
+            hdr.encode()
+        except ValueError as exc:
+            raise UsageError(f"backing reference: {exc}") from None
+        reserved = (C.HEADER_AREA + cs - 1) // cs
+        host.truncate(reserved * cs)
+        drv = cls(host, hdr, read_only=False, fresh=True)
+        drv.rc = array.array("I", [1] * reserved)
+        drv.host_clusters = reserved
+        drv.l1_off = [0] * C.l1_entries_for(size, cbits)
+        drv.l1_sum = [0] * len(drv.l1_off)
+        drv.l1_dirty = True
+        drv.snap_dirty = True
+        drv.rc_dirty = set(range((reserved + drv.rc_per_block - 1) // drv.rc_per_block))
+        drv._commit(force=True)
+
+    @staticmethod
+    def _check_size(size: int, cbits: int) -> None:
+        if size < 0 or size > C.MAX_VIRTUAL_SIZE:
+            raise UsageError(f"virtual size {size} is out of range")
+        if C.l1_entries_for(size, cbits) * C.L1_ENTRY_SIZE > MAX_L1_BYTES:
+            limit = MAX_L1_BYTES // C.L1_ENTRY_SIZE * C.l2_entries(cbits) << cbits
+            raise UsageError(f"virtual size {size} is too large for {1 << cbits}-byte clusters (limit {limit} bytes)")
+
+    @classmethod
+    def open(cls, host: HostStorage, *, read_only: bool, snapshot: str | None = None) -> VdkDriver:
+        head = host.pread(0, C.HEADER_AREA)
+        hdr = cls._pick_header(head, host.name)
+        if hdr.incompatible_features & C.INCOMPAT_CORRUPT and not read_only:
+            raise CorruptImage(f"{host.name}: image is marked corrupt; it can only be opened read-only (vdisk check)")
+        drv = cls(host, hdr, read_only=read_only or snapshot is not None)
+        drv._load(snapshot)
+        return drv
+
+    @staticmethod
+    def _pick_header(head: bytes, name: str) -> C.Header:
+        best = None
+        errors = []
+        for off in C.SLOT_OFFSETS:
+            slot = head[off:off + C.SLOT_SIZE]
+            if slot == bytes(len(slot)):
+                continue
+            try:
+                h = C.Header.decode(slot)
+            except CorruptImage as exc:
+                errors.append(str(exc))
+                continue
+            if best is None or h.generation > best.generation:
+                best = h
+        if best is None:
+            if head[:8] != C.MAGIC and head[C.SLOT_SIZE:C.SLOT_SIZE + 8] != C.MAGIC:
+                raise CorruptImage(f"{name}: not a vdk image (bad magic)")
+            raise CorruptImage(f"{name}: no valid header slot ({'; '.join(errors) or 'both empty'})")
+        return best
+
+    def __init__(self, host: HostStorage, hdr: C.Header, *, read_only: bool, fresh: bool = False):
+        self.host = host
+        self.name = host.name
+        self.header = hdr
+        self.read_only = read_only
+        self.cbits = hdr.cluster_bits
+        self.cluster_size = cs = 1 << self.cbits
+        self.l2_bits = (cs // C.L2_ENTRY_SIZE).bit_length() - 1
+        self.l2_mask = (1 << self.l2_bits) - 1
+        self.rc_per_block = C.rc_entries(self.cbits)
+        self.size = hdr.virtual_size
+        self.zero_cluster = bytes(cs)
+        self.backing = None
+        self.backing_ref = (BackingRef(hdr.backing_name, hdr.backing_format, hdr.backing_snapshot or None)
+                            if hdr.backing_name else None)
+        self.compression = hdr.compression_type
+        self._cctx = zstandard.ZstdCompressor(level=hdr.compression_level)
+        self._dctx = zstandard.ZstdDecompressor()
+        self.host_clusters = hdr.host_clusters
+        self.snapshots: list[C.SnapshotRecord] = []
+        self.viewing: C.SnapshotRecord | None = None
+        # in-memory state
+        self.l1_off: list[int] = []
+        self.l1_sum: list[int] = []
+        self.l2cache: dict[int, bytearray] = {}
+        self.l2dirty: set[int] = set()
+        self.l1_dirty = False
+        self.snap_dirty = False
+        self.rc: array.array | None = None
+        self.rt_off: list[int] = []
+        self.rt_sum: list[int] = []
+        self.rc_dirty: set[int] = set()
+        self.rc_placed: dict[int, int] = {}
+        self.pending_free: set[int] = set()
+        self.new_clusters: set[int] = set()
+        self.free_heap: list[int] = []
+        self.pack_cluster = -1
+        self.pack_used = 0
+        self._dirty = False
+        self._closed = False
+        self.broken: str | None = None
+
+    # ---------------------------------------------------------------- loading
+    def _corrupt(self, what: str) -> CorruptImage:
+        return CorruptImage(f"{self.name}: {what}")
+
+    def _load(self, snapshot: str | None) -> None:
+        h = self.header
+        if not C.MIN_CLUSTER_BITS <= h.cluster_bits <= C.MAX_CLUSTER_BITS:
+            raise self._corrupt(f"cluster_bits {h.cluster_bits} out of range ({C.MIN_CLUSTER_BITS}..{C.MAX_CLUSTER_BITS})")
+        if h.compression_type not in C.COMPRESSION_NAMES:
+            raise self._corrupt(f"unknown compression type {h.compression_type}")
+        file_size = self.host.size()
+        cs = self.cluster_size
+        reserved = (C.HEADER_AREA + cs - 1) // cs
+        if h.host_clusters < reserved or h.host_clusters * cs > file_size:
+            raise self._corrupt(
+                f"header says the image holds {h.host_clusters} clusters but the file has {file_size} bytes "
+                "(truncated image?)")
+        try:
+            self._check_size(h.virtual_size, h.cluster_bits)
+        except UsageError as exc:
+            raise self._corrupt(str(exc)) from None
+        if h.next_snapshot_id >= 1 << 63:
+            raise self._corrupt("next snapshot id out of range")
+        self.snapshots = self._load_snapshot_table()
+        if snapshot is None:
+            self._load_l1(h.l1_offset, h.l1_entries, h.l1_checksum, h.virtual_size, "live L1 table")
+        else:
+            rec = self._find_snapshot(snapshot, include_hidden=snapshot.startswith("#"))
+            self._load_l1(rec.l1_offset, rec.l1_entries, rec.l1_checksum, rec.virtual_size,
+                          f"L1 table of snapshot {rec.name!r}")
+            self.size = rec.virtual_size
+            self.viewing = rec
+        if not self.read_only:
+            self._load_refcounts()
+
+    def _check_run(self, offset: int, nbytes: int, what: str) -> None:
+        cs = self.cluster_size
+        if offset % cs or offset < C.HEADER_AREA:
+            raise self._corrupt(f"{what} offset {offset:#x} is not cluster-aligned past the header")
+        if offset + nbytes > self.host_clusters * cs:
+            raise self._corrupt(f"{what} at {offset:#x}+{nbytes} lies past the end of the image")
+
+    def _read_checked(self, offset: int, nbytes: int, csum: int, what: str) -> bytes:
+        self._check_run(offset, nbytes, what)
+        buf = self.host.pread(offset, nbytes)
+        if C.checksum(buf) != csum:
+            raise self._corrupt(f"{what} at {offset:#x} fails its checksum")
+        return buf
+
+    def _load_l1(self, offset: int, n: int, csum: int, vsize: int, what: str) -> None:
+        if n != C.l1_entries_for(vsize, self.cbits):
+            raise self._corrupt(f"{what} has {n} entries; a {vsize}-byte disk needs {C.l1_entries_for(vsize, self.cbits)}")
+        if n == 0:
+            if offset:
+                raise self._corrupt(f"{what} is empty but has an offset")
+            self.l1_off, self.l1_sum = [], []
+            return
+        buf = self._read_checked(offset, n * C.L1_ENTRY_SIZE, csum, what)
+        offs, sums = C.decode_l1(buf, n)
+        limit = self.host_clusters * self.cluster_size
+        for i, o in enumerate(offs):
+            if o and (o % self.cluster_size or o < C.HEADER_AREA or o + self.cluster_size > limit):
+                raise self._corrupt(f"{what} entry {i} points at {o:#x}, outside the image or unaligned")
+        self.l1_off, self.l1_sum = offs, sums
+
+    def _load_snapshot_table(self) -> list[C.SnapshotRecord]:
+        h = self.header
+        if h.snapshot_count > C.MAX_SNAPSHOTS:
+            raise self._corrupt(f"snapshot count {h.snapshot_count} exceeds the limit of {C.MAX_SNAPSHOTS}")
+        if h.snapshot_table_length > C.MAX_SNAPSHOT_TABLE:
+            raise self._corrupt(f"snapshot table length {h.snapshot_table_length} exceeds {C.MAX_SNAPSHOT_TABLE}")
+        if h.snapshot_count == 0:
+            if h.snapshot_table_length or h.snapshot_table_offset:
+                raise self._corrupt("empty snapshot table has a length or offset")
+            return []
+        buf = self._read_checked(h.snapshot_table_offset, h.snapshot_table_length, h.snapshot_table_checksum,
+                                 "snapshot table")
+        recs = C.decode_snapshot_table(buf, h.snapshot_count)
+        for r in recs:
+            if r.id >= h.next_snapshot_id:
+                raise self._corrupt(f"snapshot {r.name!r} has id {r.id} >= next id {h.next_snapshot_id}")
+            if r.virtual_size > C.MAX_VIRTUAL_SIZE:
+                raise self._corrupt(f"snapshot {r.name!r} has size {r.virtual_size} out of range")
+        return recs
+
+    def _load_refcounts(self) -> None:
+        if self.rc is not None:
+            return
+        h = self.header
+        per = self.rc_per_block
+        nblocks = (self.host_clusters + per - 1) // per
+        if h.refcount_table_entries != nblocks:
+            raise self._corrupt(f"refcount table has {h.refcount_table_entries} entries; "
+                                f"{self.host_clusters} clusters need {nblocks}")
+        buf = self._read_checked(h.refcount_table_offset, nblocks * C.RT_ENTRY_SIZE, h.refcount_table_checksum,
+                                 "refcount table")
+        self.rt_off, self.rt_sum = C.decode_refcount_table(buf, nblocks)
+        rc = array.array("I")
+        for b, (o, s) in enumerate(zip(self.rt_off, self.rt_sum)):
+            blk = self._read_checked(o, self.cluster_size, s, f"refcount block {b}")
+            part = array.array("I")
+            part.frombytes(blk)
+            if _BIG_ENDIAN:
+                part.byteswap()
+            rc.extend(part)
+        del rc[self.host_clusters:]
+        self.rc = rc
+        self.free_heap = [i for i, v in enumerate(rc) if v == 0]
+        heapq.heapify(self.free_heap)
+
+    # ================================================================ allocation
+    def _set_rc(self, c: int, v: int) -> None:
+        self.rc[c] = v
+        self.rc_dirty.add(c // self.rc_per_block)
+
+    def _alloc(self) -> int:
+        rc = self.rc
+        heap = self.free_heap
+        while heap:
+            c = heapq.heappop(heap)
+            if c < self.host_clusters and rc[c] == 0 and c not in self.pending_free:
+                break
+        else:
+            c = self.host_clusters
+            self.host_clusters += 1
+            rc.append(0)
+        self._set_rc(c, 1)
+        self.new_clusters.add(c)
+        self._dirty = True
+        return c
+
+    def _alloc_run(self, n: int) -> int:
+        first = self.host_clusters
+        self.host_clusters += n
+        self.rc.extend([0] * n)
+        for c in range(first, first + n):
+            self._set_rc(c, 1)
+            self.new_clusters.add(c)
+        self._dirty = True
+        return first
+
+    def _incref(self, c: int) -> None:
+        v = self.rc[c]
+        if v >= 0xFFFFFFFF:
+            raise self._corrupt(f"refcount of cluster {c} would overflow")
+        self._set_rc(c, v + 1)
+
+    def _decref(self, c: int) -> None:
+        v = self.rc[c]
+        if v == 0:
+            self._mark_broken(f"refcount of cluster {c} would drop below zero")
+        self._set_rc(c, v - 1)
+        self._dirty = True
+        if v == 1:
+            if c == self.pack_cluster:
+                self.pack_cluster = -1
+            if c in self.new_clusters:
+                self.new_clusters.discard(c)
+                heapq.heappush(self.free_heap, c)
+            else:
+                self.pending_free.add(c)
+
+    def _mark_broken(self, why: str):
+        self.broken = why
+        raise self._corrupt(why)
+
+    def _release_entry(self, desc: int) -> None:
+        kind = desc >> _SHIFT
+        if kind == _T_DATA or kind == _T_COMP:
+            self._decref((desc & _MASK) >> self.cbits)
+
+    # ================================================================ tables
+    def _l2(self, l2i: int) -> bytearray | None:
+        """The L2 table for index ``l2i`` (cached), or None if there is none."""
+        tbl = self.l2cache.get(l2i)
+        if tbl is not None:
+            return tbl
+        off = self.l1_off[l2i]
+        if off == 0:
+            return None
+        buf = self._read_checked(off, self.cluster_size, self.l1_sum[l2i],
+                                 f"L2 table for guest offset {l2i << (self.l2_bits + self.cbits):#x}")
+        tbl = bytearray(buf)
+        self._validate_l2(tbl, l2i)
+        if len(self.l2cache) >= 8192:
+            for k in [k for k in self.l2cache if k not in self.l2dirty][:4096]:
+                del self.l2cache[k]
+        self.l2cache[l2i] = tbl
+        return tbl
+
+    def _validate_l2(self, tbl, l2i: int) -> None:
+        cs = self.cluster_size
+        limit = self.host_clusters * cs
+        base = l2i << self.l2_bits
+        n_valid = max(0, min(1 << self.l2_bits, ((self.size + cs - 1) >> self.cbits) - base))
+        for j, (desc, length, codec, _csum, _birth) in enumerate(C.L2_ENTRY.iter_unpack(tbl)):
+            if desc == 0 and length == 0 and codec == 0:
+                continue
+            why = C.validate_l2_entry(desc, length, codec, cs, limit)
+            if why is None and j >= n_valid and desc >> _SHIFT != _T_UNALLOC:
+                why = "entry maps a cluster past the end of the disk"
+            if why:
+                raise self._corrupt(f"L2 entry for guest offset {(base + j) << self.cbits:#x}: {why}")
+
+    def _mark_l1_dirty(self) -> None:
+        if self.l1_dirty:
+            return
+        h = self.header
+        if h.l1_offset:
+            first = h.l1_offset >> self.cbits
+            ncl = (h.l1_entries * C.L1_ENTRY_SIZE + self.cluster_size - 1) >> self.cbits
+            if self.rc[first] > 1:  # shared with a snapshot: our copy references every L2 too
+                for o in self.l1_off:
+                    if o:
+                        self._incref(o >> self.cbits)
+            for c in range(first, first + ncl):
+                self._decref(c)
+        self.l1_dirty = True
+        self._dirty = True
+
+    def _l2_for_write(self, l2i: int) -> bytearray:
+        if l2i in self.l2dirty:
+            return self.l2cache[l2i]
+        self._mark_l1_dirty()
+        tbl = self._l2(l2i)
+        if tbl is None:
+            tbl = bytearray(self.cluster_size)
+        else:
+            c = self.l1_off[l2i] >> self.cbits
+            if self.rc[c] > 1:  # shared: the copy references every data cluster too
+                for (desc, _l, _c, _s, _b) in C.L2_ENTRY.iter_unpack(tbl):
+                    kind = desc >> _SHIFT
+                    if kind == _T_DATA or kind == _T_COMP:
+                        self._incref((desc & _MASK) >> self.cbits)
+            self._decref(c)
+        self.l1_off[l2i] = 0
+        self.l1_sum[l2i] = 0
+        self.l2cache[l2i] = tbl
+        self.l2dirty.add(l2i)
+        self._dirty = True
+        return tbl
+
+    # ================================================================ read path
+    def read(self, offset: int, length: int) -> bytes:
+        out = []
+        cbits = self.cbits
+        cs = self.cluster_size
+        pos = offset
+        end = offset + length
+        while pos < end:
+            ci = pos >> cbits
+            in_off = pos & (cs - 1)
+            l2i = ci >> self.l2_bits
+            tbl = self.l2cache.get(l2i)
+            if tbl is None:
+                tbl = self._l2(l2i)
+            if tbl is None:
+                # whole L2 range unallocated: one read from below
+                run_end = min(end, ((l2i + 1) << (self.l2_bits + cbits)))
+                out.append(self._below(pos, run_end - pos))
+                pos = run_end
+                continue
+            desc, slen, _codec, csum, _b = _unpack_l2(tbl, (ci & self.l2_mask) * _ESZ)
+            kind = desc >> _SHIFT
+            n = min(cs - in_off, end - pos)
+            if kind == _T_DATA:
+                host = desc & _MASK
+                # extend over clusters contiguous on the host
+                run = [(csum, ci)]
+                nxt = pos + n
+                while nxt < end and (nxt >> cbits) >> self.l2_bits == l2i:
+                    d2, _s2, _c2, cs2, _b2 = _unpack_l2(tbl, ((nxt >> cbits) & self.l2_mask) * _ESZ)
+                    if d2 >> _SHIFT != _T_DATA or (d2 & _MASK) != host + len(run) * cs:
+                        break
+                    run.append((cs2, nxt >> cbits))
+                    nxt = min(nxt + cs, end)
+                buf = self.host.pread(host, len(run) * cs)
+                mv = memoryview(buf)
+                for k, (s, cidx) in enumerate(run):
+                    if C.checksum(mv[k * cs:(k + 1) * cs]) != s:
+                        raise ChecksumMismatch(
+                            f"{self.name}: data checksum mismatch in the cluster at guest offset {cidx << cbits:#x}",
+                            cidx << cbits)
+                out.append(buf[in_off:in_off + (nxt - pos)])
+                pos = nxt
+            elif kind == _T_UNALLOC:
+                out.append(self._below(pos, n))
+                pos += n
+            elif kind == _T_ZERO:
+                out.append(self.zero_cluster[:n])
+                pos += n
+            else:
+                data = self._decompress(ci, desc & _MASK, slen, csum)
+                out.append(data[in_off:in_off + n])
+                pos += n
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def _below(self, offset: int, length: int) -> bytes:
+        if self.backing is None:
+            return bytes(length)
+        return self.backing.read(offset, length)
+
+    def _decompress(self, ci: int, host: int, slen: int, csum: int) -> bytes:
+        raw = self.host.pread(host, slen)
+        if C.checksum(raw) != csum:
+            raise ChecksumMismatch(
+                f"{self.name}: data checksum mismatch in the compressed cluster at guest offset {ci << self.cbits:#x}",
+                ci << self.cbits)
+        try:
+            data = self._dctx.decompress(raw, max_output_size=self.cluster_size)
+        except zstandard.ZstdError as exc:
+            raise self._corrupt(f"compressed cluster at guest offset {ci << self.cbits:#x} does not decompress: {exc}")
+        if len(data) != self.cluster_size:
+            raise self._corrupt(f"compressed cluster at guest offset {ci << self.cbits:#x} decompresses to "
+                                f"{len(data)} bytes, not {self.cluster_size}")
+        return data
+
+    def _read_cluster(self, ci: int) -> bytes:
+        start = ci << self.cbits
+        n = min(self.cluster_size, self.size - start)
+        data = self.read(start, n)
+        if n < self.cluster_size:
+            data += bytes(self.cluster_size - n)
+        return data
+
+    # ================================================================ write path
+    def _check_writable(self) -> None:
+        if self.broken:
+            raise self._corrupt(f"image was found corrupt earlier ({self.broken}); refusing to write")
+
+    def write(self, offset: int, data: bytes) -> None:
+        self._check_writable()
+        cs = self.cluster_size
+        cbits = self.cbits
+        end = offset + len(data)
+        mv = memoryview(data)
+        first_full = (offset + cs - 1) >> cbits
+        last_full = end >> cbits  # exclusive
+        compressed = None
+        if self.compression and last_full - first_full >= 2:
+            chunks = [mv[(ci << cbits) - offset:((ci + 1) << cbits) - offset] for ci in range(first_full, last_full)]
+            compressed = dict(zip(range(first_full, last_full), _compress_pool().map(self._compress, chunks)))
+        pos = offset
+        while pos < end:
+            ci = pos >> cbits
+            in_off = pos & (cs - 1)
+            n = min(cs - in_off, end - pos)
+            if n == cs:
+                content = mv[pos - offset:pos - offset + cs]
+            else:
+                old = self._read_cluster(ci)
+                content = old[:in_off] + bytes(mv[pos - offset:pos - offset + n]) + old[in_off + n:]
+            self._store(ci, content, compressed.get(ci) if compressed else None)
+            pos += n
+        self._maybe_commit()
+
+    def _compress(self, content) -> bytes | None:
+        if content == self.zero_cluster:
+            return None
+        comp = self._cctx.compress(content) if False else zstandard.ZstdCompressor(
+            level=self.header.compression_level, write_content_size=True, write_checksum=False).compress(content)
+        return comp if len(comp) <= self.cluster_size - (self.cluster_size >> 3) else None
+
+    def _store(self, ci: int, content, comp: bytes | None = None) -> None:
+        """Make guest cluster ``ci`` hold ``content`` (exactly one cluster of bytes)."""
+        l2i = ci >> self.l2_bits
+        tbl = self._l2_for_write(l2i)
+        pos = (ci & self.l2_mask) * _ESZ
+        desc, _slen, _codec, _csum, _birth = _unpack_l2(tbl, pos)
+        kind = desc >> _SHIFT
+        birth = self.header.generation + 1
+        if content == self.zero_cluster:
+            self._release_entry(desc)
+            _pack_l2(tbl, pos, (_T_ZERO << _SHIFT) if self.backing is not None else 0, 0, 0, 0, 0)
+            return
+        if self.compression:
+            if comp is None:
+                comp = self._compress(content)
+            if comp is not None:
+                host = self._alloc_piece(len(comp))
+                self.host.pwrite(host, comp)
+                self._release_entry(desc)
+                _pack_l2(tbl, pos, (_T_COMP << _SHIFT) | host, len(comp), C.COMPRESSION_ZSTD, C.checksum(comp), birth)
+                return
+        csum = C.checksum(content)
+        if kind == _T_DATA:
+            c = (desc & _MASK) >> self.cbits
+            if c in self.new_clusters and self.rc[c] == 1:  # ours alone and not yet committed: rewrite in place
+                self.host.pwrite(desc & _MASK, content)
+                _pack_l2(tbl, pos, desc, self.cluster_size, 0, csum, birth)
+                return
+        c = self._alloc()
+        self.host.pwrite(c << self.cbits, content)
+        self._release_entry(desc)
+        _pack_l2(tbl, pos, (_T_DATA << _SHIFT) | (c << self.cbits), self.cluster_size, 0, csum, birth)
+
+    def _alloc_piece(self, n: int) -> int:
+        if self.pack_cluster < 0 or self.pack_used + n > self.cluster_size:
+            self.pack_cluster = self._alloc()
+            self.pack_used = 0
+        else:
+            self._incref(self.pack_cluster)
+        off = (self.pack_cluster << self.cbits) + self.pack_used
+        self.pack_used += n
+        return off
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        self._zero_range(offset, length)
+        self._maybe_commit()
+
+    discard = write_zeroes
+
+    def _zero_range(self, offset: int, length: int) -> None:
+        self._check_writable()
+        cs = self.cluster_size
+        end = offset + length
+        head_end = min(end, (offset + cs - 1) & ~(cs - 1))
+        if head_end > offset:
+            self.write(offset, bytes(head_end - offset))
+        first = head_end >> self.cbits
+        last = end >> self.cbits
+        if end > head_end and end & (cs - 1) and (end >> self.cbits) >= first:
+            tail_start = max(head_end, last << self.cbits)
+            if tail_start < end:
+                self.write(tail_start, bytes(end - tail_start))
+        new_desc = (_T_ZERO << _SHIFT) if self.backing is not None else 0
+        ci = first
+        while ci < last:
+            l2i = ci >> self.l2_bits
+            l2_end = min(last, (l2i + 1) << self.l2_bits)
+            if self.backing is None and self.l1_off[l2i] == 0 and l2i not in self.l2cache:
+                ci = l2_end  # nothing here and nothing below
+                continue
+            tbl = self._l2_for_write(l2i)
+            for c in range(ci, l2_end):
+                pos = (c & self.l2_mask) * _ESZ
+                desc = _unpack_l2(tbl, pos)[0]
+                if desc == new_desc:
+                    continue
+                self._release_entry(desc)
+                _pack_l2(tbl, pos, new_desc, 0, 0, 0, 0)
+            ci = l2_end
+
+    def resize(self, new_size: int) -> None:
+        self._check_writable()
+        self._check_size(new_size, self.cbits)
+        old = self.size
+        cs = self.cluster_size
+        if new_size < old:
+            tail = min(old, (new_size + cs - 1) & ~(cs - 1))
+            if tail > new_size:
+                self.write(new_size, bytes(tail - new_size))  # keep bytes past the end zero
+            if old > tail:
+                self._drop_range(tail >> self.cbits, (old + cs - 1) >> self.cbits)
+        n = C.l1_entries_for(new_size, self.cbits)
+        if n != len(self.l1_off):
+            self._mark_l1_dirty()
+            for l2i in range(n, len(self.l1_off)):
+                self._release_l2_index(l2i)
+            del self.l1_off[n:], self.l1_sum[n:]
+            self.l1_off.extend([0] * (n - len(self.l1_off)))
+            self.l1_sum.extend([0] * (n - len(self.l1_sum)))
+        self.size = new_size
+        self._dirty = True
+        if new_size > old and self.backing is not None and self.backing.size > old:
+            self._zero_range(old, min(new_size, self.backing.size) - old)
+        self._commit(force=True)
+
+    def _drop_range(self, first: int, last: int) -> None:
+        """Unmap guest clusters [first, last): used past the end of the disk."""
+        for ci in range(first, last):
+            l2i = ci >> self.l2_bits
+            if l2i >= len(self.l1_off) or (self.l1_off[l2i] == 0 and l2i not in self.l2cache):
+                continue
+            tbl = self._l2_for_write(l2i)
+            pos = (ci & self.l2_mask) * _ESZ
+            self._release_entry(_unpack_l2(tbl, pos)[0])
+            _pack_l2(tbl, pos, 0, 0, 0, 0, 0)
+
+    def _release_l2_index(self, l2i: int) -> None:
+        if l2i in self.l2dirty:
+            tbl = self.l2cache[l2i]
+            for (desc, *_rest) in C.L2_ENTRY.iter_unpack(tbl):
+                self._release_entry(desc)
+            self.l2dirty.discard(l2i)
+        elif self.l1_off[l2i]:
+            self._release_l2(self.l1_off[l2i], self.l1_sum[l2i])
+        self.l2cache.pop(l2i, None)
+
+    # ================================================================ freeing trees
+    def _release_l2(self, off: int, csum: int) -> None:
+        c = off >> self.cbits
+        if self.rc[c] == 1:
+            tbl = self._read_checked(off, self.cluster_size, csum, "L2 table")
+            for (desc, *_rest) in C.L2_ENTRY.iter_unpack(tbl):
+                self._release_entry(desc)
+        self._decref(c)
+
+    def _release_l1(self, off: int, n: int, csum: int) -> None:
+        if not off:
+            return
+        first = off >> self.cbits
+        ncl = (n * C.L1_ENTRY_SIZE + self.cluster_size - 1) >> self.cbits
+        if self.rc[first] == 1:
+            offs, sums = C.decode_l1(self._read_checked(off, n * C.L1_ENTRY_SIZE, csum, "L1 table"), n)
+            for o, s in zip(offs, sums):
+                if o:
+                    self._release_l2(o, s)
+        for c in range(first, first + ncl):
+            self._decref(c)
+
+    # ================================================================ commit
+    def flush(self) -> None:
+        if self.read_only:
+            return
+        self._commit()
+
+    def _maybe_commit(self) -> None:
+        if len(self.l2dirty) > AUTO_COMMIT_DIRTY_L2 or len(self.pending_free) > AUTO_COMMIT_PENDING_FREE:
+            self._commit()
+
+    def _commit(self, force: bool = False) -> None:
+        """Write a new generation: tables to new clusters, sync, header, sync."""
+        if self.read_only or not (self._dirty or force):
+            return
+        self._check_writable()
+        cs = self.cluster_size
+        cbits = self.cbits
+        writes: list[tuple[int, bytes]] = []
+        h = self.header
+        # 1. L2 tables
+        for l2i in sorted(self.l2dirty):
+            tbl = self.l2cache[l2i]
+            if tbl == self.zero_cluster:
+                self.l1_off[l2i] = self.l1_sum[l2i] = 0
+                del self.l2cache[l2i]
+                continue
+            c = self._alloc()
+            data = bytes(tbl)
+            writes.append((c << cbits, data))
+            self.l1_off[l2i] = c << cbits
+            self.l1_sum[l2i] = C.checksum(data)
+        self.l2dirty.clear()
+        # 2. L1 table
+        l1_offset, l1_n, l1_sum = h.l1_offset, h.l1_entries, h.l1_checksum
+        if self.l1_dirty:
+            l1_n = len(self.l1_off)
+            if l1_n:
+                data = C.encode_l1(self.l1_off, self.l1_sum)
+                ncl = (len(data) + cs - 1) >> cbits
+                l1_offset = self._alloc_run(ncl) << cbits
+                writes.append((l1_offset, data + bytes(ncl * cs - len(data))))
+                l1_sum = C.checksum(data)
+            else:
+                l1_offset, l1_sum = 0, 0
+        # 3. snapshot table
+        st_off, st_len, st_sum = h.snapshot_table_offset, h.snapshot_table_length, h.snapshot_table_checksum
+        if self.snap_dirty:
+            if st_off:
+                for c in range(st_off >> cbits, (st_off + st_len + cs - 1) >> cbits):
+                    self._decref(c)
+            data = C.encode_snapshot_table(self.snapshots)
+            if data:
+                ncl = (len(data) + cs - 1) >> cbits
+                st_off = self._alloc_run(ncl) << cbits
+                writes.append((st_off, data + bytes(ncl * cs - len(data))))
+                st_len, st_sum = len(data), C.checksum(data)
+            else:
+                st_off = st_len = st_sum = 0
+        # 4. refcount blocks and table: placing them changes refcounts, so iterate to a fixed point
+        per = self.rc_per_block
+        rt_first, rt_ncl = -1, 0
+        old_rt = (h.refcount_table_offset, h.refcount_table_entries)
+        released_old_rt = False
+        while True:
+            todo = [b for b in self.rc_dirty if b not in self.rc_placed]
+            if todo:
+                for b in sorted(todo):
+                    self.rc_placed[b] = -1
+                    if b < len(self.rt_off) and self.rt_off[b]:
+                        self._decref(self.rt_off[b] >> cbits)
+                    self.rc_placed[b] = self._alloc()
+                continue
+            if not released_old_rt:
+                released_old_rt = True
+                if old_rt[0]:
+                    for c in range(old_rt[0] >> cbits, (old_rt[0] + old_rt[1] * C.RT_ENTRY_SIZE + cs - 1) >> cbits):
+                        self._decref(c)
+                continue
+            nblocks = (self.host_clusters + per - 1) // per
+            need = (nblocks * C.RT_ENTRY_SIZE + cs - 1) >> cbits
+            if rt_first < 0 or need > rt_ncl:
+                if rt_first >= 0:
+                    for c in range(rt_first, rt_first + rt_ncl):
+                        self._decref(c)
+                rt_ncl = need
+                rt_first = self._alloc_run(rt_ncl)
+                continue
+            break
+        nblocks = (self.host_clusters + per - 1) // per
+        self.rt_off.extend([0] * (nblocks - len(self.rt_off)))
+        self.rt_sum.extend([0] * (nblocks - len(self.rt_sum)))
+        for b, c in self.rc_placed.items():
+            data = _rc_bytes(self.rc, b * per, per)
+            writes.append((c << cbits, data))
+            self.rt_off[b] = c << cbits
+            self.rt_sum[b] = C.checksum(data)
+        rt_data = C.encode_refcount_table(self.rt_off[:nblocks], self.rt_sum[:nblocks])
+        writes.append((rt_first << cbits, rt_data + bytes(rt_ncl * cs - len(rt_data))))
+        new = h.replace(
+            generation=h.generation + 1, virtual_size=self.size, l1_offset=l1_offset, l1_entries=l1_n,
+            l1_checksum=l1_sum, refcount_table_offset=rt_first << cbits, refcount_table_entries=nblocks,
+            refcount_table_checksum=C.checksum(rt_data), snapshot_table_offset=st_off,
+            snapshot_count=len(self.snapshots), snapshot_table_length=st_len, snapshot_table_checksum=st_sum,
+            host_clusters=self.host_clusters,
+        )
+        # 5. write, sync, header, sync
+        for off, data in writes:
+            self.host.pwrite(off, data)
+        if self.host.size() < self.host_clusters * cs:
+            self.host.truncate(self.host_clusters * cs)
+        self.host.flush()
+        slot = new.encode()
+        self.host.pwrite(C.SLOT_OFFSETS[new.generation % 2], slot + bytes(C.SLOT_SIZE - len(slot)))
+        self.host.flush()
+        # 6. the new generation is durable: what it no longer references may be reused
+        self.header = new
+        freed = sorted(self.pending_free)
+        for c in freed:
+            heapq.heappush(self.free_heap, c)
+        self.pending_free.clear()
+        self.new_clusters.clear()
+        self.rc_dirty.clear()
+        self.rc_placed.clear()
+        self.l1_dirty = self.snap_dirty = self._dirty = False
+        self.pack_cluster = -1
+        self._punch(freed)
+
+    def _punch(self, clusters: list[int]) -> None:
+        i = 0
+        while i < len(clusters):
+            j = i
+            while j + 1 < len(clusters) and clusters[j + 1] == clusters[j] + 1:
+                j += 1
+            try:
+                self.host.punch_hole(clusters[i] << self.cbits, (j - i + 1) << self.cbits)
+            except VdiskError:
+                pass  # space reclamation is best effort; the clusters are free either way
+            i = j + 1
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            if not self.read_only and not self.broken:
+                self._commit()
+        finally:
+            self._closed = True
+            self.host.close()
+
+    # ================================================================ block status
+    def block_status(self, offset: int, length: int) -> list[Extent]:
+        out: list[Extent] = []
+        cbits = self.cbits
+        cs = self.cluster_size
+        pos = offset
+        end = offset + length
+        while pos < end:
+            ci = pos >> cbits
+            l2i = ci >> self.l2_bits
+            tbl = self._l2(l2i)
+            if tbl is None:
+                n = min(end, (l2i + 1) << (self.l2_bits + cbits)) - pos
+                ext = Extent(pos, n, Status.UNALLOCATED)
+            else:
+                desc = _unpack_l2(tbl, (ci & self.l2_mask) * _ESZ)[0]
+                kind = desc >> _SHIFT
+                n = min(cs - (pos & (cs - 1)), end - pos)
+                if kind == _T_DATA:
+                    ext = Extent(pos, n, Status.DATA, (desc & _MASK) + (pos & (cs - 1)))
+                elif kind == _T_COMP:
+                    ext = Extent(pos, n, Status.DATA, None, True)
+                elif kind == _T_ZERO:
+                    ext = Extent(pos, n, Status.ZERO)
+                else:
+                    ext = Extent(pos, n, Status.UNALLOCATED)
+            if out:
+                p = out[-1]
+                if p.status == ext.status and p.compressed == ext.compressed and (
+                        (p.host_offset is None and ext.host_offset is None)
+                        or (p.host_offset is not None and ext.host_offset == p.host_offset + p.length)):
+                    out[-1] = Extent(p.offset, p.length + n, p.status, p.host_offset, p.compressed)
+                    pos += n
+                    continue
+            out.append(ext)
+            pos += n
+        return out
+
+    # ================================================================ info
+    def info(self) -> dict:
+        h = self.header
+        snaps = [s for s in self.snapshots if not s.flags & C.SNAP_HIDDEN]
+        return {
+            "cluster_size": self.cluster_size,
+            "compression": C.COMPRESSION_NAMES[h.compression_type],
+            "format_specific": {
+                "version": h.version,
+                "generation": h.generation,
+                "host_clusters": h.host_clusters,
+                "snapshot_count": len(snaps),
+                "hidden_snapshots": len(self.snapshots) - len(snaps),
+                "corrupt": bool(h.incompatible_features & C.INCOMPAT_CORRUPT),
+                "compression_level": h.compression_level,
+            },
+        }
+
+    def set_backing(self, ref: BackingRef | None) -> None:
+        self._check_writable()
+        new = self.header.replace(backing_name=ref.filename if ref else "", backing_format=ref.format if ref else "",
+                                  backing_snapshot=(ref.snapshot or "") if ref else "")
+        try:
+            new.encode()
+        except ValueError as exc:
+            raise UsageError(f"backing reference: {exc}") from None
+        self.header = new
+        self.backing_ref = ref
+        self._commit(force=True)
+
+    # ================================================================ snapshots
+    def _find_snapshot(self, name: str, *, include_hidden: bool = False) -> C.SnapshotRecord:
+        if name.startswith("#") and name[1:].isdigit():
+            for r in self.snapshots:
+                if r.id == int(name[1:]):
+                    return r
+        for r in self.snapshots:
+            if r.name == name and (include_hidden or not r.flags & C.SNAP_HIDDEN):
+                return r
+        raise SnapshotNotFound(f"{self.name}: no snapshot named {name!r}")
+
+    def _info_of(self, r: C.SnapshotRecord) -> SnapshotInfo:
+        return SnapshotInfo(id=r.id, name=r.name, created=r.create_time_ns / 1e9, size=r.virtual_size,
+                            generation=r.generation, holds=r.holds)
+
+    def snapshot_list(self) -> list[SnapshotInfo]:
+        return [self._info_of(r) for r in self.snapshots if not r.flags & C.SNAP_HIDDEN]
+
+    def snapshot_create(self, name: str) -> SnapshotInfo:
+        validate_snapshot_name(name)
+        if any(r.name == name and not r.flags & C.SNAP_HIDDEN for r in self.snapshots):
+            raise SnapshotExists(f"{self.name}: a snapshot named {name!r} exists already")
+        if len(self.snapshots) >= C.MAX_SNAPSHOTS:
+            raise UsageError(f"{self.name}: at most {C.MAX_SNAPSHOTS} snapshots")
+        self._commit()
+        h = self.header
+        if h.l1_offset:
+            first = h.l1_offset >> self.cbits
+            for c in range(first, first + ((h.l1_entries * C.L1_ENTRY_SIZE + self.cluster_size - 1) >> self.cbits)):
+                self._incref(c)
+        rec = C.SnapshotRecord(id=h.next_snapshot_id, name=name, generation=h.generation,
+                               create_time_ns=time.time_ns(), virtual_size=self.size, l1_offset=h.l1_offset,
+                               l1_entries=h.l1_entries, l1_checksum=h.l1_checksum)
+        self.snapshots.append(rec)
+        self.header = h.replace(next_snapshot_id=h.next_snapshot_id + 1)
+        self.snap_dirty = True
+        self._commit(force=True)
+        return self._info_of(rec)
+
+    def snapshot_delete(self, name: str) -> None:
+        rec = self._find_snapshot(name)
+        self._commit()
+        idx = self.snapshots.index(rec)
+        if rec.holds:
+            self.snapshots[idx] = C.SnapshotRecord(**{**rec.__dict__, "flags": rec.flags | C.SNAP_HIDDEN})
+        else:
+            del self.snapshots[idx]
+            self._release_l1(rec.l1_offset, rec.l1_entries, rec.l1_checksum)
+        self.snap_dirty = True
+        self._commit(force=True)
+
+    def snapshot_revert(self, name: str) -> None:
+        rec = self._find_snapshot(name)
+        self._commit()
+        h = self.header
+        if rec.l1_offset:
+            first = rec.l1_offset >> self.cbits
+            for c in range(first, first + ((rec.l1_entries * C.L1_ENTRY_SIZE + self.cluster_size - 1) >> self.cbits)):
+                self._incref(c)
+        self._release_l1(h.l1_offset, h.l1_entries, h.l1_checksum)
+        self.header = h.replace(l1_offset=rec.l1_offset, l1_entries=rec.l1_entries, l1_checksum=rec.l1_checksum)
+        self.l2cache.clear()
+        self.size = rec.virtual_size
+        self._load_l1(rec.l1_offset, rec.l1_entries, rec.l1_checksum, rec.virtual_size, "L1 table")
+        self.pack_cluster = -1
+        self._commit(force=True)
+
+    def snapshot_hold(self, name: str, delta: int) -> SnapshotInfo:
+        """Add (or, with a negative delta, drop) a hold of a linked clone on a snapshot.
+        A hidden snapshot whose last hold goes is freed."""
+        rec = self._find_snapshot(name, include_hidden=True)
+        self._commit()
+        idx = self.snapshots.index(rec)
+        holds = max(0, rec.holds + delta)
+        if holds == 0 and rec.flags & C.SNAP_HIDDEN:
+            del self.snapshots[idx]
+            self._release_l1(rec.l1_offset, rec.l1_entries, rec.l1_checksum)
+        else:
+            self.snapshots[idx] = C.SnapshotRecord(**{**rec.__dict__, "holds": holds})
+        self.snap_dirty = True
+        self._commit(force=True)
+        return self._info_of(self.snapshots[idx]) if holds or not rec.flags & C.SNAP_HIDDEN else self._info_of(rec)
+
+    # ================================================================ check
+    def check(self, *, repair: str | None = None) -> CheckResult:
+        """Walk every table from every root (live state and each snapshot), verify each
+        checksum (tables and data), recount references and compare with the stored
+        refcounts.  Fewer stored than found is corruption; more is a leak."""
+        if repair and self.read_only:
+            raise UsageError(f"{self.name}: open the image read-write to repair it")
+        if not self.read_only:
+            self._commit()
+        res = CheckResult()
+        cs = self.cluster_size
+        cbits = self.cbits
+        h = self.header
+        nclusters = h.host_clusters
+        expected = array.array("I", bytes(4 * nclusters))
+        stored = self.rc
+        if stored is None:
+            try:
+                self._load_refcounts()
+                stored = self.rc
+            except CorruptImage as exc:
+                res.corruptions.append(str(exc))
+        reserved = (C.HEADER_AREA + cs - 1) // cs
+
+        def ref(c: int, what: str) -> None:
+            if 0 <= c < nclusters:
+                expected[c] += 1
+            else:
+                res.corruptions.append(f"{what} references cluster {c} past the end of the image")
+
+        def ref_run(off: int, nbytes: int, what: str) -> None:
+            for c in range(off >> cbits, (off + nbytes + cs - 1) >> cbits):
+                ref(c, what)
+
+        for c in range(reserved):
+            ref(c, "header")
+        if stored is not None:
+            ref_run(h.refcount_table_offset, h.refcount_table_entries * C.RT_ENTRY_SIZE, "refcount table")
+            for o in self.rt_off[:h.refcount_table_entries]:
+                ref(o >> cbits, "refcount table")
+        if h.snapshot_table_offset:
+            ref_run(h.snapshot_table_offset, h.snapshot_table_length, "snapshot table")
+        roots = [("live state", h.l1_offset, h.l1_entries, h.l1_checksum, h.virtual_size)]
+        roots += [(f"snapshot {r.name!r}", r.l1_offset, r.l1_entries, r.l1_checksum, r.virtual_size)
+                  for r in self.snapshots]
+        seen_l1: set[int] = set()
+        seen_l2: set[int] = set()
+        for what, off, n, csum, vsize in roots:
+            if not off:
+                continue
+            ref_run(off, n * C.L1_ENTRY_SIZE, f"L1 table of {what}")
+            if off in seen_l1:
+                continue
+            seen_l1.add(off)
+            try:
+                if n != C.l1_entries_for(vsize, cbits):
+                    raise self._corrupt(f"L1 table of {what} has {n} entries for a {vsize}-byte disk")
+                offs, sums = C.decode_l1(self._read_checked(off, n * C.L1_ENTRY_SIZE, csum, f"L1 table of {what}"), n)
+            except CorruptImage as exc:
+                res.corruptions.append(str(exc))
+                continue
+            for l2i, (o, s) in enumerate(zip(offs, sums)):
+                if not o:
+                    continue
+                ref(o >> cbits, f"L1 table of {what}")
+                if o in seen_l2:
+                    continue
+                seen_l2.add(o)
+                self._check_l2(l2i, o, s, vsize, what, ref, res)
+        if stored is not None:
+            bad = 0
+            for c in range(nclusters):
+                e, s = expected[c], stored[c]
+                if s < e:
+                    res.corruptions.append(f"cluster {c}: refcount {s} but {e} references")
+                    bad += 1
+                elif s > e:
+                    res.leaks.append(f"cluster {c}: refcount {s} but {e} references" if e
+                                     else f"cluster {c} is leaked (refcount {s}, no references)")
+                    if e == 0:
+                        res.leaked_clusters += 1
+            res.allocated_clusters = sum(1 for v in expected if v)
+            fix = (repair == "all") or (repair == "leaks" and not res.corruptions)
+            if fix and (res.leaks or (repair == "all" and bad)):
+                for c in range(nclusters):
+                    if stored[c] != expected[c] and (repair == "all" or stored[c] > expected[c]):
+                        self._set_rc(c, expected[c])
+                        if expected[c] == 0:
+                            self.pending_free.add(c)
+                self._dirty = True
+                self._commit()
+                res.repaired = res.leaks + ([m for m in res.corruptions if "refcount" in m] if repair == "all" else [])
+                res.leaks = []
+                res.leaked_clusters = 0
+                if repair == "all":
+                    res.corruptions = [m for m in res.corruptions if "refcount" not in m]
+        return res
+
+    def _check_l2(self, l2i, off, csum, vsize, what, ref, res) -> None:
+        cs = self.cluster_size
+        cbits = self.cbits
+        base_guest = l2i << (self.l2_bits + cbits)
+        try:
+            tbl = self._read_checked(off, cs, csum, f"L2 table for guest offset {base_guest:#x} in {what}")
+        except CorruptImage as exc:
+            res.corruptions.append(str(exc))
+            return
+        limit = self.header.host_clusters * cs
+        for j, (desc, slen, codec, dsum, _birth) in enumerate(C.L2_ENTRY.iter_unpack(tbl)):
+            if desc == 0 and slen == 0 and codec == 0:
+                continue
+            guest = base_guest + (j << cbits)
+            why = C.validate_l2_entry(desc, slen, codec, cs, limit)
+            if why is None and guest >= vsize and desc >> _SHIFT != _T_UNALLOC:
+                why = "entry maps a cluster past the end of the disk"
+            if why:
+                res.corruptions.append(f"{what}: L2 entry for guest offset {guest:#x}: {why}")
+                continue
+            kind = desc >> _SHIFT
+            if kind not in (_T_DATA, _T_COMP):
+                continue
+            host = desc & _MASK
+            ref(host >> cbits, f"L2 entry for guest offset {guest:#x}")
+            res.checked_clusters += 1
+            try:
+                if kind == _T_DATA:
+                    if C.checksum(self.host.pread(host, cs)) != dsum:
+                        raise ChecksumMismatch(f"{self.name}: data checksum mismatch in the cluster at guest "
+                                               f"offset {guest:#x} ({what})", guest)
+                else:
+                    res.compressed_clusters += 1
+                    self._decompress(guest >> cbits, host, slen, dsum)
+            except CorruptImage as exc:
+                res.corruptions.append(str(exc))
