@@ -1,0 +1,250 @@
+"""The control channel of a read-write mount: a unix socket that takes JSON requests.
+
+While ``vdisk mount`` has an image open read-write, it holds the image's write lock,
+so no other process can open it to take a snapshot.  The mount daemon listens on a
+unix socket instead and does the work inside its trio loop, between two FUSE
+requests, so a snapshot holds every write acknowledged before the request.
+
+Protocol: the client connects, sends one JSON object on one line, reads one JSON
+object on one line, and the server closes.  Requests::
+
+    {"op": "ping"}
+    {"op": "snapshot-list"}
+    {"op": "snapshot-create", "name": "NAME"}
+    {"op": "snapshot-delete", "name": "NAME"}
+    {"op": "snapshot-revert", "name": "NAME"}     (refused while the disk is open)
+    {"op": "flush"}
+    {"op": "status"}
+
+Replies: ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": "message",
+"type": "SnapshotExists", "exit_code": 1}`` (``type`` names a class of
+:mod:`vdisk.errors`).  A snapshot in a result is
+``{"id", "name", "created", "size", "generation", "unique_bytes", "holds"}``.
+
+The socket lives in the run directory (``/run/vdisk`` for root, else
+``$XDG_RUNTIME_DIR/vdisk`` or ``/tmp/vdisk-UID``), named after the image file's
+device and inode numbers, so any path that names the image (symlink, relative,
+bind mount) finds it and the path length limit of unix sockets never bites.  It is
+mode 0600, and the server also checks the peer's uid (root or the daemon's own).
+
+Client use (the CLI's ``snapshot`` commands, when opening the image fails with
+ImageLocked)::
+
+    from fusemount import control
+    reply = control.request(path, {"op": "snapshot-create", "name": "before-upgrade"})
+    if reply is None: ...             # no mount owns the image: report ImageLocked as is
+    result = control.result(reply)    # raises the VdiskError the daemon reported
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import socket
+import struct
+from dataclasses import asdict
+
+from vdisk import errors as _errors
+from vdisk.errors import VdiskError
+
+log = logging.getLogger("fusemount.control")
+
+MAX_REQUEST = 64 * 1024
+DEFAULT_TIMEOUT = 120.0
+
+
+# ---------------------------------------------------------------- paths
+def run_dir() -> str:
+    """Where sockets and logs of mount daemons live (created on demand)."""
+    if os.geteuid() == 0:
+        d = "/run/vdisk"
+    elif os.environ.get("XDG_RUNTIME_DIR"):
+        d = os.path.join(os.environ["XDG_RUNTIME_DIR"], "vdisk")
+    else:
+        d = f"/tmp/vdisk-{os.getuid()}"
+    return os.environ.get("VDISK_RUN_DIR", d)
+
+
+def _image_key(image_path: str) -> str:
+    st = os.stat(image_path)
+    return f"{st.st_dev:x}-{st.st_ino:x}"
+
+
+def socket_path(image_path: str) -> str:
+    """The control socket of the mount that owns ``image_path`` (which must exist)."""
+    return os.path.join(run_dir(), f"{_image_key(image_path)}.sock")
+
+
+def default_log_path(image_path: str) -> str:
+    base = os.path.basename(image_path) or "image"
+    return os.path.join(run_dir(), f"{base}.{_image_key(image_path)}.mount.log")
+
+
+def ensure_run_dir() -> str:
+    d = run_dir()
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    return d
+
+
+# ---------------------------------------------------------------- client
+def request(image_path: str, req: dict, *, timeout: float = DEFAULT_TIMEOUT) -> dict | None:
+    """Send ``req`` to the mount daemon that owns ``image_path``; return its reply,
+    or None if no mount owns the image (no socket, or a stale one)."""
+    try:
+        path = socket_path(image_path)
+    except OSError:
+        return None
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        s.settimeout(timeout)
+        try:
+            s.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            return None
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ECONNREFUSED, errno.ENOTSOCK):
+                return None
+            raise VdiskError(f"{image_path}: cannot reach the mount's control socket {path}: {exc.strerror}") from None
+        try:
+            s.sendall(json.dumps(req).encode() + b"\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+                if len(data) > 16 << 20:
+                    raise VdiskError(f"{image_path}: the mount's control reply is too large")
+        except socket.timeout:
+            raise VdiskError(f"{image_path}: the mount did not answer within {timeout:g} s") from None
+        except OSError as exc:
+            raise VdiskError(f"{image_path}: control request failed: {exc.strerror or exc}") from None
+    finally:
+        s.close()
+    if not data:
+        raise VdiskError(f"{image_path}: the mount closed the control connection without a reply")
+    try:
+        reply = json.loads(data)
+    except ValueError:
+        raise VdiskError(f"{image_path}: the mount sent a malformed control reply") from None
+    if not isinstance(reply, dict) or "ok" not in reply:
+        raise VdiskError(f"{image_path}: the mount sent a malformed control reply")
+    return reply
+
+
+def result(reply: dict):
+    """The result of a successful reply; for a failed one, raise the VdiskError it names."""
+    if reply.get("ok"):
+        return reply.get("result")
+    cls = getattr(_errors, str(reply.get("type", "")), None)
+    msg = str(reply.get("error", "control request failed"))
+    if not (isinstance(cls, type) and issubclass(cls, VdiskError)):
+        cls = VdiskError
+    try:
+        exc = cls(msg)
+    except TypeError:  # classes with extra constructor arguments
+        exc = VdiskError(msg)
+        exc.exit_code = reply.get("exit_code", 1)
+    raise exc
+
+
+def call(image_path: str, op: str, **args):
+    """``request`` + ``result``; raises LookupError if no mount owns the image."""
+    reply = request(image_path, {"op": op, **args})
+    if reply is None:
+        raise LookupError(f"no mount owns {image_path}")
+    return result(reply)
+
+
+def snapshot_to_json(info) -> dict:
+    d = asdict(info)
+    d.pop("extra", None)
+    return d
+
+
+def error_reply(exc: BaseException) -> dict:
+    if isinstance(exc, VdiskError):
+        return {"ok": False, "error": exc.message, "type": type(exc).__name__, "exit_code": exc.exit_code}
+    return {"ok": False, "error": f"internal error: {type(exc).__name__}: {exc}", "type": "VdiskError", "exit_code": 1}
+
+
+# ---------------------------------------------------------------- server
+def bind_socket(image_path: str) -> socket.socket:
+    """Create the listening socket (replacing a stale one: we hold the write lock, so
+    no other live mount can own this image)."""
+    ensure_run_dir()
+    path = socket_path(image_path)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    old = os.umask(0o177)
+    try:
+        s.bind(path)
+    finally:
+        os.umask(old)
+    s.listen(16)
+    return s
+
+
+def peer_uid(sock: socket.socket) -> int:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return uid
+
+
+async def serve(listen_sock: socket.socket, handler, *, task_status=None) -> None:
+    """Serve control requests forever.  ``handler(req) -> result`` is an async function
+    raising VdiskError for refusals; it runs in the trio thread."""
+    import trio
+
+    tsock = trio.socket.from_stdlib_socket(listen_sock)
+    if task_status is not None:
+        task_status.started()
+    async with trio.open_nursery() as nursery:
+        while True:
+            conn, _ = await tsock.accept()
+            nursery.start_soon(_serve_one, conn, handler)
+
+
+async def _serve_one(conn, handler) -> None:
+    import trio
+
+    with conn:
+        try:
+            uid = peer_uid(conn)
+            if uid not in (0, os.geteuid()):
+                await conn.send(json.dumps({"ok": False, "error": "permission denied", "type": "VdiskError",
+                                            "exit_code": 1}).encode() + b"\n")
+                return
+            data = b""
+            with trio.move_on_after(30):
+                while not data.endswith(b"\n") and len(data) <= MAX_REQUEST:
+                    chunk = await conn.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+            try:
+                req = json.loads(data)
+                if not isinstance(req, dict) or not isinstance(req.get("op"), str):
+                    raise ValueError
+            except ValueError:
+                reply = {"ok": False, "error": "malformed request", "type": "UsageError", "exit_code": 1}
+            else:
+                try:
+                    reply = {"ok": True, "result": await handler(req)}
+                except Exception as exc:  # noqa: BLE001 - every failure becomes a reply
+                    if not isinstance(exc, VdiskError):
+                        log.exception("control request %r failed", req)
+                    else:
+                        log.info("control request %r refused: %s", req, exc)
+                    reply = error_reply(exc)
+            out = json.dumps(reply).encode() + b"\n"
+            while out:
+                n = await conn.send(out)
+                out = out[n:]
+        except OSError as exc:
+            log.warning("control connection: %s", exc)

@@ -1,0 +1,412 @@
+"""Running a mount: the daemon's main loop, starting it in the background, and unmounting.
+
+Life of a mount (``vdisk mount IMAGE MNT``):
+
+1. the CLI spawns ``python -m fusemount --ready-fd N IMAGE MNT`` in a new session,
+   stdout/stderr into the log file, and waits on the pipe for one line:
+   ``READY`` or ``ERROR <exit_code> <message>``;
+2. the daemon opens the image (taking the write lock for rw), mounts with
+   ``pyfuse3.init``, binds the control socket (rw only), reports READY and serves;
+3. it ends when the file system is unmounted (``vdisk umount``/``fusermount3 -u``: the
+   kernel closes the FUSE connection and the session loop returns), or on
+   SIGTERM/SIGINT/SIGHUP (it flushes and unmounts itself; if the mount is busy it keeps
+   serving and says so in the log; a second signal detaches it lazily and exits);
+4. on the way out it closes every snapshot view and the image (which flushes it),
+   removes the control socket and, if still mounted, unmounts.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyfuse3
+import trio
+
+import vdisk
+from vdisk.errors import VdiskError
+
+from . import control
+from .fs import VdiskFS
+
+log = logging.getLogger("fusemount")
+
+READY_TIMEOUT = 120.0
+
+
+class MountError(VdiskError):
+    """The mount could not be set up (mountpoint missing, busy, daemon died...)."""
+
+
+def mount_options(read_only: bool, extra: list[str] | None = None) -> set[str]:
+    opts = set(pyfuse3.default_options)
+    opts.add("fsname=vdisk")
+    opts.add("subtype=vdisk")
+    # The kernel sends at most max_pages (negotiated by libfuse from max_write: 1 MiB
+    # with libfuse 3.14 and the default fuse.max_pages_limit) per request anyway;
+    # max_read only caps reads lower than that, so leave it unlimited.
+    if read_only:
+        opts.add("ro")
+    if os.geteuid() == 0:
+        # Root: let other users (a VM runner, a loop device owner) use the mount; the
+        # file modes (default_permissions) still apply.
+        opts.add("allow_other")
+    for o in extra or []:
+        opts.add(o)
+    return opts
+
+
+def check_mountpoint(mountpoint: str) -> None:
+    try:
+        st = os.stat(mountpoint)
+    except FileNotFoundError:
+        raise MountError(f"{mountpoint}: mountpoint does not exist") from None
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            raise MountError(
+                f"{mountpoint}: a dead FUSE mount is still there (its daemon died); "
+                f"run `vdisk umount {mountpoint}` (or fusermount3 -u -z) first"
+            ) from None
+        raise MountError(f"{mountpoint}: {exc.strerror}") from None
+    import stat as _stat
+
+    if not _stat.S_ISDIR(st.st_mode):
+        raise MountError(f"{mountpoint}: mountpoint is not a directory")
+    if is_mounted(mountpoint):
+        raise MountError(f"{mountpoint}: something is mounted there already")
+
+
+def _mountinfo() -> list[tuple[str, str, str]]:
+    """(mountpoint, fstype, source) of every mount, from /proc/self/mountinfo."""
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields = left.split()
+            rfields = right.split()
+            if len(fields) >= 5 and len(rfields) >= 2:
+                mp = fields[4].encode().decode("unicode_escape")
+                out.append((mp, rfields[0], rfields[1]))
+    return out
+
+
+def is_mounted(mountpoint: str) -> tuple[str, str] | None:
+    real = os.path.realpath(mountpoint) if os.path.exists(mountpoint) else os.path.abspath(mountpoint)
+    for mp, fstype, source in _mountinfo():
+        if mp == real or mp == os.path.abspath(mountpoint):
+            return fstype, source
+    return None
+
+
+# ---------------------------------------------------------------- the daemon
+class _Daemon:
+    def __init__(self, fs: VdiskFS, image_path: str, mountpoint: str, listen_sock):
+        self.fs = fs
+        self.image_path = image_path
+        self.mountpoint = mountpoint
+        self.listen_sock = listen_sock
+        self.unmounted = False
+
+    async def handle_control(self, req: dict):
+        """Control requests, run in the trio thread between FUSE requests."""
+        op = req["op"]
+        fs = self.fs
+        if op == "ping":
+            return "pong"
+        if op == "status":
+            return {
+                "pid": os.getpid(),
+                "image": self.image_path,
+                "mountpoint": self.mountpoint,
+                "read_only": fs.read_only or fs.failed is not None,
+                "failed": fs.failed,
+                "snapshots": fs.snapshot_names(),
+            }
+        if op == "flush":
+            fs.image.flush()
+            return None
+        if op == "snapshot-list":
+            return [control.snapshot_to_json(i) for i in fs.image.snapshot_list()]
+        name = req.get("name")
+        if not isinstance(name, str) or not name:
+            raise vdisk.errors.UsageError(f"{op}: a snapshot name is needed")
+        if op == "snapshot-create":
+            info = fs.snapshot_create(name)
+            log.info("snapshot %s created (live)", name)
+            await self._invalidate(name, created=True)
+            return control.snapshot_to_json(info)
+        if op == "snapshot-delete":
+            old = fs._snaps.get(os.fsencode(name))
+            fs.snapshot_delete(name)
+            log.info("snapshot %s deleted (live)", name)
+            await self._invalidate(name, created=False, old_ino=old.ino if old else 0)
+            return None
+        if op == "snapshot-revert":
+            fs.snapshot_revert(name)
+            log.info("disk reverted to snapshot %s", name)
+            await trio.to_thread.run_sync(_quiet_inval_inode, 2)
+            await self._invalidate(name, created=True)
+            return None
+        raise vdisk.errors.UsageError(f"unknown control operation {op!r}")
+
+    async def _invalidate(self, name: str, *, created: bool, old_ino: int = 0) -> None:
+        # In a worker thread: these block until related requests finish, which needs
+        # the trio loop to keep serving (see pyfuse3.invalidate_entry).
+        from .fs import SNAPDIR_INO
+
+        bname = os.fsencode(name)
+        await trio.to_thread.run_sync(_quiet_inval_entry, SNAPDIR_INO, bname, 0 if created else old_ino)
+        await trio.to_thread.run_sync(_quiet_inval_inode, SNAPDIR_INO)
+
+    async def signals(self, nursery) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+            count = 0
+            async for signum in sigs:
+                if signum == signal.SIGHUP:
+                    log.info("SIGHUP: ignored")
+                    continue
+                count += 1
+                log.info("%s: flushing and unmounting", signal.Signals(signum).name)
+                try:
+                    self.fs.image.flush()
+                except Exception:
+                    log.exception("flush on %s failed", signal.Signals(signum).name)
+                if count == 1:
+                    rc, err = await trio.to_thread.run_sync(_fusermount, self.mountpoint, False)
+                    if rc == 0:
+                        self.unmounted = True
+                        log.info("unmounted %s", self.mountpoint)
+                        # The session loop ends by itself when the kernel drops the connection.
+                        continue
+                    log.warning("cannot unmount %s (%s); still serving. Send the signal again to "
+                                "detach it lazily and exit", self.mountpoint, err.strip())
+                else:
+                    log.warning("second signal: detaching %s lazily and exiting", self.mountpoint)
+                    pyfuse3.terminate()
+                    return
+
+    async def main(self, ready) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.signals, nursery)
+            if self.listen_sock is not None:
+                await nursery.start(control.serve, self.listen_sock, self.handle_control)
+            ready()
+            try:
+                await pyfuse3.main(min_tasks=1, max_tasks=4)
+            finally:
+                nursery.cancel_scope.cancel()
+
+
+def _quiet_inval_entry(parent: int, name: bytes, deleted: int) -> None:
+    try:
+        pyfuse3.invalidate_entry(parent, name, deleted)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.EBADF):
+            log.warning("invalidating entry %r: %s", name, exc)
+
+
+def _quiet_inval_inode(ino: int) -> None:
+    try:
+        pyfuse3.invalidate_inode(ino)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOENT, errno.EBADF):
+            log.warning("invalidating inode %d: %s", ino, exc)
+
+
+def _fusermount(mountpoint: str, lazy: bool) -> tuple[int, str]:
+    cmd = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [mountpoint]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return 1, str(exc)
+    return p.returncode, p.stderr
+
+
+def serve(
+    image_path: str,
+    mountpoint: str,
+    *,
+    read_only: bool = False,
+    fmt: str | None = None,
+    direct_io: bool = True,
+    log_file: str | None = None,
+    ready=lambda: None,
+    options: list[str] | None = None,
+) -> None:
+    """Mount and serve until unmounted.  Raises VdiskError if the mount cannot be set
+    up; ``ready()`` is called once the mount is live."""
+    image_path = os.path.abspath(image_path)
+    mountpoint = os.path.abspath(mountpoint)
+    check_mountpoint(mountpoint)
+    image = vdisk.open(image_path, read_only=read_only, format=fmt)
+    listen_sock = None
+    mounted = False
+    try:
+        xattrs = {"pid": str(os.getpid()), "image": image_path}
+        if log_file:
+            xattrs["log"] = log_file
+        if not image.read_only:
+            listen_sock = control.bind_socket(image_path)
+            xattrs["socket"] = control.socket_path(image_path)
+        fs = VdiskFS(image, read_only=read_only, direct_io=direct_io, xattrs=xattrs)
+        try:
+            pyfuse3.init(fs, mountpoint, mount_options(image.read_only, options))
+        except RuntimeError as exc:
+            raise MountError(f"{mountpoint}: mounting failed ({exc}); is /dev/fuse there and fusermount3 installed?") from None
+        mounted = True
+        log.info("mounted %s (%s, %s) on %s, pid %d", image_path, image.format,
+                 "read-only" if image.read_only else "read-write", mountpoint, os.getpid())
+        d = _Daemon(fs, image_path, mountpoint, listen_sock)
+        try:
+            trio.run(d.main, ready)
+        except BaseException:
+            log.exception("the FUSE main loop failed")
+            raise
+        finally:
+            # Unmount (non-lazily where possible) before closing the image, so no
+            # request can arrive after the final flush.
+            try:
+                pyfuse3.close(unmount=True)
+            except Exception:
+                log.exception("pyfuse3.close")
+            mounted = False
+    finally:
+        if listen_sock is not None:
+            try:
+                if os.path.exists(control.socket_path(image_path)):
+                    os.unlink(control.socket_path(image_path))
+            except OSError:
+                pass
+            listen_sock.close()
+        try:
+            if mounted:
+                pyfuse3.close(unmount=True)
+        finally:
+            try:
+                fs.close() if "fs" in locals() else image.close()
+            except VdiskError as exc:
+                log.error("closing %s: %s", image_path, exc)
+                raise
+            log.info("image %s closed", image_path)
+
+
+# ---------------------------------------------------------------- background start
+def spawn(
+    image_path: str,
+    mountpoint: str,
+    *,
+    read_only: bool = False,
+    fmt: str | None = None,
+    log_file: str | None = None,
+    direct_io: bool = True,
+    timeout: float = READY_TIMEOUT,
+) -> tuple[int, str]:
+    """Start the daemon in the background and wait until the mount is live.
+    Returns (pid, log_file); raises the daemon's error if it could not mount."""
+    image_path = os.path.abspath(image_path)
+    mountpoint = os.path.abspath(mountpoint)
+    if not os.path.exists(image_path):
+        raise vdisk.errors.ImageNotFound(f"{image_path}: no such file")
+    check_mountpoint(mountpoint)
+    if log_file is None:
+        control.ensure_run_dir()
+        log_file = control.default_log_path(image_path)
+    log_file = os.path.abspath(log_file)
+    r, w = os.pipe()
+    cmd = [sys.executable, "-m", "fusemount", "--ready-fd", str(w), "--log-file", log_file]
+    if read_only:
+        cmd.append("--read-only")
+    if fmt:
+        cmd += ["--format", fmt]
+    if not direct_io:
+        cmd.append("--no-direct-io")
+    cmd += [image_path, mountpoint]
+    with open(log_file, "ab", buffering=0) as logf:
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(w,),
+            start_new_session=True, close_fds=True,
+        )
+    os.close(w)
+    line = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while not line.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                proc.kill()
+                raise MountError(f"the mount daemon did not get ready within {timeout:g} s; see {log_file}")
+            import select
+
+            ready, _, _ = select.select([r], [], [], left)
+            if not ready:
+                continue
+            chunk = os.read(r, 4096)
+            if not chunk:
+                break
+            line += chunk
+    finally:
+        os.close(r)
+    text = line.decode(errors="replace").strip()
+    if text == "READY":
+        return proc.pid, log_file
+    if text.startswith("ERROR "):
+        _, code, msg = (text.split(" ", 2) + [""])[:3]
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        exc = VdiskError(msg)
+        exc.exit_code = int(code) if code.isdigit() else 1
+        raise exc
+    rc = proc.wait(timeout=30)
+    raise MountError(f"the mount daemon exited (status {rc}) before the mount was ready; see {log_file}")
+
+
+# ---------------------------------------------------------------- unmount
+def unmount(mountpoint: str, *, lazy: bool = False, timeout: float = 120.0) -> None:
+    """Flush, unmount and wait for the daemon to exit."""
+    mountpoint = os.path.abspath(mountpoint)
+    m = is_mounted(mountpoint)
+    if m is None:
+        raise MountError(f"{mountpoint}: not mounted")
+    fstype, source = m
+    if not (fstype.startswith("fuse") and source == "vdisk"):
+        raise MountError(f"{mountpoint}: not a vdisk mount ({fstype} from {source})")
+    pid = image = None
+    try:
+        pid = int(os.getxattr(mountpoint, "user.vdisk.pid"))
+        image = os.getxattr(mountpoint, "user.vdisk.image").decode()
+    except OSError:
+        pass  # a dead daemon (ENOTCONN): just unmount
+    if image is not None and not lazy:
+        reply = control.request(image, {"op": "flush"})
+        if reply is not None:
+            control.result(reply)
+    rc, err = _fusermount(mountpoint, lazy)
+    if rc != 0:
+        err = err.strip()
+        if "busy" in err.lower():
+            raise MountError(
+                f"{mountpoint}: busy (a file under it is open: a loop device? `losetup -j {mountpoint}/disk`); "
+                "close it, or use --lazy"
+            )
+        raise MountError(f"{mountpoint}: unmount failed: {err}")
+    if pid is not None and not lazy:
+        deadline = time.monotonic() + timeout
+        while _alive(pid):
+            if time.monotonic() > deadline:
+                raise MountError(f"{mountpoint}: unmounted, but the daemon (pid {pid}) has not exited after {timeout:g} s")
+            time.sleep(0.02)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][:1] not in ("Z", "X")
+    except (FileNotFoundError, IndexError):
+        return False

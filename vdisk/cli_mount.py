@@ -1,0 +1,85 @@
+"""``vdisk mount`` and ``vdisk umount``: plain click commands, registered by vdisk.cli::
+
+    from .cli_mount import mount_command, umount_command
+    main.add_command(mount_command, "mount")
+    main.add_command(umount_command, "umount")
+
+They raise :class:`~vdisk.errors.VdiskError` for failures, which the CLI's error
+handling turns into ``vdisk: <message>`` and the error's exit code; run alone (no
+such handler around them) they do the same themselves.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import click
+
+from .errors import VdiskError
+
+
+def _errors_to_exit(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except VdiskError as exc:
+            click.echo(f"vdisk: {exc.message}", err=True)
+            sys.exit(exc.exit_code)
+
+    return wrapper
+
+
+@click.command("mount")
+@click.option("--read-only", "-r", is_flag=True, help="Serve the disk read-only (takes a shared lock).")
+@click.option("--foreground", "-f", is_flag=True, help="Stay in the foreground and log to stderr.")
+@click.option("--format", "fmt", default=None, help="Image format (default: probed; raw only when given).")
+@click.option("--log-file", type=click.Path(dir_okay=False), default=None,
+              help="Log of the mount daemon (default: in /run/vdisk, printed on start).")
+@click.option("--no-direct-io", is_flag=True, hidden=True,
+              help="Let the kernel page-cache the disk file (direct_io is on by default).")
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+@_errors_to_exit
+def mount_command(read_only, foreground, fmt, log_file, no_direct_io, image, mountpoint):
+    """Serve IMAGE through FUSE at MOUNTPOINT.
+
+    MOUNTPOINT/disk is the image's current state (read-write unless --read-only),
+    MOUNTPOINT/snapshots/NAME each internal snapshot, read-only.  Attach the disk to a
+    loop device with `losetup -f --show MOUNTPOINT/disk`.  While mounted read-write,
+    `vdisk snapshot create IMAGE NAME` works live through the mount.  fsync on the
+    disk is durable.  Stop with `vdisk umount MOUNTPOINT`.
+    """
+    if foreground:
+        from fusemount.__main__ import main as daemon_main
+
+        args = []
+        if read_only:
+            args.append("--read-only")
+        if fmt:
+            args += ["--format", fmt]
+        if log_file:
+            args += ["--log-file", log_file]
+        if no_direct_io:
+            args.append("--no-direct-io")
+        sys.exit(daemon_main(args + [image, mountpoint]))
+    from fusemount.daemon import spawn
+
+    pid, log = spawn(image, mountpoint, read_only=read_only, fmt=fmt, log_file=log_file,
+                     direct_io=not no_direct_io)
+    click.echo(f"mounted {image} on {mountpoint} ({'read-only' if read_only else 'read-write'}); "
+               f"daemon pid {pid}, log {log}")
+
+
+@click.command("umount")
+@click.option("--lazy", "-z", is_flag=True, help="Detach even if busy (fusermount3 -u -z); do not wait.")
+@click.option("--timeout", type=float, default=120.0, show_default=True,
+              help="Seconds to wait for the daemon to flush and exit.")
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+@_errors_to_exit
+def umount_command(lazy, timeout, mountpoint):
+    """Flush the image served at MOUNTPOINT, unmount it and wait for the daemon to exit."""
+    from fusemount.daemon import unmount
+
+    unmount(mountpoint, lazy=lazy, timeout=timeout)
