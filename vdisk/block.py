@@ -329,7 +329,7 @@ def _open_node(path, fmt, read_only, snapshot, with_backing, allowed, seen, dept
         raise BackingError(f"{path}: backing chain loops back to this file")
     seen.add(key)
     cls = get_driver(fmt)
-    host = HostFile(path, read_only=read_only)
+    host = HostFile(path, read_only=read_only, lock="snapshot" if snapshot is not None else "auto")
     try:
         driver = cls.open(host, read_only=read_only, snapshot=snapshot)
     except BaseException:

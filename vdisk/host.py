@@ -76,7 +76,10 @@ def _oserror(name: str, what: str, exc: OSError) -> VdiskError:
 class HostFile(HostStorage):
     """A regular file (or block device) on the local machine."""
 
-    def __init__(self, path: str, *, read_only: bool = False, create: bool = False, lock: bool = True):
+    def __init__(self, path: str, *, read_only: bool = False, create: bool = False, lock: str | None = "auto"):
+        """``lock``: "write" (one writer), "read" (readers of the live state, excluded by a
+        writer), "snapshot" (readers of an immutable snapshot: they coexist with a
+        writer), None (no lock), or "auto": "read" when read_only, else "write"."""
         self.name = path
         self.read_only = read_only
         flags = os.O_RDONLY if read_only else os.O_RDWR
@@ -93,17 +96,25 @@ class HostFile(HostStorage):
             raise HostIOError(f"{path}: permission denied", errno.EACCES) from None
         except OSError as exc:
             raise _oserror(path, "open", exc) from None
+        if lock == "auto":
+            lock = "read" if read_only else "write"
         if lock:
             try:
-                self._lock(write=not read_only)
+                self._lock(lock)
             except BaseException:
                 os.close(self.fd)
                 raise
 
-    def _lock(self, *, write: bool) -> None:
+    def _lock(self, mode: str) -> None:
+        # Byte 0 guards the live state: a writer locks it exclusively, live readers
+        # share it.  Byte 1 is shared by readers of snapshots, which never change, so
+        # they do not conflict with the writer.  Locks sit on bytes, not data: the
+        # file's contents are untouched.
+        l_type = fcntl.F_WRLCK if mode == "write" else fcntl.F_RDLCK
+        start = 1 if mode == "snapshot" else 0
+        write = mode == "write"
         # struct flock { short l_type; short l_whence; off_t l_start; off_t l_len; pid_t l_pid; }
-        l_type = fcntl.F_WRLCK if write else fcntl.F_RDLCK
-        arg = struct.pack("hhqqi4x", l_type, os.SEEK_SET, 0, 0, 0)
+        arg = struct.pack("hhqqi4x", l_type, os.SEEK_SET, start, 1, 0)
         try:
             fcntl.fcntl(self.fd, _F_OFD_SETLK, arg)
         except OSError as exc:
