@@ -1,0 +1,1579 @@
+"""The qcow2 driver: QEMU's copy-on-write format, versions 2 and 3.
+
+Written from the public specification (QEMU ``docs/interop/qcow2.txt``); the byte
+layouts live in :mod:`vdisk.codec.qcow2`.
+
+What it does
+  - reads v2 and v3 images: L1/L2 lookup, zero clusters, compressed clusters (zlib
+    raw deflate, zstd), backing file + backing format, internal snapshots;
+  - writes v3 (and v2) images: allocating writes with copy-on-write of partial
+    clusters from the backing image, in-place rewrites of clusters it owns alone
+    (refcount 1), copy-on-write of clusters and L2 tables shared with snapshots,
+    zero clusters, discard, resize, internal snapshots, compressed full-cluster
+    writes when the image was created with compression;
+  - ``check`` rebuilds the refcounts from the L1/L2/snapshot tables and compares.
+
+What it refuses (UnsupportedFeature): unknown incompatible feature bits, external
+data files, extended L2 entries, encryption; writing an image that carries
+persistent bitmaps or has the corrupt bit set.
+
+Metadata caching and the write order (crash consistency)
+  L2 tables and refcount blocks are cached in memory; modified ones are written
+  by ``flush`` in this order, with a host flush (fdatasync) between the stages:
+
+    1. guest data (already written by ``write``) and refcount blocks holding the
+       *increments* of new allocations;
+    2. the refcount table, if it gained entries (or its relocated copy + header);
+    3. L2 tables;
+    4. the L1 table and the header (size, L1 location, snapshot table location);
+    5. the *decrements* of clusters that lost a reference (kept aside in
+       ``_pending_free`` until now, so that a freed cluster is never reused nor
+       its refcount dropped before the last reference to it is gone on disk);
+       freed clusters are then punched out of the host file.
+
+  A crash between stages leaves at worst leaked clusters (``check -r leaks``),
+  never a reference to a cluster whose refcount is zero on disk.  Refcounts are
+  exact after every ``flush``; the dirty bit is never set by this driver.
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import time
+from collections import OrderedDict
+
+from ..codec import qcow2 as C
+from ..errors import (
+    BackingError,
+    CorruptImage,
+    NotSupported,
+    SnapshotExists,
+    SnapshotNotFound,
+    UnsupportedFeature,
+    UsageError,
+    VdiskError,
+)
+from ..host import HostStorage
+from . import register
+from .base import BackingRef, BlockDriver, CheckResult, CreateOptions, Extent, SnapshotInfo, Status
+
+# Implementation limits (bounded allocation: sizes read from a file are checked
+# against these before anything is allocated).
+MAX_L1_BYTES = 32 << 20
+MAX_REFTABLE_BYTES = 8 << 20
+MAX_SNAPSHOTS = 65536
+MAX_SNAPSHOT_TABLE_BYTES = 64 << 20
+MAX_BACKING_NAME = 1023
+MAX_HOST_OFFSET = 1 << 56
+MIN_CLUSTER_BITS = 9
+MAX_CLUSTER_BITS = 21
+
+L2_CACHE_TABLES = 512  # clean L2 tables kept in memory
+RB_CACHE_BLOCKS = 256
+DIRTY_FLUSH_THRESHOLD = 256  # metadata tables dirty before an automatic flush
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@register
+class Qcow2Driver(BlockDriver):
+    format_name = "qcow2"
+    supports_backing = True
+    supports_snapshots = True
+    supports_compression = True
+    supports_discard = True
+    default_cluster_size = 65536
+
+    # ================================================================== open / create
+    def __init__(self, host: HostStorage, read_only: bool):
+        self.host = host
+        self.read_only = read_only
+        self.backing = None
+        self.backing_ref = None
+        self._closed = False
+        self._snapshot_view: C.Snapshot | None = None
+
+    @classmethod
+    def probe(cls, head: bytes) -> bool:
+        return head[:4] == C.MAGIC
+
+    # ------------------------------------------------------------------ create
+    @classmethod
+    def create(cls, host: HostStorage, size: int, opts: CreateOptions) -> None:
+        cs = opts.cluster_size or cls.default_cluster_size
+        if cs & (cs - 1) or not (1 << MIN_CLUSTER_BITS) <= cs <= (1 << MAX_CLUSTER_BITS):
+            raise UsageError(f"qcow2: cluster size must be a power of two between 512 and 2M (got {cs})")
+        cbits = cs.bit_length() - 1
+        comp = opts.compression
+        if comp in (None, "none", "off"):
+            comp = None
+        elif comp not in ("zlib", "zstd"):
+            raise UsageError(f"qcow2: compression must be zlib or zstd (got {comp!r})")
+        extra = dict(opts.extra)
+        order = 4
+        if "refcount_bits" in extra:
+            try:
+                bits = int(extra.pop("refcount_bits"))
+            except ValueError:
+                raise UsageError("qcow2: refcount_bits must be a number") from None
+            if bits <= 0 or bits & (bits - 1) or bits > 64:
+                raise UsageError("qcow2: refcount_bits must be a power of two between 1 and 64")
+            order = bits.bit_length() - 1
+        ctype_opt = extra.pop("compression_type", None)
+        if ctype_opt is not None:
+            if ctype_opt not in ("zlib", "zstd"):
+                raise UsageError(f"qcow2: compression_type must be zlib or zstd (got {ctype_opt!r})")
+            if comp is not None and comp != ctype_opt:
+                raise UsageError("qcow2: compression and compression_type disagree")
+        ctype_name = comp or ctype_opt or "zlib"
+        compat = str(extra.pop("compat", "1.1"))
+        if compat not in ("1.1", "v3", "3"):
+            raise UsageError(f"qcow2: only compat=1.1 (version 3) images can be created (got {compat!r})")
+        for key, off_values in (("lazy_refcounts", ("off", "false", "0")), ("preallocation", ("off",))):
+            if key in extra and str(extra.pop(key)).lower() not in off_values:
+                raise UsageError(f"qcow2: {key} is not supported")
+        if extra:
+            raise UsageError(f"qcow2: unknown option(s): {', '.join(sorted(extra))}")
+        if size < 0 or size > (1 << 62):
+            raise UsageError(f"qcow2: size {size} out of range")
+
+        incompat = 0
+        ctype = C.COMPRESSION_ZSTD if ctype_name == "zstd" else C.COMPRESSION_ZLIB
+        if ctype != C.COMPRESSION_ZLIB:
+            incompat |= C.INCOMPAT_COMPRESSION
+        hdr = C.Header(
+            version=3,
+            backing_file_offset=0,
+            backing_file_size=0,
+            cluster_bits=cbits,
+            size=0,
+            crypt_method=0,
+            l1_size=0,
+            l1_table_offset=0,
+            refcount_table_offset=cs,
+            refcount_table_clusters=1,
+            nb_snapshots=0,
+            snapshots_offset=0,
+            incompatible_features=incompat,
+            refcount_order=order,
+            header_length=C.V3_HEADER_LENGTH,
+            compression_type=ctype,
+        )
+        exts = []
+        if opts.backing is not None:
+            exts.append(C.HeaderExtension(C.EXT_BACKING_FORMAT, opts.backing.format.encode()))
+        if comp is not None:
+            exts.append(C.HeaderExtension(C.EXT_VDISK_OPTIONS, f"compress={comp}".encode()))
+        ft = C.HeaderExtension(C.EXT_FEATURE_TABLE, C.encode_feature_table(C.default_feature_table()))
+        name = opts.backing.filename.encode() if opts.backing is not None else b""
+        if len(name) > MAX_BACKING_NAME:
+            raise UsageError(f"qcow2: backing file name longer than {MAX_BACKING_NAME} bytes")
+        if opts.backing is not None and opts.backing.snapshot:
+            raise UsageError("qcow2: a backing file cannot name a snapshot")
+        head = _build_header_area(hdr, exts + [ft], name, cs)
+        if head is None:
+            head = _build_header_area(hdr, exts, name, cs)
+        if head is None:
+            raise UsageError("qcow2: header, extensions and backing file name do not fit in one cluster")
+        reftable = C.encode_u64_table([2 * cs]) + bytes(cs - 8)
+        rb = C.new_refblock(cs, order)
+        for i in range(3):
+            rb[i] = 1
+        host.pwrite(0, head.ljust(cs, b"\0") + reftable + C.encode_refblock(rb, order))
+        host.flush()
+        drv = cls.open(host, read_only=False)
+        try:
+            if size:
+                drv.resize(size)
+            drv.flush()
+        finally:
+            drv._release(close_host=False)
+
+    # ------------------------------------------------------------------ open
+    @classmethod
+    def open(cls, host: HostStorage, *, read_only: bool, snapshot: str | None = None) -> Qcow2Driver:
+        if snapshot is not None:
+            read_only = True
+        self = cls(host, read_only)
+        self._load(snapshot)
+        return self
+
+    def _load(self, snapshot: str | None) -> None:
+        host = self.host
+        self._eof = host.size()
+        head = host.pread(0, 4096)
+        if head[:4] != C.MAGIC:
+            raise CorruptImage(f"{host.name}: not a qcow2 image (bad magic {bytes(head[:4])!r})")
+        # version and cluster_bits before anything is sized from them
+        h = C.decode_header(head)
+        if h.version not in (2, 3):
+            raise UnsupportedFeature(f"{host.name}: qcow2 version {h.version} is not supported (only 2 and 3)")
+        if not MIN_CLUSTER_BITS <= h.cluster_bits <= MAX_CLUSTER_BITS:
+            raise CorruptImage(
+                f"{host.name}: qcow2 cluster_bits {h.cluster_bits} out of range "
+                f"({MIN_CLUSTER_BITS}..{MAX_CLUSTER_BITS})"
+            )
+        cs = 1 << h.cluster_bits
+        if cs > len(head):
+            head = host.pread(0, cs)
+        h = C.decode_header(head)
+        self.hdr = h
+        self.cluster_bits = h.cluster_bits
+        self.cluster_size = cs
+        name = host.name
+        # --- features
+        if h.crypt_method != 0:
+            raise UnsupportedFeature(f"{name}: encrypted qcow2 images are not supported (crypt_method {h.crypt_method})")
+        if h.version == 2:
+            if h.refcount_order != 4:
+                raise CorruptImage(f"{name}: qcow2 v2 refcount_order must be 4")
+        if h.refcount_order > 6:
+            raise CorruptImage(f"{name}: qcow2 refcount_order {h.refcount_order} is larger than 6")
+        # header extensions (area: after the header, up to the backing name or the cluster end)
+        ext_start = h.header_length if h.version >= 3 else C.V2_HEADER_LENGTH
+        ext_end = cs
+        if h.backing_file_offset:
+            if h.backing_file_offset > cs or h.backing_file_size > MAX_BACKING_NAME:
+                raise CorruptImage(f"{name}: qcow2 backing file name is too long or outside the first cluster")
+            if h.backing_file_offset + h.backing_file_size > cs:
+                raise CorruptImage(f"{name}: qcow2 backing file name runs past the first cluster")
+            if h.backing_file_offset < ext_start:
+                raise CorruptImage(f"{name}: qcow2 backing file name overlaps the header")
+            ext_end = h.backing_file_offset
+        self.exts = C.decode_extensions(head, ext_start, ext_end)
+        ext_types = {e.type for e in self.exts}
+        incompat = h.incompatible_features
+        unknown = incompat & ~C.INCOMPAT_KNOWN
+        if unknown:
+            raise UnsupportedFeature(f"{name}: qcow2 image uses unknown incompatible features: {self._feature_names(0, unknown)}")
+        if incompat & C.INCOMPAT_DATA_FILE or C.EXT_DATA_FILE in ext_types:
+            raise UnsupportedFeature(f"{name}: qcow2 images with an external data file are not supported")
+        if incompat & C.INCOMPAT_EXTL2:
+            raise UnsupportedFeature(f"{name}: qcow2 images with extended L2 entries (subclusters) are not supported")
+        if C.EXT_CRYPTO in ext_types:
+            raise UnsupportedFeature(f"{name}: encrypted qcow2 images are not supported")
+        if incompat & C.INCOMPAT_COMPRESSION:
+            if h.header_length <= 104 or h.compression_type == 0:
+                raise CorruptImage(f"{name}: qcow2 compression type bit set but compression_type is zlib or missing")
+        elif h.compression_type != 0:
+            raise CorruptImage(f"{name}: qcow2 compression_type {h.compression_type} set without its feature bit")
+        if h.compression_type not in C.COMPRESSION_NAMES:
+            raise UnsupportedFeature(f"{name}: qcow2 compression type {h.compression_type} is not supported")
+        if incompat & C.INCOMPAT_CORRUPT and not self.read_only:
+            raise CorruptImage(
+                f"{name}: qcow2 image is marked corrupt; it can only be opened read-only "
+                "(repair it with 'qemu-img check -r all')"
+            )
+        if (C.EXT_BITMAPS in ext_types or h.autoclear_features & C.AUTOCLEAR_BITMAPS) and not self.read_only:
+            raise UnsupportedFeature(f"{name}: qcow2 image has persistent dirty bitmaps; vdisk opens it read-only only")
+        self.order = h.refcount_order
+        self.rc_max = C.refcount_max(self.order)
+        self.l2_entries = cs // 8
+        self.rb_entries = (cs * 8) >> self.order
+        # --- size and L1
+        if h.size > (1 << 63) - 1:
+            raise CorruptImage(f"{name}: qcow2 virtual size {h.size} is too large")
+        if h.l1_size * 8 > MAX_L1_BYTES:
+            raise CorruptImage(f"{name}: qcow2 L1 table size {h.l1_size} entries is too large (limit {MAX_L1_BYTES // 8})")
+        need = _ceil_div(h.size, cs * self.l2_entries)
+        if h.l1_size < need:
+            raise CorruptImage(
+                f"{name}: qcow2 L1 table ({h.l1_size} entries) is too small for the virtual size {h.size} "
+                f"(needs {need})"
+            )
+        # --- refcount table
+        if h.refcount_table_clusters == 0:
+            raise CorruptImage(f"{name}: qcow2 refcount table has no clusters")
+        if h.refcount_table_clusters * cs > MAX_REFTABLE_BYTES:
+            raise CorruptImage(f"{name}: qcow2 refcount table ({h.refcount_table_clusters} clusters) is too large")
+        self._check_table(h.refcount_table_offset, h.refcount_table_clusters * cs, "refcount table")
+        self.reftable = C.decode_u64_table(host.pread(h.refcount_table_offset, h.refcount_table_clusters * cs))
+        self.reftable_capacity = len(self.reftable)
+        # --- L1
+        if h.l1_size:
+            self._check_table(h.l1_table_offset, h.l1_size * 8, "L1 table")
+            self.l1 = C.decode_u64_table(host.pread(h.l1_table_offset, h.l1_size * 8))
+        else:
+            self.l1 = array.array("Q")
+        # --- snapshots
+        if h.nb_snapshots > MAX_SNAPSHOTS:
+            raise CorruptImage(f"{name}: qcow2 image claims {h.nb_snapshots} snapshots (limit {MAX_SNAPSHOTS})")
+        self.snapshots = self._read_snapshot_table(h.snapshots_offset, h.nb_snapshots)
+        # --- backing file
+        if h.backing_file_offset and h.backing_file_size:
+            raw_name = head[h.backing_file_offset : h.backing_file_offset + h.backing_file_size]
+            try:
+                bname = bytes(raw_name).decode("utf-8")
+            except UnicodeDecodeError:
+                raise CorruptImage(f"{name}: qcow2 backing file name is not valid UTF-8") from None
+            fmt = None
+            for e in self.exts:
+                if e.type == C.EXT_BACKING_FORMAT:
+                    fmt = e.data.decode("utf-8", "replace")
+            if fmt is None:
+                fmt = self._probe_backing_format(bname)
+            self.backing_ref = BackingRef(bname, fmt)
+        # --- state
+        self.size = h.size
+        self.comp_type = h.compression_type
+        self.compress_writes = False
+        for e in self.exts:
+            if e.type == C.EXT_VDISK_OPTIONS:
+                opts = dict(kv.split("=", 1) for kv in e.data.decode("ascii", "replace").split(",") if "=" in kv)
+                self.compress_writes = opts.get("compress") in ("zlib", "zstd")
+        self._l2cache: OrderedDict[int, array.array] = OrderedDict()
+        self._l2dirty: set[int] = set()
+        self._rbcache: OrderedDict[int, array.array] = OrderedDict()
+        self._rbdirty: set[int] = set()
+        self._pending_free: dict[int, int] = {}
+        self._l1_dirty = False
+        self._reftable_dirty = False
+        self._hdr_dirty = False
+        self._free_hint = 0
+        self._ctail: tuple[int, int] | None = None  # (next free byte, end of cluster) for compressed data
+        self._dcache: tuple[int, bytes] | None = None  # last decompressed cluster (descriptor, data)
+        if snapshot is not None:
+            snap = self._find_snapshot(snapshot)
+            self._snapshot_view = snap
+            self.l1 = self._read_l1(snap.l1_table_offset, snap.l1_size, f"snapshot {snap.name!r} L1 table")
+            self.size = snap.disk_size if snap.disk_size is not None else h.size
+            if _ceil_div(self.size, cs * self.l2_entries) > snap.l1_size:
+                raise CorruptImage(f"{name}: snapshot {snap.name!r} L1 table is too small for its disk size")
+        if not self.read_only:
+            changed = False
+            if h.autoclear_features:
+                # we maintain none of the autoclear features: clear them before writing
+                self.hdr = self.hdr.replace(autoclear_features=0)
+                changed = True
+            if incompat & C.INCOMPAT_DIRTY:
+                # refcounts may be stale: rebuild them from the mapping tables before any write
+                self._repair_all(CheckResult())
+                self.hdr = self.hdr.replace(incompatible_features=self.hdr.incompatible_features & ~C.INCOMPAT_DIRTY)
+                changed = True
+            if changed:
+                self._write_header()
+                self.host.flush()
+
+    def _feature_names(self, kind: int, bits: int) -> str:
+        table = {}
+        for e in self.exts:
+            if e.type == C.EXT_FEATURE_TABLE:
+                for f in C.decode_feature_table(e.data):
+                    table[(f.kind, f.bit)] = f.name
+        names = []
+        for b in range(64):
+            if bits >> b & 1:
+                names.append(table.get((kind, b)) or C.FEATURE_NAMES.get((kind, b)) or f"bit {b}")
+        return ", ".join(names)
+
+    def _probe_backing_format(self, bname: str) -> str:
+        from . import probe
+
+        base = os.path.dirname(os.path.abspath(self.host.name))
+        path = bname if os.path.isabs(bname) else os.path.join(base, bname)
+        try:
+            with open(path, "rb") as f:
+                head = f.read(4096)
+        except OSError:
+            raise BackingError(
+                f"{self.host.name}: backing file {bname!r} has no format recorded and cannot be read to probe it "
+                "(backing format unknown, raw is never probed)"
+            ) from None
+        fmt = probe(head)
+        if fmt not in ("qcow2", "vdk"):
+            raise BackingError(
+                f"{self.host.name}: backing file {bname!r} has no format recorded: backing format unknown, "
+                "raw is never probed (set it with rebase -u -F FORMAT)"
+            )
+        return fmt
+
+    def _check_table(self, offset: int, nbytes: int, what: str) -> None:
+        """A table read from the file must be cluster aligned, not at 0, inside the file."""
+        cs = self.cluster_size
+        if offset == 0 or offset % cs:
+            raise CorruptImage(f"{self.host.name}: qcow2 {what} offset {offset:#x} is not a valid cluster offset")
+        if offset + nbytes > max(self._eof, 0) or offset >= MAX_HOST_OFFSET:
+            raise CorruptImage(
+                f"{self.host.name}: qcow2 {what} at {offset:#x} (+{nbytes} bytes) lies beyond the end of the file "
+                f"({self._eof} bytes)"
+            )
+
+    def _read_l1(self, offset: int, l1_size: int, what: str) -> array.array:
+        if l1_size * 8 > MAX_L1_BYTES:
+            raise CorruptImage(f"{self.host.name}: qcow2 {what} size {l1_size} is too large")
+        if l1_size == 0:
+            return array.array("Q")
+        self._check_table(offset, l1_size * 8, what)
+        return C.decode_u64_table(self.host.pread(offset, l1_size * 8))
+
+    def _read_snapshot_table(self, offset: int, count: int) -> list[C.Snapshot]:
+        self._snap_table_bytes = 0
+        if count == 0:
+            return []
+        cs = self.cluster_size
+        if offset == 0 or offset % cs or offset >= self._eof:
+            raise CorruptImage(f"{self.host.name}: qcow2 snapshot table offset {offset:#x} is invalid or past the file end")
+        snaps = []
+        pos = offset
+        limit = min(self._eof, offset + MAX_SNAPSHOT_TABLE_BYTES)
+        for i in range(count):
+            if pos + 40 > limit:
+                raise CorruptImage(f"{self.host.name}: qcow2 snapshot table entry {i} lies past the end of the file")
+            fixed = self.host.pread(pos, 40)
+            id_len = int.from_bytes(fixed[12:14], "big")
+            name_len = int.from_bytes(fixed[14:16], "big")
+            extra = int.from_bytes(fixed[36:40], "big")
+            if extra > C.MAX_SNAPSHOT_EXTRA:
+                raise CorruptImage(f"{self.host.name}: qcow2 snapshot {i} has {extra} bytes of extra data (too many)")
+            total = (40 + extra + id_len + name_len + 7) & ~7
+            if pos + total > limit:
+                raise CorruptImage(f"{self.host.name}: qcow2 snapshot table entry {i} runs past the end of the file")
+            snap, _ = C.decode_snapshot(self.host.pread(pos, total), 0)
+            if snap.l1_size * 8 > MAX_L1_BYTES:
+                raise CorruptImage(f"{self.host.name}: qcow2 snapshot {snap.name!r} L1 table is too large")
+            if snap.l1_size and (snap.l1_table_offset % cs or snap.l1_table_offset == 0):
+                raise CorruptImage(f"{self.host.name}: qcow2 snapshot {snap.name!r} L1 table offset is not aligned")
+            snaps.append(snap)
+            pos += total
+        self._snap_table_bytes = pos - offset
+        return snaps
+
+    def _find_snapshot(self, name: str) -> C.Snapshot:
+        for s in self.snapshots:
+            if s.name == name:
+                return s
+        for s in self.snapshots:
+            if s.id == name:
+                return s
+        raise SnapshotNotFound(f"{self.host.name}: no snapshot named {name!r}")
+
+    # ================================================================== lifecycle
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            if not self.read_only:
+                self.flush()
+        finally:
+            self._release(close_host=True)
+
+    def _release(self, *, close_host: bool) -> None:
+        self._closed = True
+        if close_host:
+            self.host.close()
+
+    # ================================================================== low-level metadata access
+    def _pwrite(self, offset: int, data) -> None:
+        self.host.pwrite(offset, data)
+        end = offset + len(data)
+        if end > self._eof:
+            self._eof = end
+
+    def _l2(self, offset: int, where: str = "") -> array.array:
+        t = self._l2cache.get(offset)
+        if t is not None:
+            self._l2cache.move_to_end(offset)
+            return t
+        cs = self.cluster_size
+        if offset % cs or offset < cs:
+            raise CorruptImage(f"{self.host.name}: qcow2 L2 table offset {offset:#x}{where} is not a valid cluster offset")
+        if offset + cs > self._eof:
+            raise CorruptImage(f"{self.host.name}: qcow2 L2 table at {offset:#x}{where} lies beyond the end of the file")
+        t = C.decode_u64_table(self.host.pread(offset, cs))
+        self._l2cache[offset] = t
+        if len(self._l2cache) > L2_CACHE_TABLES:
+            for k in list(self._l2cache):
+                if len(self._l2cache) <= L2_CACHE_TABLES:
+                    break
+                if k not in self._l2dirty:
+                    del self._l2cache[k]
+        return t
+
+    def _rb(self, offset: int) -> array.array:
+        b = self._rbcache.get(offset)
+        if b is not None:
+            return b
+        cs = self.cluster_size
+        if offset % cs or offset < cs or offset + cs > self._eof:
+            raise CorruptImage(f"{self.host.name}: qcow2 refcount block offset {offset:#x} is invalid or past the file end")
+        b = C.decode_refblock(self.host.pread(offset, cs), self.order)
+        self._rbcache[offset] = b
+        if len(self._rbcache) > RB_CACHE_BLOCKS:
+            for k in list(self._rbcache):
+                if len(self._rbcache) <= RB_CACHE_BLOCKS:
+                    break
+                if k not in self._rbdirty:
+                    del self._rbcache[k]
+        return b
+
+    def _rc(self, c: int) -> int:
+        ri, i = divmod(c, self.rb_entries)
+        if ri >= len(self.reftable):
+            return 0
+        off = self.reftable[ri] & C.OFFSET_MASK
+        if not off:
+            return 0
+        return self._rb(off)[i]
+
+    def _rc_set(self, c: int, value: int) -> None:
+        if value > self.rc_max or value < 0:
+            raise VdiskError(
+                f"{self.host.name}: refcount of cluster {c} would be {value}, beyond the "
+                f"{1 << self.order}-bit limit of this image"
+            )
+        ri, i = divmod(c, self.rb_entries)
+        off = self.reftable[ri] & C.OFFSET_MASK if ri < len(self.reftable) else 0
+        if not off:
+            off = self._create_refblock(ri)
+        self._rb(off)[i] = value
+        self._rbdirty.add(off)
+
+    def _create_refblock(self, ri: int) -> int:
+        """A new refcount block for range ``ri``, placed at that range's first cluster
+        (free by definition: no block means every refcount in the range is 0)."""
+        c0 = ri * self.rb_entries
+        off = c0 * self.cluster_size
+        if off >= MAX_HOST_OFFSET:
+            raise VdiskError(f"{self.host.name}: qcow2 image is full (host offset limit reached)")
+        if ri >= len(self.reftable):
+            if (ri + 1) * 8 > MAX_REFTABLE_BYTES:
+                raise VdiskError(f"{self.host.name}: qcow2 refcount table would exceed {MAX_REFTABLE_BYTES} bytes")
+            self.reftable.extend([0] * (ri + 1 - len(self.reftable)))
+        b = C.new_refblock(self.cluster_size, self.order)
+        b[0] = 1
+        self._rbcache[off] = b
+        self._rbdirty.add(off)
+        self.reftable[ri] = off
+        self._reftable_dirty = True
+        return off
+
+    def _alloc(self, n: int) -> int:
+        """Allocate ``n`` contiguous free clusters (refcount set to 1); return the
+        first cluster's host offset."""
+        c = self._free_hint
+        start = c
+        run = 0
+        rbe = self.rb_entries
+        while run < n:
+            ri = c // rbe
+            if ri >= len(self.reftable) or not (self.reftable[ri] & C.OFFSET_MASK):
+                self._create_refblock(ri)
+            if self._rc(c) == 0:
+                if run == 0:
+                    start = c
+                run += 1
+            else:
+                run = 0
+            c += 1
+        if start == self._free_hint:
+            self._free_hint = start + n
+        for i in range(start, start + n):
+            self._rc_set(i, 1)
+        off = start * self.cluster_size
+        if off + n * self.cluster_size > MAX_HOST_OFFSET:
+            raise VdiskError(f"{self.host.name}: qcow2 image is full (host offset limit reached)")
+        return off
+
+    def _free_cluster(self, c: int, count: int = 1) -> None:
+        """Drop one reference to cluster ``c`` -- applied at the end of the next flush."""
+        self._pending_free[c] = self._pending_free.get(c, 0) + count
+
+    def _incref(self, c: int) -> None:
+        self._rc_set(c, self._rc(c) + 1)
+
+    def _clusters_of_range(self, start: int, end: int) -> range:
+        cs = self.cluster_size
+        return range(start // cs, (end - 1) // cs + 1)
+
+    def _release_entry(self, e: int) -> None:
+        """The L2 entry ``e`` is being replaced: drop its references."""
+        ent = C.decode_l2_entry(e, self.cluster_bits)
+        if ent.kind == C.COMPRESSED:
+            a, b = C.compressed_host_range(ent)
+            for c in self._clusters_of_range(a, b):
+                self._free_cluster(c)
+        elif ent.host_offset and ent.kind in (C.NORMAL, C.ZERO):
+            self._free_cluster(ent.host_offset // self.cluster_size)
+
+    def _entry_refs(self, e: int):
+        """Host clusters an L2 entry references (one reference each)."""
+        ent = C.decode_l2_entry(e, self.cluster_bits)
+        if ent.kind == C.COMPRESSED:
+            a, b = C.compressed_host_range(ent)
+            return self._clusters_of_range(a, b)
+        if ent.host_offset and ent.kind in (C.NORMAL, C.ZERO):
+            return (ent.host_offset // self.cluster_size,)
+        return ()
+
+    # ------------------------------------------------------------------ mapping lookup
+    def _entry(self, gci: int) -> int:
+        l1i, l2i = divmod(gci, self.l2_entries)
+        if l1i >= len(self.l1):
+            return 0
+        l1e = self.l1[l1i]
+        off = l1e & C.OFFSET_MASK
+        if not off:
+            return 0
+        return self._l2(off, f" (L1 index {l1i})")[l2i]
+
+    def _l2_for_write(self, l1i: int) -> tuple[int, array.array]:
+        """The L2 table for L1 index ``l1i``, allocated and owned by the active L1 only."""
+        cs = self.cluster_size
+        l1e = self.l1[l1i]
+        off = l1e & C.OFFSET_MASK
+        if not off:
+            new = self._alloc(1)
+            t = array.array("Q", bytes(cs))
+            self._l2cache[new] = t
+            self._l2dirty.add(new)
+            self.l1[l1i] = new | C.FLAG_COPIED
+            self._l1_dirty = True
+            return new, t
+        t = self._l2(off, f" (L1 index {l1i})")
+        if self._rc(off // cs) == 1:
+            if not l1e & C.FLAG_COPIED:
+                self.l1[l1i] = off | C.FLAG_COPIED
+                self._l1_dirty = True
+            return off, t
+        # shared with a snapshot: copy the table.  The data clusters keep their
+        # refcounts (each L1 -> L2 path counts once) and stay shared, so no entry
+        # of the copy may carry the COPIED flag.
+        new = self._alloc(1)
+        t2 = array.array("Q", t)
+        for i, e in enumerate(t2):
+            if e & C.FLAG_COPIED:
+                t2[i] = e & ~C.FLAG_COPIED
+        self._l2cache[new] = t2
+        self._l2dirty.add(new)
+        self.l1[l1i] = new | C.FLAG_COPIED
+        self._l1_dirty = True
+        self._free_cluster(off // cs)
+        return new, t2
+
+    # ================================================================== data path
+    def read(self, offset: int, length: int) -> bytes:
+        if length == 0:
+            return b""
+        cs = self.cluster_size
+        out = bytearray()
+        pos = offset
+        end = offset + length
+        while pos < end:
+            gci, coff = divmod(pos, cs)
+            e = self._entry(gci)
+            ent = C.decode_l2_entry(e, self.cluster_bits)
+            n = min(cs - coff, end - pos)
+            kind = ent.kind
+            if kind == C.NORMAL:
+                host = ent.host_offset
+                if host % cs:
+                    raise CorruptImage(f"{self.host.name}: qcow2 data cluster for guest offset {gci * cs} is not aligned")
+                # extend over host-contiguous clusters
+                while pos + n < end and n < (4 << 20):
+                    e2 = C.decode_l2_entry(self._entry((pos + n) // cs), self.cluster_bits)
+                    if e2.kind != C.NORMAL or e2.host_offset != host + coff + n:
+                        break
+                    n += min(cs, end - pos - n)
+                out += self.host.pread(host + coff, n)
+            elif kind == C.UNALLOCATED:
+                while pos + n < end:
+                    g2 = (pos + n) // cs
+                    if C.decode_l2_entry(self._entry(g2), self.cluster_bits).kind != C.UNALLOCATED:
+                        break
+                    n += min(cs, end - pos - n)
+                if self.backing is not None:
+                    out += self.backing.read(pos, n)
+                else:
+                    out += bytes(n)
+            elif kind == C.ZERO:
+                out += bytes(n)
+            else:
+                out += self._decompress(e, ent)[coff : coff + n]
+            pos += n
+        return bytes(out)
+
+    def _decompress(self, e: int, ent: C.L2Entry) -> bytes:
+        if self._dcache is not None and self._dcache[0] == e:
+            return self._dcache[1]
+        a, b = C.compressed_host_range(ent)
+        if b > self._eof + 512:
+            raise CorruptImage(f"{self.host.name}: qcow2 compressed cluster at {a:#x} lies beyond the end of the file")
+        data = C.decompress_cluster(self.host.pread(a, b - a), self.comp_type, self.cluster_size)
+        self._dcache = (e, data)
+        return data
+
+    def _cluster_content(self, gci: int, e: int) -> bytes:
+        cs = self.cluster_size
+        ent = C.decode_l2_entry(e, self.cluster_bits)
+        if ent.kind == C.NORMAL:
+            return self.host.pread(ent.host_offset, cs)
+        if ent.kind == C.ZERO:
+            return bytes(cs)
+        if ent.kind == C.COMPRESSED:
+            return self._decompress(e, ent)
+        if self.backing is not None:
+            return self.backing.read(gci * cs, cs)
+        return bytes(cs)
+
+    def _writable(self) -> None:
+        if self.read_only:
+            raise VdiskError(f"{self.host.name}: image is open read-only")
+
+    def write(self, offset: int, data: bytes) -> None:
+        self._writable()
+        cs = self.cluster_size
+        mv = memoryview(data)
+        pos = offset
+        end = offset + len(data)
+        while pos < end:
+            gci, coff = divmod(pos, cs)
+            l1i, l2i = divmod(gci, self.l2_entries)
+            n = min(cs - coff, end - pos)
+            l2off, t = self._l2_for_write(l1i)
+            e = t[l2i]
+            src = mv[pos - offset : pos - offset + n]
+            if self._owned(e):
+                # owned alone: rewrite in place, merging following clusters of this
+                # L2 table that are owned too and host-contiguous
+                host = e & C.OFFSET_MASK
+                j = l2i + 1
+                while pos + n < end and j < self.l2_entries:
+                    e2 = t[j]
+                    if (e2 & C.OFFSET_MASK) != host + (j - l2i) * cs or not self._owned(e2):
+                        break
+                    n += min(cs, end - pos - n)
+                    j += 1
+                self._pwrite(host + coff, mv[pos - offset : pos - offset + n])
+                pos += n
+                continue
+            if n == cs and not self.compress_writes:
+                # full clusters needing allocation: allocate a run, write it at once
+                k = 1
+                while (
+                    pos + (k + 1) * cs <= end
+                    and l2i + k < self.l2_entries
+                    and not self._owned(t[l2i + k])
+                    and k < 256
+                ):
+                    k += 1
+                new = self._alloc(k)
+                self._pwrite(new, mv[pos - offset : pos - offset + k * cs])
+                for j in range(k):
+                    self._release_entry(t[l2i + j])
+                    t[l2i + j] = (new + j * cs) | C.FLAG_COPIED
+                self._l2dirty.add(l2off)
+                pos += k * cs
+                continue
+            if n == cs:
+                buf = src
+            else:
+                base = bytearray(self._cluster_content(gci, e))
+                base[coff : coff + n] = src
+                buf = base
+            new_e = self._store_cluster(buf, full=(n == cs))
+            self._release_entry(e)
+            t[l2i] = new_e
+            self._l2dirty.add(l2off)
+            pos += n
+        self._dcache = None
+        self._maybe_flush()
+
+    def _owned(self, e: int) -> bool:
+        """A normal data cluster referenced by the active table only (COPIED, and
+        refcount 1 -- checked as well, so that a wrong flag cannot make us write
+        into a cluster a snapshot shares)."""
+        if not e & C.FLAG_COPIED or e & (C.FLAG_COMPRESSED | C.FLAG_ZERO):
+            return False
+        h = e & C.OFFSET_MASK
+        return bool(h) and self._rc(h // self.cluster_size) == 1
+
+    def _store_cluster(self, buf, *, full: bool) -> int:
+        """Write one cluster of guest data somewhere new; return its L2 entry."""
+        cs = self.cluster_size
+        if full and self.compress_writes:
+            blob = C.compress_cluster(bytes(buf), self.comp_type)
+            if len(blob) <= cs - 512:
+                return self._place_compressed(blob)
+        new = self._alloc(1)
+        self._pwrite(new, buf)
+        return new | C.FLAG_COPIED
+
+    def _place_compressed(self, blob: bytes) -> int:
+        cs = self.cluster_size
+        n = len(blob)
+        if self._ctail is not None and self._ctail[0] + n <= self._ctail[1]:
+            at = self._ctail[0]
+            self._incref(at // cs)  # the open cluster gains a reference
+        else:
+            k = _ceil_div(n, cs)
+            at = self._alloc(k)  # fresh clusters: their refcount 1 is this entry's
+        end = at + n
+        self._pwrite(at, blob)
+        cend = ((end - 1) // cs + 1) * cs
+        self._ctail = (end, cend) if end < cend else None
+        return C.encode_compressed(at, n, self.cluster_bits)
+
+    def _maybe_flush(self) -> None:
+        if len(self._l2dirty) + len(self._rbdirty) > DIRTY_FLUSH_THRESHOLD or len(self._pending_free) > 65536:
+            self.flush()
+
+    def _zero_or_discard(self, offset: int, length: int, discard: bool) -> None:
+        self._writable()
+        cs = self.cluster_size
+        pos = offset
+        end = offset + length
+        v3 = self.hdr.version >= 3
+        while pos < end:
+            gci, coff = divmod(pos, cs)
+            n = min(cs - coff, end - pos)
+            full = n == cs or (coff == 0 and pos + n >= self.size)
+            if not full:
+                cur = self._entry(gci)
+                kind = C.decode_l2_entry(cur, self.cluster_bits).kind
+                if not (kind == C.ZERO or (kind == C.UNALLOCATED and self.backing is None)):
+                    self.write(pos, bytes(n))
+                pos += n
+                continue
+            l1i, l2i = divmod(gci, self.l2_entries)
+            cur = self._entry(gci)
+            ent = C.decode_l2_entry(cur, self.cluster_bits)
+            if self.backing is None:
+                if ent.kind == C.UNALLOCATED or (ent.kind == C.ZERO and not discard):
+                    pos += n
+                    continue
+                want = 0 if (discard or not v3) else C.FLAG_ZERO
+            else:
+                if not v3:
+                    self.write(pos, bytes(n))
+                    pos += n
+                    continue
+                if ent.kind == C.ZERO and not ent.host_offset:
+                    pos += n
+                    continue
+                want = C.FLAG_ZERO
+            l2off, t = self._l2_for_write(l1i)
+            old = t[l2i]
+            self._release_entry(old)
+            t[l2i] = want
+            self._l2dirty.add(l2off)
+            pos += n
+        self._dcache = None
+        self._maybe_flush()
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        self._zero_or_discard(offset, length, discard=False)
+
+    def discard(self, offset: int, length: int) -> None:
+        self._zero_or_discard(offset, length, discard=True)
+
+    # ================================================================== flush
+    def flush(self) -> None:
+        if self.read_only or self._closed:
+            return
+        self._flush_metadata()
+
+    def _ensure_reftable_capacity(self) -> tuple[int, int] | None:
+        """If the in-memory refcount table outgrew its clusters, allocate a bigger
+        one.  Returns (old offset, old clusters) to free once the header points to the new one."""
+        if len(self.reftable) <= self.reftable_capacity:
+            return None
+        cs = self.cluster_size
+        while True:
+            want_entries = len(self.reftable) + 2 + len(self.reftable) // 4
+            n = _ceil_div(want_entries * 8, cs)
+            if n * cs > MAX_REFTABLE_BYTES:
+                raise VdiskError(f"{self.host.name}: qcow2 refcount table would exceed {MAX_REFTABLE_BYTES} bytes")
+            off = self._alloc(n)
+            if len(self.reftable) <= n * cs // 8:
+                break
+            for c in range(off // cs, off // cs + n):  # grew past it while allocating: again
+                self._rc_set(c, 0)
+        old = (self.hdr.refcount_table_offset, self.hdr.refcount_table_clusters)
+        self.hdr = self.hdr.replace(refcount_table_offset=off, refcount_table_clusters=n)
+        self.reftable_capacity = n * cs // 8
+        return old
+
+    def _write_reftable(self) -> None:
+        cs = self.cluster_size
+        data = C.encode_u64_table(self.reftable).ljust(self.hdr.refcount_table_clusters * cs, b"\0")
+        self._pwrite(self.hdr.refcount_table_offset, data)
+
+    def _write_dirty_refblocks(self) -> bool:
+        if not self._rbdirty:
+            return False
+        for off in sorted(self._rbdirty):
+            self._pwrite(off, C.encode_refblock(self._rbcache[off], self.order))
+        self._rbdirty.clear()
+        return True
+
+    def _flush_metadata(self) -> None:
+        host = self.host
+        cs = self.cluster_size
+        # 1. refcount increments (and guest data, written already)
+        old_rt = self._ensure_reftable_capacity()
+        self._write_dirty_refblocks()
+        host.flush()
+        # 2. refcount table
+        if old_rt is not None:
+            self._write_reftable()
+            host.flush()
+            self._write_header()
+            host.flush()
+            for c in range(old_rt[0] // cs, old_rt[0] // cs + old_rt[1]):
+                self._free_cluster(c)
+            self._reftable_dirty = False
+        elif self._reftable_dirty:
+            self._write_reftable()
+            self._reftable_dirty = False
+            host.flush()
+        # 3. L2 tables
+        if self._l2dirty:
+            for off in sorted(self._l2dirty):
+                self._pwrite(off, C.encode_u64_table(self._l2cache[off]))
+            self._l2dirty.clear()
+            host.flush()
+        # 4. L1 table and header
+        if self._l1_dirty or self._hdr_dirty:
+            if self._l1_dirty and len(self.l1):
+                self._pwrite(self.hdr.l1_table_offset, C.encode_u64_table(self.l1))
+                self._l1_dirty = False
+                if self._hdr_dirty:
+                    host.flush()
+            self._l1_dirty = False
+            if self._hdr_dirty:
+                self._write_header()
+                self._hdr_dirty = False
+            host.flush()
+        # 5. refcount decrements of dropped references
+        if self._pending_free:
+            self._apply_pending_free()
+            # applying may have grown nothing (decrements only), but write the blocks
+            self._write_dirty_refblocks()
+            host.flush()
+
+    def _apply_pending_free(self) -> None:
+        cs = self.cluster_size
+        freed = []
+        pending, self._pending_free = self._pending_free, {}
+        for c, k in sorted(pending.items()):
+            rc = self._rc(c)
+            if rc < k:
+                raise CorruptImage(
+                    f"{self.host.name}: qcow2 refcount of cluster {c} ({rc}) is lower than its references; "
+                    "run check -r all"
+                )
+            self._rc_set(c, rc - k)
+            if rc == k:
+                freed.append(c)
+                self._l2cache.pop(c * cs, None)
+                self._rbcache.pop(c * cs, None) if (c * cs) not in self._rbdirty else None
+        if freed:
+            self._free_hint = min(self._free_hint, freed[0])
+            self._ctail = None
+            self._dcache = None
+            # give the space back to the host, in runs
+            start = prev = freed[0]
+            for c in freed[1:] + [None]:
+                if c is not None and c == prev + 1:
+                    prev = c
+                    continue
+                if start * cs < self._eof:
+                    host_end = min((prev + 1) * cs, self._eof)
+                    try:
+                        self.host.punch_hole(start * cs, host_end - start * cs)
+                    except VdiskError:
+                        pass
+                if c is not None:
+                    start = prev = c
+
+    def _header_area(self) -> bytes:
+        return C.encode_header(self.hdr)
+
+    def _write_header(self) -> None:
+        self._pwrite(0, C.encode_header(self.hdr))
+
+    # ================================================================== block status
+    def block_status(self, offset: int, length: int) -> list[Extent]:
+        cs = self.cluster_size
+        out: list[Extent] = []
+        pos = offset
+        end = offset + length
+        while pos < end:
+            gci, coff = divmod(pos, cs)
+            n = min(cs - coff, end - pos)
+            ent = C.decode_l2_entry(self._entry(gci), self.cluster_bits)
+            if ent.kind == C.NORMAL:
+                ext = Extent(pos, n, Status.DATA, host_offset=ent.host_offset + coff)
+            elif ent.kind == C.COMPRESSED:
+                ext = Extent(pos, n, Status.DATA, compressed=True)
+            elif ent.kind == C.ZERO:
+                ext = Extent(pos, n, Status.ZERO)
+            else:
+                ext = Extent(pos, n, Status.UNALLOCATED)
+            if out:
+                p = out[-1]
+                if (
+                    p.status == ext.status
+                    and p.compressed == ext.compressed
+                    and (p.host_offset is None) == (ext.host_offset is None)
+                    and (p.host_offset is None or p.host_offset + p.length == ext.host_offset)
+                ):
+                    out[-1] = Extent(p.offset, p.length + n, p.status, p.host_offset, p.compressed)
+                    pos += n
+                    continue
+            out.append(ext)
+            pos += n
+        return out
+
+    # ================================================================== resize
+    def resize(self, new_size: int) -> None:
+        self._writable()
+        if self.snapshots and new_size < self.size:
+            raise NotSupported(f"{self.host.name}: cannot shrink a qcow2 image that has internal snapshots")
+        cs = self.cluster_size
+        old_size = self.size
+        if new_size == old_size:
+            return
+        per_l1 = cs * self.l2_entries
+        need = _ceil_div(new_size, per_l1)
+        if need * 8 > MAX_L1_BYTES:
+            raise UsageError(f"{self.host.name}: qcow2 size {new_size} needs an L1 table beyond {MAX_L1_BYTES} bytes")
+        if new_size < old_size:
+            # drop every cluster past the new end
+            first_gone = _ceil_div(new_size, cs)
+            last = _ceil_div(old_size, cs)
+            for gci in range(first_gone, min(last, need * self.l2_entries)):
+                l1i, l2i = divmod(gci, self.l2_entries)
+                off = self.l1[l1i] & C.OFFSET_MASK
+                if not off:
+                    continue
+                e = self._l2(off)[l2i]
+                if e:
+                    wl2, t = self._l2_for_write(l1i)
+                    self._release_entry(t[l2i])
+                    t[l2i] = 0
+                    self._l2dirty.add(wl2)
+            for l1i in range(need, len(self.l1)):
+                off = self.l1[l1i] & C.OFFSET_MASK
+                if off:
+                    for e in self._l2(off):
+                        if e:
+                            self._release_entry(e)
+                    self._free_cluster(off // cs)
+                    self._l2dirty.discard(off)
+            self._set_l1_size(need)
+        else:
+            if need > len(self.l1):
+                self._set_l1_size(need)
+        self.size = new_size
+        self.hdr = self.hdr.replace(size=new_size)
+        self._hdr_dirty = True
+        if new_size > old_size:
+            # the grown range must read as zeros, never as stale data or backing data
+            tail_end = min(new_size, _ceil_div(old_size, cs) * cs)
+            if tail_end > old_size:
+                kind = C.decode_l2_entry(self._entry(old_size // cs), self.cluster_bits).kind
+                if kind in (C.NORMAL, C.COMPRESSED) or self.backing is not None:
+                    self.write(old_size, bytes(tail_end - old_size))
+            if self.backing is not None and self.backing.size > tail_end:
+                z_end = min(new_size, self.backing.size)
+                if z_end > tail_end:
+                    self.write_zeroes(tail_end, z_end - tail_end)
+        self.flush()
+
+    def _set_l1_size(self, need: int) -> None:
+        """Make the active L1 table ``need`` entries long, relocating it when it needs
+        more clusters; the old clusters are freed after the header moves."""
+        cs = self.cluster_size
+        old_off = self.hdr.l1_table_offset
+        old_clusters = _ceil_div(len(self.l1) * 8, cs)
+        new_clusters = _ceil_div(need * 8, cs)
+        if need > len(self.l1):
+            self.l1.extend([0] * (need - len(self.l1)))
+        else:
+            del self.l1[need:]
+        if new_clusters > old_clusters or (old_off == 0 and need):
+            new_off = self._alloc(new_clusters)
+            if old_off and old_clusters:
+                for c in range(old_off // cs, old_off // cs + old_clusters):
+                    self._free_cluster(c)
+            self.hdr = self.hdr.replace(l1_table_offset=new_off, l1_size=need)
+        else:
+            for c in range(old_off // cs + new_clusters, old_off // cs + old_clusters):
+                self._free_cluster(c)
+            self.hdr = self.hdr.replace(l1_size=need, l1_table_offset=old_off if need else 0)
+        self._l1_dirty = True
+        self._hdr_dirty = True
+
+    # ================================================================== info
+    def info(self) -> dict:
+        h = self.hdr
+        return {
+            "compat": "1.1" if h.version >= 3 else "0.10",
+            "qcow2_version": h.version,
+            "cluster_size": self.cluster_size,
+            "refcount_bits": 1 << h.refcount_order,
+            "compression_type": C.COMPRESSION_NAMES.get(h.compression_type, str(h.compression_type)),
+            "compressed_writes": self.compress_writes,
+            "lazy_refcounts": bool(h.compatible_features & C.COMPAT_LAZY_REFCOUNTS),
+            "dirty": bool(h.incompatible_features & C.INCOMPAT_DIRTY),
+            "corrupt": bool(h.incompatible_features & C.INCOMPAT_CORRUPT),
+            "extended_l2": bool(h.incompatible_features & C.INCOMPAT_EXTL2),
+            "l1_size": len(self.l1),
+            "snapshots": len(self.snapshots),
+            "snapshot": self._snapshot_view.name if self._snapshot_view else None,
+        }
+
+    # ================================================================== backing reference
+    def set_backing(self, ref: BackingRef | None) -> None:
+        self._writable()
+        cs = self.cluster_size
+        exts = [e for e in self.exts if e.type != C.EXT_BACKING_FORMAT]
+        name = b""
+        if ref is not None:
+            if ref.snapshot:
+                raise UsageError("qcow2: a backing file cannot name a snapshot")
+            exts.insert(0, C.HeaderExtension(C.EXT_BACKING_FORMAT, ref.format.encode()))
+            name = ref.filename.encode()
+            if len(name) > MAX_BACKING_NAME:
+                raise UsageError(f"qcow2: backing file name longer than {MAX_BACKING_NAME} bytes")
+        self.flush()
+        hdr = self.hdr
+        head = _build_header_area(hdr, exts, name, cs)
+        if head is None:
+            raise UsageError("qcow2: header, extensions and backing file name do not fit in one cluster")
+        self.hdr = C.decode_header(head.ljust(cs, b"\0"))
+        self.exts = exts
+        self._pwrite(0, head.ljust(cs, b"\0"))
+        self.host.flush()
+        self.backing_ref = ref
+
+    # ================================================================== tree walks
+    def _walk_l1_refs(self, l1: array.array, visit_l2, visit_data) -> None:
+        """Call visit_l2(l1_index, l2_offset) and visit_data(l2_entry) for a table tree."""
+        for l1i, l1e in enumerate(l1):
+            off = l1e & C.OFFSET_MASK
+            if not off:
+                continue
+            visit_l2(l1i, off)
+            for e in self._l2(off, f" (L1 index {l1i})"):
+                if e:
+                    visit_data(e)
+
+    def _add_tree_refs(self, l1: array.array, delta: int) -> None:
+        cs = self.cluster_size
+
+        def on_l2(_i, off):
+            if delta > 0:
+                self._incref(off // cs)
+            else:
+                self._free_cluster(off // cs)
+
+        def on_data(e):
+            for c in self._entry_refs(e):
+                if delta > 0:
+                    self._incref(c)
+                else:
+                    self._free_cluster(c)
+
+        self._walk_l1_refs(l1, on_l2, on_data)
+
+    def _fix_copied_flags(self) -> None:
+        """Make bit 63 of the active L1/L2 entries say exactly "refcount is 1"."""
+        cs = self.cluster_size
+        for l1i, l1e in enumerate(self.l1):
+            off = l1e & C.OFFSET_MASK
+            if not off:
+                continue
+            own = self._rc(off // cs) == 1
+            want = off | (C.FLAG_COPIED if own else 0)
+            if l1e != want:
+                self.l1[l1i] = want
+                self._l1_dirty = True
+            t = self._l2(off)
+            changed = False
+            for i, e in enumerate(t):
+                if not e or e & C.FLAG_COMPRESSED:
+                    if e & C.FLAG_COMPRESSED and e & C.FLAG_COPIED:
+                        t[i] = e & ~C.FLAG_COPIED
+                        changed = True
+                    continue
+                h = e & C.OFFSET_MASK
+                flag = bool(h) and self._rc(h // cs) == 1
+                ne = (e | C.FLAG_COPIED) if flag else (e & ~C.FLAG_COPIED)
+                if ne != e:
+                    t[i] = ne
+                    changed = True
+            if changed:
+                self._l2dirty.add(off)
+
+    # ================================================================== snapshots
+    def snapshot_list(self) -> list[SnapshotInfo]:
+        out = []
+        for s in self.snapshots:
+            out.append(
+                SnapshotInfo(
+                    id=int(s.id) if s.id.isdigit() else 0,
+                    name=s.name,
+                    created=s.date_sec + s.date_nsec / 1e9,
+                    size=s.disk_size if s.disk_size is not None else self.hdr.size,
+                    extra={"id": s.id, "vm_state_size": s.vm_state_size, "vm_clock_nsec": s.vm_clock_nsec},
+                )
+            )
+        return out
+
+    def _write_snapshot_table(self, snaps: list[C.Snapshot]) -> None:
+        """Write a new snapshot table elsewhere and point the header at it (on flush)."""
+        cs = self.cluster_size
+        data = C.encode_snapshot_table(snaps)
+        old_off, old_n = self.hdr.snapshots_offset, self.hdr.nb_snapshots
+        old_clusters = _ceil_div(getattr(self, "_snap_table_bytes", 0), cs) if old_n else 0
+        if data:
+            new = self._alloc(_ceil_div(len(data), cs))
+            self._pwrite(new, data)
+        else:
+            new = 0
+        self.hdr = self.hdr.replace(snapshots_offset=new, nb_snapshots=len(snaps))
+        self._hdr_dirty = True
+        if old_n and old_off:
+            for c in range(old_off // cs, old_off // cs + old_clusters):
+                self._free_cluster(c)
+        self._snap_table_bytes = len(data)
+        self.snapshots = snaps
+
+    def snapshot_create(self, name: str) -> SnapshotInfo:
+        self._writable()
+        if not name:
+            raise UsageError("qcow2: a snapshot needs a name")
+        if any(s.name == name for s in self.snapshots):
+            raise SnapshotExists(f"{self.host.name}: snapshot {name!r} exists already")
+        if len(self.snapshots) >= MAX_SNAPSHOTS:
+            raise UsageError(f"{self.host.name}: too many snapshots")
+        self.flush()
+        cs = self.cluster_size
+        # copy of the active L1 (the COPIED flags mean nothing in a snapshot's table)
+        l1_copy = array.array("Q", (e & ~C.FLAG_COPIED for e in self.l1))
+        l1_off = self._alloc(_ceil_div(len(l1_copy) * 8, cs)) if len(l1_copy) else 0
+        if len(l1_copy):
+            self._pwrite(l1_off, C.encode_u64_table(l1_copy))
+        # the active tree gains a reference from the snapshot
+        self._add_tree_refs(self.l1, +1)
+        self._fix_copied_flags()
+        ids = [int(s.id) for s in self.snapshots if s.id.isdigit()]
+        now = time.time()
+        extra_size = 16 if self.hdr.version >= 3 else 16
+        snap = C.Snapshot(
+            l1_table_offset=l1_off,
+            l1_size=len(l1_copy),
+            id=str(max(ids, default=0) + 1),
+            name=name,
+            date_sec=int(now),
+            date_nsec=int((now % 1) * 1e9),
+            vm_clock_nsec=0,
+            vm_state_size=0,
+            disk_size=self.size,
+            extra_size=extra_size,
+        )
+        self._write_snapshot_table(self.snapshots + [snap])
+        self.flush()
+        return self.snapshot_list()[-1]
+
+    def snapshot_delete(self, name: str) -> None:
+        self._writable()
+        snap = self._find_snapshot(name)
+        self.flush()
+        cs = self.cluster_size
+        l1 = self._read_l1(snap.l1_table_offset, snap.l1_size, f"snapshot {snap.name!r} L1 table")
+        self._write_snapshot_table([s for s in self.snapshots if s is not snap])
+        self._add_tree_refs(l1, -1)
+        for c in range(snap.l1_table_offset // cs, snap.l1_table_offset // cs + _ceil_div(snap.l1_size * 8, cs)):
+            self._free_cluster(c)
+        self.flush()
+        self._fix_copied_flags()
+        self.flush()
+
+    def snapshot_revert(self, name: str) -> None:
+        self._writable()
+        snap = self._find_snapshot(name)
+        self.flush()
+        cs = self.cluster_size
+        l1 = self._read_l1(snap.l1_table_offset, snap.l1_size, f"snapshot {snap.name!r} L1 table")
+        new_size = snap.disk_size if snap.disk_size is not None else self.hdr.size
+        if _ceil_div(new_size, cs * self.l2_entries) > len(l1):
+            raise CorruptImage(f"{self.host.name}: snapshot {snap.name!r} L1 table is too small for its disk size")
+        # the snapshot's tree gains a reference from the new active L1 ...
+        self._add_tree_refs(l1, +1)
+        # ... and the current active tree loses one
+        old_l1 = self.l1
+        self._add_tree_refs(old_l1, -1)
+        old_off = self.hdr.l1_table_offset
+        old_clusters = _ceil_div(len(old_l1) * 8, cs)
+        new_l1 = array.array("Q", (e & ~C.FLAG_COPIED for e in l1))
+        new_off = self._alloc(_ceil_div(len(new_l1) * 8, cs)) if len(new_l1) else 0
+        if old_off and old_clusters:
+            for c in range(old_off // cs, old_off // cs + old_clusters):
+                self._free_cluster(c)
+        # clear COPIED in the shared L2 tables (safe side) before they become active
+        for e in new_l1:
+            off = e & C.OFFSET_MASK
+            if off:
+                t = self._l2(off)
+                if any(x & C.FLAG_COPIED for x in t):
+                    for i, x in enumerate(t):
+                        if x & C.FLAG_COPIED:
+                            t[i] = x & ~C.FLAG_COPIED
+                    self._l2dirty.add(off)
+        self.l1 = new_l1
+        self.hdr = self.hdr.replace(l1_table_offset=new_off, l1_size=len(new_l1), size=new_size)
+        self.size = new_size
+        self._l1_dirty = True
+        self._hdr_dirty = True
+        self._dcache = None
+        self.flush()
+        self._fix_copied_flags()
+        self.flush()
+
+    # ================================================================== check / repair
+    def _compute_refcounts(self, res: CheckResult, *, include_refcount_structures: bool = True, check_copied: bool = True):
+        """Count every reference to every host cluster.  Returns (counts, n_file_clusters).
+        Problems found on the way go to ``res.corruptions``."""
+        cs = self.cluster_size
+        eof = self._eof
+        nclusters = _ceil_div(eof, cs)
+        counts = array.array("Q", bytes(8 * (nclusters + 1)))
+        name = self.host.name
+        # clusters referenced past the end of the file are reported, not counted
+        def add(c: int, what: str) -> None:
+            if c >= nclusters:
+                res.corruptions.append(f"{what}: cluster {c} lies beyond the end of the file")
+                return
+            counts[c] += 1
+
+        def add_range(off: int, nbytes: int, what: str) -> None:
+            if nbytes <= 0:
+                return
+            for c in range(off // cs, (off + nbytes - 1) // cs + 1):
+                add(c, what)
+
+        add(0, "header")
+        h = self.hdr
+
+        def walk(l1: array.array, label: str, active: bool) -> None:
+            for l1i, l1e in enumerate(l1):
+                off = l1e & C.OFFSET_MASK
+                if not off:
+                    continue
+                if off % cs:
+                    res.corruptions.append(f"{label} L1 entry {l1i}: L2 offset {off:#x} is not cluster aligned")
+                    continue
+                if off + cs > eof:
+                    res.corruptions.append(f"{label} L1 entry {l1i}: L2 table at {off:#x} lies beyond the end of the file")
+                    continue
+                add(off // cs, f"{label} L2 table")
+                if active and check_copied:
+                    l2_copied = bool(l1e & C.FLAG_COPIED)
+                    if l2_copied != (self._rc(off // cs) == 1):
+                        res.corruptions.append(
+                            f"{label} L1 entry {l1i}: COPIED flag {int(l2_copied)} but refcount {self._rc(off // cs)}"
+                        )
+                try:
+                    t = self._l2(off)
+                except CorruptImage as exc:
+                    res.corruptions.append(str(exc))
+                    continue
+                for l2i, e in enumerate(t):
+                    if not e:
+                        continue
+                    res.checked_clusters += 1
+                    ent = C.decode_l2_entry(e, self.cluster_bits)
+                    gofs = (l1i * self.l2_entries + l2i) * cs
+                    if ent.kind == C.COMPRESSED:
+                        res.compressed_clusters += 1
+                        res.allocated_clusters += 1
+                        a, b = C.compressed_host_range(ent)
+                        if a >= eof:
+                            res.corruptions.append(f"{label} guest offset {gofs}: compressed data beyond the end of file")
+                            continue
+                        add_range(a, b - a, f"{label} compressed cluster")
+                        continue
+                    if ent.host_offset:
+                        if ent.host_offset % cs:
+                            res.corruptions.append(
+                                f"{label} guest offset {gofs}: data cluster offset {ent.host_offset:#x} not aligned"
+                            )
+                            continue
+                        if ent.kind == C.NORMAL:
+                            res.allocated_clusters += 1
+                        add(ent.host_offset // cs, f"{label} data cluster at guest offset {gofs}")
+                        if active and check_copied:
+                            rc = self._rc(ent.host_offset // cs)
+                            if bool(ent.copied) != (rc == 1):
+                                res.corruptions.append(
+                                    f"{label} guest offset {gofs}: COPIED flag {int(ent.copied)} but refcount {rc}"
+                                )
+
+        if len(self.l1):
+            add_range(h.l1_table_offset, len(self.l1) * 8, "active L1 table")
+        if self._snapshot_view is None:
+            walk(self.l1, "active", True)
+        else:
+            act = self._read_l1(h.l1_table_offset, h.l1_size, "active L1 table")
+            walk(act, "active", False)
+        if h.nb_snapshots:
+            add_range(h.snapshots_offset, getattr(self, "_snap_table_bytes", 0), "snapshot table")
+        for s in self.snapshots:
+            try:
+                l1 = self._read_l1(s.l1_table_offset, s.l1_size, f"snapshot {s.name!r} L1 table")
+            except CorruptImage as exc:
+                res.corruptions.append(str(exc))
+                continue
+            add_range(s.l1_table_offset, s.l1_size * 8, f"snapshot {s.name!r} L1 table")
+            walk(l1, f"snapshot {s.name!r}", False)
+        if include_refcount_structures:
+            add_range(h.refcount_table_offset, h.refcount_table_clusters * cs, "refcount table")
+            for ri, e in enumerate(self.reftable):
+                off = e & C.OFFSET_MASK
+                if not off:
+                    continue
+                if off % cs or off + cs > eof:
+                    res.corruptions.append(f"refcount table entry {ri}: block offset {off:#x} invalid")
+                    continue
+                add(off // cs, "refcount block")
+        return counts, nclusters
+
+    def check(self, *, repair: str | None = None) -> CheckResult:
+        if repair not in (None, "leaks", "all"):
+            raise UsageError(f"qcow2: repair must be 'leaks' or 'all' (got {repair!r})")
+        if repair and self.read_only:
+            raise VdiskError(f"{self.host.name}: image is open read-only; cannot repair")
+        if not self.read_only:
+            self.flush()
+        res = self._check_once()
+        if repair is None or (not res.corruptions and not res.leaks):
+            return res
+        if repair == "leaks" or not res.corruptions:
+            counts, _ = self._compute_refcounts(CheckResult())
+            fixed = 0
+            for c in self._stored_clusters():
+                rc = self._rc(c)
+                want = counts[c] if c < len(counts) else 0
+                if rc > want:
+                    self._rc_set(c, want)
+                    fixed += 1
+            self._write_dirty_refblocks()
+            self.host.flush()
+            self._free_hint = 0
+            after = self._check_once()
+            after.repaired.append(f"{fixed} leaked cluster(s) freed")
+            return after
+        self._repair_all(res)
+        after = self._check_once()
+        after.repaired.append("refcounts rebuilt from the mapping tables; COPIED flags fixed")
+        return after
+
+    def _stored_clusters(self):
+        """Every cluster index that has a stored refcount (all of each existing block)."""
+        for ri, e in enumerate(self.reftable):
+            if e & C.OFFSET_MASK:
+                yield from range(ri * self.rb_entries, (ri + 1) * self.rb_entries)
+
+    def _check_once(self) -> CheckResult:
+        res = CheckResult()
+        counts, nclusters = self._compute_refcounts(res)
+        leaked = 0
+        rbe = self.rb_entries
+        for ri, e in enumerate(self.reftable):
+            base = ri * rbe
+            off = e & C.OFFSET_MASK
+            blk = None
+            if off:
+                try:
+                    blk = self._rb(off)
+                except CorruptImage as exc:
+                    res.corruptions.append(str(exc))
+            for i in range(rbe):
+                c = base + i
+                rc = blk[i] if blk is not None else 0
+                want = counts[c] if c < nclusters else 0
+                if rc == want:
+                    continue
+                if rc > want:
+                    leaked += 1
+                    if len(res.leaks) < 1000:
+                        res.leaks.append(f"cluster {c}: refcount {rc}, references {want}")
+                else:
+                    res.corruptions.append(f"cluster {c}: refcount {rc} but {want} reference(s)")
+        for c in range(len(self.reftable) * rbe, nclusters):
+            if counts[c]:
+                res.corruptions.append(f"cluster {c}: has no refcount block but {counts[c]} reference(s)")
+        res.leaked_clusters = leaked
+        if leaked > len(res.leaks):
+            res.leaks.append(f"... {leaked} leaked clusters in all")
+        return res
+
+    def _repair_all(self, res: CheckResult) -> None:
+        """Rebuild the whole refcount structure from the mapping tables (new refcount
+        table and blocks written past every used cluster), then fix COPIED flags."""
+        cs = self.cluster_size
+        self._rbcache.clear()
+        self._rbdirty.clear()
+        self._pending_free.clear()
+        counts, nclusters = self._compute_refcounts(CheckResult(), include_refcount_structures=False, check_copied=False)
+        used_end = nclusters
+        while used_end > 0 and counts[used_end - 1] == 0:
+            used_end -= 1
+        rbe = self.rb_entries
+        nb = nt = 0
+        while True:
+            total = used_end + nb + nt
+            nb2 = _ceil_div(total, rbe)
+            nt2 = _ceil_div(nb2 * 8, cs)
+            if (nb2, nt2) == (nb, nt):
+                break
+            nb, nt = nb2, nt2
+        if nt * cs > MAX_REFTABLE_BYTES:
+            raise VdiskError(f"{self.host.name}: rebuilt refcount table would be too large")
+        total = used_end + nb + nt
+        full = array.array("Q", bytes(8 * total))
+        for c in range(min(used_end, len(counts))):
+            full[c] = counts[c]
+        blocks_at = used_end
+        table_at = used_end + nb
+        for c in range(used_end, total):
+            full[c] = 1
+        reftable = array.array("Q", bytes(8 * (nt * cs // 8)))
+        for ri in range(nb):
+            b = C.new_refblock(cs, self.order)
+            chunk = full[ri * rbe : (ri + 1) * rbe]
+            for i, v in enumerate(chunk):
+                if v > self.rc_max:
+                    raise VdiskError(f"{self.host.name}: cluster {ri * rbe + i} needs refcount {v}, beyond the limit")
+                b[i] = v
+            off = (blocks_at + ri) * cs
+            self._pwrite(off, C.encode_refblock(b, self.order))
+            reftable[ri] = off
+        self._pwrite(table_at * cs, C.encode_u64_table(reftable))
+        self.host.flush()
+        self.hdr = self.hdr.replace(refcount_table_offset=table_at * cs, refcount_table_clusters=nt)
+        self._write_header()
+        self.host.flush()
+        self.reftable = reftable
+        self.reftable_capacity = len(reftable)
+        self._reftable_dirty = False
+        self._free_hint = 0
+        self._fix_copied_flags()
+        self._flush_metadata()
+
+
+def _build_header_area(hdr: C.Header, exts: list[C.HeaderExtension], backing_name: bytes, cs: int) -> bytes | None:
+    """Header + extensions + backing file name, or None if that exceeds one cluster."""
+    base = C.encode_header(hdr)
+    ext = C.encode_extensions(exts)
+    bfo = len(base) + len(ext) if backing_name else 0
+    if len(base) + len(ext) + len(backing_name) > cs:
+        return None
+    hdr = hdr.replace(backing_file_offset=bfo, backing_file_size=len(backing_name))
+    return C.encode_header(hdr) + ext + backing_name
