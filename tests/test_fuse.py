@@ -1,0 +1,408 @@
+"""The FUSE export with the real kernel: ext4 on a loop device on MOUNTPOINT/disk, live
+snapshots through the control socket, fio verify, kill -9 recovery, locking, read-only.
+
+Every test cleans up its ext4 mounts, loop devices, FUSE mounts and daemons through
+``fusemount.testing.Rig`` even when it fails, and is bounded in time.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import vdisk
+from fusemount import control
+from fusemount.testing import Rig, need_loop, run, wait_until
+from vdisk.errors import VdiskError
+
+pytestmark = [pytest.mark.fuse, pytest.mark.timeout(180)]
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def rig(tmp_path, monkeypatch):
+    # Sockets and logs of the daemons go under the test's own directory.
+    monkeypatch.setenv("VDISK_RUN_DIR", str(tmp_path / "run"))
+    r = Rig(str(tmp_path))
+    try:
+        yield r
+    finally:
+        r.cleanup()
+        for log in (tmp_path / "run").glob("*.log") if (tmp_path / "run").exists() else []:
+            text = log.read_text(errors="replace")
+            if "Traceback" in text:
+                print(f"--- {log}\n{text}")
+
+
+def _files(seed: int, n: int) -> dict[str, bytes]:
+    rnd = random.Random(seed)
+    out = {}
+    for i in range(n):
+        size = rnd.choice([0, 1, 100, 511, 4096, 5000, 12345, 40000])
+        out[f"d{i % 7}/f{i:04d}"] = rnd.randbytes(size)
+    return out
+
+
+def _write_tree(root: str, files: dict[str, bytes]) -> None:
+    for rel, data in files.items():
+        p = os.path.join(root, rel)
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+        with open(p, "wb") as f:
+            f.write(data)
+
+
+def _read_tree(root: str) -> dict[str, bytes]:
+    out = {}
+    for dirpath, _dirs, names in os.walk(root):
+        if "lost+found" in dirpath:
+            continue
+        for n in names:
+            p = os.path.join(dirpath, n)
+            with open(p, "rb") as f:
+                out[os.path.relpath(p, root)] = f.read()
+    return out
+
+
+def test_ext4_on_loop_with_live_snapshot(rig, tmp_path):
+    need_loop()
+    img = str(tmp_path / "disk.vdk")
+    vdisk.create(img, 128 * MiB)  # vdk, the default format
+    mnt = str(tmp_path / "mnt")
+    rig.mount(img, mnt)
+    disk = os.path.join(mnt, "disk")
+    assert os.path.getsize(disk) == 128 * MiB
+    assert os.listdir(os.path.join(mnt, "snapshots")) == []
+
+    # ext4 on a loop device on the FUSE disk, a few hundred files
+    dev = rig.attach(disk)
+    run("mkfs.ext4", "-q", "-F", "-E", "nodiscard,lazy_itable_init=0", dev)
+    fsdir = str(tmp_path / "fs")
+    rig.mount_fs(dev, fsdir)
+    old = _files(1, 300)
+    _write_tree(fsdir, old)
+    rig.umount_fs(fsdir)
+    rig.detach(dev)
+
+    # live snapshot through the control socket of the running mount
+    with pytest.raises(VdiskError, match="in use"):
+        vdisk.open(img)
+    reply = control.request(img, {"op": "snapshot-create", "name": "before"})
+    assert reply is not None and reply["ok"], reply
+    assert reply["result"]["name"] == "before"
+    assert os.listdir(os.path.join(mnt, "snapshots")) == ["before"]
+    assert os.path.getsize(os.path.join(mnt, "snapshots", "before")) == 128 * MiB
+    listed = control.result(control.request(img, {"op": "snapshot-list"}))
+    assert [s["name"] for s in listed] == ["before"]
+
+    # change the files on the live disk
+    dev = rig.attach(disk)
+    rig.mount_fs(dev, fsdir)
+    new = _files(2, 200)
+    for rel in list(old)[::3]:
+        os.unlink(os.path.join(fsdir, rel))
+    for rel in list(old)[1::3]:
+        with open(os.path.join(fsdir, rel), "wb") as f:
+            f.write(b"changed" * 100)
+    _write_tree(fsdir, {"new/" + k: v for k, v in new.items()})
+    changed = _read_tree(fsdir)
+    rig.umount_fs(fsdir)
+    rig.detach(dev)
+
+    # the snapshot still holds the old files, byte for byte
+    sdev = rig.attach(os.path.join(mnt, "snapshots", "before"), read_only=True)
+    sdir = str(tmp_path / "snapfs")
+    rig.mount_fs(sdev, sdir, "ro", "noload")
+    assert _read_tree(sdir) == old
+    rig.umount_fs(sdir)
+    rig.detach(sdev)
+
+    # and the live disk the new ones
+    dev = rig.attach(disk, read_only=True)
+    rig.mount_fs(dev, fsdir, "ro", "noload")
+    assert _read_tree(fsdir) == changed
+    rig.umount_fs(fsdir)
+    rig.detach(dev)
+
+    # deleting the snapshot live removes the entry at once
+    wait_until(lambda: control.request(img, {"op": "snapshot-delete", "name": "before"})["ok"], 20,
+               "the snapshot to be released")
+    assert os.listdir(os.path.join(mnt, "snapshots")) == []
+    assert not os.path.exists(os.path.join(mnt, "snapshots", "before"))
+
+    rig.umount(mnt)
+    assert control.request(img, {"op": "ping"}) is None
+    with vdisk.open(img) as im:
+        res = im.check()
+        assert res.corruptions == [] and res.leaks == [], res
+        assert im.snapshot_list() == []
+
+
+def test_snapshot_is_consistent_with_acknowledged_writes(rig, tmp_path):
+    """Writes acknowledged before the control request are in the snapshot; later ones are not."""
+    img = str(tmp_path / "disk.vdk")
+    vdisk.create(img, 16 * MiB)
+    mnt = str(tmp_path / "mnt")
+    rig.mount(img, mnt)
+    disk = os.path.join(mnt, "disk")
+    fd = os.open(disk, os.O_RDWR)
+    try:
+        for i in range(20):
+            os.pwrite(fd, bytes([i + 1]) * 65536, i * 65536)
+            assert control.call(img, "snapshot-create", name=f"s{i}")["name"] == f"s{i}"
+        for i in range(20):
+            with open(os.path.join(mnt, "snapshots", f"s{i}"), "rb") as f:
+                data = f.read(21 * 65536)
+            for j in range(21):
+                want = bytes([j + 1]) * 65536 if j <= i else bytes(65536)
+                assert data[j * 65536:(j + 1) * 65536] == want, (i, j)
+    finally:
+        os.close(fd)
+    with pytest.raises(vdisk.errors.SnapshotExists):
+        control.call(img, "snapshot-create", name="s0")
+    with pytest.raises(vdisk.errors.SnapshotNotFound):
+        control.call(img, "snapshot-delete", name="nope")
+    rig.umount(mnt)
+    with vdisk.open(img, read_only=True) as im:
+        assert len(im.snapshot_list()) == 20
+        assert im.check().exit_code == 0
+
+
+def test_fio_verify(rig, tmp_path):
+    if shutil.which("fio") is None:
+        pytest.fail("fio is needed: run scripts/setup.sh", pytrace=False)
+    img = str(tmp_path / "disk.vdk")
+    vdisk.create(img, 64 * MiB)
+    mnt = str(tmp_path / "mnt")
+    rig.mount(img, mnt)
+    disk = os.path.join(mnt, "disk")
+    common = ["--filename=" + disk, "--size=64M", "--direct=1", "--verify=crc32c", "--do_verify=1",
+              "--verify_fatal=1", "--fallocate=none", "--output-format=json", "--runtime=60"]
+    jobs = [
+        ["--name=seq", "--rw=write", "--bs=1M", "--ioengine=psync"],
+        ["--name=rand", "--rw=randwrite", "--bs=4k", "--ioengine=libaio", "--iodepth=16", "--size=16M"],
+        ["--name=mixed", "--rw=randwrite", "--bsrange=512-128k", "--ioengine=psync", "--size=16M"],
+    ]
+    for job in jobs:
+        p = run("fio", *common, *job, check=False, timeout=120)
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr
+        out = json.loads(p.stdout[p.stdout.index("{"):])
+        for j in out["jobs"]:
+            assert j["error"] == 0, j
+    rig.umount(mnt)
+    with vdisk.open(img, read_only=True) as im:
+        assert im.check().exit_code == 0
+
+
+def test_kill9_keeps_fsynced_writes(rig, tmp_path):
+    img = str(tmp_path / "disk.vdk")
+    vdisk.create(img, 32 * MiB)
+    mnt = str(tmp_path / "mnt")
+    pid = rig.mount(img, mnt)
+    disk = os.path.join(mnt, "disk")
+    rnd = random.Random(7)
+    synced: dict[int, bytes] = {}
+    fd = os.open(disk, os.O_RDWR)
+    try:
+        for i in range(40):
+            off = rnd.randrange(0, 32 * MiB - 70000) // 512 * 512
+            data = rnd.randbytes(rnd.choice([512, 4096, 65536, 69632]))
+            os.pwrite(fd, data, off)
+            if i % 4 == 3:
+                os.fsync(fd) if i % 8 == 3 else os.fdatasync(fd)
+                # later writes may overlap: keep the newest fsynced content per byte range
+                synced = {o: d for o, d in synced.items() if o + len(d) <= off or o >= off + len(data)}
+                synced[off] = data
+            else:
+                # an unsynced write: whatever it overlaps is no longer a known synced state
+                synced = {o: d for o, d in synced.items() if o + len(d) <= off or o >= off + len(data)}
+                os.fdatasync(fd) if i % 4 == 2 else None
+        # some writes after the last fsync, then the daemon dies
+        os.pwrite(fd, b"x" * 4096, 0)
+    finally:
+        os.close(fd)
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split(") ")[1][0] == "Z",
+               20, "the daemon to die")
+    with pytest.raises(OSError) as ei:
+        os.stat(disk)
+    assert ei.value.errno == errno.ENOTCONN
+    run("fusermount3", "-u", "-z", mnt)
+    rig.fuse_mounts.remove(mnt)
+
+    rig.mount(img, mnt)  # the lock died with the daemon
+    with open(disk, "rb") as f:
+        for off, data in synced.items():
+            f.seek(off)
+            assert f.read(len(data)) == data, off
+    rig.umount(mnt)
+    with vdisk.open(img, read_only=True) as im:
+        res = im.check()
+        assert res.corruptions == [] and res.leaks == [], res
+
+
+def test_second_rw_mount_is_refused(rig, tmp_path):
+    img = str(tmp_path / "disk.vdk")
+    vdisk.create(img, 8 * MiB)
+    rig.mount(img, str(tmp_path / "m1"))
+    with pytest.raises(VdiskError, match="in use"):
+        rig.mount(img, str(tmp_path / "m2"))
+    with pytest.raises(VdiskError, match="in use"):
+        rig.mount(img, str(tmp_path / "m3"), read_only=True)
+    rig.umount(str(tmp_path / "m1"))
+    # a read-only mount shares with other readers, but keeps writers out
+    rig.mount(img, str(tmp_path / "m2"), read_only=True)
+    rig.mount(img, str(tmp_path / "m3"), read_only=True)
+    with pytest.raises(VdiskError, match="in use"):
+        rig.mount(img, str(tmp_path / "m1"))
+
+
+def test_read_only_mount_refuses_writes(rig, tmp_path):
+    img = str(tmp_path / "disk.vdk")
+    vdisk.create(img, 8 * MiB)
+    with vdisk.open(img) as im:
+        im.write(0, b"hello")
+        im.snapshot_create("snap")
+    mnt = str(tmp_path / "mnt")
+    rig.mount(img, mnt, read_only=True)
+    disk = os.path.join(mnt, "disk")
+    for path in (disk, os.path.join(mnt, "snapshots", "snap")):
+        with open(path, "rb") as f:
+            assert f.read(5) == b"hello"
+        with pytest.raises(OSError) as ei:
+            os.open(path, os.O_RDWR)
+        assert ei.value.errno in (errno.EROFS, errno.EACCES)
+    with pytest.raises(OSError):
+        open(os.path.join(mnt, "newfile"), "wb")
+    # no control socket on a read-only mount: the CLI gets None and reports the lock
+    assert control.request(img, {"op": "snapshot-create", "name": "x"}) is None
+    rig.umount(mnt)
+
+
+def test_rw_mount_snapshot_files_are_read_only(rig, tmp_path):
+    img = str(tmp_path / "disk.vdk")
+    vdisk.create(img, 8 * MiB)
+    mnt = str(tmp_path / "mnt")
+    rig.mount(img, mnt)
+    control.call(img, "snapshot-create", name="s")
+    with pytest.raises(OSError) as ei:
+        os.open(os.path.join(mnt, "snapshots", "s"), os.O_WRONLY)
+    assert ei.value.errno in (errno.EROFS, errno.EACCES)
+    # O_TRUNC is ignored, as by a block device; shrinking is refused; growing resizes
+    with open(os.path.join(mnt, "disk"), "wb") as f:
+        with pytest.raises(OSError) as ei:
+            f.truncate(4096)
+        assert ei.value.errno == errno.EPERM
+    assert os.path.getsize(os.path.join(mnt, "disk")) == 8 * MiB
+    # writes past the end: short, then ENOSPC, like a block device
+    fd = os.open(os.path.join(mnt, "disk"), os.O_WRONLY)
+    try:
+        assert os.pwrite(fd, b"a" * 8192, 8 * MiB - 4096) == 4096
+        with pytest.raises(OSError) as ei:
+            os.pwrite(fd, b"a", 8 * MiB)
+        assert ei.value.errno in (errno.ENOSPC, errno.EFBIG)
+    finally:
+        os.close(fd)
+    rig.umount(mnt)
+
+
+def test_sigterm_flushes_and_unmounts(rig, tmp_path):
+    img = str(tmp_path / "disk.vdk")
+    vdisk.create(img, 8 * MiB)
+    mnt = str(tmp_path / "mnt")
+    pid = rig.mount(img, mnt)
+    with open(os.path.join(mnt, "disk"), "r+b", buffering=0) as f:
+        f.write(b"survives SIGTERM")
+    os.kill(pid, signal.SIGTERM)
+    from fusemount.daemon import is_mounted
+    wait_until(lambda: not is_mounted(mnt), 30, "the mount to go away")
+    wait_until(lambda: not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split(") ")[1][0] == "Z",
+               30, "the daemon to exit")
+    with vdisk.open(img) as im:
+        assert im.read(0, 16) == b"survives SIGTERM"
+        assert im.check().exit_code == 0
+
+
+def test_raw_image_and_cli_commands(rig, tmp_path):
+    from click.testing import CliRunner
+
+    from vdisk.cli_mount import mount_command, umount_command
+
+    img = str(tmp_path / "disk.raw")
+    vdisk.create(img, 4 * MiB, format="raw")
+    mnt = str(tmp_path / "mnt")
+    os.makedirs(mnt)
+    rig.fuse_mounts.append(mnt)
+    r = CliRunner().invoke(mount_command, ["--format", "raw", img, mnt])
+    assert r.exit_code == 0, r.output
+    assert "mounted" in r.output and "log" in r.output
+    pid = int(os.getxattr(mnt, "user.vdisk.pid"))
+    rig.pids.append(pid)
+    with open(os.path.join(mnt, "disk"), "r+b", buffering=0) as f:
+        f.write(b"raw!")
+        os.fsync(f.fileno())
+    assert os.listdir(os.path.join(mnt, "snapshots")) == []
+    r = CliRunner().invoke(mount_command, ["--format", "raw", img, str(tmp_path)])
+    assert r.exit_code != 0
+    r = CliRunner().invoke(umount_command, [mnt])
+    assert r.exit_code == 0, r.output
+    with open(img, "rb") as f:
+        assert f.read(4) == b"raw!"
+    r = CliRunner().invoke(umount_command, [mnt])
+    assert r.exit_code != 0 and "not mounted" in r.output
+
+
+def test_umount_refuses_busy_mount(rig, tmp_path):
+    img = str(tmp_path / "disk.vdk")
+    vdisk.create(img, 8 * MiB)
+    mnt = str(tmp_path / "mnt")
+    rig.mount(img, mnt)
+    f = open(os.path.join(mnt, "disk"), "rb")
+    try:
+        with pytest.raises(VdiskError, match="busy"):
+            rig.umount(mnt)
+    finally:
+        f.close()
+    wait_until(lambda: _try_umount(rig, mnt), 20, "the unmount")
+
+
+def _try_umount(rig, mnt):
+    try:
+        rig.umount(mnt)
+        return True
+    except VdiskError:
+        return False
+
+
+def test_foreground_mount(tmp_path, monkeypatch):
+    monkeypatch.setenv("VDISK_RUN_DIR", str(tmp_path / "run"))
+    img = str(tmp_path / "disk.vdk")
+    vdisk.create(img, 4 * MiB)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    p = subprocess.Popen(
+        [sys.executable, "-c", "from vdisk.cli_mount import mount_command; mount_command()",
+         "--foreground", img, str(mnt)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        wait_until(lambda: os.path.exists(mnt / "disk"), 30, "the foreground mount")
+        p.send_signal(signal.SIGINT)
+        out, _ = p.communicate(timeout=30)
+        assert p.returncode == 0, out
+        assert "mounted" in out and "closed" in out
+        assert not os.path.exists(mnt / "disk")
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True, timeout=30)
