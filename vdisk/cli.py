@@ -648,12 +648,20 @@ def _render_check(d: dict) -> str:
 @click.option("-c", "--compress", is_flag=True, help="Compress the destination (zstd).")
 @click.option("-o", "opts", multiple=True, metavar="OPT=VAL[,...]", help="Destination format options, as for create.")
 @click.option("-s", "--snapshot", default=None, metavar="NAME", help="Copy this internal snapshot of SRC.")
+@click.option(
+    "-t",
+    "--cache",
+    type=click.Choice(["unsafe", "writeback"]),
+    default="unsafe",
+    show_default=True,
+    help="writeback: flush DST to disk before exiting; unsafe: leave that to the OS (as qemu-img convert).",
+)
 @progress_option()
 @quiet_option()
 @unsafe_backing_option()
 @click.argument("src")
 @click.argument("dst")
-def convert(fmt, out_fmt, compress, opts, snapshot, progress, quiet, unsafe_backing, src, dst):
+def convert(fmt, out_fmt, compress, opts, snapshot, cache, progress, quiet, unsafe_backing, src, dst):
     """Copy SRC's guest content (its backing chain flattened) into a new image DST.
 
     Zero and unallocated ranges are neither read nor written, so DST is sparse.
@@ -668,7 +676,7 @@ def convert(fmt, out_fmt, compress, opts, snapshot, progress, quiet, unsafe_back
         kw.setdefault("compression", "zstd")
     with open_image(src, fmt=fmt, snapshot=snapshot, unsafe_backing=unsafe_backing) as img:
         with progress_bar(img.size, "Converting", force=progress, quiet=quiet) as bar:
-            do_convert(img, dst, format=out_fmt, progress=bar.update, **kw)
+            do_convert(img, dst, format=out_fmt, progress=bar.update, durable=cache == "writeback", **kw)
 
 
 # ---------------------------------------------------------------------------- compare

@@ -7,7 +7,7 @@ memcmp-speed comparisons) are not written either.  The destination is created fr
 so what is not written reads as zeros.
 
 The destination is built under a temporary name next to it and renamed into place
-only once complete and flushed: a failed or interrupted convert leaves an existing
+only once complete: a failed or interrupted convert leaves an existing
 destination untouched (like ``qemu-img convert``, an existing destination is
 replaced -- unless another process has it open).
 """
@@ -15,7 +15,10 @@ replaced -- unless another process has it open).
 from __future__ import annotations
 
 import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Iterator
 
 from .. import block
 from ..block import Image
@@ -65,6 +68,39 @@ def _sparse_write(dst: Image, off: int, data: bytes, gran: int, stats: ConvertSt
         stats.bytes_written += end - run
 
 
+def _plan(src: Image, chunk: int) -> Iterator[tuple[int, int, bool]]:
+    """``(offset, length, has_data)`` pieces of the source: whole zero runs, and data
+    runs split into chunks aligned to ``chunk``."""
+    for s, e, has_data in data_runs(src, 0, src.size):
+        if not has_data:
+            yield s, e - s, False
+        else:
+            for off, n in chunks(s, e, chunk):
+                yield off, n, True
+
+
+def _read_ahead(src: Image, plan: Iterator[tuple[int, int, bool]], depth: int) -> Iterator[tuple[int, int, bytes | None]]:
+    """Yield ``(offset, length, data)`` (data None for zero runs) while a reader thread
+    fetches the next ``depth`` data chunks, so reading the source overlaps writing
+    the destination.  Only that thread touches ``src``; only the caller touches the
+    destination, so neither image is used from two threads at once."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vdisk-convert-read") as pool:
+        queue: deque = deque()
+        try:
+            for off, n, has_data in plan:
+                queue.append((off, n, pool.submit(src.read, off, n) if has_data else None))
+                while len(queue) > depth or (queue and queue[0][2] is None):
+                    o, ln, fut = queue.popleft()
+                    yield o, ln, fut.result() if fut is not None else None
+            while queue:
+                o, ln, fut = queue.popleft()
+                yield o, ln, fut.result() if fut is not None else None
+        finally:
+            for _o, _n, fut in queue:
+                if fut is not None:
+                    fut.cancel()
+
+
 def copy_content(
     src: Image,
     dst: Image,
@@ -72,29 +108,34 @@ def copy_content(
     progress: ProgressFn | None = None,
     chunk_size: int | None = None,
     granularity: int | None = None,
+    read_ahead: int = 2,
 ) -> ConvertStats:
     """Copy ``src``'s guest content into ``dst``, which must already read as zeros over
     ``[0, src.size)`` (a freshly created image).  Does not flush ``dst``.
 
     ``granularity`` is the size of the zero pieces left unwritten (default: the
-    destination's cluster size, at least 4 KiB).  ``progress(n)`` gets guest bytes done
-    since the previous call; the total is ``src.size``."""
+    destination's cluster size, at least 4 KiB).  ``read_ahead`` chunks are read by a
+    helper thread while the previous ones are written (0: no thread).
+    ``progress(n)`` gets guest bytes done since the previous call; the total is
+    ``src.size``."""
     if dst.size < src.size:
         raise UsageError(f"{dst.filename}: destination ({dst.size} bytes) is smaller than the source ({src.size} bytes)")
     stats = ConvertStats(size=src.size)
     chunk = chunk_size or chunk_size_for(src, dst)
     gran = granularity or max(dst.cluster_size or 0, 4096)
     tick = progress or (lambda n: None)
-    for s, e, has_data in data_runs(src, 0, src.size):
-        if not has_data:
-            stats.bytes_skipped += e - s
-            tick(e - s)
-            continue
-        for off, n in chunks(s, e, chunk):
-            data = src.read(off, n)
+    plan = _plan(src, chunk)
+    if read_ahead > 0:
+        pieces = _read_ahead(src, plan, read_ahead)
+    else:
+        pieces = ((off, n, src.read(off, n) if has else None) for off, n, has in plan)
+    for off, n, data in pieces:
+        if data is None:
+            stats.bytes_skipped += n
+        else:
             stats.bytes_read += n
             _sparse_write(dst, off, data, gran, stats)
-            tick(n)
+        tick(n)
     return stats
 
 
@@ -114,11 +155,15 @@ def convert(
     options: dict | None = None,
     progress: ProgressFn | None = None,
     chunk_size: int | None = None,
+    durable: bool = False,
 ) -> ConvertStats:
     """Create ``dst_path`` in ``format`` with ``src``'s guest size and content.
 
     An existing regular file at ``dst_path`` is replaced atomically once the copy is
-    complete and flushed; until then it is left as it was."""
+    complete; until then it is left as it was.  ``durable`` flushes the destination
+    (and its directory) before returning; without it, as ``qemu-img convert``'s
+    default ``cache=unsafe``, the data may still sit in the host page cache (a format
+    driver that must flush to close consistently, as vdk does, still does)."""
     dst_path = os.fspath(dst_path)
     target = os.path.realpath(dst_path) if os.path.islink(dst_path) else dst_path
     if os.path.exists(target):
@@ -143,7 +188,8 @@ def convert(
         dst = block.open(tmp, format=format, read_only=False, backing=False)
         try:
             stats = copy_content(src, dst, progress=progress, chunk_size=chunk_size)
-            dst.flush()
+            if durable:
+                dst.flush()
         finally:
             dst.close()
         os.replace(tmp, target)
@@ -153,6 +199,12 @@ def convert(
         except OSError:
             pass
         raise
+    if durable:
+        _fsync_dir(directory)
+    return stats
+
+
+def _fsync_dir(directory: str) -> None:
     try:
         dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
         try:
@@ -161,4 +213,3 @@ def convert(
             os.close(dfd)
     except OSError:
         pass
-    return stats

@@ -149,7 +149,14 @@ def render_info_human(info: dict[str, Any]) -> str:
     if extra:
         lines.append("Format specific information:")
         for k, v in extra.items():
-            lines.append(f"    {k.replace('_', ' ')}: {_human_value(v)}")
+            if isinstance(v, dict) and v:
+                if k != "format_specific":
+                    lines.append(f"    {k.replace('_', ' ')}:")
+                indent = "    " if k == "format_specific" else "        "
+                for k2, v2 in v.items():
+                    lines.append(f"{indent}{str(k2).replace('_', ' ')}: {_human_value(v2)}")
+            else:
+                lines.append(f"    {k.replace('_', ' ')}: {_human_value(v)}")
     return "\n".join(lines)
 
 

@@ -1,0 +1,263 @@
+"""Image operations (vdisk.ops) through the Python API: compare, convert, map, info."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+
+import vdisk
+from vdisk.errors import ImageLocked, UsageError, VdiskError
+from vdisk.ops import compare, convert, copy_content, image_info, map_extents
+from vdisk.ops.compare import chunks, first_difference, first_nonzero, is_zero, overlay_runs
+
+MiB = 1 << 20
+HAVE_VDK = importlib.util.find_spec("vdisk.drivers.vdk") is not None
+needs_vdk = pytest.mark.skipif(not HAVE_VDK, reason="the vdk driver has not landed yet")
+
+
+def make_raw(path, size, writes=()):
+    """A sparse raw image of ``size`` bytes with ``writes`` = [(offset, bytes)]."""
+    vdisk.create(path, size, format="raw")
+    with vdisk.open(path, format="raw") as img:
+        for off, data in writes:
+            img.write(off, data)
+        img.flush()
+    return str(path)
+
+
+def read_all(path, fmt):
+    with vdisk.open(path, format=fmt, read_only=True) as img:
+        return img.read(0, img.size)
+
+
+def allocated(path) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+# ---------------------------------------------------------------------------- helpers
+def test_byte_helpers():
+    assert is_zero(bytes(5000)) and is_zero(b"")
+    assert not is_zero(bytes(4999) + b"\1")
+    assert first_nonzero(bytes(100)) == 100
+    assert first_nonzero(bytes(70000) + b"x") == 70000
+    a = os.urandom(300_000)
+    for i in (0, 1, 7, 65535, 65536, 65537, 299_999):
+        b = bytearray(a)
+        b[i] ^= 0x40
+        assert first_difference(a, bytes(b)) == i
+    assert first_difference(a, a) == len(a)
+    assert first_difference(b"abc", b"abcdef") == 3
+
+
+def test_chunks_are_aligned_and_cover_the_range():
+    got = list(chunks(100, 10_000, 4096))
+    assert got == [(100, 3996), (4096, 4096), (8192, 1808)]
+    assert list(chunks(5, 5, 4096)) == []
+
+
+def test_overlay_runs_splits_at_every_boundary():
+    a = [(0, 10, False), (10, 30, True), (30, 40, False)]
+    b = [(0, 20, True), (20, 40, False)]
+    assert list(overlay_runs(a, b)) == [
+        (0, 10, False, True),
+        (10, 20, True, True),
+        (20, 30, True, False),
+        (30, 40, False, False),
+    ]
+
+
+# ---------------------------------------------------------------------------- compare
+def test_compare_identical_and_first_difference(image_dir):
+    data = os.urandom(10_000)
+    a = make_raw(image_dir / "a.raw", 8 * MiB, [(3 * MiB + 5, data)])
+    b = make_raw(image_dir / "b.raw", 8 * MiB, [(3 * MiB + 5, data)])
+    changed = bytearray(data)
+    changed[1234] ^= 1
+    c = make_raw(image_dir / "c.raw", 8 * MiB, [(3 * MiB + 5, bytes(changed))])
+    with vdisk.open(a, format="raw", read_only=True) as ia, vdisk.open(b, format="raw", read_only=True) as ib:
+        res = compare(ia, ib)
+        assert res.identical and res.mismatch_offset is None
+        # only the data ranges were read, not the 8 MiB
+        assert 0 < res.bytes_read <= 2 * 64 * 1024
+    with vdisk.open(a, format="raw", read_only=True) as ia, vdisk.open(c, format="raw", read_only=True) as ic:
+        res = compare(ia, ic)
+        assert not res.identical
+        assert res.mismatch_offset == 3 * MiB + 5 + 1234
+
+
+def test_compare_written_zeros_equal_a_hole(image_dir):
+    a = make_raw(image_dir / "a.raw", 4 * MiB, [(MiB, bytes(8192))])  # data extent that holds zeros
+    b = make_raw(image_dir / "b.raw", 4 * MiB)
+    with vdisk.open(a, format="raw", read_only=True) as ia, vdisk.open(b, format="raw", read_only=True) as ib:
+        assert compare(ia, ib).identical
+        assert compare(ib, ia).identical
+
+
+def test_compare_data_against_hole_reports_first_nonzero_byte(image_dir):
+    a = make_raw(image_dir / "a.raw", 4 * MiB, [(MiB, bytes(100) + b"\xff")])
+    b = make_raw(image_dir / "b.raw", 4 * MiB)
+    with vdisk.open(a, format="raw", read_only=True) as ia, vdisk.open(b, format="raw", read_only=True) as ib:
+        assert compare(ib, ia).mismatch_offset == MiB + 100
+
+
+def test_compare_different_sizes(image_dir):
+    small = make_raw(image_dir / "small.raw", 2 * MiB, [(0, b"same")])
+    zero_tail = make_raw(image_dir / "zt.raw", 5 * MiB, [(0, b"same")])
+    data_tail = make_raw(image_dir / "dt.raw", 5 * MiB, [(0, b"same"), (4 * MiB + 7, b"!")])
+    with vdisk.open(small, format="raw", read_only=True) as s, vdisk.open(zero_tail, format="raw", read_only=True) as z:
+        res = compare(s, z)
+        assert res.identical and res.size_mismatch
+        strict = compare(s, z, strict=True)
+        assert not strict.identical
+    with vdisk.open(small, format="raw", read_only=True) as s, vdisk.open(data_tail, format="raw", read_only=True) as d:
+        res = compare(d, s)
+        assert not res.identical and res.mismatch_offset == 4 * MiB + 7
+
+
+# ---------------------------------------------------------------------------- convert
+def test_convert_raw_to_raw_is_equal_and_sparse(image_dir):
+    chunk = os.urandom(200_000)
+    src = make_raw(image_dir / "src.raw", 64 * MiB, [(0, b"boot"), (17 * MiB + 3, chunk), (64 * MiB - 4, b"tail")])
+    dst = str(image_dir / "dst.raw")
+    with vdisk.open(src, format="raw", read_only=True) as img:
+        stats = convert(img, dst, format="raw")
+    assert read_all(dst, "raw") == read_all(src, "raw")
+    assert os.path.getsize(dst) == 64 * MiB
+    # only the data extents were read and written; the destination stays sparse
+    assert stats.bytes_read < 2 * MiB
+    assert stats.bytes_skipped > 60 * MiB
+    assert allocated(dst) < 2 * MiB
+    assert not [n for n in os.listdir(image_dir) if "vdisk-convert" in n]
+
+
+def test_convert_leaves_zero_clusters_inside_data_unwritten(image_dir):
+    # One 4 MiB data extent (written explicitly) that is mostly zeros.
+    payload = bytearray(4 * MiB)
+    payload[0:10] = b"0123456789"
+    payload[3 * MiB : 3 * MiB + 5] = b"later"
+    src = make_raw(image_dir / "src.raw", 8 * MiB, [(0, bytes(payload))])
+    assert allocated(src) >= 4 * MiB
+    dst = str(image_dir / "dst.raw")
+    with vdisk.open(src, format="raw", read_only=True) as img:
+        stats = convert(img, dst)
+    assert stats.bytes_read == 4 * MiB
+    assert stats.bytes_written <= 2 * 4096
+    assert allocated(dst) <= 64 * 1024
+    assert read_all(dst, "raw") == read_all(src, "raw")
+
+
+def test_convert_replaces_existing_destination_and_refuses_same_file(image_dir):
+    src = make_raw(image_dir / "src.raw", MiB, [(0, b"new content")])
+    dst = make_raw(image_dir / "dst.raw", 3 * MiB, [(0, b"old content")])
+    with vdisk.open(src, format="raw", read_only=True) as img:
+        convert(img, dst)
+        with pytest.raises(UsageError, match="same file"):
+            convert(img, src)
+    assert read_all(dst, "raw")[:11] == b"new content"
+    assert os.path.getsize(dst) == MiB
+
+
+def test_convert_refuses_a_destination_in_use(image_dir):
+    src = make_raw(image_dir / "src.raw", MiB, [(0, b"x")])
+    dst = make_raw(image_dir / "dst.raw", MiB, [(0, b"keep me")])
+    with vdisk.open(dst, format="raw") as busy, vdisk.open(src, format="raw", read_only=True) as img:
+        with pytest.raises(ImageLocked):
+            convert(img, dst)
+        assert busy.read(0, 7) == b"keep me"
+
+
+def test_failed_convert_keeps_destination_and_leaves_no_temp_file(image_dir):
+    src = make_raw(image_dir / "src.raw", MiB, [(0, b"x")])
+    dst = make_raw(image_dir / "dst.raw", MiB, [(0, b"keep me")])
+    with vdisk.open(src, format="raw", read_only=True) as img:
+        with pytest.raises(VdiskError):
+            convert(img, dst, format="raw", compression="zstd")  # raw cannot compress
+    assert read_all(dst, "raw")[:7] == b"keep me"
+    assert sorted(os.listdir(image_dir)) == ["dst.raw", "src.raw"]
+
+
+def test_convert_reports_progress_over_the_whole_disk(image_dir):
+    src = make_raw(image_dir / "src.raw", 9 * MiB + 512, [(5 * MiB, b"x" * 5000)])
+    done = []
+    with vdisk.open(src, format="raw", read_only=True) as img:
+        convert(img, str(image_dir / "dst.raw"), progress=done.append)
+    assert sum(done) == 9 * MiB + 512
+
+
+def test_copy_content_refuses_a_smaller_destination(image_dir):
+    src = make_raw(image_dir / "src.raw", 2 * MiB)
+    dst = make_raw(image_dir / "dst.raw", MiB)
+    with vdisk.open(src, format="raw", read_only=True) as s, vdisk.open(dst, format="raw") as d:
+        with pytest.raises(UsageError, match="smaller"):
+            copy_content(s, d)
+
+
+@needs_vdk
+@pytest.mark.parametrize("compression", [None, "zstd"])
+def test_convert_raw_vdk_raw_round_trip(image_dir, compression):
+    blob = os.urandom(300_000)
+    text = b"compressible " * 20_000
+    src = make_raw(image_dir / "src.raw", 48 * MiB, [(MiB + 3, blob), (20 * MiB, text), (48 * MiB - 5, b"last!")])
+    mid = str(image_dir / "mid.vdk")
+    back = str(image_dir / "back.raw")
+    with vdisk.open(src, format="raw", read_only=True) as img:
+        convert(img, mid, format="vdk", compression=compression)
+    with vdisk.open(mid, format="vdk", read_only=True) as img:
+        assert img.size == 48 * MiB
+        assert image_info(img)["format"] == "vdk"
+        with vdisk.open(src, format="raw", read_only=True) as s:
+            assert compare(s, img).identical
+        convert(img, back, format="raw")
+    assert read_all(back, "raw") == read_all(src, "raw")
+    # the vdk copy is small: only data clusters were written
+    assert allocated(mid) < 6 * MiB
+    assert allocated(back) < 4 * MiB
+
+
+# ---------------------------------------------------------------------------- map / info
+def test_map_extents_cover_the_disk_and_name_data(image_dir):
+    src = make_raw(image_dir / "m.raw", 4 * MiB, [(MiB, b"d" * 4096)])
+    with vdisk.open(src, format="raw", read_only=True) as img:
+        ext = map_extents(img)
+        assert ext[0]["start"] == 0
+        assert all(a["start"] + a["length"] == b["start"] for a, b in zip(ext, ext[1:]))
+        assert ext[-1]["start"] + ext[-1]["length"] == 4 * MiB
+        data = [e for e in ext if e["data"]]
+        assert [(e["start"], e["length"], e["offset"], e["zero"]) for e in data] == [(MiB, 4096, MiB, False)]
+        assert all(e["zero"] and not e["data"] and e["offset"] is None for e in ext if e not in data)
+        part = map_extents(img, MiB - 10, 20)
+        assert [(e["start"], e["length"], e["data"]) for e in part] == [(MiB - 10, 10, False), (MiB, 10, True)]
+
+
+def test_image_info_has_the_documented_keys(image_dir):
+    from vdisk.ops.mapping import INFO_KEYS
+
+    src = make_raw(image_dir / "i.raw", 3 * MiB)
+    with vdisk.open(src, format="raw", read_only=True) as img:
+        info = image_info(img)
+    assert tuple(info)[: len(INFO_KEYS)] == INFO_KEYS
+    assert info["virtual_size"] == 3 * MiB and info["format"] == "raw"
+    assert info["snapshots"] == [] and info["backing_filename"] is None and info["compression"] is None
+
+
+@needs_vdk
+def test_convert_and_compare_flatten_a_backing_chain(image_dir):
+    base = make_raw(image_dir / "base.raw", 8 * MiB, [(0, b"B" * 100_000), (6 * MiB, b"base tail")])
+    top = str(image_dir / "top.vdk")
+    vdisk.create(top, format="vdk", backing_file=base, backing_format="raw")
+    with vdisk.open(top) as img:
+        img.write(50_000, b"T" * 70_000)
+        img.flush()
+    expected = bytearray(read_all(base, "raw"))
+    expected[50_000:120_000] = b"T" * 70_000
+    flat = str(image_dir / "flat.raw")
+    with vdisk.open(top, read_only=True, format="vdk") as img:
+        assert img.read(0, img.size) == bytes(expected)
+        depths = {e["depth"] for e in map_extents(img) if e["data"]}
+        assert depths == {0, 1}
+        convert(img, flat)
+        with vdisk.open(flat, format="raw", read_only=True) as f:
+            assert compare(img, f).identical
+    assert read_all(flat, "raw") == bytes(expected)
