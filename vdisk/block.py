@@ -211,8 +211,24 @@ class Image:
             raise ReadOnlyImage(f"{self.filename}: image is open read-only; cannot repair")
         return self.driver.check(repair=repair)
 
-    def snapshot_list(self) -> list[SnapshotInfo]:
-        return self.driver.snapshot_list()
+    def snapshot_list(self, *, space: bool = False) -> list[SnapshotInfo]:
+        return self.driver.snapshot_list(space=True) if space else self.driver.snapshot_list()
+
+    def snapshot_hold(self, name: str, delta: int) -> SnapshotInfo:
+        self._check_write(0, 0)
+        return self.driver.snapshot_hold(name, delta)
+
+    def make_empty(self) -> None:
+        self._check_write(0, 0)
+        self.driver.make_empty()
+
+    def set_backing(self, ref: BackingRef | None) -> None:
+        """Rewrite the backing reference only; the image must be reopened to follow it."""
+        self._check_write(0, 0)
+        self.driver.set_backing(ref)
+
+    def space_usage(self) -> dict | None:
+        return self.driver.space_usage()
 
     def snapshot_create(self, name: str) -> SnapshotInfo:
         self._check_write(0, 0)

@@ -218,9 +218,24 @@ class BlockDriver(abc.ABC):
         """Rewrite the backing reference only (``rebase -u``)."""
         raise NotSupported(f"{self.format_name} images cannot have a backing file")
 
+    def make_empty(self) -> None:
+        """Drop all data of this layer so that reads fall through to the backing image."""
+        raise NotSupported(f"{self.format_name}: cannot empty the image")
+
+    def space_usage(self) -> dict | None:
+        """Bytes referred to and unique per root (live state, snapshots), if the format knows."""
+        return None
+
     # snapshots (optional)
-    def snapshot_list(self) -> list[SnapshotInfo]:
+    def snapshot_list(self, *, space: bool = False) -> list[SnapshotInfo]:
+        """Snapshots oldest first; ``space`` fills in ``unique_bytes`` where the format can."""
         return []
+
+    def snapshot_hold(self, name: str, delta: int) -> SnapshotInfo:
+        """Count a linked clone that depends on snapshot ``name`` (delta +1) or drop one
+        (-1).  A snapshot with holds survives ``snapshot_delete`` hidden until its last
+        hold goes."""
+        raise NotSupported(f"{self.format_name} images cannot hold snapshots for linked clones")
 
     def snapshot_create(self, name: str) -> SnapshotInfo:
         raise NotSupported(f"{self.format_name} images have no internal snapshots")

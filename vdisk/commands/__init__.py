@@ -1,0 +1,1 @@
+"""Command modules of the ``vdisk`` CLI, imported lazily by :mod:`vdisk.cli`."""

@@ -1,0 +1,20 @@
+"""``vdisk flatten FILE``."""
+
+from __future__ import annotations
+
+import click
+
+from vdisk import block
+from vdisk.cli import progress_bar, progress_option
+from vdisk.ops.chain import flatten as _flatten
+
+
+@click.command()
+@progress_option()
+@click.argument("filename")
+def flatten(progress, filename):
+    """Copy everything FILENAME reads from its backing chain into it and drop the backing reference."""
+    with block.open(filename, read_only=True, backing=False) as img:
+        size = img.size
+    with progress_bar(size, "flatten", force=progress) as bar:
+        _flatten(filename, progress=bar.update)
