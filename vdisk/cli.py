@@ -38,7 +38,6 @@ in ``fusemount``) is named in :data:`EXTENSION_COMMANDS` or exposed through the
 
 from __future__ import annotations
 
-import builtins
 import contextlib
 import dataclasses
 import enum
@@ -53,11 +52,14 @@ import click
 
 from . import __version__
 from . import block as _block
-from .errors import BackingError, ImageNotFound, NotSupported, UsageError, VdiskError
+from .errors import BackingError, NotSupported, UsageError, VdiskError
 from .sizes import format_size, parse_size
 
 #: Commands defined outside ``vdisk.commands``: name -> ``"module:attribute"``.
-EXTENSION_COMMANDS: dict[str, str] = {}
+EXTENSION_COMMANDS: dict[str, str] = {
+    "mount": "vdisk.cli_mount:mount_command",
+    "umount": "vdisk.cli_mount:umount_command",
+}
 #: Package whose modules are command modules (imported lazily, see the module docstring).
 EXTENSION_PACKAGE = "vdisk.commands"
 #: Entry-point group for commands from other distributions.
@@ -282,23 +284,6 @@ def progress_option() -> Callable:
     )
 
 
-def probe_format(filename: str) -> str:
-    """The format of an existing file by its magic; raw if it has none.
-
-    (Does what ``vdisk.block.detect_format`` is meant to do; that one currently calls
-    the module's own ``open`` instead of the builtin, so the CLI probes here.)"""
-    from .drivers import probe
-
-    try:
-        with builtins.open(filename, "rb") as f:
-            head = f.read(_block.PROBE_BYTES)
-    except FileNotFoundError:
-        raise ImageNotFound(f"{filename}: no such file") from None
-    except IsADirectoryError:
-        raise VdiskError(f"{filename}: is a directory, not an image file") from None
-    return probe(head) or "raw"
-
-
 def open_image(
     filename: str,
     *,
@@ -312,8 +297,6 @@ def open_image(
     that name the file."""
     if os.path.isdir(filename):
         raise VdiskError(f"{filename}: is a directory, not an image file")
-    if fmt is None:
-        fmt = probe_format(filename)
     return _block.open(
         filename,
         format=fmt,
@@ -479,10 +462,6 @@ def create(fmt, opts, backing_file, backing_format, quiet, filename, size):
         raise UsageError("-F needs a backing file (-b)")
     if size is None and not backing_file:
         raise UsageError("a size is needed (or a backing file to take it from with -b)")
-    if backing_file and not backing_format:
-        backing_format = probe_format(backing_file)
-        if backing_format == "raw":
-            raise UsageError(f"backing file {backing_file}: give its format with -F (raw is never probed)")
     _block.create(filename, size, format=fmt, backing_file=backing_file, backing_format=backing_format, **kw)
     if not quiet:
         if size is None:

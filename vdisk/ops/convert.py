@@ -22,7 +22,7 @@ from typing import Iterator
 
 from .. import block
 from ..block import Image
-from ..errors import UsageError
+from ..errors import ImageNotFound, UsageError, VdiskError
 from .compare import ProgressFn, chunk_size_for, chunks, data_runs, is_zero, zeros
 
 
@@ -173,18 +173,20 @@ def convert(
             raise UsageError(f"{dst_path}: source and destination are the same file")
         _refuse_if_in_use(target)
     directory, base = os.path.split(os.path.abspath(target))
+    if not os.path.isdir(directory):
+        raise ImageNotFound(f"{dst_path}: directory {directory} does not exist")
     tmp = os.path.join(directory, f".{base}.vdisk-convert-{os.getpid()}")
     if os.path.lexists(tmp):
         os.unlink(tmp)
-    block.create(
-        tmp,
-        src.size,
-        format=format,
-        cluster_size=cluster_size,
-        compression=compression,
-        options=options,
-    )
     try:
+        block.create(
+            tmp,
+            src.size,
+            format=format,
+            cluster_size=cluster_size,
+            compression=compression,
+            options=options,
+        )
         dst = block.open(tmp, format=format, read_only=False, backing=False)
         try:
             stats = copy_content(src, dst, progress=progress, chunk_size=chunk_size)
@@ -193,11 +195,15 @@ def convert(
         finally:
             dst.close()
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(exc, VdiskError) and tmp in exc.message:
+            # Name the file the user asked for, not our temporary one.
+            exc.message = exc.message.replace(tmp, dst_path)
+            exc.args = (exc.message,) + exc.args[1:]
         raise
     if durable:
         _fsync_dir(directory)
