@@ -13,6 +13,8 @@ first differing byte of two buffers, data runs from block status, aligned chunki
 from __future__ import annotations
 
 import math
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -128,6 +130,27 @@ class CompareResult:
         return self.size_a != self.size_b
 
 
+def _plan(a: Image, b: Image, chunk: int) -> Iterator[tuple[int, int, bool, bool]]:
+    """``(offset, length, read_a, read_b)`` pieces covering ``max(a.size, b.size)``.
+    A side not read reads as zeros there (no data, or past its end)."""
+    common = min(a.size, b.size)
+    for s, e, da, db in overlay_runs(data_runs(a, 0, common), data_runs(b, 0, common)):
+        if not da and not db:
+            yield s, e - s, False, False
+        else:
+            for off, n in chunks(s, e, chunk):
+                yield off, n, da, db
+    if a.size != b.size:
+        bigger_is_a = a.size > b.size
+        bigger = a if bigger_is_a else b
+        for s, e, has in data_runs(bigger, common, bigger.size):
+            if not has:
+                yield s, e - s, False, False
+            else:
+                for off, n in chunks(s, e, chunk):
+                    yield off, n, bigger_is_a, not bigger_is_a
+
+
 def compare(
     a: Image,
     b: Image,
@@ -135,9 +158,12 @@ def compare(
     strict: bool = False,
     progress: ProgressFn | None = None,
     chunk_size: int | None = None,
+    read_ahead: int = 2,
 ) -> CompareResult:
     """Compare the guest content of ``a`` and ``b``; stop at the first difference.
 
+    Each image is read by its own helper thread, ``read_ahead`` chunks ahead of the
+    comparison (0: no threads); an image is never read from two threads at once.
     ``progress(n)`` is called with the number of guest bytes dealt with since the last
     call (the total is ``max(a.size, b.size)``)."""
     res = CompareResult(identical=True, size_a=a.size, size_b=b.size)
@@ -146,43 +172,54 @@ def compare(
         res.mismatch_offset = min(a.size, b.size)
         return res
     chunk = chunk_size or chunk_size_for(a, b)
-    common = min(a.size, b.size)
     tick = progress or (lambda n: None)
 
-    for s, e, da, db in overlay_runs(data_runs(a, 0, common), data_runs(b, 0, common)):
-        if not da and not db:
-            tick(e - s)
-            continue
-        for off, n in chunks(s, e, chunk):
-            if da and db:
-                x = a.read(off, n)
-                y = b.read(off, n)
-                res.bytes_read += 2 * n
-                if x != y:
-                    res.identical = False
-                    res.mismatch_offset = off + first_difference(x, y)
-                    return res
-            else:
-                x = (a if da else b).read(off, n)
-                res.bytes_read += n
-                if not is_zero(x):
-                    res.identical = False
-                    res.mismatch_offset = off + first_nonzero(x)
-                    return res
-            tick(n)
+    def check(off: int, n: int, x: bytes | None, y: bytes | None) -> int | None:
+        if x is not None and y is not None:
+            res.bytes_read += 2 * n
+            return None if x == y else off + first_difference(x, y)
+        if x is None and y is None:
+            return None
+        data = x if x is not None else y
+        res.bytes_read += n
+        return None if is_zero(data) else off + first_nonzero(data)
 
-    if a.size != b.size:
-        bigger = a if a.size > b.size else b
-        for s, e, has in data_runs(bigger, common, bigger.size):
-            if not has:
-                tick(e - s)
-                continue
-            for off, n in chunks(s, e, chunk):
-                x = bigger.read(off, n)
-                res.bytes_read += n
-                if not is_zero(x):
-                    res.identical = False
-                    res.mismatch_offset = off + first_nonzero(x)
-                    return res
+    plan = _plan(a, b, chunk)
+    if read_ahead <= 0:
+        for off, n, ra, rb in plan:
+            bad = check(off, n, a.read(off, n) if ra else None, b.read(off, n) if rb else None)
+            if bad is not None:
+                res.identical, res.mismatch_offset = False, bad
+                return res
+            tick(n)
+        return res
+
+    with ThreadPoolExecutor(1, "vdisk-compare-a") as pool_a, ThreadPoolExecutor(1, "vdisk-compare-b") as pool_b:
+        queue: deque = deque()
+
+        def settle(limit: int) -> int | None:
+            while len(queue) > limit:
+                off, n, fa, fb = queue.popleft()
+                bad = check(off, n, fa.result() if fa else None, fb.result() if fb else None)
+                if bad is not None:
+                    return bad
                 tick(n)
+            return None
+
+        try:
+            for off, n, ra, rb in plan:
+                queue.append((off, n, pool_a.submit(a.read, off, n) if ra else None,
+                              pool_b.submit(b.read, off, n) if rb else None))
+                bad = settle(read_ahead)
+                if bad is not None:
+                    break
+            else:
+                bad = settle(0)
+        finally:
+            for _o, _n, fa, fb in queue:
+                for f in (fa, fb):
+                    if f is not None:
+                        f.cancel()
+    if bad is not None:
+        res.identical, res.mismatch_offset = False, bad
     return res
