@@ -410,3 +410,19 @@ def test_console_script_round_trip(image_dir, run_vdisk):
     assert r.stdout == "Images are identical.\n" and "Traceback" not in r.stderr
     info = json.loads(run_vdisk("info", "--output", "json", mid).stdout)
     assert info["format"] == fmt and info["virtual_size"] == 32 * MiB
+
+
+@pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img is not installed")
+@pytest.mark.skipif(importlib.util.find_spec("vdisk.drivers.qcow2") is None, reason="no qcow2 driver yet")
+def test_convert_to_and_from_qcow2_agrees_with_qemu_img(image_dir):
+    src = write_raw(image_dir / "src.raw", 16 * MiB, [(3, b"start"), (9 * MiB + 5, os.urandom(150_000))])
+    ours = image_dir / "ours.qcow2"
+    run("convert", "-O", "qcow2", src, ours)
+    q = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", src, ours],
+                       capture_output=True, text=True, timeout=60)
+    assert (q.returncode, q.stdout) == (0, "Images are identical.\n"), q.stderr
+    assert subprocess.run(["qemu-img", "check", ours], capture_output=True, timeout=60).returncode == 0
+    theirs = image_dir / "theirs.qcow2"
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", src, theirs], check=True, timeout=60)
+    run("convert", "-O", "raw", theirs, image_dir / "back.raw")
+    assert content(image_dir / "back.raw", "raw") == content(src, "raw")

@@ -11,6 +11,7 @@ import vdisk
 from vdisk.errors import ImageLocked, UsageError, VdiskError
 from vdisk.ops import compare, convert, copy_content, image_info, map_extents
 from vdisk.ops.compare import chunks, first_difference, first_nonzero, is_zero, overlay_runs
+from vdisk.ops.convert import _widen
 
 MiB = 1 << 20
 HAVE_VDK = importlib.util.find_spec("vdisk.drivers.vdk") is not None
@@ -66,6 +67,16 @@ def test_overlay_runs_splits_at_every_boundary():
         (20, 30, True, False),
         (30, 40, False, False),
     ]
+
+
+def test_widen_rounds_data_runs_to_destination_clusters():
+    runs = [(0, 4096, False), (4096, 8192, True), (8192, 12288, False), (12288, 16384, True),
+            (16384, 200_000, False), (200_000, 200_100, True), (200_100, 200_200, False)]
+    assert _widen(runs, 65536, 200_200) == [(0, 65536, True), (65536, 196608, False), (196608, 200_200, True)]
+    assert _widen(runs, 4096, 200_200) == [
+        (0, 4096, False), (4096, 8192, True), (8192, 12288, False), (12288, 16384, True),
+        (16384, 196608, False), (196608, 200_200, True)]
+    assert _widen([(0, 100, False)], 4096, 100) == [(0, 100, False)]
 
 
 # ---------------------------------------------------------------------------- compare
