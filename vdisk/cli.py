@@ -8,13 +8,14 @@ on stderr and the error's exit code; anything else is a bug and is reported as o
 
 Adding commands from another module
 -----------------------------------
-Put the command in ``vdisk/commands/<name>.py`` (the package needs an
-``__init__.py``) and register it on the group, reusing the helpers below::
+Put the command in ``vdisk/commands/<name>.py`` as a click command or group named
+like the module (``snapshot`` in ``vdisk/commands/snapshot.py``), reusing the
+helpers below; nothing in this file needs to change::
 
     import click
-    from vdisk.cli import cli, format_option, open_image, output_option, emit
+    from vdisk.cli import emit, format_option, open_image, output_option
 
-    @cli.group()
+    @click.group()
     def snapshot():
         "Create, list, revert and delete internal snapshots."
 
@@ -26,14 +27,16 @@ Put the command in ``vdisk/commands/<name>.py`` (the package needs an
         with open_image(filename, fmt=fmt) as img:
             emit(output, [...], human=lambda rows: ...)
 
+(Decorating with ``@cli.command()`` after ``from vdisk.cli import cli`` works too.)
 The module is imported lazily: ``vdisk snapshot ...`` imports
-``vdisk.commands.snapshot`` only; ``vdisk --help`` imports them all.  A module may
-define several commands (``mount`` and ``umount``); a command living elsewhere (say
-in ``fusemount``) is named in :data:`EXTENSION_COMMANDS` or exposed through the
-``vdisk.commands`` entry-point group.  Shared helpers for such modules:
-``SIZE`` (a size parameter type), ``format_option``, ``output_option``,
-``unsafe_backing_option``, ``quiet_option``, ``progress_option``, ``open_image``,
-``emit``/``emit_json``, ``progress_bar``, ``parse_o_options``, ``errors_exit_with``.
+``vdisk.commands.snapshot`` only; ``vdisk --help`` imports them all.  A command that
+lives elsewhere, or several in one module (``mount`` and ``umount`` in
+``vdisk.cli_mount``), is named in :data:`EXTENSION_COMMANDS`; other distributions
+can use the ``vdisk.commands`` entry-point group.  Errors raised as ``VdiskError``
+by those commands get the same one-line handling.  Shared helpers: ``SIZE`` (a size
+parameter type), ``format_option``, ``output_option``, ``unsafe_backing_option``,
+``quiet_option``, ``progress_option``, ``open_image``, ``emit``/``emit_json``,
+``progress_bar``, ``parse_o_options``, ``errors_exit_with``.
 """
 
 from __future__ import annotations
@@ -113,7 +116,7 @@ class VdiskGroup(click.Group):
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except VdiskError as exc:
-            _fail(ctx, exc.message, exc.exit_code)
+            _fail(ctx, getattr(exc, "message", None) or str(exc), exc.exit_code)
         except BrokenPipeError:
             # `vdisk map x | head`: the reader went away; not worth a message.
             with contextlib.suppress(OSError):
@@ -141,6 +144,8 @@ class VdiskGroup(click.Group):
             cmd = getattr(importlib.import_module(module), attr or name)
             if name not in self.commands:
                 self.add_command(cmd, name)
+            return
+        if not name.replace("-", "_").isidentifier():
             return
         modname = f"{EXTENSION_PACKAGE}.{name.replace('-', '_')}"
         try:
