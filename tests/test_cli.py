@@ -426,3 +426,23 @@ def test_convert_to_and_from_qcow2_agrees_with_qemu_img(image_dir):
     subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", src, theirs], check=True, timeout=60)
     run("convert", "-O", "raw", theirs, image_dir / "back.raw")
     assert content(image_dir / "back.raw", "raw") == content(src, "raw")
+
+
+@needs_vdk
+def test_convert_an_internal_snapshot(image_dir):
+    img = image_dir / "s.vdk"
+    run("create", img, "4M")
+    with vdisk.open(img) as i:
+        i.write(0, b"before")
+        i.snapshot_create("s1")
+        i.write(0, b"after!")
+        i.flush()
+    run("convert", "-s", "s1", img, image_dir / "then.raw")
+    run("convert", img, image_dir / "now.raw")
+    assert content(image_dir / "then.raw", "raw")[:6] == b"before"
+    assert content(image_dir / "now.raw", "raw")[:6] == b"after!"
+    r = run("convert", "-s", "nosuch", img, image_dir / "x.raw", code=1)
+    assert_one_line_error(r.stderr, "nosuch")
+    info = json.loads(run("info", "--output", "json", img).stdout)
+    assert [s["name"] for s in info["snapshots"]] == ["s1"]
+    assert "Snapshot list:" in run("info", img).stdout

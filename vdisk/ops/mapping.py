@@ -138,10 +138,13 @@ def render_info_human(info: dict[str, Any]) -> str:
     snaps = info.get("snapshots") or []
     if snaps:
         lines.append("Snapshot list:")
-        rows = [("ID", "TAG", "DATE", "VM SIZE", "UNIQUE")]
+        with_unique = any(s.get("unique_bytes") is not None for s in snaps)
+        rows = [("ID", "TAG", "DATE", "VM SIZE") + (("UNIQUE",) if with_unique else ())]
         for s in snaps:
-            unique = format_size(s["unique_bytes"]) if s.get("unique_bytes") is not None else "-"
-            rows.append((str(s["id"]), s["name"], _date(s["created"]), format_size(s["size"]), unique))
+            row = (str(s["id"]), s["name"], _date(s["created"]), format_size(s["size"]))
+            if with_unique:
+                row += (format_size(s["unique_bytes"]) if s.get("unique_bytes") is not None else "-",)
+            rows.append(row)
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         for r in rows:
             lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
