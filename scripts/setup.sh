@@ -47,8 +47,10 @@ if ((${#missing[@]})); then
     echo "setup: installing Debian packages: ${missing[*]}"
     log=$(mktemp)
     apt_opts=(-y -q -o DPkg::Lock::Timeout=300 -o Dpkg::Use-Pty=0)
-    if ! { "${SUDO[@]}" apt-get "${apt_opts[@]}" update &&
-           "${SUDO[@]}" apt-get "${apt_opts[@]}" install --no-install-recommends "${missing[@]}"; } >"$log" 2>&1; then
+    # A failing extra source must not stop us: the install below fails loudly if it matters.
+    "${SUDO[@]}" apt-get "${apt_opts[@]}" update >"$log" 2>&1 ||
+        echo "setup: warning: apt-get update failed (trying the install anyway):$(tail -3 "$log")" >&2
+    if ! "${SUDO[@]}" apt-get "${apt_opts[@]}" install --no-install-recommends "${missing[@]}" >>"$log" 2>&1; then
         cat "$log" >&2
         rm -f "$log"
         die "apt-get failed"
