@@ -446,3 +446,36 @@ def test_convert_an_internal_snapshot(image_dir):
     info = json.loads(run("info", "--output", "json", img).stdout)
     assert [s["name"] for s in info["snapshots"]] == ["s1"]
     assert "Snapshot list:" in run("info", img).stdout
+
+
+@pytest.mark.parametrize(
+    "found, code, result, text",
+    [
+        ({}, 0, "clean", "No errors were found on the image."),
+        ({"leaks": ["cluster 7 unreferenced"], "leaked_clusters": 1}, 3, "leaks",
+         "1 leaked clusters were found on the image."),
+        ({"corruptions": ["L2 table 0 checksum"], "leaks": ["cluster 9"]}, 2, "corrupt",
+         "1 errors were found on the image."),
+    ],
+)
+def test_check_exit_codes_and_output_follow_the_result(image_dir, monkeypatch, found, code, result, text):
+    from vdisk.drivers.base import CheckResult
+
+    seen = []
+
+    def fake_check(self, *, repair=None):
+        seen.append((repair, self.read_only))
+        return CheckResult(checked_clusters=10, allocated_clusters=4, **found)
+
+    monkeypatch.setattr(vdisk.Image, "check", fake_check)
+    img = write_raw(image_dir / "c.raw", MiB)
+    r = run("check", img, code=code)
+    assert text in r.stdout
+    d = json.loads(run("check", "--output", "json", img, code=code).stdout)
+    assert d["result"] == result
+    assert d["corruptions"] == len(found.get("corruptions", []))
+    assert d["leaks"] == len(found.get("leaks", []))
+    assert d["corruption_messages"] == found.get("corruptions", [])
+    assert d["leak_messages"] == found.get("leaks", [])
+    run("check", "-r", "leaks", img, code=code)
+    assert seen == [(None, True), (None, True), ("leaks", False)]

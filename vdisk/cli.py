@@ -613,14 +613,10 @@ def _render_check(d: dict) -> str:
         lines.append("This means waste of disk space, but no harm to data.")
     if not d["corruptions"] and not d["leaks"]:
         lines.append("No errors were found on the image.")
-    total = d["checked_clusters"]
-    if total:
-        def pct(x: int) -> str:
-            return f"{100.0 * x / total:.2f}%"
-
+    if d["checked_clusters"] or d["allocated_clusters"]:
         lines.append(
-            f"{d['allocated_clusters']}/{total} = {pct(d['allocated_clusters'])} allocated, "
-            f"{pct(d['fragmented_clusters'])} fragmented, {pct(d['compressed_clusters'])} compressed clusters"
+            f"{d['checked_clusters']} clusters checked; {d['allocated_clusters']} allocated, "
+            f"{d['fragmented_clusters']} fragmented, {d['compressed_clusters']} compressed"
         )
     return "\n".join(lines)
 
