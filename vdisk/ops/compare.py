@@ -132,23 +132,26 @@ class CompareResult:
 
 def _plan(a: Image, b: Image, chunk: int) -> Iterator[tuple[int, int, bool, bool]]:
     """``(offset, length, read_a, read_b)`` pieces covering ``max(a.size, b.size)``.
-    A side not read reads as zeros there (no data, or past its end)."""
+    A side not read reads as zeros there (no data, or past its end).  All block
+    status is asked for before the first piece is yielded, so it never runs while a
+    helper thread reads the same image."""
     common = min(a.size, b.size)
-    for s, e, da, db in overlay_runs(data_runs(a, 0, common), data_runs(b, 0, common)):
+    runs_a, runs_b = data_runs(a, 0, common), data_runs(b, 0, common)
+    bigger_is_a = a.size > b.size
+    bigger = a if bigger_is_a else b
+    tail = data_runs(bigger, common, bigger.size)
+    for s, e, da, db in overlay_runs(runs_a, runs_b):
         if not da and not db:
             yield s, e - s, False, False
         else:
             for off, n in chunks(s, e, chunk):
                 yield off, n, da, db
-    if a.size != b.size:
-        bigger_is_a = a.size > b.size
-        bigger = a if bigger_is_a else b
-        for s, e, has in data_runs(bigger, common, bigger.size):
-            if not has:
-                yield s, e - s, False, False
-            else:
-                for off, n in chunks(s, e, chunk):
-                    yield off, n, bigger_is_a, not bigger_is_a
+    for s, e, has in tail:
+        if not has:
+            yield s, e - s, False, False
+        else:
+            for off, n in chunks(s, e, chunk):
+                yield off, n, bigger_is_a, not bigger_is_a
 
 
 def compare(
