@@ -272,3 +272,22 @@ def test_convert_and_compare_flatten_a_backing_chain(image_dir):
         with vdisk.open(flat, format="raw", read_only=True) as f:
             assert compare(img, f).identical
     assert read_all(flat, "raw") == bytes(expected)
+
+
+@pytest.mark.parametrize("read_ahead", [0, 1, 3])
+def test_compare_and_copy_with_and_without_reader_threads(image_dir, read_ahead):
+    blob = os.urandom(3 * MiB)
+    a = make_raw(image_dir / "a.raw", 8 * MiB, [(MiB, blob)])
+    changed = bytearray(blob)
+    changed[100_000] ^= 1  # early in the data: later chunks are still queued when it is found
+    b = make_raw(image_dir / "b.raw", 8 * MiB, [(MiB, bytes(changed))])
+    with vdisk.open(a, format="raw", read_only=True) as ia, vdisk.open(b, format="raw", read_only=True) as ib:
+        res = compare(ia, ib, chunk_size=65536, read_ahead=read_ahead)
+        assert res.mismatch_offset == MiB + 100_000
+        assert res.bytes_read < 2 * MiB  # stopped early instead of reading everything
+        assert compare(ia, ia, chunk_size=65536, read_ahead=read_ahead).identical
+    dst = make_raw(image_dir / "c.raw", 8 * MiB)
+    with vdisk.open(a, format="raw", read_only=True) as ia, vdisk.open(dst, format="raw") as d:
+        stats = copy_content(ia, d, chunk_size=65536, read_ahead=read_ahead)
+        assert stats.bytes_read == 3 * MiB and stats.bytes_written == 3 * MiB
+    assert read_all(dst, "raw") == read_all(a, "raw")
