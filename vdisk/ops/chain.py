@@ -226,6 +226,11 @@ def rebase(path: str, new_backing: str | None, new_format: str | None = None, *,
 def _rebase(path, new_path, new_format, new_snap, unsafe, progress) -> BackingRef | None:
     with block.open(path, unsafe_backing=True, backing=not unsafe) as top:
         old_ref = top.driver.backing_ref
+        if not unsafe and old_ref is not None and top.snapshot_list():
+            # Internal snapshots read through the same backing reference; changing it
+            # would change what they hold, and snapshots do not change.
+            raise UsageError(f"{path}: has snapshots that read through its backing image; "
+                             "delete them first (or rebase -u if the new backing holds the same data)")
         new_ref = None
         if new_path is not None:
             rel = os.path.relpath(os.path.abspath(new_path), os.path.dirname(os.path.abspath(path)))

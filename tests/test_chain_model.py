@@ -1,0 +1,167 @@
+"""Model-based test of snapshots and clones across images.
+
+A golden vdk image, linked clones of its snapshots (and clones of clones), with
+random writes, snapshot create / delete (also of snapshots clones depend on),
+revert, rebase, flatten and rm; after every step every image and every snapshot
+reads exactly as its model, and ``check`` is clean on every image.
+"""
+
+import os
+import shutil
+import tempfile
+
+import hypothesis.strategies as st
+from hypothesis import HealthCheck, settings
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+import pytest
+
+import vdisk
+from vdisk.errors import UsageError
+from vdisk.ops import chain
+
+SIZE = 1 << 20
+
+
+class ChainModel(RuleBasedStateMachine):
+    @initialize(cluster=st.sampled_from([4096, 16384]), compression=st.sampled_from([None, "zstd"]))
+    def setup(self, cluster, compression):
+        self.dir = tempfile.mkdtemp(prefix="vdisk-chain-")
+        self.images: dict[str, bytearray] = {}
+        self.snaps: dict[str, dict[str, bytes]] = {}
+        self.n = 0
+        path = self._path("gold")
+        vdisk.create(path, SIZE, cluster_size=cluster, compression=compression)
+        with vdisk.open(path) as img:
+            d = os.urandom(SIZE // 2)
+            img.write(SIZE // 4, d)
+        self.images["gold"] = bytearray(SIZE)
+        self.images["gold"][SIZE // 4:SIZE // 4 + len(d)] = d
+        self.snaps["gold"] = {}
+
+    def teardown(self):
+        if hasattr(self, "dir"):
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _path(self, name):
+        return os.path.join(self.dir, name + ".vdk")
+
+    def _fresh(self, prefix):
+        self.n += 1
+        return f"{prefix}{self.n}"
+
+    def _all_snaps(self):
+        return [(img, s) for img, ss in sorted(self.snaps.items()) for s in sorted(ss)]
+
+    @rule(data=st.data())
+    def write(self, data):
+        name = data.draw(st.sampled_from(sorted(self.images)))
+        off = data.draw(st.integers(0, SIZE - 1))
+        n = data.draw(st.integers(1, min(70_000, SIZE - off)))
+        d = data.draw(st.sampled_from([b"\0", b"x", None]))
+        buf = os.urandom(n) if d is None else d * n
+        with vdisk.open(self._path(name)) as img:
+            img.write(off, buf)
+        self.images[name][off:off + n] = buf
+
+    @rule(data=st.data())
+    def snapshot(self, data):
+        name = data.draw(st.sampled_from(sorted(self.images)))
+        snap = self._fresh("s")
+        with vdisk.open(self._path(name)) as img:
+            img.snapshot_create(snap)
+        self.snaps[name][snap] = bytes(self.images[name])
+
+    @precondition(lambda self: self._all_snaps())
+    @rule(data=st.data())
+    def clone(self, data):
+        src, snap = data.draw(st.sampled_from(self._all_snaps()))
+        new = self._fresh("c")
+        chain.clone(f"{self._path(src)}@{snap}", self._path(new))
+        self.images[new] = bytearray(self.snaps[src][snap])
+        self.snaps[new] = {}
+
+    @rule(data=st.data())
+    def clone_live(self, data):
+        src = data.draw(st.sampled_from(sorted(self.images)))
+        new = self._fresh("c")
+        chain.clone(self._path(src), self._path(new))
+        self.images[new] = bytearray(self.images[src])
+        self.snaps[new] = {}
+        self.snaps[src][f"clone-{new}.vdk"] = bytes(self.images[src])
+
+    @precondition(lambda self: self._all_snaps())
+    @rule(data=st.data())
+    def delete_snapshot(self, data):
+        img, snap = data.draw(st.sampled_from(self._all_snaps()))
+        with vdisk.open(self._path(img)) as i:
+            i.snapshot_delete(snap)
+        del self.snaps[img][snap]
+
+    @precondition(lambda self: self._all_snaps())
+    @rule(data=st.data())
+    def revert(self, data):
+        img, snap = data.draw(st.sampled_from(self._all_snaps()))
+        with vdisk.open(self._path(img)) as i:
+            i.snapshot_revert(snap)
+        self.images[img] = bytearray(self.snaps[img][snap])
+
+    @precondition(lambda self: len(self.images) > 1)
+    @rule(data=st.data())
+    def flatten(self, data):
+        name = data.draw(st.sampled_from(sorted(k for k in self.images if k != "gold")))
+        if self.snaps[name]:
+            with pytest.raises(UsageError, match="has snapshots"):
+                chain.flatten(self._path(name))
+            return
+        chain.flatten(self._path(name))
+
+    @precondition(lambda self: len(self.images) > 1 and self._all_snaps())
+    @rule(data=st.data())
+    def rebase(self, data):
+        name = data.draw(st.sampled_from(sorted(k for k in self.images if k != "gold")))
+        img, snap = data.draw(st.sampled_from(self._all_snaps()))
+        if img == name:
+            return
+        if self.snaps[name]:
+            with pytest.raises(UsageError, match="has snapshots"):
+                chain.rebase(self._path(name), f"{self._path(img)}@{snap}")
+            return
+        chain.rebase(self._path(name), f"{self._path(img)}@{snap}")
+
+    @precondition(lambda self: len(self.images) > 1)
+    @rule(data=st.data())
+    def remove(self, data):
+        name = data.draw(st.sampled_from(sorted(k for k in self.images if k != "gold")))
+        # images that depend on it (rebased onto it or cloned from it) keep it alive
+        if any(self._depends_on(other, name) for other in self.images if other != name):
+            return
+        chain.remove(self._path(name))
+        del self.images[name], self.snaps[name]
+
+    def _depends_on(self, other, name):
+        with vdisk.open(self._path(other), read_only=True) as img:
+            return any(os.path.samefile(n.filename, self._path(name)) for n in list(img.chain())[1:])
+
+    @invariant()
+    def everything_matches(self):
+        if not hasattr(self, "dir"):
+            return
+        for name, model in self.images.items():
+            with vdisk.open(self._path(name), read_only=True) as img:
+                assert img.read(0, img.size) == bytes(model), f"{name} differs from its model"
+            for snap, smodel in self.snaps[name].items():
+                with vdisk.open(self._path(name), snapshot=snap) as s:
+                    assert s.read(0, s.size) == smodel, f"{name}@{snap} differs from its model"
+            with vdisk.open(self._path(name), backing=False) as img:
+                res = img.check()
+                assert res.corruptions == [] and res.leaks == [], (name, res)
+
+
+ChainModel.TestCase.settings = settings(
+    max_examples=int(os.environ.get("VDISK_MODEL_EXAMPLES", "25")),
+    stateful_step_count=15,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+TestChainModel = ChainModel.TestCase
