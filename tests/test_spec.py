@@ -1,0 +1,708 @@
+"""formats/vdk.md, the sample images and the code must agree.
+
+1. The byte-range tables of the specification (marked ``<!-- struct: NAME -->``),
+   its bit and value tables, its constants and limits are parsed and compared with
+   ``vdisk.codec.vdk`` -- not only with the codec's own field dictionaries but with
+   the bytes its encoders really produce.
+2. Every sample image in formats/samples is opened with ``vdisk.open``; its guest
+   content must hash to what formats/samples/MANIFEST says and ``check`` must be
+   clean.  The samples must keep showing what formats/README.md says they show.
+3. A small second reader, written from the specification alone (struct, xxhash,
+   zstandard -- no vdisk code), decodes every sample and recounts every refcount as
+   section 9.2 defines them: if the spec leaves out something the code relies on,
+   this reader disagrees.
+4. scripts/make-samples still produces the same guest content.
+"""
+
+from __future__ import annotations
+
+import ast
+import glob
+import hashlib
+import importlib
+import os
+import re
+import struct
+import subprocess
+import sys
+from dataclasses import fields
+
+import pytest
+import xxhash
+import zstandard
+
+import vdisk
+from vdisk.codec import vdk as C
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SPEC = os.path.join(ROOT, "formats", "vdk.md")
+SAMPLES = os.path.join(ROOT, "formats", "samples")
+MANIFEST = os.path.join(SAMPLES, "MANIFEST")
+
+TYPE_WIDTH = {"u8": 1, "s8": 1, "u16": 2, "u32": 4, "s32": 4, "u64": 8, "s64": 8}
+TYPE_FMT = {"u8": "B", "s8": "b", "u16": "H", "u32": "I", "s32": "i", "u64": "Q", "s64": "q"}
+
+
+# ============================================================================ parsing the spec
+def _spec_text() -> str:
+    with open(SPEC, encoding="utf-8") as f:
+        return f.read()
+
+
+def _tables() -> dict[str, list[dict[str, str]]]:
+    """Every marked table: ``<!-- kind: name -->`` (or ``<!-- name -->``) followed by a
+    markdown table -> list of rows, each a dict from column header to cell text."""
+    lines = _spec_text().splitlines()
+    out: dict[str, list[dict[str, str]]] = {}
+    for i, line in enumerate(lines):
+        m = re.fullmatch(r"<!--\s*(?:(\w+):\s*)?([\w-]+)\s*-->", line.strip())
+        if not m:
+            continue
+        key = f"{m.group(1)}:{m.group(2)}" if m.group(1) else m.group(2)
+        assert key not in out, f"table {key} is marked twice in vdk.md"
+        j = i + 1
+        rows = []
+        while j < len(lines) and lines[j].startswith("|"):
+            rows.append([c.strip() for c in lines[j].strip().strip("|").split("|")])
+            j += 1
+        assert len(rows) >= 2 and set(rows[1][0]) <= set("-: "), f"marker {key} is not followed by a table"
+        header = rows[0]
+        body = []
+        for r in rows[2:]:
+            assert len(r) == len(header), f"table {key}: row {r} has {len(r)} cells, header has {len(header)}"
+            body.append(dict(zip(header, r)))
+        out[key] = body
+    return out
+
+
+TABLES = _tables()
+
+
+def _struct_rows(name: str) -> list[tuple[int, int, str, str]]:
+    rows = TABLES[f"struct:{name}"]
+    out = []
+    for r in rows:
+        off, size = int(r["Offset"]), int(r["Size"])
+        out.append((off, size, r["Field"], r["Type"]))
+    return out
+
+
+def _unquote(s: str) -> str:
+    return s.strip().strip("`").strip()
+
+
+def _int_expr(text: str) -> int:
+    """A small integer expression from the spec: ``4096``, ``1 << 56``, ``32 << 20``."""
+    node = ast.parse(text.strip(), mode="eval").body
+
+    def ev(n):
+        if isinstance(n, ast.Constant) and isinstance(n.value, int):
+            return n.value
+        if isinstance(n, ast.BinOp):
+            a, b = ev(n.left), ev(n.right)
+            ops = {ast.LShift: lambda: a << b, ast.Mult: lambda: a * b, ast.Add: lambda: a + b,
+                   ast.Sub: lambda: a - b, ast.Pow: lambda: a ** b}
+            return ops[type(n.op)]()
+        raise ValueError(f"not a simple integer expression: {text!r}")
+
+    return ev(node)
+
+
+def _resolve(dotted: str):
+    mod, _, attr = dotted.rpartition(".")
+    return getattr(importlib.import_module(mod), attr)
+
+
+# ============================================================================ structs
+def _check_tiling(rows, total: int, what: str) -> None:
+    pos = 0
+    for off, size, field, typ in sorted(rows):
+        assert off == pos, f"{what}: field {field} at {off}, expected {pos} (gap or overlap)"
+        if typ in TYPE_WIDTH:
+            assert size == TYPE_WIDTH[typ], f"{what}: {field} is {typ} but {size} bytes"
+        pos = off + size
+    assert pos == total, f"{what}: fields end at {pos}, the structure is {total} bytes"
+
+
+def _check_against_fields(rows, codec_fields: dict[str, tuple[int, int]], what: str) -> None:
+    """Named rows match the codec's (offset, size) exactly; 'reserved' rows fill the gaps
+    the codec leaves (or match its own 'reserved' entries)."""
+    named = {f: (o, s) for o, s, f, _t in rows if f != "reserved"}
+    codec_named = {k: v for k, v in codec_fields.items() if k != "reserved"}
+    assert named == codec_named, f"{what}: spec and codec disagree: spec-only {set(named) - set(codec_named)}, " \
+                                 f"codec-only {set(codec_named) - set(named)}, " \
+                                 f"differing {[k for k in named if k in codec_named and named[k] != codec_named[k]]}"
+    spec_reserved = sorted((o, s) for o, s, f, _t in rows if f == "reserved")
+    covered = set()
+    for o, s in codec_fields.values():
+        covered.update(range(o, o + s))
+    codec_reserved_bytes = {b for o, s in spec_reserved for b in range(o, o + s)}
+    if "reserved" in codec_fields:
+        o, s = codec_fields["reserved"]
+        assert (o, s) in spec_reserved, f"{what}: codec reserved {o}+{s} is not in the spec"
+    else:
+        assert not codec_reserved_bytes & covered, f"{what}: a spec 'reserved' range overlaps a codec field"
+
+
+def test_header_table_matches_codec_fields():
+    rows = _struct_rows("header")
+    _check_tiling(rows, C.HEADER_FIXED, "header")
+    _check_against_fields(rows, C.HEADER_FIELDS, "header")
+    assert C._HEADER.size == C.HEADER_FIXED
+
+
+def _distinct_header() -> C.Header:
+    """A header whose every numeric field has a different, recognisable value."""
+    return C.Header(
+        generation=0x1111_2222_3333_4444, cluster_bits=0x0000_1234, virtual_size=0x00AB_CDEF_0123,
+        l1_offset=0x0101_0000, l1_entries=0x0202, l1_checksum=0x0303_0303_0303_0303,
+        refcount_table_offset=0x0404_0000, refcount_table_entries=0x0505, refcount_table_checksum=0x0606_0606,
+        snapshot_table_offset=0x0707_0000, snapshot_count=0x0808, snapshot_table_length=0x0909,
+        snapshot_table_checksum=0x0A0A_0A0A, next_snapshot_id=0x0B0B, host_clusters=0x0C0C_0C0C,
+        compression_type=1, compression_level=-5, incompatible_features=C.INCOMPAT_CORRUPT,
+        compatible_features=0x0D0D_0000_0000_0000, autoclear_features=0x0E0E, dedup_table_offset=0x0F0F_0000,
+        dedup_table_length=0x1010, dedup_table_checksum=0x1111_1111, backing_name="base image.vdk",
+        backing_format="qcow2", backing_snapshot="#42",
+    )
+
+
+def test_header_bytes_are_where_the_spec_says():
+    h = _distinct_header()
+    raw = h.encode()
+    expect = {f.name: getattr(h, f.name) for f in fields(h)}
+    expect["magic"] = C.MAGIC
+    expect["header_length"] = len(raw)
+    expect["backing_name_length"] = len(h.backing_name.encode())
+    expect["backing_format_length"] = len(h.backing_format)
+    expect["backing_snapshot_length"] = len(h.backing_snapshot.encode())
+    for off, size, field, typ in _struct_rows("header"):
+        chunk = raw[off:off + size]
+        if field == "reserved":
+            assert chunk == bytes(size), f"reserved header bytes {off}+{size} are not zero"
+        elif typ == "bytes":
+            assert chunk == expect[field]
+        else:
+            (val,) = struct.unpack("<" + TYPE_FMT[typ], chunk)
+            assert val == expect[field], f"header field {field} at {off}: {val:#x} != {expect[field]:#x}"
+
+
+def test_header_tail_layout():
+    h = _distinct_header()
+    raw = h.encode()
+    n, f, s = (len(x.encode()) for x in (h.backing_name, h.backing_format, h.backing_snapshot))
+    rows = TABLES["layout:header-tail"]
+    assert [r["Field"] for r in rows] == ["backing_name", "backing_format", "backing_snapshot", "padding",
+                                          "header_checksum"]
+    assert [r["Offset"] for r in rows[:4]] == ["192", "192 + N", "192 + N + F", "192 + N + F + S"]
+    base = C.HEADER_FIXED
+    assert raw[base:base + n] == h.backing_name.encode()
+    assert raw[base + n:base + n + f] == h.backing_format.encode()
+    assert raw[base + n + f:base + n + f + s] == h.backing_snapshot.encode()
+    length = len(raw)
+    assert length == (base + n + f + s + 7) // 8 * 8 + 8  # "smallest length" rule of section 4.2
+    assert raw[base + n + f + s:length - 8] == bytes(length - 8 - (base + n + f + s))
+    assert struct.unpack("<Q", raw[length - 8:])[0] == xxhash.xxh3_64_intdigest(raw[:length - 8])
+    # bounds stated in the header table
+    assert 200 == C.HEADER_FIXED + 8 and C.SLOT_SIZE == 4096
+
+
+def test_snapshot_record_table():
+    rows = _struct_rows("snapshot_record")
+    _check_tiling(rows, 64, "snapshot record")
+    _check_against_fields(rows, C.SNAPSHOT_FIELDS, "snapshot record")
+    assert C._SNAP.size == 64
+    rec = C.SnapshotRecord(id=0x0101, name="snap", generation=0x0202, create_time_ns=-3, virtual_size=0x0404,
+                           l1_offset=0x0505_0000, l1_entries=0x0606, l1_checksum=0x0707_0707, flags=C.SNAP_HIDDEN,
+                           holds=0x0909)
+    raw = rec.encode()
+    expect = {**{f.name: getattr(rec, f.name) for f in fields(rec)}, "name_length": 4}
+    for off, size, field, typ in rows:
+        chunk = raw[off:off + size]
+        if field == "reserved":
+            assert chunk == bytes(size)
+            continue
+        (val,) = struct.unpack("<" + TYPE_FMT[typ], chunk)
+        assert val == expect[field], f"snapshot field {field} at {off}"
+    tail = TABLES["layout:snapshot-record-tail"]
+    assert [(r["Offset"], r["Field"]) for r in tail] == [("64", "name"), ("64 + name_length", "padding")]
+    assert raw[64:68] == b"snap" and len(raw) == 72 and raw[68:] == bytes(4)
+
+
+def test_l1_entry_table():
+    rows = _struct_rows("l1_entry")
+    _check_tiling(rows, C.L1_ENTRY_SIZE, "L1 entry")
+    assert [f for _o, _s, f, _t in rows] == ["l2_offset", "l2_checksum"]
+    raw = C.encode_l1([0x1122_3344_5566_0000], [0x99AA_BBCC_DDEE_FF00])
+    assert struct.unpack_from("<Q", raw, rows[0][0])[0] == 0x1122_3344_5566_0000
+    assert struct.unpack_from("<Q", raw, rows[1][0])[0] == 0x99AA_BBCC_DDEE_FF00
+    assert C.L1_ENTRY.size == 16
+
+
+def test_l2_entry_table_and_descriptor_bits():
+    rows = _struct_rows("l2_entry")
+    _check_tiling(rows, C.L2_ENTRY_SIZE, "L2 entry")
+    assert [f for _o, _s, f, _t in rows] == ["descriptor", "stored_length", "codec", "checksum", "birth"]
+    e = C.L2Entry(kind=C.T_COMPRESSED, host_offset=0x12_3456_7800, stored_length=0x0ABC, codec=C.COMPRESSION_ZSTD,
+                  checksum=0x0102_0304_0506_0708, birth=0x0A0B)
+    raw = e.encode()
+    vals = {f: struct.unpack_from("<" + TYPE_FMT[t], raw, o)[0] for o, _s, f, t in rows}
+    assert vals["stored_length"] == 0x0ABC and vals["codec"] == 1
+    assert vals["checksum"] == 0x0102_0304_0506_0708 and vals["birth"] == 0x0A0B
+    bits = {r["Field"]: r["Bits"] for r in TABLES["bits:l2_descriptor"]}
+    assert set(bits) == {"host_offset", "type", "reserved"}
+
+    def mask(spec: str) -> tuple[int, int]:
+        lo, hi = (int(x) for x in spec.split("-"))
+        return lo, ((1 << (hi - lo + 1)) - 1) << lo
+
+    lo, m = mask(bits["host_offset"])
+    assert lo == 0 and m == C.OFFSET_MASK and m == C.MAX_OFFSET - 1
+    lo, m = mask(bits["type"])
+    assert lo == C.TYPE_SHIFT and m == 0xF << C.TYPE_SHIFT
+    _lo, m = mask(bits["reserved"])
+    assert m == C.RESERVED_DESC_MASK
+    assert vals["descriptor"] == (C.T_COMPRESSED << 56) | 0x12_3456_7800
+
+
+def test_refcount_structures():
+    rows = _struct_rows("refcount_table_entry")
+    _check_tiling(rows, C.RT_ENTRY_SIZE, "refcount table entry")
+    raw = C.encode_refcount_table([0x4000], [0xDEAD_BEEF])
+    assert struct.unpack_from("<QQ", raw) == (0x4000, 0xDEAD_BEEF)
+    assert [f for _o, _s, f, _t in rows] == ["refcount_block_offset", "refcount_block_checksum"]
+    rows = _struct_rows("refcount_block_entry")
+    _check_tiling(rows, C.RC_ENTRY_SIZE, "refcount block entry")
+    assert C.RC_ENTRY.format in ("<I", b"<I")
+    for cbits in range(C.MIN_CLUSTER_BITS, C.MAX_CLUSTER_BITS + 1):
+        assert C.rc_entries(cbits) == (1 << cbits) // 4
+        assert C.l2_entries(cbits) == (1 << cbits) // 32
+        span = (1 << cbits) * ((1 << cbits) // 32)
+        assert C.l1_entries_for(0, cbits) == 0
+        assert C.l1_entries_for(1, cbits) == 1
+        assert C.l1_entries_for(span, cbits) == 1
+        assert C.l1_entries_for(span + 1, cbits) == 2
+
+
+# ============================================================================ values, constants, limits
+def _values(name: str) -> dict[int, str]:
+    return {int(r.get("Value", r.get("Bit"))): r["Name"] for r in TABLES[f"values:{name}"]}
+
+
+def test_l2_type_codes():
+    assert _values("l2-types") == C.TYPE_NAMES
+    assert (C.T_UNALLOCATED, C.T_ZERO, C.T_DATA, C.T_COMPRESSED) == (0, 1, 2, 3)
+
+
+def test_compression_codes():
+    assert _values("compression-types") == C.COMPRESSION_NAMES
+
+
+def _mask(bits: dict[int, str]) -> int:
+    m = 0
+    for b in bits:
+        m |= 1 << b
+    return m
+
+
+def test_feature_bits():
+    incompat = _values("incompatible-features")
+    assert _mask(incompat) == C.KNOWN_INCOMPAT
+    assert incompat == {0: "corrupt"} and C.INCOMPAT_CORRUPT == 1 << 0
+    assert _mask(_values("compatible-features")) == C.KNOWN_COMPAT
+    assert _mask(_values("autoclear-features")) == C.KNOWN_AUTOCLEAR
+
+
+def test_snapshot_flags():
+    flags = _values("snapshot-flags")
+    assert _mask(flags) == C.KNOWN_SNAP_FLAGS
+    assert flags == {0: "hidden"} and C.SNAP_HIDDEN == 1 << 0
+
+
+def test_constants_table():
+    rows = TABLES["constants"]
+    assert rows, "no constants in the spec"
+    for r in rows:
+        name, text = _unquote(r["Constant"]), _unquote(r["Value"])
+        actual = _resolve(name)
+        if isinstance(actual, bytes):
+            assert bytes.fromhex(text) == actual, name
+        elif isinstance(actual, tuple):
+            assert tuple(_int_expr(x) for x in text.split(",")) == actual, name
+        else:
+            assert _int_expr(text) == actual, name
+    named = {_unquote(r["Constant"]).rpartition(".")[2] for r in rows}
+    for must in ("MAGIC", "VERSION", "SLOT_SIZE", "SLOT_OFFSETS", "HEADER_AREA", "HEADER_FIXED",
+                 "L1_ENTRY_SIZE", "L2_ENTRY_SIZE", "RT_ENTRY_SIZE", "RC_ENTRY_SIZE"):
+        assert must in named, f"the spec's constants table lacks {must}"
+
+
+def test_limits_table():
+    rows = TABLES["limits"]
+    seen = set()
+    for r in rows:
+        assert r["Kind"].split()[0] in ("format", "implementation"), r
+        for name, expr in re.findall(r"`([\w.]+) = ([^`]+)`", r["Constant"]):
+            assert _resolve(name) == _int_expr(expr), f"limit {name}: spec says {expr}"
+            seen.add(name.rpartition(".")[2])
+    for must in ("MIN_CLUSTER_BITS", "MAX_CLUSTER_BITS", "MAX_L1_BYTES", "MAX_SNAPSHOTS", "MAX_SNAPSHOT_NAME",
+                 "MAX_BACKING_NAME", "MAX_BACKING_FORMAT", "MAX_CHAIN_DEPTH", "MAX_VIRTUAL_SIZE",
+                 "MAX_SNAPSHOT_TABLE"):
+        assert must in seen, f"the spec's limits table lacks {must}"
+
+
+def test_spec_mentions_every_codec_constant_value_it_relies_on():
+    text = _spec_text()
+    # numbers quoted in prose that must follow the code
+    assert f"0 to {C.MAX_BACKING_NAME}" in text and f"0 to {C.MAX_BACKING_FORMAT}" in text
+    assert f"1 to {C.MAX_SNAPSHOT_NAME}" in text
+    assert f"at most {C.MAX_SNAPSHOTS}" in text
+    assert "7/8" in text  # compressed frames written only if at most 7/8 of a cluster
+    assert "from 200 (192 + 8) to 4096" in text
+
+
+# ============================================================================ samples through vdisk
+def _manifest() -> list[tuple[str, int, str, str | None]]:
+    out = []
+    with open(MANIFEST) as f:
+        for line in f:
+            if not line.strip() or line.startswith("#"):
+                continue
+            digest, size, name, snap = line.split()
+            out.append((digest, int(size), name, None if snap == "-" else snap))
+    return out
+
+
+SAMPLE_FILES = sorted(os.path.basename(p) for p in glob.glob(os.path.join(SAMPLES, "*.vdk")))
+
+
+def test_samples_exist_and_are_small():
+    assert {"empty.vdk", "data.vdk", "compressed.vdk", "snapshots.vdk", "overlay.vdk", "base.vdk",
+            "clone.vdk", "clone-source.vdk"} <= set(SAMPLE_FILES)
+    for name in SAMPLE_FILES:
+        assert os.path.getsize(os.path.join(SAMPLES, name)) < 200 << 10, name
+    listed = {name for _d, _s, name, snap in _manifest() if snap is None}
+    assert listed == set(SAMPLE_FILES), "MANIFEST and the sample files disagree"
+    readme = open(os.path.join(ROOT, "formats", "README.md")).read()
+    for name in SAMPLE_FILES:
+        assert name in readme, f"formats/README.md does not mention {name}"
+
+
+@pytest.mark.parametrize("digest,size,name,snap", _manifest(),
+                         ids=[f"{n}{s or ''}" for _d, _z, n, s in _manifest()])
+def test_sample_guest_content(digest, size, name, snap):
+    h = hashlib.sha256()
+    with vdisk.open(os.path.join(SAMPLES, name), read_only=True, snapshot=snap) as img:
+        assert img.format == "vdk"
+        assert img.size == size
+        for off in range(0, size, 64 << 10):
+            h.update(img.read(off, min(64 << 10, size - off)))
+    assert h.hexdigest() == digest
+
+
+@pytest.mark.parametrize("name", SAMPLE_FILES)
+def test_sample_check_is_clean(name):
+    with vdisk.open(os.path.join(SAMPLES, name), read_only=True) as img:
+        res = img.check()
+    assert not res.corruptions and not res.leaks, (res.corruptions, res.leaks)
+    assert res.leaked_clusters == 0
+
+
+def test_samples_show_what_the_readme_says():
+    def op(name, **kw):
+        return vdisk.open(os.path.join(SAMPLES, name), read_only=True, **kw)
+
+    with op("empty.vdk") as img:
+        assert img.block_status(chain=False)[0].status == vdisk.block.Status.UNALLOCATED
+        assert len(img.block_status(chain=False)) == 1
+    with op("data.vdk") as img:
+        assert img.size % img.cluster_size and img.cluster_size == 4096
+        assert len(img.driver.l1_off) == 3
+    with op("compressed.vdk") as img:
+        st = img.block_status(chain=False)
+        assert any(e.compressed for e in st) and any(e.status.name == "DATA" and not e.compressed for e in st)
+    with op("snapshots.vdk") as img:
+        assert [s.name for s in img.snapshot_list()] == ["first", "second"]
+    with op("overlay.vdk") as img:
+        assert img.driver.backing_ref.filename == "base.vdk" and img.driver.backing_ref.format == "vdk"
+        assert img.size > img.backing.size
+        assert any(e.status.name == "ZERO" for e in img.block_status(chain=False))
+    with op("clone.vdk") as img:
+        ref = img.driver.backing_ref
+        assert (ref.filename, ref.format, ref.snapshot) == ("clone-source.vdk", "vdk", "#1")
+    with op("clone-source.vdk") as img:
+        assert img.snapshot_list() == []
+        [rec] = img.driver.snapshots
+        assert rec.flags == C.SNAP_HIDDEN and rec.holds == 1 and rec.name == "gold"
+
+
+def test_make_samples_reproduces_the_manifest(tmp_path):
+    out = tmp_path / "samples"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "make-samples"), str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert (out / "MANIFEST").read_text() == open(MANIFEST).read(), \
+        "scripts/make-samples no longer produces the committed samples; rerun it and commit formats/samples"
+
+
+# ============================================================================ a reader from the spec alone
+class SpecReader:
+    """Reads a vdk image using only what formats/vdk.md says (no vdisk code)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        with open(path, "rb") as f:
+            self.data = f.read()
+        slots = []
+        for off in (0, 4096):
+            slot = self.data[off:off + 4096]
+            if slot == bytes(4096):
+                continue
+            h = self._decode_header(slot)
+            if h is not None:
+                slots.append((h["generation"], -off, off, h))
+        assert slots, f"{path}: no valid slot"
+        _g, _o, self.slot, self.h = max(slots)
+        h = self.h
+        assert h["generation"] % 2 == self.slot // 4096, "generation g must be in slot g mod 2"
+        self.cbits = h["cluster_bits"]
+        assert 12 <= self.cbits <= 21
+        self.cs = 1 << self.cbits
+        self.l2_bits = self.cbits - 5
+        self.limit = h["host_clusters"] * self.cs
+        assert len(self.data) >= self.limit
+        self.snapshots = self._snapshot_table()
+
+    @staticmethod
+    def _decode_header(slot: bytes):
+        if slot[:8] != b"\x89VDK\r\n\x1a\n":
+            return None
+        version, length = struct.unpack_from("<II", slot, 8)
+        if version != 1 or length % 8 or not 200 <= length <= 4096:
+            return None
+        if struct.unpack_from("<Q", slot, length - 8)[0] != xxhash.xxh3_64_intdigest(slot[:length - 8]):
+            return None
+        names = ["generation", "incompatible", "compatible", "autoclear"]
+        h = dict(zip(names, struct.unpack_from("<QQQQ", slot, 16)))
+        h["cluster_bits"], h["compression_type"], h["compression_level"] = struct.unpack_from("<IBb", slot, 48)
+        assert slot[54:56] == b"\0\0" and slot[76:80] == bytes(4) and slot[100:104] == bytes(4)
+        assert slot[180:192] == bytes(12)
+        (h["virtual_size"], h["l1_offset"], h["l1_entries"]) = struct.unpack_from("<QQI", slot, 56)
+        (h["l1_checksum"], h["rt_offset"], h["rt_entries"]) = struct.unpack_from("<QQI", slot, 80)
+        (h["rt_checksum"], h["st_offset"], h["st_count"], h["st_length"], h["st_checksum"], h["next_id"],
+         h["host_clusters"]) = struct.unpack_from("<QQIIQQQ", slot, 104)
+        assert struct.unpack_from("<QQQ", slot, 152) == (0, 0, 0), "dedup fields must be zero in version 1"
+        n, f, s = struct.unpack_from("<HBB", slot, 176)
+        assert 192 + n + f + s <= length - 8
+        h["backing"] = (slot[192:192 + n].decode(), slot[192 + n:192 + n + f].decode("ascii"),
+                        slot[192 + n + f:192 + n + f + s].decode())
+        assert slot[192 + n + f + s:length - 8] == bytes(length - 8 - (192 + n + f + s))
+        assert h["incompatible"] == 0 and h["autoclear"] == 0
+        return h
+
+    def _run(self, off: int, n: int, csum: int) -> bytes:
+        assert off % self.cs == 0 and off >= 8192 and off + n <= self.limit
+        buf = self.data[off:off + n]
+        assert xxhash.xxh3_64_intdigest(buf) == csum, f"checksum of {n} bytes at {off:#x}"
+        return buf
+
+    def _snapshot_table(self) -> list[dict]:
+        h = self.h
+        if h["st_count"] == 0:
+            assert h["st_offset"] == h["st_length"] == 0
+            return []
+        buf = self._run(h["st_offset"], h["st_length"], h["st_checksum"])
+        out, pos = [], 0
+        for _ in range(h["st_count"]):
+            (sid, gen, ctime, vsize, l1_off, l1_n, flags, l1_sum, holds, nlen,
+             res) = struct.unpack_from("<QQqQQIIQIHH", buf, pos)
+            assert res == 0 and 1 <= nlen <= 255 and flags & ~1 == 0 and 1 <= sid < h["next_id"]
+            name = buf[pos + 64:pos + 64 + nlen].decode()
+            rec_len = (64 + nlen + 7) // 8 * 8
+            assert buf[pos + 64 + nlen:pos + rec_len] == bytes(rec_len - 64 - nlen)
+            out.append(dict(id=sid, generation=gen, virtual_size=vsize, l1_offset=l1_off, l1_entries=l1_n,
+                            l1_checksum=l1_sum, flags=flags, holds=holds, name=name))
+            pos += rec_len
+        assert pos == len(buf)
+        assert len({r["id"] for r in out}) == len(out)
+        return out
+
+    def root(self, selector: str | None):
+        if selector is None:
+            h = self.h
+            return h["virtual_size"], h["l1_offset"], h["l1_entries"], h["l1_checksum"]
+        if selector.startswith("#"):
+            [r] = [r for r in self.snapshots if r["id"] == int(selector[1:])]
+        else:
+            [r] = [r for r in self.snapshots if r["name"] == selector and not r["flags"] & 1]
+        return r["virtual_size"], r["l1_offset"], r["l1_entries"], r["l1_checksum"]
+
+    def l1(self, off: int, n: int, csum: int, vsize: int) -> list[tuple[int, int]]:
+        span = self.cs * (self.cs // 32)
+        assert n == -(-vsize // span)
+        if n == 0:
+            assert off == 0
+            return []
+        buf = self._run(off, n * 16, csum)
+        return [struct.unpack_from("<QQ", buf, i * 16) for i in range(n)]
+
+    def l2(self, off: int, csum: int, first_guest_cluster: int, vsize: int) -> list[tuple]:
+        buf = self._run(off, self.cs, csum)
+        out = []
+        guest_clusters = -(-vsize // self.cs)
+        for j in range(self.cs // 32):
+            desc, length, codec, dsum, birth = struct.unpack_from("<QIIQQ", buf, j * 32)
+            assert desc >> 60 == 0
+            typ, host = (desc >> 56) & 0xF, desc & ((1 << 56) - 1)
+            if typ in (0, 1):
+                assert host == length == codec == 0
+            elif typ == 2:
+                assert host % self.cs == 0 and host >= 8192 and host + self.cs <= self.limit
+                assert length == self.cs and codec == 0
+            elif typ == 3:
+                assert codec == 1 and 0 < length < self.cs and host >= 8192
+                assert host % self.cs + length <= self.cs and host + length <= self.limit
+            else:
+                raise AssertionError(f"type {typ}")
+            if first_guest_cluster + j >= guest_clusters:
+                assert typ == 0
+            out.append((typ, host, length, dsum, birth))
+        return out
+
+    def cluster(self, typ, host, length, dsum) -> bytes:
+        raw = self.data[host:host + (self.cs if typ == 2 else length)]
+        assert xxhash.xxh3_64_intdigest(raw) == dsum
+        if typ == 2:
+            return raw
+        out = zstandard.ZstdDecompressor().decompress(raw, max_output_size=self.cs)
+        assert len(out) == self.cs
+        return out
+
+    def guest(self, selector: str | None = None) -> bytes:
+        vsize, off, n, csum = self.root(selector)
+        below = self._backing()
+        out = bytearray()
+        per = self.cs // 32
+        for i, (l2_off, l2_sum) in enumerate(self.l1(off, n, csum, vsize)):
+            entries = self.l2(l2_off, l2_sum, i * per, vsize) if l2_off else [(0, 0, 0, 0, 0)] * per
+            for j, (typ, host, length, dsum, _birth) in enumerate(entries):
+                g = (i * per + j) * self.cs
+                if g >= vsize:
+                    break
+                if typ == 0:
+                    out += below(g, self.cs)
+                elif typ == 1:
+                    out += bytes(self.cs)
+                else:
+                    out += self.cluster(typ, host, length, dsum)
+        return bytes(out[:vsize])
+
+    def _backing(self):
+        name, fmt, snap = self.h["backing"]
+        if not name:
+            return lambda g, n: bytes(n)
+        assert fmt == "vdk", "samples only use vdk backing images"
+        content = SpecReader(os.path.join(os.path.dirname(self.path), name)).guest(snap or None)
+        return lambda g, n: (content[g:g + n] + bytes(n))[:n]
+
+    def refcounts_expected(self) -> list[int]:
+        """Section 9.2, computed from scratch."""
+        h, cs = self.h, self.cs
+        exp = [0] * h["host_clusters"]
+
+        def run(off, nbytes):
+            for c in range(off // cs, -(-(off + nbytes) // cs)):
+                exp[c] += 1
+
+        for c in range(-(-8192 // cs)):
+            exp[c] += 1
+        run(h["rt_offset"], h["rt_entries"] * 16)
+        for bo, _bs in self._rt():
+            exp[bo // cs] += 1
+        if h["st_offset"]:
+            run(h["st_offset"], h["st_length"])
+        roots = [(h["virtual_size"], h["l1_offset"], h["l1_entries"], h["l1_checksum"])]
+        roots += [(r["virtual_size"], r["l1_offset"], r["l1_entries"], r["l1_checksum"]) for r in self.snapshots]
+        seen_l1, seen_l2 = set(), set()
+        per = cs // 32
+        for vsize, off, n, csum in roots:
+            if not off:
+                continue
+            run(off, n * 16)
+            if off in seen_l1:
+                continue
+            seen_l1.add(off)
+            for i, (l2_off, l2_sum) in enumerate(self.l1(off, n, csum, vsize)):
+                if not l2_off:
+                    continue
+                exp[l2_off // cs] += 1
+                if l2_off in seen_l2:
+                    continue
+                seen_l2.add(l2_off)
+                for typ, host, length, dsum, _b in self.l2(l2_off, l2_sum, i * per, vsize):
+                    if typ in (2, 3):
+                        self.cluster(typ, host, length, dsum)
+                        exp[host // cs] += 1
+        return exp
+
+    def _rt(self) -> list[tuple[int, int]]:
+        h = self.h
+        per = self.cs // 4
+        assert h["rt_entries"] == -(-h["host_clusters"] // per)
+        buf = self._run(h["rt_offset"], h["rt_entries"] * 16, h["rt_checksum"])
+        return [struct.unpack_from("<QQ", buf, i * 16) for i in range(h["rt_entries"])]
+
+    def refcounts_stored(self) -> list[int]:
+        out = []
+        for bo, bs in self._rt():
+            blk = self._run(bo, self.cs, bs)
+            out += struct.unpack(f"<{self.cs // 4}I", blk)
+        assert all(v == 0 for v in out[self.h["host_clusters"]:])
+        return out[:self.h["host_clusters"]]
+
+
+@pytest.mark.parametrize("digest,size,name,snap", _manifest(),
+                         ids=[f"{n}{s or ''}" for _d, _z, n, s in _manifest()])
+def test_spec_reader_reads_the_samples(digest, size, name, snap):
+    r = SpecReader(os.path.join(SAMPLES, name))
+    content = r.guest(snap)
+    assert len(content) == size
+    assert hashlib.sha256(content).hexdigest() == digest
+
+
+@pytest.mark.parametrize("name", SAMPLE_FILES)
+def test_spec_reader_refcounts_match_the_samples(name):
+    r = SpecReader(os.path.join(SAMPLES, name))
+    assert r.refcounts_stored() == r.refcounts_expected()
+
+
+def test_spec_reader_sees_the_structures_the_samples_promise():
+    compressed = SpecReader(os.path.join(SAMPLES, "compressed.vdk"))
+    h = compressed.h
+    entries = []
+    for i, (o, s) in enumerate(compressed.l1(h["l1_offset"], h["l1_entries"], h["l1_checksum"], h["virtual_size"])):
+        if o:
+            entries += compressed.l2(o, s, i * 128, h["virtual_size"])
+    packed = [host // 4096 for typ, host, *_ in entries if typ == 3]
+    assert len(packed) > len(set(packed)), "no packing cluster holds more than one frame"
+    stored = compressed.refcounts_stored()
+    assert any(stored[c] == packed.count(c) > 1 for c in set(packed))
+    assert h["compression_type"] == 1
+    # births are generations of the header that committed them
+    assert all(0 < b <= h["generation"] for typ, _h, _l, _s, b in entries if typ in (2, 3))
+
+    data = SpecReader(os.path.join(SAMPLES, "data.vdk"))
+    with open(data.path, "rb") as f:
+        head = f.read(8192)
+    assert all(SpecReader._decode_header(head[o:o + 4096]) for o in (0, 4096)), "data.vdk should use both slots"
+    empty = SpecReader(os.path.join(SAMPLES, "empty.vdk"))
+    with open(empty.path, "rb") as f:
+        head = f.read(8192)
+    assert head[4096:] == bytes(4096) and empty.slot == 0
+
+    snaps = SpecReader(os.path.join(SAMPLES, "snapshots.vdk"))
+    first, second = snaps.snapshots
+    stored = snaps.refcounts_stored()
+    assert (first["name"], second["name"]) == ("first", "second")
+    assert first["generation"] < second["generation"] < snaps.h["generation"]
+    # the live L1 was rewritten after "second", so each snapshot's L1 is held by its record alone
+    assert stored[first["l1_offset"] // 4096] == 1 and stored[second["l1_offset"] // 4096] == 1
