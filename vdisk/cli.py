@@ -105,6 +105,27 @@ def errors_exit_with(code: int) -> Iterator[None]:
         raise err from None
 
 
+@contextlib.contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """Within the block, SIGTERM raises ``SystemExit(143)`` so ``finally`` clauses run
+    (convert removes its half-written temporary file).  Main thread only."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):  # noqa: ARG001
+        raise SystemExit(128 + signum)
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 class VdiskGroup(click.Group):
     """The top-level group: one place for error handling, and lazily imported commands."""
 
@@ -654,7 +675,7 @@ def convert(fmt, out_fmt, compress, opts, snapshot, cache, progress, quiet, unsa
         raise UsageError("convert makes a standalone image; backing_file cannot be set with -o")
     if compress:
         kw.setdefault("compression", "zstd")
-    with open_image(src, fmt=fmt, snapshot=snapshot, unsafe_backing=unsafe_backing) as img:
+    with sigterm_unwinds(), open_image(src, fmt=fmt, snapshot=snapshot, unsafe_backing=unsafe_backing) as img:
         with progress_bar(img.size, "Converting", force=progress, quiet=quiet) as bar:
             do_convert(img, dst, format=out_fmt, progress=bar.update, durable=cache == "writeback", **kw)
 
