@@ -315,8 +315,12 @@ def open(  # noqa: A001 - the public name is vdisk.open
     backing: bool = True,
     allow_backing_dirs: list[str] | None = None,
     unsafe_backing: bool = False,
+    cache: str = "writeback",
 ) -> Image:
     """Open an image and its backing chain.
+
+    ``cache="unsafe"`` makes flushes of the top image no-ops (no fdatasync): for
+    scratch output that is discarded if the process dies, as ``qemu-img convert`` does.
 
     ``format`` None probes the file's magic (raw if none).  ``snapshot`` opens that
     internal snapshot, read-only.  ``backing=False`` opens the top image alone (its
@@ -327,11 +331,13 @@ def open(  # noqa: A001 - the public name is vdisk.open
         read_only = True
     fmt = format or detect_format(path)
     allowed = None if unsafe_backing else _allowed_dirs(path, allow_backing_dirs)
+    if cache not in ("writeback", "unsafe"):
+        raise UsageError(f"unknown cache mode {cache!r} (writeback or unsafe)")
     seen: set[tuple[int, int, str | None]] = set()
-    return _open_node(path, fmt, read_only, snapshot, backing, allowed, seen, 0)
+    return _open_node(path, fmt, read_only, snapshot, backing, allowed, seen, 0, cache == "writeback")
 
 
-def _open_node(path, fmt, read_only, snapshot, with_backing, allowed, seen, depth) -> Image:
+def _open_node(path, fmt, read_only, snapshot, with_backing, allowed, seen, depth, sync=True) -> Image:
     if depth >= MAX_CHAIN_DEPTH:
         raise BackingError(f"{path}: backing chain is deeper than {MAX_CHAIN_DEPTH} images")
     try:
@@ -345,7 +351,7 @@ def _open_node(path, fmt, read_only, snapshot, with_backing, allowed, seen, dept
         raise BackingError(f"{path}: backing chain loops back to this file")
     seen.add(key)
     cls = get_driver(fmt)
-    host = HostFile(path, read_only=read_only, lock="snapshot" if snapshot is not None else "auto")
+    host = HostFile(path, read_only=read_only, lock="snapshot" if snapshot is not None else "auto", sync=sync)
     try:
         driver = cls.open(host, read_only=read_only, snapshot=snapshot)
     except BaseException:

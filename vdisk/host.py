@@ -48,6 +48,10 @@ class HostStorage:
     def pwrite(self, offset: int, data: bytes) -> None:
         raise NotImplementedError
 
+    def pwritev(self, offset: int, buffers: list) -> None:
+        """Write ``buffers`` back to back from ``offset`` (one system call where possible)."""
+        self.pwrite(offset, b"".join(buffers))
+
     def flush(self) -> None:
         raise NotImplementedError
 
@@ -76,12 +80,16 @@ def _oserror(name: str, what: str, exc: OSError) -> VdiskError:
 class HostFile(HostStorage):
     """A regular file (or block device) on the local machine."""
 
-    def __init__(self, path: str, *, read_only: bool = False, create: bool = False, lock: str | None = "auto"):
-        """``lock``: "write" (one writer), "read" (readers of the live state, excluded by a
+    def __init__(self, path: str, *, read_only: bool = False, create: bool = False, lock: str | None = "auto",
+                 sync: bool = True):
+        """``sync`` False makes ``flush`` a no-op (``cache=unsafe``: for scratch files such as
+        a convert's destination before its rename; a crash may then lose anything).
+        ``lock``: "write" (one writer), "read" (readers of the live state, excluded by a
         writer), "snapshot" (readers of an immutable snapshot: they coexist with a
         writer), None (no lock), or "auto": "read" when read_only, else "write"."""
         self.name = path
         self.read_only = read_only
+        self.sync = sync
         flags = os.O_RDONLY if read_only else os.O_RDWR
         if create:
             flags |= os.O_CREAT | os.O_EXCL
@@ -152,7 +160,18 @@ class HostFile(HostStorage):
         except OSError as exc:
             raise _oserror(self.name, f"write of {len(data)} bytes at {offset}", exc) from None
 
+    def pwritev(self, offset: int, buffers: list) -> None:
+        total = sum(len(b) for b in buffers)
+        try:
+            n = os.pwritev(self.fd, buffers, offset)
+        except OSError as exc:
+            raise _oserror(self.name, f"write of {total} bytes at {offset}", exc) from None
+        if n < total:  # short write: finish the rest the simple way
+            self.pwrite(offset + n, memoryview(b"".join(buffers))[n:])
+
     def flush(self) -> None:
+        if not self.sync:
+            return
         try:
             os.fdatasync(self.fd)
         except OSError as exc:

@@ -206,6 +206,7 @@ class VdkDriver(BlockDriver):
         self.free_heap: list[int] = []
         self.pack_cluster = -1
         self.pack_used = 0
+        self._wq: list[tuple[int, object]] = []  # data writes queued by _store (see _write_queued)
         self._dirty = False
         self._closed = False
         self.broken: str | None = None
@@ -376,10 +377,25 @@ class VdkDriver(BlockDriver):
         self.broken = why
         raise self._corrupt(why)
 
-    def _release_entry(self, desc: int) -> None:
+    def _entry_clusters(self, desc: int, slen: int) -> tuple[int, ...]:
+        """Host clusters an L2 entry references: one for data, one or two (a compressed
+        cluster may cross one cluster boundary) for compressed, none otherwise."""
         kind = desc >> _SHIFT
-        if kind == _T_DATA or kind == _T_COMP:
+        if kind == _T_DATA:
+            return ((desc & _MASK) >> self.cbits,)
+        if kind == _T_COMP:
+            off = desc & _MASK
+            first, last = off >> self.cbits, (off + slen - 1) >> self.cbits
+            return (first,) if first == last else (first, last)
+        return ()
+
+    def _release_entry(self, desc: int, slen: int) -> None:
+        kind = desc >> _SHIFT
+        if kind == _T_DATA:
             self._decref((desc & _MASK) >> self.cbits)
+        elif kind == _T_COMP:
+            for c in self._entry_clusters(desc, slen):
+                self._decref(c)
 
     # ================================================================ tables
     def _l2(self, l2i: int) -> bytearray | None:
@@ -440,10 +456,9 @@ class VdkDriver(BlockDriver):
         else:
             c = self.l1_off[l2i] >> self.cbits
             if self.rc[c] > 1:  # shared: the copy references every data cluster too
-                for (desc, _l, _c, _s, _b) in C.L2_ENTRY.iter_unpack(tbl):
-                    kind = desc >> _SHIFT
-                    if kind == _T_DATA or kind == _T_COMP:
-                        self._incref((desc & _MASK) >> self.cbits)
+                for (desc, slen, _c, _s, _b) in C.L2_ENTRY.iter_unpack(tbl):
+                    for hc in self._entry_clusters(desc, slen):
+                        self._incref(hc)
             self._decref(c)
         self.l1_off[l2i] = 0
         self.l1_sum[l2i] = 0
@@ -553,36 +568,59 @@ class VdkDriver(BlockDriver):
             chunks = [mv[(ci << cbits) - offset:((ci + 1) << cbits) - offset] for ci in range(first_full, last_full)]
             compressed = dict(zip(range(first_full, last_full), _compress_pool().map(self._compress, chunks)))
         pos = offset
-        while pos < end:
-            ci = pos >> cbits
-            in_off = pos & (cs - 1)
-            n = min(cs - in_off, end - pos)
-            if n == cs:
-                content = mv[pos - offset:pos - offset + cs]
-            else:
-                old = self._read_cluster(ci)
-                content = old[:in_off] + bytes(mv[pos - offset:pos - offset + n]) + old[in_off + n:]
-            self._store(ci, content, compressed.get(ci) if compressed else None)
-            pos += n
+        try:
+            while pos < end:
+                ci = pos >> cbits
+                in_off = pos & (cs - 1)
+                n = min(cs - in_off, end - pos)
+                if n == cs:
+                    content = mv[pos - offset:pos - offset + cs]
+                else:
+                    old = self._read_cluster(ci)
+                    content = old[:in_off] + bytes(mv[pos - offset:pos - offset + n]) + old[in_off + n:]
+                self._store(ci, content, compressed.get(ci) if compressed else None)
+                pos += n
+        finally:
+            self._write_queued()
         self._maybe_commit()
+
+    def _write_queued(self) -> None:
+        """Issue the data writes ``_store`` queued, one pwritev per run of adjacent host
+        bytes.  Within one ``write`` call each guest cluster is stored once, and the
+        partial clusters at its ends are read before anything is queued, so no read
+        sees a queued cluster."""
+        q = self._wq
+        if not q:
+            return
+        self._wq = []
+        q.sort(key=lambda w: w[0])
+        start, bufs, nxt = q[0][0], [q[0][1]], q[0][0] + len(q[0][1])
+        for off, buf in q[1:]:
+            if off == nxt and len(bufs) < 512:
+                bufs.append(buf)
+            else:
+                self.host.pwritev(start, bufs)
+                start, bufs = off, [buf]
+            nxt = off + len(buf)
+        self.host.pwritev(start, bufs)
 
     def _compress(self, content) -> bytes | None:
         if content == self.zero_cluster:
             return None
         comp = self._cctx.compress(content) if False else zstandard.ZstdCompressor(
             level=self.header.compression_level, write_content_size=True, write_checksum=False).compress(content)
-        return comp if len(comp) <= self.cluster_size - (self.cluster_size >> 3) else None
+        return comp if len(comp) < self.cluster_size else None
 
     def _store(self, ci: int, content, comp: bytes | None = None) -> None:
         """Make guest cluster ``ci`` hold ``content`` (exactly one cluster of bytes)."""
         l2i = ci >> self.l2_bits
         tbl = self._l2_for_write(l2i)
         pos = (ci & self.l2_mask) * _ESZ
-        desc, _slen, _codec, _csum, _birth = _unpack_l2(tbl, pos)
+        desc, slen, _codec, _csum, _birth = _unpack_l2(tbl, pos)
         kind = desc >> _SHIFT
         birth = self.header.generation + 1
         if content == self.zero_cluster:
-            self._release_entry(desc)
+            self._release_entry(desc, slen)
             _pack_l2(tbl, pos, (_T_ZERO << _SHIFT) if self.backing is not None else 0, 0, 0, 0, 0)
             return
         if self.compression:
@@ -590,30 +628,41 @@ class VdkDriver(BlockDriver):
                 comp = self._compress(content)
             if comp is not None:
                 host = self._alloc_piece(len(comp))
-                self.host.pwrite(host, comp)
-                self._release_entry(desc)
+                self._wq.append((host, comp))
+                self._release_entry(desc, slen)
                 _pack_l2(tbl, pos, (_T_COMP << _SHIFT) | host, len(comp), C.COMPRESSION_ZSTD, C.checksum(comp), birth)
                 return
         csum = C.checksum(content)
         if kind == _T_DATA:
             c = (desc & _MASK) >> self.cbits
             if c in self.new_clusters and self.rc[c] == 1:  # ours alone and not yet committed: rewrite in place
-                self.host.pwrite(desc & _MASK, content)
+                self._wq.append((desc & _MASK, content))
                 _pack_l2(tbl, pos, desc, self.cluster_size, 0, csum, birth)
                 return
         c = self._alloc()
-        self.host.pwrite(c << self.cbits, content)
-        self._release_entry(desc)
+        self._wq.append((c << self.cbits, content))
+        self._release_entry(desc, slen)
         _pack_l2(tbl, pos, (_T_DATA << _SHIFT) | (c << self.cbits), self.cluster_size, 0, csum, birth)
 
     def _alloc_piece(self, n: int) -> int:
-        if self.pack_cluster < 0 or self.pack_used + n > self.cluster_size:
-            self.pack_cluster = self._alloc()
-            self.pack_used = 0
+        """Room for ``n`` (< cluster size) compressed bytes, packed after the previous
+        piece; a piece may run on into the next cluster when that one is the next
+        to be appended to the file, as it is while a fresh image fills up."""
+        cs = self.cluster_size
+        c = self.pack_cluster
+        if c >= 0 and self.pack_used + n <= cs:
+            self._incref(c)
+            off = (c << self.cbits) + self.pack_used
+            self.pack_used += n
+        elif c >= 0 and self.pack_used < cs and c + 1 == self.host_clusters:
+            off = (c << self.cbits) + self.pack_used
+            self._incref(c)
+            self.pack_cluster = self._alloc_run(1)  # appends: c + 1
+            self.pack_used = self.pack_used + n - cs
         else:
-            self._incref(self.pack_cluster)
-        off = (self.pack_cluster << self.cbits) + self.pack_used
-        self.pack_used += n
+            self.pack_cluster = self._alloc()
+            off = self.pack_cluster << self.cbits
+            self.pack_used = n
         return off
 
     def write_zeroes(self, offset: int, length: int) -> None:
@@ -646,10 +695,10 @@ class VdkDriver(BlockDriver):
             tbl = self._l2_for_write(l2i)
             for c in range(ci, l2_end):
                 pos = (c & self.l2_mask) * _ESZ
-                desc = _unpack_l2(tbl, pos)[0]
+                desc, slen = _unpack_l2(tbl, pos)[:2]
                 if desc == new_desc:
                     continue
-                self._release_entry(desc)
+                self._release_entry(desc, slen)
                 _pack_l2(tbl, pos, new_desc, 0, 0, 0, 0)
             ci = l2_end
 
@@ -686,14 +735,14 @@ class VdkDriver(BlockDriver):
                 continue
             tbl = self._l2_for_write(l2i)
             pos = (ci & self.l2_mask) * _ESZ
-            self._release_entry(_unpack_l2(tbl, pos)[0])
+            self._release_entry(*_unpack_l2(tbl, pos)[:2])
             _pack_l2(tbl, pos, 0, 0, 0, 0, 0)
 
     def _release_l2_index(self, l2i: int) -> None:
         if l2i in self.l2dirty:
             tbl = self.l2cache[l2i]
-            for (desc, *_rest) in C.L2_ENTRY.iter_unpack(tbl):
-                self._release_entry(desc)
+            for (desc, slen, *_rest) in C.L2_ENTRY.iter_unpack(tbl):
+                self._release_entry(desc, slen)
             self.l2dirty.discard(l2i)
         elif self.l1_off[l2i]:
             self._release_l2(self.l1_off[l2i], self.l1_sum[l2i])
@@ -704,8 +753,8 @@ class VdkDriver(BlockDriver):
         c = off >> self.cbits
         if self.rc[c] == 1:
             tbl = self._read_checked(off, self.cluster_size, csum, "L2 table")
-            for (desc, *_rest) in C.L2_ENTRY.iter_unpack(tbl):
-                self._release_entry(desc)
+            for (desc, slen, *_rest) in C.L2_ENTRY.iter_unpack(tbl):
+                self._release_entry(desc, slen)
         self._decref(c)
 
     def _release_l1(self, off: int, n: int, csum: int) -> None:
@@ -1163,7 +1212,8 @@ class VdkDriver(BlockDriver):
             if kind not in (_T_DATA, _T_COMP):
                 continue
             host = desc & _MASK
-            ref(host >> cbits, f"L2 entry for guest offset {guest:#x}")
+            for hc in self._entry_clusters(desc, slen):
+                ref(hc, f"L2 entry for guest offset {guest:#x}")
             res.checked_clusters += 1
             try:
                 if kind == _T_DATA:
@@ -1188,8 +1238,9 @@ class VdkDriver(BlockDriver):
         self._commit(force=True)
 
     def space_usage(self) -> dict:
-        """Bytes each root (the live state, each snapshot) refers to, and bytes only it
-        refers to -- what deleting it would free (ZFS ``refer`` and ``used``)."""
+        """Host bytes each root (the live state, each snapshot) refers to (data and
+        tables), and bytes only it refers to -- what deleting it would free (ZFS
+        ``refer`` and ``used``)."""
         self._commit()
         if self.rc is None:
             self._load_refcounts()
@@ -1221,22 +1272,22 @@ class VdkDriver(BlockDriver):
             return v == 0
 
         offs, sums = C.decode_l1(self._read_checked(off, n * C.L1_ENTRY_SIZE, csum, "L1 table"), n)
-        data: set[int] = set()
+        l1_clusters = (n * C.L1_ENTRY_SIZE + self.cluster_size - 1) >> cbits
+        referenced: set[int] = set()
         freed = 0
         l1_private = self.rc[off >> cbits] == 1
         for o, s in zip(offs, sums):
             if not o:
                 continue
+            referenced.add(o >> cbits)
             tbl = self._read_checked(o, self.cluster_size, s, "L2 table")
             l2_freed = l1_private and dec(o >> cbits)
             freed += l2_freed
-            for (desc, *_rest) in C.L2_ENTRY.iter_unpack(tbl):
-                kind = desc >> _SHIFT
-                if kind == _T_DATA or kind == _T_COMP:
-                    c = (desc & _MASK) >> cbits
-                    data.add(c)
+            for (desc, slen, *_rest) in C.L2_ENTRY.iter_unpack(tbl):
+                for c in self._entry_clusters(desc, slen):
+                    referenced.add(c)
                     if l2_freed:
                         freed += dec(c)
         if l1_private:
-            freed += (n * C.L1_ENTRY_SIZE + self.cluster_size - 1) >> cbits
-        return len(data), freed
+            freed += l1_clusters
+        return len(referenced) + l1_clusters, freed
