@@ -38,6 +38,12 @@ log = logging.getLogger("fusemount")
 
 READY_TIMEOUT = 120.0
 
+#: pyfuse3 worker tasks.  The data handlers never await, so a second worker could only
+#: wait on pyfuse3's read lock: measured, one worker costs ~1-2 us less CPU per 4 KiB
+#: request than four and does better on 1 MiB requests (see the report in
+#: scripts/bench-fuse's history).  VDISK_FUSE_MAX_TASKS overrides it for experiments.
+MAX_TASKS = int(os.environ.get("VDISK_FUSE_MAX_TASKS", "1"))
+
 
 class MountError(VdiskError):
     """The mount could not be set up (mountpoint missing, busy, daemon died...)."""
@@ -197,7 +203,7 @@ class _Daemon:
                 await nursery.start(control.serve, self.listen_sock, self.handle_control)
             ready()
             try:
-                await pyfuse3.main(min_tasks=1, max_tasks=4)
+                await pyfuse3.main(min_tasks=1, max_tasks=MAX_TASKS)
             finally:
                 nursery.cancel_scope.cancel()
 
