@@ -356,7 +356,7 @@ def test_spec_mentions_every_codec_constant_value_it_relies_on():
     assert f"0 to {C.MAX_BACKING_NAME}" in text and f"0 to {C.MAX_BACKING_FORMAT}" in text
     assert f"1 to {C.MAX_SNAPSHOT_NAME}" in text
     assert f"at most {C.MAX_SNAPSHOTS}" in text
-    assert "7/8" in text  # compressed frames written only if at most 7/8 of a cluster
+    assert re.search(r"may\s+cross\s+one\s+cluster\s+boundary", text)  # compressed frames: section 8
     assert "from 200 (192 + 8) to 4096" in text
 
 
@@ -559,8 +559,7 @@ class SpecReader:
                 assert host % self.cs == 0 and host >= 8192 and host + self.cs <= self.limit
                 assert length == self.cs and codec == 0
             elif typ == 3:
-                assert codec == 1 and 0 < length < self.cs and host >= 8192
-                assert host % self.cs + length <= self.cs and host + length <= self.limit
+                assert codec == 1 and 0 < length < self.cs and host >= 8192 and host + length <= self.limit
             else:
                 raise AssertionError(f"type {typ}")
             if first_guest_cluster + j >= guest_clusters:
@@ -641,8 +640,17 @@ class SpecReader:
                 for typ, host, length, dsum, _b in self.l2(l2_off, l2_sum, i * per, vsize):
                     if typ in (2, 3):
                         self.cluster(typ, host, length, dsum)
-                        exp[host // cs] += 1
+                        for c in self.touched(typ, host, length):
+                            exp[c] += 1
         return exp
+
+    def touched(self, typ: int, host: int, length: int) -> list[int]:
+        """Host clusters an entry references (section 8: a frame may cross one boundary)."""
+        if typ == 2:
+            return [host // self.cs]
+        first, last = host // self.cs, (host + length - 1) // self.cs
+        assert last - first <= 1
+        return [first] if first == last else [first, last]
 
     def _rt(self) -> list[tuple[int, int]]:
         h = self.h
@@ -682,10 +690,13 @@ def test_spec_reader_sees_the_structures_the_samples_promise():
     for i, (o, s) in enumerate(compressed.l1(h["l1_offset"], h["l1_entries"], h["l1_checksum"], h["virtual_size"])):
         if o:
             entries += compressed.l2(o, s, i * 128, h["virtual_size"])
-    packed = [host // 4096 for typ, host, *_ in entries if typ == 3]
+    touching = [compressed.touched(typ, host, length) for typ, host, length, *_ in entries if typ == 3]
+    packed = [c for cl in touching for c in cl]
     assert len(packed) > len(set(packed)), "no packing cluster holds more than one frame"
+    assert any(len(cl) == 2 for cl in touching), "no compressed frame crosses a cluster boundary"
     stored = compressed.refcounts_stored()
-    assert any(stored[c] == packed.count(c) > 1 for c in set(packed))
+    assert all(stored[c] == packed.count(c) for c in set(packed))
+    assert any(stored[c] > 1 for c in set(packed))
     assert h["compression_type"] == 1
     # births are generations of the header that committed them
     assert all(0 < b <= h["generation"] for typ, _h, _l, _s, b in entries if typ in (2, 3))
