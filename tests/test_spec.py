@@ -717,3 +717,98 @@ def test_spec_reader_sees_the_structures_the_samples_promise():
     assert first["generation"] < second["generation"] < snaps.h["generation"]
     # the live L1 was rewritten after "second", so each snapshot's L1 is held by its record alone
     assert stored[first["l1_offset"] // 4096] == 1 and stored[second["l1_offset"] // 4096] == 1
+
+
+# ============================================================================ known deviations (spec section 15)
+def _copy_with_header(tmp_path, name: str, newest: bool = True, **changes) -> str:
+    """A copy of a sample whose newest (or older) header slot is rewritten with ``changes``."""
+    src = os.path.join(SAMPLES, name)
+    dst = str(tmp_path / name)
+    with open(src, "rb") as f:
+        data = bytearray(f.read())
+    slots = [(C.Header.decode(bytes(data[o:o + 4096])).generation, o) for o in C.SLOT_OFFSETS
+             if data[o:o + 4096] != bytes(4096)]
+    _gen, off = max(slots) if newest else min(slots)
+    h = C.Header.decode(bytes(data[off:off + 4096])).replace(**changes)
+    raw = h.encode()
+    data[off:off + 4096] = raw + bytes(4096 - len(raw))
+    with open(dst, "wb") as f:
+        f.write(data)
+    return dst
+
+
+def test_samples_data_uses_both_slots_for_the_deviation_tests():
+    with open(os.path.join(SAMPLES, "data.vdk"), "rb") as f:
+        head = f.read(8192)
+    assert head[:4096] != bytes(4096) and head[4096:] != bytes(4096)
+
+
+@pytest.mark.xfail(strict=True, reason="spec section 15 item 1: the version is checked before the checksum")
+def test_deviation_damaged_version_in_the_older_slot(tmp_path):
+    dst = _copy_with_header(tmp_path, "data.vdk", newest=False)
+    with open(dst, "r+b") as f:
+        data = bytearray(f.read(8192))
+        older = min((C.Header.decode(bytes(data[o:o + 4096])).generation, o) for o in C.SLOT_OFFSETS)[1]
+        f.seek(older + 8)
+        f.write(struct.pack("<I", 7))  # damaged: version 7 and a wrong checksum
+    with vdisk.open(dst, read_only=True) as img:  # the newer slot is intact
+        assert img.size > 0
+
+
+@pytest.mark.xfail(strict=True, reason="spec section 15 item 3: cluster_bits is used before it is checked")
+def test_deviation_cluster_bits_out_of_range(tmp_path):
+    dst = _copy_with_header(tmp_path, "empty.vdk", cluster_bits=200)
+    with pytest.raises(vdisk.errors.CorruptImage):
+        vdisk.open(dst, read_only=True).close()
+
+
+@pytest.mark.xfail(strict=True, reason="spec section 15 item 4: compression_level is not checked on open")
+def test_deviation_compression_level_out_of_range(tmp_path):
+    dst = _copy_with_header(tmp_path, "empty.vdk", compression_level=127)
+    with pytest.raises(vdisk.VdiskError):
+        vdisk.open(dst, read_only=True).close()
+
+
+def test_cluster_bits_just_out_of_range_is_corruption(tmp_path):
+    for cbits in (11, 22):
+        dst = _copy_with_header(tmp_path, "empty.vdk", cluster_bits=cbits)
+        with pytest.raises(vdisk.errors.CorruptImage, match="cluster_bits"):
+            vdisk.open(dst, read_only=True).close()
+
+
+def test_current_header_failing_a_check_is_not_skipped(tmp_path):
+    """Section 4.1: step-2 checks apply to the current header; no fallback to the older slot."""
+    dst = _copy_with_header(tmp_path, "data.vdk", compression_type=9)
+    with pytest.raises(vdisk.errors.CorruptImage, match="compression type"):
+        vdisk.open(dst, read_only=True).close()
+
+
+def test_torn_header_write_falls_back_to_the_previous_generation(tmp_path, monkeypatch):
+    """Section 13.4: a crash that tears the header write of generation g+1 leaves generation g
+    intact.  The state just before that header write is the state after the commit minus
+    the hole punching of step 10 and with the new slot damaged."""
+    from vdisk.drivers.vdk import VdkDriver
+
+    dst = str(tmp_path / "data.vdk")
+    with open(os.path.join(SAMPLES, "data.vdk"), "rb") as f:
+        original = f.read()
+    with open(dst, "wb") as f:
+        f.write(original)
+    before = hashlib.sha256(SpecReader(dst).guest()).hexdigest()
+    monkeypatch.setattr(VdkDriver, "_punch", lambda self, clusters: None)  # step 10 never ran
+    with vdisk.open(dst) as img:
+        gen = img.driver.header.generation
+        img.write(0, b"new data that never became durable" * 200)
+        img.write_zeroes(600 << 10, 8192)
+        img.flush()
+        assert img.driver.header.generation == gen + 1
+    with open(dst, "r+b") as f:
+        f.seek(C.SLOT_OFFSETS[(gen + 1) % 2] + 100)
+        f.write(bytes(4096 - 100))  # the header write stopped after 100 bytes
+    with vdisk.open(dst, read_only=True) as img:
+        assert img.driver.header.generation == gen
+        res = img.check()
+        assert not res.corruptions and not res.leaks
+        h = hashlib.sha256()
+        h.update(img.read(0, img.size))
+    assert h.hexdigest() == before == [d for d, _s, n, snap in _manifest() if n == "data.vdk" and not snap][0]
