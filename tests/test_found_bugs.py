@@ -21,7 +21,7 @@ from vdisk.drivers.vdk import VdkDriver
 from vdisk.errors import HostIOError
 
 #: bugs still open: their tests are skipped unless VDISK_FOUND_BUGS=1
-_OPEN = {"vdk-retry-after-failed-commit"}
+_OPEN: set[str] = set()
 
 
 def bug(name: str):

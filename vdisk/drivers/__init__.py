@@ -1,11 +1,16 @@
-"""Block drivers, by format name.  Drivers register here; the chain layer picks them."""
+"""Block drivers, by format name.  Each driver module registers itself on import;
+a driver is imported when its format is first named (or when probing a file)."""
 
 from __future__ import annotations
+
+import importlib
 
 from ..errors import UnsupportedFeature
 from .base import BlockDriver
 
 _DRIVERS: dict[str, type[BlockDriver]] = {}
+#: format name -> module (in this package) that implements it
+KNOWN_FORMATS = {"raw": "raw", "vdk": "vdk", "qcow2": "qcow2"}
 
 
 def register(cls: type[BlockDriver]) -> type[BlockDriver]:
@@ -13,36 +18,34 @@ def register(cls: type[BlockDriver]) -> type[BlockDriver]:
     return cls
 
 
-def _load() -> None:
-    if _DRIVERS:
-        return
-    import importlib
-
-    for mod in ("raw", "vdk", "qcow2"):  # registering imports
-        try:
-            importlib.import_module(f"{__name__}.{mod}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__name__}.{mod}":
-                raise
+def _import(name: str) -> None:
+    mod = KNOWN_FORMATS[name]
+    try:
+        importlib.import_module(f"{__name__}.{mod}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__name__}.{mod}":
+            raise
 
 
 def get_driver(name: str) -> type[BlockDriver]:
-    _load()
+    if name not in _DRIVERS and name in KNOWN_FORMATS:
+        _import(name)
     try:
         return _DRIVERS[name]
     except KeyError:
-        raise UnsupportedFeature(f"unknown image format {name!r} (known: {', '.join(sorted(_DRIVERS))})") from None
+        raise UnsupportedFeature(f"unknown image format {name!r} (known: {', '.join(sorted(KNOWN_FORMATS))})") from None
 
 
 def all_drivers() -> dict[str, type[BlockDriver]]:
-    _load()
+    for name in KNOWN_FORMATS:
+        if name not in _DRIVERS:
+            _import(name)
     return dict(_DRIVERS)
 
 
 def probe(head: bytes) -> str | None:
     """The format whose magic ``head`` carries, or None.  Raw is never probed."""
-    _load()
-    for name, cls in _DRIVERS.items():
+    for name, cls in all_drivers().items():
         if cls.probe(head):
             return name
     return None

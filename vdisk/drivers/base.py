@@ -231,6 +231,10 @@ class BlockDriver(abc.ABC):
         """Snapshots oldest first; ``space`` fills in ``unique_bytes`` where the format can."""
         return []
 
+    def has_snapshots(self) -> bool:
+        """True if any snapshot exists, also one deleted but kept for linked clones."""
+        return bool(self.snapshot_list())
+
     def snapshot_hold(self, name: str, delta: int) -> SnapshotInfo:
         """Count a linked clone that depends on snapshot ``name`` (delta +1) or drop one
         (-1).  A snapshot with holds survives ``snapshot_delete`` hidden until its last

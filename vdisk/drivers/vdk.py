@@ -207,6 +207,9 @@ class VdkDriver(BlockDriver):
         self.pack_cluster = -1
         self.pack_used = 0
         self._wq: list[tuple[int, object]] = []  # data writes queued by _store (see _write_queued)
+        self._undo: list[tuple[int, int]] | None = None  # refcount changes of a commit in progress
+        self._header_unsure = False  # a header write failed: it may or may not be durable
+        self._unwritten: dict[int, bytes] = {}  # host offset -> data whose write failed (retried at commit)
         self._dirty = False
         self._closed = False
         self.broken: str | None = None
@@ -323,6 +326,8 @@ class VdkDriver(BlockDriver):
 
     # ================================================================ allocation
     def _set_rc(self, c: int, v: int) -> None:
+        if self._undo is not None:
+            self._undo.append((c, self.rc[c]))
         self.rc[c] = v
         self.rc_dirty.add(c // self.rc_per_block)
 
@@ -367,6 +372,10 @@ class VdkDriver(BlockDriver):
         if v == 1:
             if c == self.pack_cluster:
                 self.pack_cluster = -1
+            if self._unwritten:
+                lo, hi = c << self.cbits, (c + 1) << self.cbits
+                for off in [o for o in self._unwritten if lo <= o < hi]:
+                    del self._unwritten[off]
             if c in self.new_clusters:
                 self.new_clusters.discard(c)
                 heapq.heappush(self.free_heap, c)
@@ -502,6 +511,8 @@ class VdkDriver(BlockDriver):
                     run.append((cs2, nxt >> cbits))
                     nxt = min(nxt + cs, end)
                 buf = self.host.pread(host, len(run) * cs)
+                if self._unwritten:
+                    buf = self._patch_unwritten(host, buf)
                 mv = memoryview(buf)
                 for k, (s, cidx) in enumerate(run):
                     if C.checksum(mv[k * cs:(k + 1) * cs]) != s:
@@ -527,8 +538,21 @@ class VdkDriver(BlockDriver):
             return bytes(length)
         return self.backing.read(offset, length)
 
+    def _patch_unwritten(self, host: int, buf: bytes) -> bytes:
+        """``buf`` as read from ``host``, with the data of failed writes laid over it."""
+        cs = self.cluster_size
+        out = None
+        for k in range(len(buf) // cs):
+            mem = self._unwritten.get(host + k * cs)
+            if mem is not None:
+                out = out or bytearray(buf)
+                out[k * cs:(k + 1) * cs] = mem
+        return bytes(out) if out is not None else buf
+
     def _decompress(self, ci: int, host: int, slen: int, csum: int) -> bytes:
-        raw = self.host.pread(host, slen)
+        raw = self._unwritten.get(host) if self._unwritten else None
+        if raw is None:
+            raw = self.host.pread(host, slen)
         if C.checksum(raw) != csum:
             raise ChecksumMismatch(
                 f"{self.name}: data checksum mismatch in the compressed cluster at guest offset {ci << self.cbits:#x}",
@@ -594,15 +618,30 @@ class VdkDriver(BlockDriver):
             return
         self._wq = []
         q.sort(key=lambda w: w[0])
-        start, bufs, nxt = q[0][0], [q[0][1]], q[0][0] + len(q[0][1])
-        for off, buf in q[1:]:
-            if off == nxt and len(bufs) < 512:
-                bufs.append(buf)
-            else:
-                self.host.pwritev(start, bufs)
-                start, bufs = off, [buf]
-            nxt = off + len(buf)
-        self.host.pwritev(start, bufs)
+        try:
+            start, bufs, nxt = q[0][0], [q[0][1]], q[0][0] + len(q[0][1])
+            for off, buf in q[1:]:
+                if off == nxt and len(bufs) < 512:
+                    bufs.append(buf)
+                else:
+                    self.host.pwritev(start, bufs)
+                    start, bufs = off, [buf]
+                nxt = off + len(buf)
+            self.host.pwritev(start, bufs)
+        except BaseException:
+            # The entries already point at these bytes: keep them in memory, serve reads
+            # from here, and write them again before the next commit.
+            for off, buf in q:
+                self._unwritten[off] = bytes(buf)
+            raise
+        if self._unwritten:
+            for off, _buf in q:
+                self._unwritten.pop(off, None)
+
+    def _rewrite_unwritten(self) -> None:
+        for off, buf in sorted(self._unwritten.items()):
+            self.host.pwrite(off, buf)
+        self._unwritten.clear()
 
     def _compress(self, content) -> bytes | None:
         if content == self.zero_cluster:
@@ -781,10 +820,97 @@ class VdkDriver(BlockDriver):
             self._commit()
 
     def _commit(self, force: bool = False) -> None:
-        """Write a new generation: tables to new clusters, sync, header, sync."""
-        if self.read_only or not (self._dirty or force):
+        """Write a new generation: tables to new clusters, sync, header, sync.
+
+        If the host fails before the header is written, the in-memory state is rolled
+        back to what it was before the attempt (the durable image never saw it), so a
+        later flush can retry.  If it fails while writing or syncing the header, that
+        generation may or may not be durable: its clusters and the previous one's stay
+        reserved, and the next commit first writes that same header again."""
+        if self.read_only or not (self._dirty or force or self._header_unsure):
             return
         self._check_writable()
+        if self._header_unsure:
+            self._write_header(self.header)
+            self._header_unsure = False
+            self._release_pending()
+            if not (self._dirty or force):
+                return
+        if self._unwritten:
+            self._rewrite_unwritten()
+        saved = self._save_state()
+        self._undo = []
+        try:
+            new, writes = self._place_tables()
+            for off, data in writes:
+                self.host.pwrite(off, data)
+            if self.host.size() < self.host_clusters * self.cluster_size:
+                self.host.truncate(self.host_clusters * self.cluster_size)
+            self.host.flush()
+        except BaseException:
+            self._restore_state(saved)
+            raise
+        finally:
+            self._undo = None
+        self.header = new
+        self.new_clusters.clear()
+        self.rc_dirty.clear()
+        self.rc_placed.clear()
+        self.l1_dirty = self.snap_dirty = self._dirty = False
+        self.pack_cluster = -1
+        try:
+            self._write_header(new)
+        except BaseException:
+            self._header_unsure = True
+            raise
+        self._release_pending()
+
+    def _write_header(self, h: C.Header) -> None:
+        slot = h.encode()
+        self.host.pwrite(C.SLOT_OFFSETS[h.generation % 2], slot + bytes(C.SLOT_SIZE - len(slot)))
+        self.host.flush()
+
+    def _release_pending(self) -> None:
+        """The newest generation is durable: what it no longer references may be reused."""
+        freed = sorted(self.pending_free)
+        for c in freed:
+            heapq.heappush(self.free_heap, c)
+        self.pending_free.clear()
+        self._punch(freed)
+
+    def _save_state(self) -> dict:
+        return {
+            "host_clusters": self.host_clusters, "rc_len": len(self.rc), "l1_off": list(self.l1_off),
+            "l1_sum": list(self.l1_sum), "l2dirty": set(self.l2dirty),
+            "l2tables": {i: self.l2cache[i] for i in self.l2dirty}, "l1_dirty": self.l1_dirty,
+            "snap_dirty": self.snap_dirty, "rt_off": list(self.rt_off), "rt_sum": list(self.rt_sum),
+            "rc_dirty": set(self.rc_dirty), "rc_placed": dict(self.rc_placed),
+            "pending_free": set(self.pending_free), "new_clusters": set(self.new_clusters),
+            "free_heap": list(self.free_heap), "pack": (self.pack_cluster, self.pack_used), "dirty": self._dirty,
+        }
+
+    def _restore_state(self, st: dict) -> None:
+        rc = self.rc
+        n = st["rc_len"]
+        for c, v in reversed(self._undo):
+            if c < n:
+                rc[c] = v
+        del rc[n:]
+        self.host_clusters = st["host_clusters"]
+        self.l1_off, self.l1_sum = st["l1_off"], st["l1_sum"]
+        self.l2dirty = st["l2dirty"]
+        self.l2cache.update(st["l2tables"])
+        self.l1_dirty, self.snap_dirty = st["l1_dirty"], st["snap_dirty"]
+        self.rt_off, self.rt_sum = st["rt_off"], st["rt_sum"]
+        self.rc_dirty, self.rc_placed = st["rc_dirty"], st["rc_placed"]
+        self.pending_free, self.new_clusters = st["pending_free"], st["new_clusters"]
+        self.free_heap = st["free_heap"]
+        self.pack_cluster, self.pack_used = st["pack"]
+        self._dirty = st["dirty"]
+
+    def _place_tables(self) -> tuple[C.Header, list[tuple[int, bytes]]]:
+        """Steps 1-4 of a commit: give every dirty table a new home; return the new
+        header and the writes to issue."""
         cs = self.cluster_size
         cbits = self.cbits
         writes: list[tuple[int, bytes]] = []
@@ -875,27 +1001,7 @@ class VdkDriver(BlockDriver):
             snapshot_count=len(self.snapshots), snapshot_table_length=st_len, snapshot_table_checksum=st_sum,
             host_clusters=self.host_clusters,
         )
-        # 5. write, sync, header, sync
-        for off, data in writes:
-            self.host.pwrite(off, data)
-        if self.host.size() < self.host_clusters * cs:
-            self.host.truncate(self.host_clusters * cs)
-        self.host.flush()
-        slot = new.encode()
-        self.host.pwrite(C.SLOT_OFFSETS[new.generation % 2], slot + bytes(C.SLOT_SIZE - len(slot)))
-        self.host.flush()
-        # 6. the new generation is durable: what it no longer references may be reused
-        self.header = new
-        freed = sorted(self.pending_free)
-        for c in freed:
-            heapq.heappush(self.free_heap, c)
-        self.pending_free.clear()
-        self.new_clusters.clear()
-        self.rc_dirty.clear()
-        self.rc_placed.clear()
-        self.l1_dirty = self.snap_dirty = self._dirty = False
-        self.pack_cluster = -1
-        self._punch(freed)
+        return new, writes
 
     def _punch(self, clusters: list[int]) -> None:
         i = 0
@@ -1024,6 +1130,9 @@ class VdkDriver(BlockDriver):
                                        "extra": {"referenced_bytes": usage[r.id]["referenced_bytes"]}})
             out.append(info)
         return out
+
+    def has_snapshots(self) -> bool:
+        return bool(self.snapshots)
 
     def snapshot_create(self, name: str) -> SnapshotInfo:
         validate_snapshot_name(name)

@@ -226,7 +226,7 @@ def rebase(path: str, new_backing: str | None, new_format: str | None = None, *,
 def _rebase(path, new_path, new_format, new_snap, unsafe, progress) -> BackingRef | None:
     with block.open(path, unsafe_backing=True, backing=not unsafe) as top:
         old_ref = top.driver.backing_ref
-        if not unsafe and old_ref is not None and top.snapshot_list():
+        if not unsafe and old_ref is not None and top.driver.has_snapshots():
             # Internal snapshots read through the same backing reference; changing it
             # would change what they hold, and snapshots do not change.
             raise UsageError(f"{path}: has snapshots that read through its backing image; "
