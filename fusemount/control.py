@@ -16,7 +16,8 @@ object on one line, and the server closes.  Requests::
     {"op": "flush"}
     {"op": "status"}
 
-Replies: ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": "message",
+Replies: ``{"ok": true, "result": ...}`` (never a null result: delete, revert and
+flush answer ``{"name": ..., "deleted": true}`` and the like) or ``{"ok": false, "error": "message",
 "type": "SnapshotExists", "exit_code": 1}`` (``type`` names a class of
 :mod:`vdisk.errors`).  A snapshot in a result is
 ``{"id", "name", "created", "size", "generation", "unique_bytes", "holds"}``.

@@ -83,8 +83,20 @@ def check_mountpoint(mountpoint: str) -> None:
 
     if not _stat.S_ISDIR(st.st_mode):
         raise MountError(f"{mountpoint}: mountpoint is not a directory")
-    if is_mounted(mountpoint):
-        raise MountError(f"{mountpoint}: something is mounted there already")
+    m = is_mounted(mountpoint)
+    if m is not None:
+        if m[0].startswith("fuse"):
+            try:
+                pid = os.getxattr(mountpoint, "user.vdisk.pid").decode()
+            except OSError as exc:
+                if exc.errno == errno.ENOTCONN:
+                    raise MountError(
+                        f"{mountpoint}: a dead FUSE mount is still there (its daemon died); "
+                        f"run `vdisk umount {mountpoint}` (or fusermount3 -u -z) first"
+                    ) from None
+            else:
+                raise MountError(f"{mountpoint}: a vdisk mount is there already (daemon pid {pid})")
+        raise MountError(f"{mountpoint}: something is mounted there already ({m[0]})")
 
 
 def _mountinfo() -> list[tuple[str, str, str]]:
@@ -133,9 +145,11 @@ class _Daemon:
                 "failed": fs.failed,
                 "snapshots": fs.snapshot_names(),
             }
+        # Every successful reply carries a non-null result, so a client can tell
+        # "done" from "no mount owns the image" (None from control.request).
         if op == "flush":
             fs.image.flush()
-            return None
+            return {"flushed": True}
         if op == "snapshot-list":
             return [control.snapshot_to_json(i) for i in fs.image.snapshot_list()]
         name = req.get("name")
@@ -151,13 +165,13 @@ class _Daemon:
             fs.snapshot_delete(name)
             log.info("snapshot %s deleted (live)", name)
             await self._invalidate(name, created=False, old_ino=old.ino if old else 0)
-            return None
+            return {"name": name, "deleted": True}
         if op == "snapshot-revert":
             fs.snapshot_revert(name)
             log.info("disk reverted to snapshot %s", name)
             await trio.to_thread.run_sync(_quiet_inval_inode, 2)
             await self._invalidate(name, created=True)
-            return None
+            return {"name": name, "reverted": True}
         raise vdisk.errors.UsageError(f"unknown control operation {op!r}")
 
     async def _invalidate(self, name: str, *, created: bool, old_ino: int = 0) -> None:
@@ -251,7 +265,7 @@ def serve(
     check_mountpoint(mountpoint)
     image = vdisk.open(image_path, read_only=read_only, format=fmt)
     listen_sock = None
-    mounted = False
+    fs = None
     try:
         xattrs = {"pid": str(os.getpid()), "image": image_path}
         if log_file:
@@ -264,7 +278,6 @@ def serve(
             pyfuse3.init(fs, mountpoint, mount_options(image.read_only, options))
         except RuntimeError as exc:
             raise MountError(f"{mountpoint}: mounting failed ({exc}); is /dev/fuse there and fusermount3 installed?") from None
-        mounted = True
         log.info("mounted %s (%s, %s) on %s, pid %d", image_path, image.format,
                  "read-only" if image.read_only else "read-write", mountpoint, os.getpid())
         d = _Daemon(fs, image_path, mountpoint, listen_sock)
@@ -274,31 +287,25 @@ def serve(
             log.exception("the FUSE main loop failed")
             raise
         finally:
-            # Unmount (non-lazily where possible) before closing the image, so no
-            # request can arrive after the final flush.
+            # Unmount before closing the image, so no request can arrive after the final
+            # flush.  libfuse skips this when the kernel already dropped the connection.
             try:
                 pyfuse3.close(unmount=True)
             except Exception:
                 log.exception("pyfuse3.close")
-            mounted = False
     finally:
         if listen_sock is not None:
             try:
-                if os.path.exists(control.socket_path(image_path)):
-                    os.unlink(control.socket_path(image_path))
+                os.unlink(control.socket_path(image_path))
             except OSError:
                 pass
             listen_sock.close()
         try:
-            if mounted:
-                pyfuse3.close(unmount=True)
-        finally:
-            try:
-                fs.close() if "fs" in locals() else image.close()
-            except VdiskError as exc:
-                log.error("closing %s: %s", image_path, exc)
-                raise
-            log.info("image %s closed", image_path)
+            (fs if fs is not None else image).close()
+        except VdiskError as exc:
+            log.error("closing %s: %s", image_path, exc)
+            raise
+        log.info("image %s closed", image_path)
 
 
 # ---------------------------------------------------------------- background start

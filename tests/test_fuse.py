@@ -236,6 +236,8 @@ def test_kill9_keeps_fsynced_writes(rig, tmp_path):
     with pytest.raises(OSError) as ei:
         os.stat(disk)
     assert ei.value.errno == errno.ENOTCONN
+    with pytest.raises(VdiskError, match="dead FUSE mount"):
+        rig.mount(img, mnt)
     run("fusermount3", "-u", "-z", mnt)
     rig.fuse_mounts.remove(mnt)
 
@@ -406,3 +408,34 @@ def test_foreground_mount(tmp_path, monkeypatch):
             p.kill()
             p.wait()
         subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True, timeout=30)
+
+
+def test_cli_snapshot_commands_go_through_the_mount(rig, tmp_path, run_vdisk):
+    """`vdisk snapshot create/list/delete` on an image a rw mount holds: done live by the mount."""
+    img = str(tmp_path / "disk.vdk")
+    run_vdisk("create", img, "8M")
+    mnt = str(tmp_path / "mnt")
+    os.makedirs(mnt)
+    rig.fuse_mounts.append(mnt)
+    out = run_vdisk("mount", img, mnt).stdout
+    assert "mounted" in out
+    rig.pids.append(int(os.getxattr(mnt, "user.vdisk.pid")))
+    with open(os.path.join(mnt, "disk"), "r+b", buffering=0) as f:
+        f.write(b"live data")
+    run_vdisk("snapshot", "create", img, "s1")
+    assert os.listdir(os.path.join(mnt, "snapshots")) == ["s1"]
+    with open(os.path.join(mnt, "snapshots", "s1"), "rb") as f:
+        assert f.read(9) == b"live data"
+    rows = json.loads(run_vdisk("snapshot", "list", "--output", "json", img).stdout)
+    assert [r["name"] for r in rows] == ["s1"]
+    r = run_vdisk("snapshot", "create", img, "s1", expect=None)
+    assert r.returncode != 0 and "exists" in r.stderr
+    wait_until(lambda: run_vdisk("snapshot", "delete", img, "s1", expect=None).returncode == 0, 20,
+               "the snapshot file to be released")
+    assert os.listdir(os.path.join(mnt, "snapshots")) == []
+    r = run_vdisk("mount", img, str(tmp_path), expect=None)
+    assert r.returncode != 0 and "in use" in r.stderr
+    run_vdisk("umount", mnt)
+    rig.fuse_mounts.remove(mnt)
+    r = run_vdisk("snapshot", "list", "--output", "json", img)
+    assert json.loads(r.stdout) == []
