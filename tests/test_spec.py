@@ -812,3 +812,27 @@ def test_torn_header_write_falls_back_to_the_previous_generation(tmp_path, monke
         h = hashlib.sha256()
         h.update(img.read(0, img.size))
     assert h.hexdigest() == before == [d for d, _s, n, snap in _manifest() if n == "data.vdk" and not snap][0]
+
+
+def test_hexdump_examples_match_the_samples():
+    """Every ``<!-- hexdump: FILE OFFSET LENGTH -->`` block shows the sample's real bytes."""
+    lines = _spec_text().splitlines()
+    found = 0
+    for i, line in enumerate(lines):
+        m = re.fullmatch(r"<!--\s*hexdump:\s*(\S+)\s+(\d+)\s+(\d+)\s*-->", line.strip())
+        if not m:
+            continue
+        name, start, length = m.group(1), int(m.group(2)), int(m.group(3))
+        assert lines[i + 1].startswith("```")
+        shown = bytearray()
+        for row in lines[i + 2:]:
+            if row.startswith("```"):
+                break
+            addr, _, rest = row.partition("  ")
+            assert int(addr, 16) == start + len(shown), f"hexdump of {name}: row {addr} out of order"
+            shown += bytes.fromhex(" ".join(re.findall(r"\b[0-9a-f]{2}\b", rest.split("   ")[0])))
+        with open(os.path.join(SAMPLES, name), "rb") as f:
+            f.seek(start)
+            assert bytes(shown) == f.read(length), f"hexdump of {name} does not match the file"
+        found += 1
+    assert found, "the spec has no hexdump example"
