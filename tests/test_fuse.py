@@ -439,3 +439,72 @@ def test_cli_snapshot_commands_go_through_the_mount(rig, tmp_path, run_vdisk):
     rig.fuse_mounts.remove(mnt)
     r = run_vdisk("snapshot", "list", "--output", "json", img)
     assert json.loads(r.stdout) == []
+
+
+def test_live_snapshots_under_load(rig, tmp_path):
+    """Snapshots taken while fio writes at queue depth 16: the mount keeps serving, every
+    snapshot appears at once and the image checks clean afterwards."""
+    if shutil.which("fio") is None:
+        pytest.fail("fio is needed: run scripts/setup.sh", pytrace=False)
+    img = str(tmp_path / "disk.vdk")
+    vdisk.create(img, 32 * MiB)
+    mnt = str(tmp_path / "mnt")
+    rig.mount(img, mnt)
+    fio = subprocess.Popen(
+        ["fio", "--name=load", f"--filename={mnt}/disk", "--direct=1", "--rw=randwrite", "--bs=4k",
+         "--ioengine=libaio", "--iodepth=16", "--size=32M", "--time_based", "--runtime=4",
+         "--fallocate=none", "--output-format=json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        time.sleep(0.5)
+        for i in range(8):
+            control.call(img, "snapshot-create", name=f"load{i}")
+            assert os.path.exists(os.path.join(mnt, "snapshots", f"load{i}"))
+            time.sleep(0.2)
+        out, err = fio.communicate(timeout=60)
+    finally:
+        if fio.poll() is None:
+            fio.kill()
+            fio.wait()
+    assert fio.returncode == 0, err
+    assert json.loads(out[out.index("{"):])["jobs"][0]["error"] == 0
+    for i in range(0, 8, 2):
+        control.call(img, "snapshot-delete", name=f"load{i}")
+    assert sorted(os.listdir(os.path.join(mnt, "snapshots"))) == [f"load{i}" for i in range(1, 8, 2)]
+    rig.umount(mnt)
+    with vdisk.open(img, read_only=True) as im:
+        res = im.check()
+        assert res.corruptions == [] and res.leaks == [], res
+
+
+def test_checksum_mismatch_is_eio_for_that_request_only(rig, tmp_path):
+    img = str(tmp_path / "disk.vdk")
+    vdisk.create(img, 4 * MiB)
+    with vdisk.open(img) as im:
+        cs = im.cluster_size
+        im.write(0, b"A" * cs + b"B" * cs)
+        ext = [e for e in im.block_status(0, 2 * cs) if e.host_offset is not None]
+    host = ext[0].host_offset
+    with open(img, "r+b") as f:  # flip a byte in the first data cluster
+        f.seek(host + 100)
+        b = f.read(1)
+        f.seek(host + 100)
+        f.write(bytes([b[0] ^ 0xFF]))
+    mnt = str(tmp_path / "mnt")
+    log = str(tmp_path / "mount.log")
+    rig.mount(img, mnt, log_file=log)
+    fd = os.open(os.path.join(mnt, "disk"), os.O_RDWR)
+    try:
+        with pytest.raises(OSError) as ei:
+            os.pread(fd, 4096, 0)
+        assert ei.value.errno == errno.EIO
+        assert os.pread(fd, 4096, cs) == b"B" * 4096  # the next request is fine
+        assert os.pwrite(fd, b"C" * 4096, 2 * cs) == 4096  # and the mount stays writable
+        assert os.pread(fd, 4096, 2 * cs) == b"C" * 4096
+    finally:
+        os.close(fd)
+    rig.umount(mnt)
+    text = open(log).read()
+    assert "checksum mismatch at guest offset 0" in text, text
+    assert "read-only from now on" not in text
