@@ -213,7 +213,8 @@ def convert(
             compression=compression,
             options=options,
         )
-        dst = block.open(tmp, format=format, read_only=False, backing=False)
+        dst = block.open(tmp, format=format, read_only=False, backing=False,
+                         cache="writeback" if durable else "unsafe")
         try:
             stats = copy_content(src, dst, progress=progress, chunk_size=chunk_size)
             if durable:
