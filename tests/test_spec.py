@@ -743,8 +743,7 @@ def test_samples_data_uses_both_slots_for_the_deviation_tests():
     assert head[:4096] != bytes(4096) and head[4096:] != bytes(4096)
 
 
-@pytest.mark.xfail(strict=True, reason="spec section 15 item 1: the version is checked before the checksum")
-def test_deviation_damaged_version_in_the_older_slot(tmp_path):
+def test_damaged_version_in_the_older_slot(tmp_path):
     dst = _copy_with_header(tmp_path, "data.vdk", newest=False)
     with open(dst, "r+b") as f:
         data = bytearray(f.read(8192))
@@ -755,15 +754,13 @@ def test_deviation_damaged_version_in_the_older_slot(tmp_path):
         assert img.size > 0
 
 
-@pytest.mark.xfail(strict=True, reason="spec section 15 item 3: cluster_bits is used before it is checked")
-def test_deviation_cluster_bits_out_of_range(tmp_path):
+def test_cluster_bits_out_of_range(tmp_path):
     dst = _copy_with_header(tmp_path, "empty.vdk", cluster_bits=200)
     with pytest.raises(vdisk.errors.CorruptImage):
         vdisk.open(dst, read_only=True).close()
 
 
-@pytest.mark.xfail(strict=True, reason="spec section 15 item 4: compression_level is not checked on open")
-def test_deviation_compression_level_out_of_range(tmp_path):
+def test_compression_level_out_of_range(tmp_path):
     dst = _copy_with_header(tmp_path, "empty.vdk", compression_level=127)
     with pytest.raises(vdisk.VdiskError):
         vdisk.open(dst, read_only=True).close()

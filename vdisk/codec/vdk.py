@@ -162,7 +162,7 @@ class Header:
 
     def encode(self) -> bytes:
         name = self.backing_name.encode()
-        fmt = self.backing_format.encode()
+        fmt = self.backing_format.encode("ascii")
         snap = self.backing_snapshot.encode()
         if len(name) > MAX_BACKING_NAME or len(fmt) > MAX_BACKING_FORMAT or len(snap) > MAX_SNAPSHOT_NAME:
             raise ValueError("backing reference too long")
@@ -182,17 +182,17 @@ class Header:
         return body + struct.pack("<Q", checksum(body))
 
     @classmethod
-    def decode(cls, slot: bytes) -> Header:
+    def decode(cls, slot: bytes, *, check_features: bool = True) -> Header:
         """Decode one header slot.  Raises CorruptImage for a slot that is not a valid
-        header (bad magic, bad checksum, out-of-range field) and UnsupportedFeature for
-        a valid header this implementation must not open."""
+        header (bad magic, bad checksum, out-of-range field) and, with
+        ``check_features``, UnsupportedFeature for a valid header this implementation
+        must not open (version, unknown incompatible bits).  A reader picks the newest
+        slot that passes without ``check_features``, then checks that one."""
         if len(slot) < HEADER_FIXED or slot[:8] != MAGIC:
             raise CorruptImage("not a vdk image (bad magic)")
         (magic, version, length, gen, incompat, compat, autoclear, cbits, ctype, clevel, vsize, l1_off, l1_n, l1_sum,
          rt_off, rt_n, rt_sum, st_off, st_n, st_len, st_sum, next_id, host_clusters, dd_off, dd_len, dd_sum,
          name_len, fmt_len, snap_len) = _HEADER.unpack_from(slot)
-        if version != VERSION:
-            raise UnsupportedFeature(f"vdk version {version} is not supported (this vdisk reads version {VERSION})")
         if not HEADER_FIXED + 8 <= length <= SLOT_SIZE or length % 8:
             raise CorruptImage(f"header length {length} is out of range")
         if length > len(slot):
@@ -209,11 +209,14 @@ class Header:
             snap = slot[pos + name_len + fmt_len:pos + name_len + fmt_len + snap_len].decode()
         except UnicodeDecodeError:
             raise CorruptImage("backing reference in the header is not valid UTF-8") from None
-        if "\0" in name or "\0" in snap:
+        if "\0" in name or "\0" in snap or "\0" in fmt:
             raise CorruptImage("backing reference contains a NUL byte")
-        unknown = incompat & ~KNOWN_INCOMPAT
-        if unknown:
-            raise UnsupportedFeature(f"image uses unknown incompatible features 0x{unknown:x}")
+        if name and not fmt:
+            raise CorruptImage("backing file named without its format")
+        if dd_off or dd_len or dd_sum:
+            raise CorruptImage("reserved deduplication fields are not zero")
+        if check_features:
+            check_header_features(version, incompat)
         return cls(
             generation=gen, cluster_bits=cbits, virtual_size=vsize, l1_offset=l1_off, l1_entries=l1_n,
             l1_checksum=l1_sum, refcount_table_offset=rt_off, refcount_table_entries=rt_n,
@@ -224,6 +227,14 @@ class Header:
             dedup_table_offset=dd_off, dedup_table_length=dd_len, dedup_table_checksum=dd_sum,
             backing_name=name, backing_format=fmt, backing_snapshot=snap, version=version,
         )
+
+
+def check_header_features(version: int, incompat: int) -> None:
+    if version != VERSION:
+        raise UnsupportedFeature(f"vdk version {version} is not supported (this vdisk reads version {VERSION})")
+    unknown = incompat & ~KNOWN_INCOMPAT
+    if unknown:
+        raise UnsupportedFeature(f"image uses unknown incompatible features 0x{unknown:x}")
 
 
 def _align(n: int, a: int) -> int:
@@ -358,6 +369,8 @@ def decode_snapshot_table(buf: bytes, count: int) -> list[SnapshotRecord]:
             name = buf[pos + _SNAP.size:pos + _SNAP.size + name_len].decode()
         except UnicodeDecodeError:
             raise CorruptImage(f"snapshot {sid} has a name that is not UTF-8") from None
+        if "\0" in name:
+            raise CorruptImage(f"snapshot {sid} has a name with a NUL byte")
         if flags & ~KNOWN_SNAP_FLAGS:
             raise UnsupportedFeature(f"snapshot {name!r} has unknown flags 0x{flags:x}")
         if sid in seen_ids or (name in seen_names and not flags & SNAP_HIDDEN):

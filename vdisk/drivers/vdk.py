@@ -26,13 +26,14 @@ import array
 import heapq
 import os
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import zstandard
 
 from ..codec import vdk as C
-from ..errors import ChecksumMismatch, CorruptImage, SnapshotExists, SnapshotNotFound, UsageError, VdiskError
+from ..errors import ChecksumMismatch, CorruptImage, UnsupportedFeature, SnapshotExists, SnapshotNotFound, UsageError, VdiskError
 from ..host import HostStorage
 from . import register
 from .base import BackingRef, BlockDriver, CheckResult, CreateOptions, Extent, SnapshotInfo, Status
@@ -120,6 +121,7 @@ class VdkDriver(BlockDriver):
         reserved = (C.HEADER_AREA + cs - 1) // cs
         host.truncate(reserved * cs)
         drv = cls(host, hdr, read_only=False, fresh=True)
+        drv.slot = 1  # the first commit flips to slot 0
         drv.rc = array.array("I", [1] * reserved)
         drv.host_clusters = reserved
         drv.l1_off = [0] * C.l1_entries_for(size, cbits)
@@ -140,33 +142,46 @@ class VdkDriver(BlockDriver):
     @classmethod
     def open(cls, host: HostStorage, *, read_only: bool, snapshot: str | None = None) -> VdkDriver:
         head = host.pread(0, C.HEADER_AREA)
-        hdr = cls._pick_header(head, host.name)
+        hdr, slot = cls._pick_header(head, host.name)
+        if not C.MIN_CLUSTER_BITS <= hdr.cluster_bits <= C.MAX_CLUSTER_BITS:
+            raise CorruptImage(f"{host.name}: cluster_bits {hdr.cluster_bits} out of range "
+                               f"({C.MIN_CLUSTER_BITS}..{C.MAX_CLUSTER_BITS})")
+        if not -7 <= hdr.compression_level <= 22:
+            raise CorruptImage(f"{host.name}: compression level {hdr.compression_level} out of range")
         if hdr.incompatible_features & C.INCOMPAT_CORRUPT and not read_only:
             raise CorruptImage(f"{host.name}: image is marked corrupt; it can only be opened read-only (vdisk check)")
         drv = cls(host, hdr, read_only=read_only or snapshot is not None)
+        drv.slot = slot
         drv._load(snapshot)
         return drv
 
     @staticmethod
-    def _pick_header(head: bytes, name: str) -> C.Header:
+    def _pick_header(head: bytes, name: str) -> tuple[C.Header, int]:
+        """The newest valid header and the index of its slot.  Only that one must be a
+        version and feature set this vdisk reads: an older slot may be anything."""
         best = None
+        best_slot = -1
         errors = []
-        for off in C.SLOT_OFFSETS:
+        for i, off in enumerate(C.SLOT_OFFSETS):
             slot = head[off:off + C.SLOT_SIZE]
             if slot == bytes(len(slot)):
                 continue
             try:
-                h = C.Header.decode(slot)
+                h = C.Header.decode(slot, check_features=False)
             except CorruptImage as exc:
                 errors.append(str(exc))
                 continue
             if best is None or h.generation > best.generation:
-                best = h
+                best, best_slot = h, i
         if best is None:
             if head[:8] != C.MAGIC and head[C.SLOT_SIZE:C.SLOT_SIZE + 8] != C.MAGIC:
                 raise CorruptImage(f"{name}: not a vdk image (bad magic)")
             raise CorruptImage(f"{name}: no valid header slot ({'; '.join(errors) or 'both empty'})")
-        return best
+        try:
+            C.check_header_features(best.version, best.incompatible_features)
+        except UnsupportedFeature as exc:
+            raise UnsupportedFeature(f"{name}: {exc}") from None
+        return best, best_slot
 
     def __init__(self, host: HostStorage, hdr: C.Header, *, read_only: bool, fresh: bool = False):
         self.host = host
@@ -184,7 +199,7 @@ class VdkDriver(BlockDriver):
         self.backing_ref = (BackingRef(hdr.backing_name, hdr.backing_format, hdr.backing_snapshot or None)
                             if hdr.backing_name else None)
         self.compression = hdr.compression_type
-        self._cctx = zstandard.ZstdCompressor(level=hdr.compression_level)
+        self._tls = threading.local()
         self._dctx = zstandard.ZstdDecompressor()
         self.host_clusters = hdr.host_clusters
         self.snapshots: list[C.SnapshotRecord] = []
@@ -210,6 +225,8 @@ class VdkDriver(BlockDriver):
         self._undo: list[tuple[int, int]] | None = None  # refcount changes of a commit in progress
         self._header_unsure = False  # a header write failed: it may or may not be durable
         self._unwritten: dict[int, bytes] = {}  # host offset -> data whose write failed (retried at commit)
+        self.slot = 0  # index of the header slot holding the current header
+        self._slot_gen = hdr.generation
         self._dirty = False
         self._closed = False
         self.broken: str | None = None
@@ -348,6 +365,12 @@ class VdkDriver(BlockDriver):
         return c
 
     def _alloc_run(self, n: int) -> int:
+        """``n`` contiguous clusters: one comes from the free list, more are appended."""
+        if n == 1:
+            return self._alloc()
+        return self._append(n)
+
+    def _append(self, n: int) -> int:
         first = self.host_clusters
         self.host_clusters += n
         self.rc.extend([0] * n)
@@ -646,9 +669,17 @@ class VdkDriver(BlockDriver):
     def _compress(self, content) -> bytes | None:
         if content == self.zero_cluster:
             return None
-        comp = self._cctx.compress(content) if False else zstandard.ZstdCompressor(
-            level=self.header.compression_level, write_content_size=True, write_checksum=False).compress(content)
+        comp = self._compressor().compress(content)
         return comp if len(comp) < self.cluster_size else None
+
+    def _compressor(self) -> zstandard.ZstdCompressor:
+        """A compressor for the calling thread (they are not thread-safe; _compress
+        runs in a pool)."""
+        local = self._tls
+        c = getattr(local, "cctx", None)
+        if c is None:
+            c = local.cctx = zstandard.ZstdCompressor(level=self.header.compression_level, write_content_size=True)
+        return c
 
     def _store(self, ci: int, content, comp: bytes | None = None) -> None:
         """Make guest cluster ``ci`` hold ``content`` (exactly one cluster of bytes)."""
@@ -696,7 +727,7 @@ class VdkDriver(BlockDriver):
         elif c >= 0 and self.pack_used < cs and c + 1 == self.host_clusters:
             off = (c << self.cbits) + self.pack_used
             self._incref(c)
-            self.pack_cluster = self._alloc_run(1)  # appends: c + 1
+            self.pack_cluster = self._append(1)  # c + 1
             self.pack_used = self.pack_used + n - cs
         else:
             self.pack_cluster = self._alloc()
@@ -866,8 +897,13 @@ class VdkDriver(BlockDriver):
         self._release_pending()
 
     def _write_header(self, h: C.Header) -> None:
-        slot = h.encode()
-        self.host.pwrite(C.SLOT_OFFSETS[h.generation % 2], slot + bytes(C.SLOT_SIZE - len(slot)))
+        """Write ``h`` over the slot that does not hold the current header, then sync.
+        (Re-issuing a header whose write failed goes to the same slot again.)"""
+        if h.generation != self._slot_gen:
+            self.slot = 1 - self.slot
+            self._slot_gen = h.generation
+        data = h.encode()
+        self.host.pwrite(C.SLOT_OFFSETS[self.slot], data + bytes(C.SLOT_SIZE - len(data)))
         self.host.flush()
 
     def _release_pending(self) -> None:
