@@ -208,6 +208,10 @@ def rebase(path: str, new_backing: str | None, new_format: str | None = None, *,
             new_format = block.detect_format(new_path)
             if new_format == "raw":
                 raise UsageError(f"new backing file {new_path}: give its format with -F (raw is never probed)")
+    if new_path is not None:
+        # before taking the overlay's write lock: a loop would reach the overlay itself
+        with block.open(new_path, read_only=True, format=new_format, snapshot=new_snap, unsafe_backing=True) as nb:
+            _check_no_loop(path, nb)
     held: SnapshotInfo | None = None
     if new_path is not None and new_snap and new_format == "vdk":
         held = _snapshot_from(with_writable(new_path, lambda img: img.snapshot_hold(new_snap, +1),
@@ -237,7 +241,6 @@ def _rebase(path, new_path, new_format, new_snap, unsafe, progress) -> BackingRe
             new_ref = BackingRef(rel, new_format, new_snap)
             with block.open(new_path, read_only=True, format=new_format, snapshot=new_snap,
                             unsafe_backing=True) as nb:
-                _check_no_loop(path, nb)
                 if not unsafe:
                     _copy_differences(top, nb, progress)
         elif not unsafe:
