@@ -148,6 +148,9 @@ class _Daemon:
         # Every successful reply carries a non-null result, so a client can tell
         # "done" from "no mount owns the image" (None from control.request).
         if op == "flush":
+            if fs.failed is not None:
+                # Nothing more can be made durable; let `vdisk umount` go on.
+                return {"flushed": False, "failed": fs.failed}
             fs.image.flush()
             return {"flushed": True}
         if op == "snapshot-list":

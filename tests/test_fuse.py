@@ -305,16 +305,24 @@ def test_rw_mount_snapshot_files_are_read_only(rig, tmp_path):
             f.truncate(4096)
         assert ei.value.errno == errno.EPERM
     assert os.path.getsize(os.path.join(mnt, "disk")) == 8 * MiB
+    os.truncate(os.path.join(mnt, "disk"), 12 * MiB)  # growing resizes the image
+    assert os.path.getsize(os.path.join(mnt, "disk")) == 12 * MiB
+    with pytest.raises(PermissionError):
+        os.truncate(os.path.join(mnt, "disk"), 8 * MiB)
+    assert os.path.getsize(os.path.join(mnt, "disk")) == 12 * MiB
     # writes past the end: short, then ENOSPC, like a block device
     fd = os.open(os.path.join(mnt, "disk"), os.O_WRONLY)
     try:
-        assert os.pwrite(fd, b"a" * 8192, 8 * MiB - 4096) == 4096
+        assert os.pwrite(fd, b"a" * 8192, 12 * MiB - 4096) == 4096
         with pytest.raises(OSError) as ei:
-            os.pwrite(fd, b"a", 8 * MiB)
+            os.pwrite(fd, b"a", 12 * MiB)
         assert ei.value.errno in (errno.ENOSPC, errno.EFBIG)
     finally:
         os.close(fd)
     rig.umount(mnt)
+    with vdisk.open(img, read_only=True) as im:
+        assert im.size == 12 * MiB
+        assert im.read(12 * MiB - 4096, 4096) == b"a" * 4096
 
 
 def test_sigterm_flushes_and_unmounts(rig, tmp_path):
