@@ -516,3 +516,37 @@ def test_checksum_mismatch_is_eio_for_that_request_only(rig, tmp_path):
     text = open(log).read()
     assert "checksum mismatch at guest offset 0" in text, text
     assert "read-only from now on" not in text
+
+
+def test_corrupt_metadata_turns_the_mount_read_only(rig, tmp_path):
+    img = str(tmp_path / "disk.vdk")
+    vdisk.create(img, 4 * MiB)
+    with vdisk.open(img) as im:
+        im.write(0, b"D" * 65536)
+    with vdisk.open(img, read_only=True) as im:
+        l2 = im.driver.l1_off[0]  # host offset of the first L2 table (vdk internals)
+    assert l2
+    with open(img, "r+b") as f:
+        f.seek(l2 + 8)
+        b = f.read(1)
+        f.seek(l2 + 8)
+        f.write(bytes([b[0] ^ 0xFF]))
+    mnt = str(tmp_path / "mnt")
+    log = str(tmp_path / "mount.log")
+    rig.mount(img, mnt, log_file=log)
+    fd = os.open(os.path.join(mnt, "disk"), os.O_RDWR)
+    try:
+        with pytest.raises(OSError) as ei:
+            os.pread(fd, 4096, 0)
+        assert ei.value.errno == errno.EIO
+        with pytest.raises(OSError) as ei:
+            os.pwrite(fd, b"x" * 4096, 2 * MiB)
+        assert ei.value.errno == errno.EROFS
+    finally:
+        os.close(fd)
+    with pytest.raises(VdiskError, match="read-only after an error"):
+        control.call(img, "snapshot-create", name="s")
+    assert control.call(img, "status")["read_only"] is True
+    rig.umount(mnt)  # still unmounts cleanly
+    text = open(log).read()
+    assert "read-only from now on" in text and "guest offset 0" in text, text
