@@ -1494,6 +1494,16 @@ class Qcow2Driver(BlockDriver):
                     blk = self._rb(off)
                 except CorruptImage as exc:
                     res.corruptions.append(str(exc))
+            seg = counts[base : min(base + rbe, nclusters)]
+            if blk is not None:
+                try:
+                    same = array.array(blk.typecode, seg) == blk[: len(seg)] and not any(blk[len(seg) :])
+                except OverflowError:
+                    same = False
+            else:
+                same = not any(seg)
+            if same:
+                continue
             for i in range(rbe):
                 c = base + i
                 rc = blk[i] if blk is not None else 0
