@@ -39,9 +39,8 @@ log = logging.getLogger("fusemount")
 READY_TIMEOUT = 120.0
 
 #: pyfuse3 worker tasks.  The data handlers never await, so a second worker could only
-#: wait on pyfuse3's read lock: measured, one worker costs ~1-2 us less CPU per 4 KiB
-#: request than four and does better on 1 MiB requests (see the report in
-#: scripts/bench-fuse's history).  VDISK_FUSE_MAX_TASKS overrides it for experiments.
+#: wait on pyfuse3's read lock: measured, one worker costs less CPU per request than
+#: four (fusemount/PERFORMANCE.md).  VDISK_FUSE_MAX_TASKS overrides it for experiments.
 MAX_TASKS = int(os.environ.get("VDISK_FUSE_MAX_TASKS", "1"))
 
 
