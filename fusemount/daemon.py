@@ -345,6 +345,7 @@ def spawn(
         proc = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(w,),
             start_new_session=True, close_fds=True,
+            cwd="/",  # a daemon must not keep the caller's directory (and its file system) busy
         )
     os.close(w)
     line = b""
