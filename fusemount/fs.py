@@ -184,6 +184,8 @@ class VdiskFS(pyfuse3.Operations):
         self.disk_opens = 0
         st = os.stat(image.filename)
         self._uid, self._gid = st.st_uid, st.st_gid
+        # The disk is as readable as the image file (the mount uses allow_other as root).
+        self._perm = stat.S_IMODE(st.st_mode) & 0o666
         self._mtime_ns = st.st_mtime_ns
         self._snaps: dict[bytes, _Snap] = {}
         self._snap_by_ino: dict[int, _Snap] = {}
@@ -359,7 +361,7 @@ class VdiskFS(pyfuse3.Operations):
             e.st_nlink = 2
         elif ino == DISK_INO:
             ro = self.read_only or self.failed is not None
-            e.st_mode = stat.S_IFREG | (0o444 if ro else 0o644)
+            e.st_mode = stat.S_IFREG | (self._perm & (0o444 if ro else 0o666))
             e.st_nlink = 1
             e.st_size = self.disk_size
             e.st_blocks = (self.disk_size + 511) // 512
@@ -367,7 +369,7 @@ class VdiskFS(pyfuse3.Operations):
             snap = self._snap_by_ino.get(ino)
             if snap is None:
                 raise pyfuse3.FUSEError(errno.ENOENT)
-            e.st_mode = stat.S_IFREG | 0o444
+            e.st_mode = stat.S_IFREG | (self._perm & 0o444)
             e.st_nlink = 1
             e.st_size = snap.size
             e.st_blocks = (snap.size + 511) // 512

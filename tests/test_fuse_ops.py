@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 
 import pyfuse3
 import pytest
@@ -159,3 +160,18 @@ def test_snapshot_views(fs):
     # a re-created snapshot gets a fresh inode (no stale kernel cache)
     fs.snapshot_create("s1")
     assert call(fs.lookup, SNAPDIR_INO, b"s1", None).st_ino != ino
+
+
+def test_modes_follow_the_image_file(tmp_path):
+    p = str(tmp_path / "d.vdk")
+    vdisk.create(p, MiB)
+    os.chmod(p, 0o600)
+    img = vdisk.open(p)
+    img.snapshot_create("s")
+    f = VdiskFS(img)
+    try:
+        assert call(f.getattr, DISK_INO, None).st_mode & 0o777 == 0o600
+        ino = call(f.lookup, SNAPDIR_INO, b"s", None).st_ino
+        assert call(f.getattr, ino, None).st_mode & 0o777 == 0o400
+    finally:
+        f.close()
