@@ -32,7 +32,7 @@ import vdisk
 from vdisk.errors import VdiskError
 
 from . import control
-from .fs import VdiskFS
+from .fs import DISK_INO, SNAPDIR_INO, VdiskFS
 
 log = logging.getLogger("fusemount")
 
@@ -171,7 +171,7 @@ class _Daemon:
         if op == "snapshot-revert":
             fs.snapshot_revert(name)
             log.info("disk reverted to snapshot %s", name)
-            await trio.to_thread.run_sync(_quiet_inval_inode, 2)
+            await trio.to_thread.run_sync(_quiet_inval_inode, DISK_INO)
             await self._invalidate(name, created=True)
             return {"name": name, "reverted": True}
         raise vdisk.errors.UsageError(f"unknown control operation {op!r}")
@@ -179,7 +179,6 @@ class _Daemon:
     async def _invalidate(self, name: str, *, created: bool, old_ino: int = 0) -> None:
         # In a worker thread: these block until related requests finish, which needs
         # the trio loop to keep serving (see pyfuse3.invalidate_entry).
-        from .fs import SNAPDIR_INO
 
         bname = os.fsencode(name)
         await trio.to_thread.run_sync(_quiet_inval_entry, SNAPDIR_INO, bname, 0 if created else old_ino)

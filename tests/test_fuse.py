@@ -550,3 +550,26 @@ def test_corrupt_metadata_turns_the_mount_read_only(rig, tmp_path):
     rig.umount(mnt)  # still unmounts cleanly
     text = open(log).read()
     assert "read-only from now on" in text and "guest offset 0" in text, text
+
+
+def test_live_revert_only_while_the_disk_is_closed(rig, tmp_path):
+    img = str(tmp_path / "disk.vdk")
+    vdisk.create(img, 4 * MiB)
+    mnt = str(tmp_path / "mnt")
+    rig.mount(img, mnt)
+    disk = os.path.join(mnt, "disk")
+    with open(disk, "r+b", buffering=0) as f:
+        f.write(b"before")
+    control.call(img, "snapshot-create", name="s")
+    f = open(disk, "r+b", buffering=0)
+    try:
+        f.write(b"after!")
+        with pytest.raises(VdiskError, match="while the disk is open"):
+            control.call(img, "snapshot-revert", name="s")
+    finally:
+        f.close()
+    wait_until(lambda: control.request(img, {"op": "snapshot-revert", "name": "s"})["ok"], 20,
+               "the disk to be released")
+    with open(disk, "rb") as f:  # the kernel's cache of the disk was dropped
+        assert f.read(6) == b"before"
+    rig.umount(mnt)
