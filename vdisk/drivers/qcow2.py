@@ -429,7 +429,8 @@ class Qcow2Driver(BlockDriver):
             if extra > C.MAX_SNAPSHOT_EXTRA:
                 raise CorruptImage(f"{self.host.name}: qcow2 snapshot {i} has {extra} bytes of extra data (too many)")
             total = (40 + extra + id_len + name_len + 7) & ~7
-            if pos + total > limit:
+            # the padding of the last entry need not exist in the file
+            if pos + 40 + extra + id_len + name_len > limit:
                 raise CorruptImage(f"{self.host.name}: qcow2 snapshot table entry {i} runs past the end of the file")
             snap, _ = C.decode_snapshot(self.host.pread(pos, total), 0)
             if snap.l1_size * 8 > MAX_L1_BYTES:
@@ -1042,6 +1043,13 @@ class Qcow2Driver(BlockDriver):
         if need * 8 > MAX_L1_BYTES:
             raise UsageError(f"{self.host.name}: qcow2 size {new_size} needs an L1 table beyond {MAX_L1_BYTES} bytes")
         if new_size < old_size:
+            # zero the tail of the new last cluster, so that growing again (here or by
+            # another implementation) cannot expose the dropped bytes
+            tail = min(old_size, _ceil_div(new_size, cs) * cs)
+            if tail > new_size:
+                kind = C.decode_l2_entry(self._entry(new_size // cs), self.cluster_bits).kind
+                if kind in (C.NORMAL, C.COMPRESSED):
+                    self.write(new_size, bytes(tail - new_size))
             # drop every cluster past the new end
             first_gone = _ceil_div(new_size, cs)
             last = _ceil_div(old_size, cs)
