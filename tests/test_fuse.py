@@ -147,12 +147,13 @@ def test_ext4_on_loop_with_live_snapshot(rig, tmp_path):
         assert im.snapshot_list() == []
 
 
-def test_snapshot_is_consistent_with_acknowledged_writes(rig, tmp_path):
+@pytest.mark.parametrize("direct_io", [True, False], ids=["direct_io", "page_cache"])
+def test_snapshot_is_consistent_with_acknowledged_writes(rig, tmp_path, direct_io):
     """Writes acknowledged before the control request are in the snapshot; later ones are not."""
     img = str(tmp_path / "disk.vdk")
     vdisk.create(img, 16 * MiB)
     mnt = str(tmp_path / "mnt")
-    rig.mount(img, mnt)
+    rig.mount(img, mnt, direct_io=direct_io)
     disk = os.path.join(mnt, "disk")
     fd = os.open(disk, os.O_RDWR)
     try:
