@@ -9,7 +9,7 @@ Protocol: the client connects, sends one JSON object on one line, reads one JSON
 object on one line, and the server closes.  Requests::
 
     {"op": "ping"}
-    {"op": "snapshot-list"}
+    {"op": "snapshot-list", "space": false}       (space: also unique_bytes; slower)
     {"op": "snapshot-create", "name": "NAME"}
     {"op": "snapshot-delete", "name": "NAME"}
     {"op": "snapshot-revert", "name": "NAME"}     (refused while the disk is open)
