@@ -39,12 +39,12 @@ import functools
 import logging
 import os
 import stat
-import time
 from typing import Callable
 
 import pyfuse3
 
 import vdisk
+from vdisk.drivers.base import SnapshotInfo
 from vdisk.errors import (
     ChecksumMismatch,
     CorruptImage,
@@ -225,7 +225,7 @@ class VdiskFS(pyfuse3.Operations):
     def snapshot_names(self) -> list[str]:
         return [s.name for s in self._snaps.values()]
 
-    def snapshot_create(self, name: str) -> vdisk.block.SnapshotInfo:  # type: ignore[name-defined]
+    def snapshot_create(self, name: str) -> SnapshotInfo:
         """Take a snapshot now.  Called from the trio thread between requests, so it
         holds every write acknowledged before (see the module's concurrency rules)."""
         self._writable_or_raise()
