@@ -14,9 +14,8 @@ For every injection point:
 ``VDISK_FAULT_POINTS`` bounds the injection points per workload (default 0: all of
 them; n: n chosen evenly over the operation kinds).
 
-Check 4 fails today (a retried commit after a failed one raises CorruptImage, see
-tests/test_found_bugs.py); it runs here with ``VDISK_FAULT_RETRY=1`` and always in
-tests/test_found_bugs.py.
+Check 4 found bug vdk-retry-after-failed-commit (fixed in edf8b48); ``VDISK_FAULT_RETRY=0``
+turns it off.
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ from crash.workload import (BARRIERS, Config, Model, apply_op, create_image, gen
 from vdisk.errors import HostIOError, VdiskError
 
 MAX_POINTS = int(os.environ.get("VDISK_FAULT_POINTS", "0"))
-CHECK_RETRY = os.environ.get("VDISK_FAULT_RETRY") == "1"
+CHECK_RETRY = os.environ.get("VDISK_FAULT_RETRY", "1") == "1"
 
 FAULT_CONFIGS = [
     Config("plain-4k", nops=25),

@@ -12,16 +12,21 @@ from __future__ import annotations
 import errno
 import os
 
+import sys
+from pathlib import Path
+
 import pytest
+
+sys.path.insert(0, str(Path(__file__).parent / "hostile"))
 
 from crash.storage import FaultyStorage, MemStorage
 from vdisk.block import Image
 from vdisk.drivers.base import CreateOptions
 from vdisk.drivers.vdk import VdkDriver
-from vdisk.errors import HostIOError
+from vdisk.errors import HostIOError, VdiskError
 
 #: bugs still open: their tests are skipped unless VDISK_FOUND_BUGS=1
-_OPEN: set[str] = set()
+_OPEN: set[str] = {"vdk-zstd-content-size", "vdk-check-huge-snapshot-l1"}
 
 
 def bug(name: str):
@@ -60,3 +65,68 @@ def test_fault_campaign_with_retries():
 
     stats, problems = fault_campaign(FAULT_CONFIGS[0], 4242, 60, check_retry=True)
     assert not problems, f"{len(problems)} problems:\n" + "\n".join(problems[:10])
+
+
+def _compressed_image():
+    """A 4 KiB-cluster vdk image with compression and one compressed cluster at guest 0."""
+    st = MemStorage(name="c.vdk")
+    VdkDriver.create(st, 1 << 20, CreateOptions(cluster_size=4096, compression="zstd"))
+    img = Image(VdkDriver.open(st, read_only=False), "c.vdk", None)
+    img.write(0, b"abcdefgh" * 1024)
+    img.close()
+    return st
+
+
+@bug("vdk-zstd-content-size")
+def test_vdk_compressed_cluster_claiming_a_huge_content_size_is_refused():
+    """BUG vdk-zstd-content-size: ``VdkDriver._decompress`` calls
+    ``ZstdDecompressor().decompress(raw, max_output_size=cluster_size)``; when the zstd
+    frame header carries a Frame_Content_Size, python-zstandard allocates that size
+    first (max_output_size only bounds frames without one).  A 17-byte compressed
+    cluster claiming 1 TiB raises MemoryError (not a VdiskError) from read() and
+    check(); one claiming 3 GiB allocates 3 GiB (MemoryError under a 400 MiB
+    RLIMIT_AS).  Fix idea: check ``zstandard.frame_content_size(raw)`` (or
+    ``get_frame_parameters``) against the cluster size before decompressing, or
+    decompress with a streaming decompressor bounded to cluster_size + 1 bytes.
+    Corpus cases: comp-bomb-header-1t, comp-bomb-header-3g (tests/hostile/gen.py)."""
+    import struct
+
+    import gen  # tests/hostile/gen.py
+    from vdisk.codec import vdk as C
+
+    st = _compressed_image()
+    v = gen.VdkFile(st.snapshot())
+    i, j, pos, e = v.first_entry(C.T_COMPRESSED)
+    payload = gen.zstd_claiming(1 << 40)
+    v.b[e.host_offset:e.host_offset + len(payload)] = payload
+    v.set_l2_raw(i, j, C.make_desc(C.T_COMPRESSED, e.host_offset), len(payload), C.COMPRESSION_ZSTD,
+                 C.checksum(payload), e.birth)
+    img = Image(VdkDriver.open(MemStorage(v.bytes(), "c.vdk", read_only=True), read_only=True), "c.vdk", None)
+    with pytest.raises(VdiskError):  # today: MemoryError
+        img.read(0, 4096)
+    res = img.check()  # today: MemoryError
+    assert res.corruptions
+
+
+@pytest.mark.parametrize("name", ["comp-bomb-header-1t", "comp-bomb-header-3g", "snap-l1-entries-huge"])
+def test_hostile_cases_of_open_bugs(name):
+    """The corpus cases that show open bugs, through the same child-process probe
+    (400 MiB address space, 1 s, 200 MiB RSS) as tests/test_hostile.py.
+
+    BUG vdk-check-huge-snapshot-l1 (case snap-l1-entries-huge): ``VdkDriver.check``
+    calls ``ref_run(off, n * L1_ENTRY_SIZE, ...)`` for every snapshot's L1 table
+    *before* validating ``n`` (snapshot record field l1_entries, u32).  With
+    l1_entries = 2^32-1 (snapshot table re-signed), that is 16 Mi clusters past the
+    end of the image, each appending a message to ``res.corruptions``: MemoryError
+    under a 400 MiB address-space limit, and about 5 GiB of RSS without one (so this
+    is only ever run in the limited child).  Opening the snapshot itself is refused
+    properly by ``_check_run``.  Fix idea: validate n against l1_entries_for(vsize)
+    and the run against host_clusters before ``ref_run``; cap the messages."""
+    bugname = {"snap-l1-entries-huge": "vdk-check-huge-snapshot-l1"}.get(name, "vdk-zstd-content-size")
+    if os.environ.get("VDISK_FOUND_BUGS") != "1" and bugname in _OPEN:
+        pytest.skip(f"open bug {bugname}: run with VDISK_FOUND_BUGS=1")
+    import test_hostile as H
+
+    case = next(c for c in H.CASES if c.name == name)
+    res = H.run_probe(os.path.join(H.CORPUS, case.file), case.format, case.extra.get("snapshot"))
+    assert not H.evaluate(case, res), H.evaluate(case, res)

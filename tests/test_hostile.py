@@ -1,0 +1,178 @@
+"""Hostile images: a generated corpus of malformed vdk images and chains (tests/hostile/gen.py).
+
+Each image is opened in a child process (tests/hostile/probe.py) under a 400 MiB
+address-space limit and a timeout: open + read everything + block_status + check
+(+ read-write open).  Every step must end in "ok" or a named VdiskError -- never
+another exception, never wrong data -- within 1 s and 200 MiB of peak RSS; each case's
+expectations (refused at open, at read, by check, ...) are in the corpus.  A sample also
+goes through the real CLI (info / check / convert): non-zero exit, one line on stderr,
+no traceback.  RELIABILITY.md, "Hostile input".
+
+Cases that show an open bug (``bug=`` in the corpus) are run by tests/test_found_bugs.py.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from crash import figures
+
+HERE = Path(__file__).parent
+PROBE = HERE / "hostile" / "probe.py"
+TIME_LIMIT = 1.0  # seconds for all the steps of one image (interpreter start-up excluded)
+RSS_LIMIT_MIB = 200
+CHILD_TIMEOUT = 30.0
+
+sys.path.insert(0, str(HERE / "hostile"))
+import gen  # noqa: E402
+
+CORPUS = tempfile.mkdtemp(prefix="vdisk-hostile-")
+atexit.register(shutil.rmtree, CORPUS, True)
+CASES = gen.generate(CORPUS)
+OPEN_BUGS = {"vdk-zstd-content-size", "vdk-check-huge-snapshot-l1"}
+if os.environ.get("VDISK_FOUND_BUGS") == "1":
+    OPEN_BUGS = set()
+_results: dict[str, str] = {}
+
+
+def run_probe(path: str, fmt: str, snapshot: str | None = None, rw: bool = True) -> dict:
+    env = dict(os.environ, PROBE_RW="1" if rw else "0")
+    env.pop("VDISK_BACKING_DIRS", None)
+    r = subprocess.run([sys.executable, str(PROBE), path, fmt, snapshot or ""], capture_output=True, text=True,
+                       timeout=CHILD_TIMEOUT, env=env, cwd=os.path.dirname(path))
+    assert r.returncode == 0, f"probe died (exit {r.returncode}): {r.stderr[-2000:]}"
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def is_error(step: str | None) -> bool:
+    return bool(step) and step != "ok" and not step.startswith("BUG") and step not in ("clean", "leaks", "corrupt")
+
+
+def evaluate(case: gen.Case, res: dict) -> list[str]:
+    """What is wrong with the way vdisk treated this hostile image (empty: refused properly)."""
+    bad = []
+    if "fatal" in res:
+        return [f"probe: {res['fatal']}"]
+    for step in ("open", "read", "block_status", "check", "open_rw", "close"):
+        v = res.get(step)
+        if v and v.startswith("BUG"):
+            bad.append(f"{step}: a non-VdiskError escaped: {v}")
+        elif is_error(v) and "\n" in v:
+            bad.append(f"{step}: message is not one line: {v!r}")
+        elif is_error(v) and v.split(":", 1)[0] == "VdiskError":
+            bad.append(f"{step}: bare VdiskError, not a named subclass: {v}")
+    if res["seconds"] > TIME_LIMIT:
+        bad.append(f"took {res['seconds']} s (limit {TIME_LIMIT})")
+    if res["maxrss_mib"] > RSS_LIMIT_MIB:
+        bad.append(f"peak RSS {res['maxrss_mib']} MiB (limit {RSS_LIMIT_MIB})")
+    opened = res["open"] == "ok"
+    if case.open == "fail" and opened:
+        bad.append("opened, but must be refused at open")
+    first_error = res["open"] if not opened else res.get("read")
+    if case.error and is_error(first_error) and not first_error.startswith(case.error + ":"):
+        bad.append(f"refused with {first_error.split(':', 1)[0]}, expected {case.error}")
+    if opened:
+        read = res.get("read")
+        if case.read == "fail" and not is_error(read):
+            bad.append(f"read of the damaged range must fail, got {read!r}")
+        if read == "ok":
+            if case.read == "any" and case.content:
+                want = Path(CORPUS, case.content).read_bytes()
+                if hashlib.sha256(want).hexdigest() != res["sha256"]:
+                    bad.append("read returned data that differs from the image's real content (silently wrong)")
+            elif case.read == "raw":
+                want = Path(CORPUS, case.raw_of).read_bytes()
+                if hashlib.sha256(want).hexdigest() != res["sha256"]:
+                    bad.append("raw backing file was not read as raw bytes")
+            elif case.read == "zeros":
+                if hashlib.sha256(bytes(res["size"])).hexdigest() != res["sha256"]:
+                    bad.append("expected zeros")
+    if case.check and not (res["check"] == "corrupt" or is_error(res["check"])):
+        bad.append(f"check must refuse the image, got {res['check']!r}")
+    if case.rw_open == "fail" and not is_error(res.get("open_rw")):
+        bad.append(f"read-write open must be refused, got {res.get('open_rw')!r}")
+    return bad
+
+
+def _id(c):
+    return c.name
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.bug not in OPEN_BUGS], ids=_id)
+def test_hostile_image(case):
+    res = run_probe(os.path.join(CORPUS, case.file), case.format, case.extra.get("snapshot"))
+    bad = evaluate(case, res)
+    _results[case.name] = "refused" if not bad else "FAILED"
+    assert not bad, f"{case.name} ({case.why}):\n  " + "\n  ".join(bad) + f"\n  probe: {json.dumps(res)[:1500]}"
+
+
+def test_corpus_size():
+    vdk = [c for c in CASES if c.format == "vdk"]
+    assert len(vdk) >= 40, f"only {len(vdk)} hostile vdk images"
+
+
+# ----------------------------------------------------------------------------- the CLI
+CLI_SAMPLE = ["bad-magic", "version-2", "incompat-unknown-bit", "cluster-bits-max", "l1-entries-overflow",
+              "l1-beyond-eof", "snapshot-count-huge", "refcount-table-zero", "backing-etc-passwd", "backing-loop",
+              "chain-65-deep", "l2-checksum", "data-checksum", "comp-garbage", "comp-bomb", "truncated-half",
+              "snap-name-length-huge", "l2-overlapping-data"]
+
+
+def _vdisk() -> list[str]:
+    exe = Path(sys.executable).parent / "vdisk"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "vdisk.cli"]
+
+
+@pytest.mark.parametrize("name", CLI_SAMPLE)
+def test_hostile_cli(name, tmp_path):
+    case = next(c for c in CASES if c.name == name)
+    src = os.path.join(CORPUS, case.file)
+    env = {k: v for k, v in os.environ.items() if k not in ("VDISK_BACKING_DIRS", "VDISK_DEBUG")}
+    out = {}
+    for cmd in (["info", "-f", case.format, src], ["check", "-f", case.format, src],
+                ["convert", "-f", case.format, "-O", "raw", src, str(tmp_path / "out.raw")]):
+        r = subprocess.run(_vdisk() + cmd, capture_output=True, text=True, timeout=60, env=env)
+        out[cmd[0]] = r
+        assert "Traceback" not in r.stderr, f"vdisk {cmd[0]}: traceback:\n{r.stderr}"
+        assert "internal error" not in r.stderr, f"vdisk {cmd[0]}: {r.stderr}"
+        if r.returncode != 0 and cmd[0] != "check":
+            lines = r.stderr.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("vdisk: "), f"vdisk {cmd[0]}: stderr {r.stderr!r}"
+    if case.open == "fail":
+        for k in ("info", "check", "convert"):
+            if k == "check" and not case.check:
+                continue
+            if k == "info" and not case.check and out[k].returncode == 0:
+                # a chain problem: `info` describes the top image (no guest data is read)
+                # and must name the problem as a warning, as qemu-img info does
+                err = out[k].stderr.strip().splitlines()
+                assert len(err) == 1 and err[0].startswith("vdisk: warning: "), f"vdisk info {name}: {out[k].stderr!r}"
+                continue
+            assert out[k].returncode != 0, f"vdisk {k} accepted {name}: {out[k].stdout[:300]}"
+    if case.check:
+        assert out["check"].returncode in (1, 2), f"vdisk check {name} exited {out['check'].returncode}"
+    if case.read == "fail":
+        assert out["convert"].returncode != 0, f"vdisk convert copied {name} although reading it must fail"
+    if out["convert"].returncode == 0 and case.read == "any" and case.content:
+        got = (tmp_path / "out.raw").read_bytes()
+        want = Path(CORPUS, case.content).read_bytes()
+        assert got == want, f"vdisk convert of {name} produced wrong data"
+
+
+def test_hostile_figures():
+    """Runs last in this file: record how many hostile images were refused properly."""
+    ran = [c for c in CASES if c.bug not in OPEN_BUGS]
+    refused = sum(1 for v in _results.values() if v == "refused")
+    figures.record("hostile", corpus=len(CASES), vdk_images=sum(c.format == "vdk" for c in CASES), run=len(_results),
+                   refused=refused, failures=len(_results) - refused, open_bug_cases=len(CASES) - len(ran),
+                   cli_sample=len(CLI_SAMPLE), cli_commands=3 * len(CLI_SAMPLE))
