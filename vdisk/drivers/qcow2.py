@@ -970,6 +970,7 @@ class Qcow2Driver(BlockDriver):
             if rc == k:
                 freed.append(c)
                 self._l2cache.pop(c * cs, None)
+                self._l2dirty.discard(c * cs)
                 self._rbcache.pop(c * cs, None) if (c * cs) not in self._rbdirty else None
         if freed:
             self._free_hint = min(self._free_hint, freed[0])
@@ -1173,6 +1174,24 @@ class Qcow2Driver(BlockDriver):
 
     def _add_tree_refs(self, l1: array.array, delta: int) -> None:
         cs = self.cluster_size
+        if delta > 0:
+            # check every increment fits the refcount width before changing anything
+            inc: dict[int, int] = {}
+
+            def count_l2(_i, off):
+                inc[off // cs] = inc.get(off // cs, 0) + 1
+
+            def count_data(e):
+                for c in self._entry_refs(e):
+                    inc[c] = inc.get(c, 0) + 1
+
+            self._walk_l1_refs(l1, count_l2, count_data)
+            for c, k in inc.items():
+                if self._rc(c) + k > self.rc_max:
+                    raise UnsupportedFeature(
+                        f"{self.host.name}: cluster {c} would need refcount {self._rc(c) + k}, beyond the "
+                        f"{1 << self.order}-bit refcounts of this image (create it with wider refcount_bits)"
+                    )
 
         def on_l2(_i, off):
             if delta > 0:
@@ -1188,6 +1207,21 @@ class Qcow2Driver(BlockDriver):
                     self._free_cluster(c)
 
         self._walk_l1_refs(l1, on_l2, on_data)
+
+    def _clear_copied_flags(self) -> None:
+        for l1i, l1e in enumerate(self.l1):
+            off = l1e & C.OFFSET_MASK
+            if not off:
+                continue
+            if l1e & C.FLAG_COPIED:
+                self.l1[l1i] = l1e & ~C.FLAG_COPIED
+                self._l1_dirty = True
+            t = self._l2(off)
+            if any(e & C.FLAG_COPIED for e in t):
+                for i, e in enumerate(t):
+                    if e & C.FLAG_COPIED:
+                        t[i] = e & ~C.FLAG_COPIED
+                self._l2dirty.add(off)
 
     def _fix_copied_flags(self) -> None:
         """Make bit 63 of the active L1/L2 entries say exactly "refcount is 1"."""
@@ -1262,14 +1296,17 @@ class Qcow2Driver(BlockDriver):
             raise UsageError(f"{self.host.name}: too many snapshots")
         self.flush()
         cs = self.cluster_size
-        # copy of the active L1 (the COPIED flags mean nothing in a snapshot's table)
-        l1_copy = array.array("Q", (e & ~C.FLAG_COPIED for e in self.l1))
+        # 1. every cluster becomes shared: clear the COPIED flags first, durably, so a
+        #    crash can never leave COPIED set on a cluster a snapshot references
+        self._clear_copied_flags()
+        self.flush()
+        # 2. copy of the active L1 (the COPIED flags mean nothing in a snapshot's table)
+        l1_copy = array.array("Q", self.l1)
         l1_off = self._alloc(_ceil_div(len(l1_copy) * 8, cs)) if len(l1_copy) else 0
         if len(l1_copy):
             self._pwrite(l1_off, C.encode_u64_table(l1_copy))
-        # the active tree gains a reference from the snapshot
+        # 3. the active tree gains a reference from the snapshot
         self._add_tree_refs(self.l1, +1)
-        self._fix_copied_flags()
         ids = [int(s.id) for s in self.snapshots if s.id.isdigit()]
         now = time.time()
         extra_size = 16 if self.hdr.version >= 3 else 16
