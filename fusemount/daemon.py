@@ -171,6 +171,14 @@ class _Daemon:
             log.info("snapshot %s deleted (live)", name)
             await self._invalidate(name, created=False, old_ino=old.ino if old else 0)
             return {"name": name, "deleted": True}
+        if op == "snapshot-hold":
+            # a linked clone (vdisk clone) starts or stops depending on this snapshot
+            delta = req.get("delta")
+            if delta not in (1, -1):
+                raise vdisk.errors.UsageError("snapshot-hold: delta must be 1 or -1")
+            info = fs.snapshot_hold(name, delta)
+            log.info("snapshot %s: hold %+d (linked clone)", name, delta)
+            return control.snapshot_to_json(info)
         if op == "snapshot-revert":
             fs.snapshot_revert(name)
             log.info("disk reverted to snapshot %s", name)

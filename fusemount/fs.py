@@ -249,6 +249,15 @@ class VdiskFS(pyfuse3.Operations):
         self.image.flush()
         self.reload_snapshots()
 
+    def snapshot_hold(self, name: str, delta: int) -> SnapshotInfo:
+        """Count (or drop) a linked clone's hold on a snapshot; a hidden snapshot whose
+        last hold goes is freed, so the listing is reloaded."""
+        self._writable_or_raise()
+        info = self.image.snapshot_hold(name, delta)
+        self.image.flush()
+        self.reload_snapshots()
+        return info
+
     def snapshot_revert(self, name: str) -> None:
         self._writable_or_raise()
         if self.disk_opens:

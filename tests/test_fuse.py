@@ -574,3 +574,28 @@ def test_live_revert_only_while_the_disk_is_closed(rig, tmp_path):
     with open(disk, "rb") as f:  # the kernel's cache of the disk was dropped
         assert f.read(6) == b"before"
     rig.umount(mnt)
+
+
+def test_linked_clone_of_a_mounted_image(rig, tmp_path, run_vdisk):
+    """`vdisk clone` of an image a rw mount holds: the mount takes the snapshot and the hold."""
+    img = str(tmp_path / "gold.vdk")
+    run_vdisk("create", img, "8M")
+    mnt = str(tmp_path / "mnt")
+    os.makedirs(mnt)
+    rig.fuse_mounts.append(mnt)
+    run_vdisk("mount", img, mnt)
+    rig.pids.append(int(os.getxattr(mnt, "user.vdisk.pid")))
+    with open(os.path.join(mnt, "disk"), "r+b", buffering=0) as f:
+        f.write(b"golden bytes")
+        os.fsync(f.fileno())
+    clone = str(tmp_path / "clone.vdk")
+    run_vdisk("clone", img, clone)
+    with vdisk.open(clone) as c:
+        assert c.read(0, 12) == b"golden bytes"
+    rows = json.loads(run_vdisk("snapshot", "list", "--output", "json", img).stdout)
+    assert [(r["name"], r["holds"]) for r in rows] == [("clone-clone.vdk", 1)]
+    run_vdisk("rm", clone)  # releases the hold through the mount
+    rows = json.loads(run_vdisk("snapshot", "list", "--output", "json", img).stdout)
+    assert [(r["name"], r["holds"]) for r in rows] == [("clone-clone.vdk", 0)]
+    run_vdisk("umount", mnt)
+    rig.fuse_mounts.remove(mnt)

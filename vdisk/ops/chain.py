@@ -31,15 +31,16 @@ def split_snapshot_spec(spec: str) -> tuple[str, str | None]:
     return path, snap
 
 
+_NO_MOUNT = object()
+
+
 def _remote(path: str, op: str, **args):
-    """Ask the mount daemon that owns ``path`` to do ``op``; re-raise ImageLocked if none does."""
-    try:
-        from fusemount import control
-    except ImportError:  # pragma: no cover - fusemount ships with vdisk
-        return None
+    """Ask the mount daemon that owns ``path`` to do ``op``; ``_NO_MOUNT`` if none does."""
+    from fusemount import control
+
     reply = control.request(path, {"op": op, **args})
     if reply is None:
-        return None
+        return _NO_MOUNT
     return control.result(reply)
 
 
@@ -53,7 +54,7 @@ def with_writable(path: str, fn: Callable[[block.Image], object], remote: tuple[
         if remote is None:
             raise
         res = _remote(path, remote[0], **remote[1])
-        if res is None:
+        if res is _NO_MOUNT:
             raise
         return res
     with img:
