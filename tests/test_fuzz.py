@@ -1,0 +1,244 @@
+"""Fuzzing the vdk reader (and writer) with hypothesis: mutate valid images, then open,
+read everything, block_status, list and read snapshots, check, and open read-write +
+write + flush.  Only VdiskError may escape; each example runs under a soft address-space
+limit (current size + 512 MiB) and a 2 s CPU-time alarm.  RELIABILITY.md, "Fuzzing".
+
+Mutations: random byte flips anywhere; overwrites of named fields (header, L1 and L2
+entries, snapshot records, refcounts) with the checksum chain re-signed so that the
+mutation gets past the checksums; truncation.
+
+``VDISK_FUZZ_EXAMPLES`` (default 1500; plus half as many pure byte-flip examples) sets the number of hypothesis examples.
+A failure that matches an open bug of tests/test_found_bugs.py is counted apart
+(and fails only with ``VDISK_FOUND_BUGS=1``).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import sys
+import traceback
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from crash import figures
+from crash.storage import MemStorage
+from vdisk.block import Image
+from vdisk.codec import vdk as C
+from vdisk.drivers.base import CreateOptions
+from vdisk.drivers.vdk import VdkDriver
+from vdisk.errors import VdiskError
+
+sys.path.insert(0, str(Path(__file__).parent / "hostile"))
+import gen  # noqa: E402
+
+EXAMPLES = int(os.environ.get("VDISK_FUZZ_EXAMPLES", "1500"))
+TIME_LIMIT = 2.0
+EXTRA_AS = 512 << 20
+STRICT_BUGS = os.environ.get("VDISK_FOUND_BUGS") == "1"
+
+
+def _make(cluster: int, compression: str | None, size: int, seed: int) -> bytes:
+    import random
+
+    rng = random.Random(seed)
+    s = MemStorage(name="fuzz.vdk")
+    VdkDriver.create(s, size, CreateOptions(cluster_size=cluster, compression=compression))
+    img = Image(VdkDriver.open(s, read_only=False), "fuzz.vdk", None)
+    for k in range(6):
+        n = rng.randint(1, 3 * cluster)
+        off = rng.randrange(0, size - n)
+        data = (rng.randbytes(7) * (n // 7 + 1))[:n] if compression else rng.randbytes(n)
+        img.write(off, data)
+        if k == 2:
+            img.snapshot_create("snap1")
+        if k == 4:
+            img.write_zeroes(0, cluster)
+    img.close()
+    return s.snapshot()
+
+
+BASES = [
+    _make(4096, None, 1 << 20, 1),
+    _make(4096, "zstd", 1 << 20, 2),
+    _make(65536, None, 1 << 21, 3),
+]
+
+INTERESTING = st.one_of(
+    st.sampled_from([0, 1, 2, 7, 8, 12, 16, 21, 22, 255, 256, 4095, 4096, 4097, 65535, 65536, 1 << 20, 2**31 - 1,
+                     2**31, 2**32 - 1, 2**32, 1 << 40, 1 << 56, (1 << 56) + 4096, 2**63 - 1, 2**63, 2**64 - 1]),
+    st.integers(0, 2**64 - 1),
+)
+
+mutation = st.one_of(
+    st.tuples(st.just("flip"), st.integers(0, 2**40), st.integers(1, 255)),
+    st.tuples(st.just("header"), st.sampled_from(sorted(C.HEADER_FIELDS)), INTERESTING),
+    st.tuples(st.just("l1"), st.integers(0, 7), st.booleans(), INTERESTING),
+    st.tuples(st.just("l2"), st.integers(0, 40), st.integers(0, 4), INTERESTING),
+    st.tuples(st.just("snap"), st.sampled_from(sorted(C.SNAPSHOT_FIELDS)), INTERESTING),
+    st.tuples(st.just("refcount"), st.integers(0, 200), INTERESTING),
+    st.tuples(st.just("truncate"), st.integers(0, 2**40)),
+)
+
+
+def mutate(data: bytes, muts) -> bytes:
+    v = gen.VdkFile(data)
+    for m in muts:
+        kind = m[0]
+        try:
+            if kind == "flip":
+                if v.b:
+                    v.b[m[1] % len(v.b)] ^= m[2]
+            elif kind == "header":
+                v.hset(m[1], m[2])
+            elif kind == "l1":
+                l1 = v.l1()
+                if l1:
+                    i = m[1] % len(l1)
+                    v.set_l1(i, l2_off=m[3] if m[2] else None, l2_sum=None if m[2] else m[3] % 2**64)
+            elif kind == "l2":
+                ents = v.l2_entries()
+                if ents:
+                    i, j, _pos, e = ents[m[1] % len(ents)]
+                    fields = [C.make_desc(e.kind, e.host_offset), e.stored_length, e.codec, e.checksum, e.birth]
+                    limits = [2**64, 2**32, 2**32, 2**64, 2**64]
+                    fields[m[2]] = m[3] % limits[m[2]]
+                    v.set_l2_raw(i, j, *fields)
+            elif kind == "snap":
+                if v.hget("snapshot_count"):
+                    v.set_snap_field(m[1], m[2])
+            elif kind == "refcount":
+                rt = v.rt()
+                if rt:
+                    v.set_refcount(m[1] % (len(rt) * (gen.CS // 4)), m[2] % 2**32)
+            elif kind == "truncate":
+                del v.b[m[1] % (len(v.b) + 1):]
+        except (IndexError, struct_error, ValueError, LookupError):
+            pass  # the generator's own view of the image no longer parses: keep what we have
+    return v.bytes()
+
+
+struct_error = __import__("struct").error
+
+
+class _Timeout(Exception):
+    pass
+
+
+def _alarm(signum, frame):
+    raise _Timeout()
+
+
+def exercise(data: bytes) -> None:
+    """Everything a user could do with an image; only VdiskError may escape."""
+    img = Image(VdkDriver.open(MemStorage(data, "fuzz.vdk", read_only=True), read_only=True), "fuzz.vdk", None)
+    try:
+        for step in (lambda: img.read(0, img.size), lambda: img.block_status(0, img.size), img.check):
+            try:
+                step()
+            except VdiskError:
+                pass
+        for s in img.snapshot_list():
+            try:
+                snap = Image(VdkDriver.open(MemStorage(data, "fuzz.vdk", read_only=True), read_only=True,
+                                            snapshot=s.name), "fuzz.vdk", None)
+                snap.read(0, snap.size)
+                snap.close()
+            except VdiskError:
+                pass
+    finally:
+        img.close()
+    rw = Image(VdkDriver.open(MemStorage(data, "fuzz.vdk"), read_only=False), "fuzz.vdk", None)
+    try:
+        n = min(rw.size, 3 * rw.cluster_size + 11)
+        if n:
+            rw.write(rw.size - n, b"\xa5" * n)
+        rw.flush()
+        rw.check()
+    finally:
+        try:
+            rw.close()
+        except VdiskError:
+            pass
+
+
+KNOWN_BUG_SIGNATURES = {
+    "vdk-zstd-content-size": ("MemoryError", "_decompress"),
+    "vdk-check-huge-snapshot-l1": ("MemoryError", "ref_run"),
+}
+
+
+def _known_bug(exc: BaseException) -> str | None:
+    frames = [f.name for f in traceback.extract_tb(exc.__traceback__)]
+    for name, (etype, func) in KNOWN_BUG_SIGNATURES.items():
+        if type(exc).__name__ == etype and func in frames:
+            return name
+    return None
+
+
+STATS = {"iterations": 0, "refused": 0, "accepted": 0, "known_bug_hits": 0, "failures": 0}
+
+
+def run_one(data: bytes) -> None:
+    STATS["iterations"] += 1
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    with open("/proc/self/statm") as f:
+        vm = int(f.read().split()[0]) * resource.getpagesize()
+    limit = vm + EXTRA_AS
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    old = signal.signal(signal.SIGALRM, _alarm)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    signal.setitimer(signal.ITIMER_REAL, TIME_LIMIT * 5)  # wall clock: the machine is shared
+    try:
+        exercise(data)
+        STATS["accepted"] += 1
+    except VdiskError:
+        STATS["refused"] += 1
+    except _Timeout:
+        STATS["failures"] += 1
+        raise AssertionError("an operation on a fuzzed image took longer than the time limit") from None
+    except BaseException as exc:  # noqa: BLE001
+        bug = _known_bug(exc)
+        if bug and not STRICT_BUGS:
+            STATS["known_bug_hits"] += 1
+            return
+        STATS["failures"] += 1
+        raise
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+@settings(max_examples=EXAMPLES, deadline=None, derandomize=os.environ.get("VDISK_FUZZ_RANDOM") != "1",
+          suppress_health_check=list(HealthCheck), database=None)
+@given(base=st.sampled_from(range(len(BASES))), muts=st.lists(mutation, min_size=1, max_size=4))
+def _fuzz(base, muts):
+    run_one(mutate(BASES[base], muts))
+
+
+@settings(max_examples=EXAMPLES // 2, deadline=None, derandomize=os.environ.get("VDISK_FUZZ_RANDOM") != "1",
+          suppress_health_check=list(HealthCheck), database=None)
+@given(base=st.sampled_from(range(len(BASES))), flips=st.lists(st.tuples(st.integers(0, 2**40), st.integers(1, 255)),
+                                                                 min_size=1, max_size=16))
+def _fuzz_flips(base, flips):
+    data = bytearray(BASES[base])
+    for pos, x in flips:
+        data[pos % len(data)] ^= x
+    run_one(bytes(data))
+
+
+def test_fuzz_vdk():
+    before = dict(STATS)
+    try:
+        _fuzz()
+        _fuzz_flips()
+    finally:
+        figures.record("fuzz", examples_setting=EXAMPLES,
+                       **{k: STATS[k] - before[k] for k in STATS})
+    assert STATS["iterations"] - before["iterations"] > 0
