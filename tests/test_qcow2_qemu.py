@@ -78,6 +78,16 @@ def test_read_qemu_images(tmp_path, compat, cs):
     with vdisk.open(p, read_only=True) as img:
         assert img.info()["compat"] == compat
         assert img.check().exit_code == 0
+    # and vdisk writes into QEMU's image (v2 too): in place, new clusters, zeros, discard
+    csz = {"4k": 4096, "64k": 65536, "2M": 2 * MiB}[cs]
+    with vdisk.open(p) as img:
+        img.write(10, b"w" * 100)
+        img.write(5 * MiB + 3, os.urandom(3 * csz))
+        img.write_zeroes(size // 2, csz)
+        img.discard(0, csz)
+        expect = img.read(0, size)
+    qcheck(p)
+    assert qemu_raw(p, tmp_path) == expect
 
 
 @pytest.mark.parametrize("refbits", [1, 8, 64])
