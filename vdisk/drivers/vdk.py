@@ -624,7 +624,12 @@ class VdkDriver(BlockDriver):
                     content = mv[pos - offset:pos - offset + cs]
                 else:
                     old = self._read_cluster(ci)
-                    content = old[:in_off] + bytes(mv[pos - offset:pos - offset + n]) + old[in_off + n:]
+                    merged = bytearray(old)
+                    merged[in_off:in_off + n] = mv[pos - offset:pos - offset + n]
+                    if self._rewrite_part(ci, merged, in_off, n):
+                        pos += n
+                        continue
+                    content = bytes(merged)
                 self._store(ci, content, compressed.get(ci) if compressed else None)
                 pos += n
         finally:
@@ -671,6 +676,28 @@ class VdkDriver(BlockDriver):
             return None
         comp = self._compressor().compress(content)
         return comp if len(comp) < self.cluster_size else None
+
+    def _rewrite_part(self, ci: int, merged: bytearray, in_off: int, n: int) -> bool:
+        """The fast path of a partial write: a data cluster this transaction allocated
+        and nothing else references is rewritten in place, and only the ``n`` changed
+        bytes go to the host.  False if the cluster does not qualify."""
+        l2i = ci >> self.l2_bits
+        if l2i not in self.l2dirty or self.compression:
+            return False
+        tbl = self.l2cache[l2i]
+        pos = (ci & self.l2_mask) * _ESZ
+        desc = _unpack_l2(tbl, pos)[0]
+        if desc >> _SHIFT != _T_DATA:
+            return False
+        host = desc & _MASK
+        c = host >> self.cbits
+        if c not in self.new_clusters or self.rc[c] != 1 or host in self._unwritten:
+            return False
+        if merged == self.zero_cluster:
+            return False  # let _store turn it into a zero entry
+        self._wq.append((host + in_off, bytes(merged[in_off:in_off + n])))
+        _pack_l2(tbl, pos, desc, self.cluster_size, 0, C.checksum(merged), self.header.generation + 1)
+        return True
 
     def _compressor(self) -> zstandard.ZstdCompressor:
         """A compressor for the calling thread (they are not thread-safe; _compress
