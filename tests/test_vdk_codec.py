@@ -32,8 +32,27 @@ def _utf8_max(n: int):
     return NO_NUL_TEXT.filter(lambda s: len(s.encode()) <= n)
 
 
+ASCII_NO_NUL = st.text(st.characters(min_codepoint=1, max_codepoint=127), max_size=C.MAX_BACKING_FORMAT)
+
+
+@st.composite
+def _backing_refs(draw):
+    """(name, format, snapshot) of a valid header: a name always comes with a format
+    (formats/vdk.md section 11.1); without a name the other two are ignored."""
+    name = draw(_utf8_max(C.MAX_BACKING_NAME))
+    fmt = draw(ASCII_NO_NUL.filter(bool) if name else ASCII_NO_NUL)
+    return name, fmt, draw(_utf8_max(C.MAX_SNAPSHOT_NAME))
+
+
+def _header(backing, **kw) -> C.Header:
+    name, fmt, snap = backing
+    return C.Header(backing_name=name, backing_format=fmt, backing_snapshot=snap, **kw)
+
+
+#: valid version 1 headers as far as the codec checks them (cluster_bits, compression and
+#: the other fields the driver checks after choosing the slot may hold anything)
 headers = st.builds(
-    C.Header,
+    _header, _backing_refs(),
     generation=U64, cluster_bits=U32, virtual_size=U64,
     l1_offset=U64, l1_entries=U32, l1_checksum=U64,
     refcount_table_offset=U64, refcount_table_entries=U32, refcount_table_checksum=U64,
@@ -41,10 +60,7 @@ headers = st.builds(
     next_snapshot_id=U64, host_clusters=U64, compression_type=U8, compression_level=S8,
     incompatible_features=st.sampled_from([0, C.INCOMPAT_CORRUPT]),
     compatible_features=U64, autoclear_features=st.just(0),
-    dedup_table_offset=U64, dedup_table_length=U64, dedup_table_checksum=U64,
-    backing_name=_utf8_max(C.MAX_BACKING_NAME),
-    backing_format=st.text(st.characters(min_codepoint=1, max_codepoint=127), max_size=C.MAX_BACKING_FORMAT),
-    backing_snapshot=_utf8_max(C.MAX_SNAPSHOT_NAME),
+    dedup_table_offset=st.just(0), dedup_table_length=st.just(0), dedup_table_checksum=st.just(0),
 )
 
 
@@ -89,6 +105,7 @@ def test_header_round_trip(h):
     assert raw[:8] == C.MAGIC
     assert C.Header.decode(raw) == h
     assert C.Header.decode(_slot(raw)) == h  # what a reader sees: a whole, zero-padded slot
+    assert C.Header.decode(_slot(raw), check_features=False) == h
 
 
 @settings(max_examples=50, deadline=None)
@@ -147,25 +164,32 @@ def test_header_bad_magic(slot):
 def test_header_any_damaged_byte_is_corruption(data):
     raw = bytearray(_slot(BASIC.encode()))
     length = len(BASIC.encode())
-    pos = data.draw(st.integers(0, length - 1).filter(lambda p: not 8 <= p < 12))  # version: see xfail below
+    pos = data.draw(st.integers(0, length - 1))
     raw[pos] ^= data.draw(st.integers(1, 255))
+    check = data.draw(st.booleans())
     with pytest.raises(CorruptImage):
-        C.Header.decode(bytes(raw))
+        C.Header.decode(bytes(raw), check_features=check)
 
 
-@pytest.mark.xfail(strict=True, reason="vdisk 0.1 checks the version before the checksum (formats/vdk.md "
-                                       "section 15, item 1): a damaged slot is refused as UnsupportedFeature")
-def test_header_damaged_version_byte_is_corruption_not_unsupported():
+@pytest.mark.parametrize("check", [False, True])
+def test_header_damaged_version_byte_is_corruption_not_unsupported(check):
+    """Section 4.1: the checksum decides validity before the version is looked at."""
     raw = bytearray(_slot(BASIC.encode()))
-    raw[8] ^= 0x02  # version 3, checksum now wrong
-    with pytest.raises(CorruptImage):
-        C.Header.decode(bytes(raw))
+    raw[8] ^= 0x06  # version 7, checksum now wrong
+    with pytest.raises(CorruptImage, match="checksum"):
+        C.Header.decode(bytes(raw), check_features=check)
 
 
-@pytest.mark.parametrize("version", [0, 2, 0xFFFFFFFF])
+@pytest.mark.parametrize("version", [0, 2, 7, 0xFFFFFFFF])
 def test_header_other_version_is_unsupported(version):
+    raw = BASIC.replace(version=version).encode()  # a valid checksum
     with pytest.raises(UnsupportedFeature, match="version"):
-        C.Header.decode(C.Header(generation=1, cluster_bits=12, virtual_size=0, version=version).encode())
+        C.Header.decode(raw)
+    # a slot that is merely valid: the version matters only once it is the current header
+    h = C.Header.decode(raw, check_features=False)
+    assert h.version == version and h == BASIC.replace(version=version)
+    with pytest.raises(UnsupportedFeature, match="version"):
+        C.check_header_features(h.version, h.incompatible_features)
 
 
 @pytest.mark.parametrize("bit", range(1, 64))
@@ -173,6 +197,26 @@ def test_header_unknown_incompatible_bit_is_unsupported(bit):
     raw = BASIC.replace(incompatible_features=1 << bit).encode()
     with pytest.raises(UnsupportedFeature, match="incompatible"):
         C.Header.decode(raw)
+    h = C.Header.decode(raw, check_features=False)
+    assert h.incompatible_features == 1 << bit
+    with pytest.raises(UnsupportedFeature, match="incompatible"):
+        C.check_header_features(h.version, h.incompatible_features)
+
+
+def test_check_header_features_accepts_version_1_and_known_bits():
+    C.check_header_features(C.VERSION, 0)
+    C.check_header_features(C.VERSION, C.KNOWN_INCOMPAT)
+
+
+# ---------------------------------------------------------------------------- reserved dedup fields
+@pytest.mark.parametrize("field", ["dedup_table_offset", "dedup_table_length", "dedup_table_checksum"])
+@pytest.mark.parametrize("value", [1, 1 << 16, (1 << 64) - 1])
+@pytest.mark.parametrize("check", [False, True])
+def test_header_nonzero_dedup_field_is_corruption(field, value, check):
+    """Section 4.5: the three dedup fields MUST be zero in version 1."""
+    raw = BASIC.replace(**{field: value}).encode()  # the codec still encodes them (for these tests)
+    with pytest.raises(CorruptImage, match="deduplication"):
+        C.Header.decode(raw, check_features=check)
 
 
 def test_header_known_incompatible_bit_decodes():
@@ -241,10 +285,39 @@ def test_backing_lengths_out_of_range_are_corruption(name_len, fmt_len, snap_len
     (b"abc\xc3", (3, 1, 0)),  # format not ASCII
     (b"ab#\0", (2, 0, 2)),  # NUL in the snapshot selector
     (b"ab\xc3\x28", (2, 0, 2)),  # snapshot selector not UTF-8
+    (b"ab\0", (2, 1, 0)),  # NUL in the format
+    (b"abv\0k", (2, 3, 0)),  # NUL inside the format
 ])
 def test_backing_reference_bad_text_is_corruption(tail, lens):
     with pytest.raises(CorruptImage, match="backing reference"):
         C.Header.decode(_with_lengths(*lens, tail=tail))
+
+
+@pytest.mark.parametrize("snap", ["", "#3"])
+def test_backing_name_without_format_is_corruption(snap):
+    """Section 11.1: F > 0 whenever N > 0; a reader never guesses the format."""
+    raw = _with_lengths(4, 0, len(snap), tail=b"base" + snap.encode())
+    with pytest.raises(CorruptImage, match="format"):
+        C.Header.decode(raw)
+
+
+def test_format_without_name_is_ignored_but_decodes():
+    h = C.Header.decode(_with_lengths(0, 3, 0, tail=b"vdk"))
+    assert h.backing_name == "" and h.backing_format == "vdk"
+
+
+@pytest.mark.parametrize("fmt", ["qcöw2", "vdk\u2028", "\u00e9"])
+def test_non_ascii_format_refused_on_encode(fmt):
+    with pytest.raises(ValueError):  # UnicodeEncodeError is a ValueError
+        BASIC.replace(backing_format=fmt).encode()
+
+
+@pytest.mark.xfail(strict=True, raises=CorruptImage,
+                   reason="formats/vdk.md section 15, item 3: Header.encode writes a backing name without a format")
+def test_backing_name_without_format_refused_on_encode():
+    with pytest.raises(ValueError):
+        raw = BASIC.replace(backing_format="").encode()
+        C.Header.decode(raw)  # what happens today: the writer's own reader refuses the slot
 
 
 # ============================================================================ L1 and refcount tables
@@ -442,6 +515,14 @@ def test_snapshot_name_not_utf8():
     raw = bytearray(_rec(1, "abc").encode())
     raw[64] = 0xFF
     with pytest.raises(CorruptImage, match="UTF-8"):
+        C.decode_snapshot_table(bytes(raw), 1)
+
+
+@pytest.mark.parametrize("name", [b"\0", b"a\0b", b"abc\0"])
+def test_snapshot_name_with_nul_is_corruption(name):
+    raw = bytearray(_rec(1, "x" * len(name)).encode())
+    raw[64:64 + len(name)] = name
+    with pytest.raises(CorruptImage, match="NUL"):
         C.decode_snapshot_table(bytes(raw), 1)
 
 
