@@ -558,19 +558,26 @@ class Qcow2Driver(BlockDriver):
         start = c
         run = 0
         rbe = self.rb_entries
+        first_free = None
         while run < n:
-            ri = c // rbe
+            ri, i = divmod(c, rbe)
             if ri >= len(self.reftable) or not (self.reftable[ri] & C.OFFSET_MASK):
                 self._create_refblock(ri)
-            if self._rc(c) == 0:
-                if run == 0:
-                    start = c
-                run += 1
-            else:
-                run = 0
-            c += 1
-        if start == self._free_hint:
-            self._free_hint = start + n
+            blk = self._rb(self.reftable[ri] & C.OFFSET_MASK)
+            # scan this block without a call per cluster
+            while i < rbe and run < n:
+                if blk[i] == 0:
+                    if run == 0:
+                        start = ri * rbe + i
+                        if first_free is None:
+                            first_free = start
+                    run += 1
+                else:
+                    run = 0
+                i += 1
+            c = ri * rbe + i
+        # clusters before the first free one found are all in use: skip them next time
+        self._free_hint = start + n if first_free == start else first_free
         for i in range(start, start + n):
             self._rc_set(i, 1)
         off = start * self.cluster_size
