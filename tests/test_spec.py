@@ -454,16 +454,12 @@ class SpecReader:
             self.data = f.read()
         slots = []
         for off in (0, 4096):
-            slot = self.data[off:off + 4096]
-            if slot == bytes(4096):
-                continue
-            h = self._decode_header(slot)
-            if h is not None:
-                slots.append((h["generation"], -off, off, h))
+            gen = self._slot_generation(self.data[off:off + 4096])
+            if gen is not None:
+                slots.append((gen, -off, off))
         assert slots, f"{path}: no valid slot"
-        _g, _o, self.slot, self.h = max(slots)
-        h = self.h
-        assert h["generation"] % 2 == self.slot // 4096, "generation g must be in slot g mod 2"
+        _g, _o, self.slot = max(slots)  # the highest generation; on a tie, slot 0
+        self.h = h = self._decode_header(self.data[self.slot:self.slot + 4096])  # checks only the chosen one
         self.cbits = h["cluster_bits"]
         assert 12 <= self.cbits <= 21
         self.cs = 1 << self.cbits
@@ -473,14 +469,26 @@ class SpecReader:
         self.snapshots = self._snapshot_table()
 
     @staticmethod
-    def _decode_header(slot: bytes):
+    def _slot_generation(slot: bytes):
+        """Section 4.1: a slot is valid when magic, header_length and checksum are right
+        (whatever its version); its generation then takes part in the choice."""
         if slot[:8] != b"\x89VDK\r\n\x1a\n":
             return None
-        version, length = struct.unpack_from("<II", slot, 8)
-        if version != 1 or length % 8 or not 200 <= length <= 4096:
+        (length,) = struct.unpack_from("<I", slot, 12)
+        if length % 8 or not 200 <= length <= 4096:
             return None
         if struct.unpack_from("<Q", slot, length - 8)[0] != xxhash.xxh3_64_intdigest(slot[:length - 8]):
             return None
+        return struct.unpack_from("<Q", slot, 16)[0]
+
+    @staticmethod
+    def _decode_header(slot: bytes):
+        """The current header, checked as section 4.4 says (steps 1 and 2); None for an
+        invalid slot."""
+        if SpecReader._slot_generation(slot) is None:
+            return None
+        version, length = struct.unpack_from("<II", slot, 8)
+        assert version == 1
         names = ["generation", "incompatible", "compatible", "autoclear"]
         h = dict(zip(names, struct.unpack_from("<QQQQ", slot, 16)))
         h["cluster_bits"], h["compression_type"], h["compression_level"] = struct.unpack_from("<IBb", slot, 48)
@@ -493,8 +501,11 @@ class SpecReader:
         assert struct.unpack_from("<QQQ", slot, 152) == (0, 0, 0), "dedup fields must be zero in version 1"
         n, f, s = struct.unpack_from("<HBB", slot, 176)
         assert 192 + n + f + s <= length - 8
+        assert n <= 1024 and f <= 16 and (f > 0 or n == 0)
         h["backing"] = (slot[192:192 + n].decode(), slot[192 + n:192 + n + f].decode("ascii"),
                         slot[192 + n + f:192 + n + f + s].decode())
+        assert all("\0" not in x for x in h["backing"])
+        assert 12 <= h["cluster_bits"] <= 21 and -7 <= h["compression_level"] <= 22
         assert slot[192 + n + f + s:length - 8] == bytes(length - 8 - (192 + n + f + s))
         assert h["incompatible"] == 0 and h["autoclear"] == 0
         return h
@@ -517,6 +528,7 @@ class SpecReader:
              res) = struct.unpack_from("<QQqQQIIQIHH", buf, pos)
             assert res == 0 and 1 <= nlen <= 255 and flags & ~1 == 0 and 1 <= sid < h["next_id"]
             name = buf[pos + 64:pos + 64 + nlen].decode()
+            assert "\0" not in name
             rec_len = (64 + nlen + 7) // 8 * 8
             assert buf[pos + 64 + nlen:pos + rec_len] == bytes(rec_len - 64 - nlen)
             out.append(dict(id=sid, generation=gen, virtual_size=vsize, l1_offset=l1_off, l1_entries=l1_n,
@@ -719,15 +731,27 @@ def test_spec_reader_sees_the_structures_the_samples_promise():
     assert stored[first["l1_offset"] // 4096] == 1 and stored[second["l1_offset"] // 4096] == 1
 
 
-# ============================================================================ known deviations (spec section 15)
+# ============================================================================ slots, header checks, deviations
+# Rules of sections 4.1, 4.4, 4.5 and 13.2 on images whose header slots are patched;
+# strict xfails mark what vdisk 0.1 still does otherwise (section 15).
+def _slot_gens(data) -> list[tuple[int, int]]:
+    """(generation, slot offset) of each slot that is valid by section 4.1."""
+    out = []
+    for o in C.SLOT_OFFSETS:
+        g = SpecReader._slot_generation(bytes(data[o:o + 4096]))
+        if g is not None:
+            out.append((g, o))
+    return out
+
+
 def _copy_with_header(tmp_path, name: str, newest: bool = True, **changes) -> str:
-    """A copy of a sample whose newest (or older) header slot is rewritten with ``changes``."""
+    """A copy of a sample whose newest (or older) header slot is rewritten with ``changes``
+    (and a valid checksum)."""
     src = os.path.join(SAMPLES, name)
     dst = str(tmp_path / name)
     with open(src, "rb") as f:
         data = bytearray(f.read())
-    slots = [(C.Header.decode(bytes(data[o:o + 4096])).generation, o) for o in C.SLOT_OFFSETS
-             if data[o:o + 4096] != bytes(4096)]
+    slots = _slot_gens(data)
     _gen, off = max(slots) if newest else min(slots)
     h = C.Header.decode(bytes(data[off:off + 4096])).replace(**changes)
     raw = h.encode()
@@ -737,21 +761,152 @@ def _copy_with_header(tmp_path, name: str, newest: bool = True, **changes) -> st
     return dst
 
 
-def test_samples_data_uses_both_slots_for_the_deviation_tests():
+def _sample_digest(name: str) -> str:
+    return [d for d, _s, n, snap in _manifest() if n == name and not snap][0]
+
+
+def _digest(img) -> str:
+    h = hashlib.sha256()
+    for off in range(0, img.size, 64 << 10):
+        h.update(img.read(off, min(64 << 10, img.size - off)))
+    return h.hexdigest()
+
+
+def test_samples_data_uses_both_slots_for_the_slot_tests():
     with open(os.path.join(SAMPLES, "data.vdk"), "rb") as f:
         head = f.read(8192)
     assert head[:4096] != bytes(4096) and head[4096:] != bytes(4096)
+    assert sorted(_slot_gens(head)) == [(3, 4096), (4, 0)]
 
 
 def test_damaged_version_in_the_older_slot(tmp_path):
     dst = _copy_with_header(tmp_path, "data.vdk", newest=False)
     with open(dst, "r+b") as f:
         data = bytearray(f.read(8192))
-        older = min((C.Header.decode(bytes(data[o:o + 4096])).generation, o) for o in C.SLOT_OFFSETS)[1]
+        older = min(_slot_gens(data))[1]
         f.seek(older + 8)
         f.write(struct.pack("<I", 7))  # damaged: version 7 and a wrong checksum
     with vdisk.open(dst, read_only=True) as img:  # the newer slot is intact
-        assert img.size > 0
+        assert img.driver.header.generation == 4
+        assert _digest(img) == _sample_digest("data.vdk")
+
+
+@pytest.mark.parametrize("changes", [dict(incompatible_features=1 << 5), dict(version=7),
+                                     dict(incompatible_features=1 << 63, version=2),
+                                     dict(dedup_table_offset=0x5000, dedup_table_length=8192),
+                                     dict(backing_name="gone.vdk", backing_format="")],
+                         ids=["unknown-incompat-bit", "version-7", "version-2-and-bit", "dedup", "name-no-format"])
+def test_older_valid_slot_of_any_content_does_not_block(tmp_path, changes):
+    """Section 4.1: only the current header must be a version and feature set the reader
+    knows, with valid fields; the older slot, checksum-valid or not, is just older."""
+    dst = _copy_with_header(tmp_path, "data.vdk", newest=False, **changes)
+    with vdisk.open(dst, read_only=True) as img:
+        assert img.driver.header.generation == 4
+        assert _digest(img) == _sample_digest("data.vdk")
+    with vdisk.open(dst) as img:  # a writer overwrites that older slot, nothing else
+        img.write(0, b"after" * 100)
+        img.flush()
+        assert img.driver.header.generation == 5
+    with open(dst, "rb") as f:
+        head = f.read(8192)
+    assert sorted(_slot_gens(head)) == [(4, 0), (5, 4096)]
+    with vdisk.open(dst, read_only=True) as img:
+        assert img.read(0, 500) == b"after" * 100
+        res = img.check()
+        assert not res.corruptions and not res.leaks
+
+
+@pytest.mark.parametrize("name", ["empty.vdk", "data.vdk"])
+@pytest.mark.parametrize("changes,error", [
+    (dict(incompatible_features=1 << 5), vdisk.errors.UnsupportedFeature),
+    (dict(version=2), vdisk.errors.UnsupportedFeature),
+    (dict(version=0, incompatible_features=1 << 40), vdisk.errors.UnsupportedFeature),
+], ids=["unknown-incompat-bit", "version-2", "version-0-and-bit"])
+def test_newest_slot_with_unsupported_features_is_refused(tmp_path, name, changes, error):
+    """Section 4.1: no fallback to the older slot when the current header is unsupported."""
+    dst = _copy_with_header(tmp_path, name, **changes)
+    with pytest.raises(error):
+        vdisk.open(dst, read_only=True).close()
+
+
+def test_nonzero_dedup_fields_in_the_only_slot_are_corruption(tmp_path):
+    """Section 4.5: the dedup fields MUST be zero in version 1."""
+    for field in ("dedup_table_offset", "dedup_table_length", "dedup_table_checksum"):
+        dst = _copy_with_header(tmp_path, "empty.vdk", **{field: 1})
+        with pytest.raises(vdisk.errors.CorruptImage, match="deduplication"):
+            vdisk.open(dst, read_only=True).close()
+
+
+def test_backing_name_without_format_in_the_only_slot_is_corruption(tmp_path):
+    """Section 11.1: a backing name needs its format; the reader does not guess one."""
+    dst = _copy_with_header(tmp_path, "empty.vdk", backing_name="base.vdk", backing_format="")
+    with pytest.raises(vdisk.errors.CorruptImage, match="format"):
+        vdisk.open(dst, read_only=True).close()
+
+
+@pytest.mark.xfail(strict=True, reason="formats/vdk.md section 15, item 1: field checks decide slot validity, so "
+                                       "a checksum-valid newest slot failing one is skipped for the older slot")
+@pytest.mark.parametrize("changes,error,match", [
+    (dict(dedup_table_checksum=1), vdisk.errors.CorruptImage, "deduplication"),
+    (dict(backing_name="base.vdk", backing_format=""), vdisk.errors.CorruptImage, "format"),
+    (dict(version=2, dedup_table_offset=0x5000), vdisk.errors.UnsupportedFeature, "version"),
+    (dict(incompatible_features=1 << 3, dedup_table_offset=0x5000), vdisk.errors.UnsupportedFeature, "incompatible"),
+], ids=["dedup", "name-no-format", "version-2-with-dedup", "unknown-bit-with-dedup"])
+def test_deviation_newest_slot_failing_a_field_check_is_refused(tmp_path, changes, error, match):
+    """Section 4.1: a checksum-valid newest slot is the current header; if its version,
+    features or fields are wrong the image is refused, never opened at the older
+    generation (whose clusters may have been reused: data.vdk's are)."""
+    dst = _copy_with_header(tmp_path, "data.vdk", **changes)
+    with pytest.raises(error, match=match):
+        vdisk.open(dst, read_only=True).close()
+
+
+@pytest.mark.parametrize("case", ["swap", "move", "odd-in-slot-0"])
+def test_writer_alternates_from_the_slot_it_found(tmp_path, case):
+    """Sections 4.1 and 13.2 step 8: the new header goes to the slot that does not hold the
+    current header, whatever the parity of its generation; the current slot is untouched."""
+    name = "empty.vdk" if case == "move" else "data.vdk"
+    dst = str(tmp_path / name)
+    with open(os.path.join(SAMPLES, name), "rb") as f:
+        data = bytearray(f.read())
+    s0, s1 = bytes(data[:4096]), bytes(data[4096:8192])
+    if case == "swap":  # data.vdk: generation 4 (even) now in slot 1, 3 in slot 0
+        data[:4096], data[4096:8192] = s1, s0
+    elif case == "move":  # empty.vdk: its only header, generation 2, in slot 1; slot 0 empty
+        data[:4096], data[4096:8192] = bytes(4096), s0
+    else:  # data.vdk: the current header re-signed as generation 5 (odd) in slot 0
+        h = C.Header.decode(s0).replace(generation=5)
+        raw = h.encode()
+        data[:4096] = raw + bytes(4096 - len(raw))
+    with open(dst, "wb") as f:
+        f.write(data)
+    (gen, cur), = [max(_slot_gens(data))]
+    other = 4096 - cur
+    digest = hashlib.sha256(SpecReader(dst).guest()).hexdigest()
+    assert digest == _sample_digest(name)
+    current_bytes = bytes(data[cur:cur + 4096])
+    with vdisk.open(dst) as img:
+        assert img.driver.header.generation == gen
+        img.write(0, b"first commit" * 10)
+        img.flush()
+        with open(dst, "rb") as f:
+            head = f.read(8192)
+        assert head[cur:cur + 4096] == current_bytes, "the current header was overwritten"
+        assert max(_slot_gens(head)) == (gen + 1, other)
+        img.write(4096, b"second commit" * 10)
+        img.flush()
+        with open(dst, "rb") as f:
+            head = f.read(8192)
+        assert sorted(_slot_gens(head)) == sorted([(gen + 1, other), (gen + 2, cur)])
+    reader = SpecReader(dst)
+    assert reader.slot == cur and reader.h["generation"] == gen + 2
+    assert reader.refcounts_stored() == reader.refcounts_expected()
+    with vdisk.open(dst, read_only=True) as img:
+        assert img.driver.header.generation == gen + 2
+        assert img.read(0, 120) == b"first commit" * 10 and img.read(4096, 130) == b"second commit" * 10
+        assert hashlib.sha256(img.read(0, img.size)).digest() == hashlib.sha256(reader.guest()).digest()
+        res = img.check()
+        assert not res.corruptions and not res.leaks
 
 
 def test_cluster_bits_out_of_range(tmp_path):
@@ -760,10 +915,18 @@ def test_cluster_bits_out_of_range(tmp_path):
         vdisk.open(dst, read_only=True).close()
 
 
-def test_compression_level_out_of_range(tmp_path):
-    dst = _copy_with_header(tmp_path, "empty.vdk", compression_level=127)
-    with pytest.raises(vdisk.VdiskError):
+@pytest.mark.parametrize("level", [127, 23, -8, -128])
+def test_compression_level_out_of_range(tmp_path, level):
+    dst = _copy_with_header(tmp_path, "empty.vdk", compression_level=level)
+    with pytest.raises(vdisk.errors.CorruptImage, match="compression level"):
         vdisk.open(dst, read_only=True).close()
+
+
+@pytest.mark.parametrize("level", [-7, 0, 19, 22])
+def test_compression_level_in_range(tmp_path, level):
+    dst = _copy_with_header(tmp_path, "compressed.vdk", compression_level=level)
+    with vdisk.open(dst, read_only=True) as img:
+        assert _digest(img) == _sample_digest("compressed.vdk")
 
 
 def test_cluster_bits_just_out_of_range_is_corruption(tmp_path):
@@ -771,6 +934,56 @@ def test_cluster_bits_just_out_of_range_is_corruption(tmp_path):
         dst = _copy_with_header(tmp_path, "empty.vdk", cluster_bits=cbits)
         with pytest.raises(vdisk.errors.CorruptImage, match="cluster_bits"):
             vdisk.open(dst, read_only=True).close()
+
+
+@pytest.mark.xfail(strict=True, raises=vdisk.errors.CorruptImage,
+                   reason="formats/vdk.md section 15, item 4: a virtual size past the L1 limit is CorruptImage")
+def test_deviation_virtual_size_past_the_implementation_limit_is_unsupported(tmp_path):
+    """Section 17: the L1 limit is an implementation limit (1 TiB with 4 KiB clusters)."""
+    vsize = (1 << 40) + 4096
+    dst = _copy_with_header(tmp_path, "empty.vdk", virtual_size=vsize,
+                            l1_entries=C.l1_entries_for(vsize, 12))
+    with pytest.raises(vdisk.errors.UnsupportedFeature):
+        vdisk.open(dst, read_only=True).close()
+
+
+def _resign_tree(data: bytearray, slot: int, l1_index: int, l2_index: int, **entry) -> None:
+    """Change one L2 entry of the live tree and recompute every checksum up to the header."""
+    h = C.Header.decode(bytes(data[slot:slot + 4096]))
+    cs = h.cluster_size
+    l1 = bytearray(data[h.l1_offset:h.l1_offset + h.l1_entries * 16])
+    l2_off, _ = struct.unpack_from("<QQ", l1, l1_index * 16)
+    l2 = bytearray(data[l2_off:l2_off + cs])
+    e = C.L2Entry.decode(bytes(l2), l2_index)
+    e = C.L2Entry(**{**e.__dict__, **entry})
+    l2[l2_index * 32:(l2_index + 1) * 32] = e.encode()
+    data[l2_off:l2_off + cs] = l2
+    struct.pack_into("<Q", l1, l1_index * 16 + 8, xxhash.xxh3_64_intdigest(bytes(l2)))
+    data[h.l1_offset:h.l1_offset + len(l1)] = l1
+    raw = h.replace(l1_checksum=xxhash.xxh3_64_intdigest(bytes(l1))).encode()
+    data[slot:slot + 4096] = raw + bytes(4096 - len(raw))
+
+
+@pytest.mark.xfail(strict=True, reason="formats/vdk.md section 15, item 2: bytes after a zstd frame are ignored")
+def test_deviation_bytes_after_a_zstd_frame_are_corruption(tmp_path):
+    """Section 8: the stored bytes MUST be exactly one frame with nothing after it."""
+    dst = str(tmp_path / "compressed.vdk")
+    with open(os.path.join(SAMPLES, "compressed.vdk"), "rb") as f:
+        data = bytearray(f.read())
+    reader = SpecReader(os.path.join(SAMPLES, "compressed.vdk"))
+    h = reader.h
+    (l2_off, l2_sum), *_ = reader.l1(h["l1_offset"], h["l1_entries"], h["l1_checksum"], h["virtual_size"])
+    entries = reader.l2(l2_off, l2_sum, 0, h["virtual_size"])
+    j, (_t, host, length, _s, _b) = next((j, e) for j, e in enumerate(entries) if e[0] == 3)
+    longer = length + 3  # the frame plus three bytes that follow it
+    assert longer < reader.cs and host + longer <= reader.limit
+    _resign_tree(data, reader.slot, 0, j, stored_length=longer,
+                 checksum=xxhash.xxh3_64_intdigest(bytes(data[host:host + longer])))
+    with open(dst, "wb") as f:
+        f.write(data)
+    with vdisk.open(dst, read_only=True) as img:
+        with pytest.raises(vdisk.errors.CorruptImage):
+            img.read(j * reader.cs, reader.cs)
 
 
 def test_current_header_failing_a_check_is_not_skipped(tmp_path):
@@ -800,7 +1013,9 @@ def test_torn_header_write_falls_back_to_the_previous_generation(tmp_path, monke
         img.flush()
         assert img.driver.header.generation == gen + 1
     with open(dst, "r+b") as f:
-        f.seek(C.SLOT_OFFSETS[(gen + 1) % 2] + 100)
+        (newest, off), = [max(_slot_gens(f.read(8192)))]
+        assert newest == gen + 1
+        f.seek(off + 100)
         f.write(bytes(4096 - 100))  # the header write stopped after 100 bytes
     with vdisk.open(dst, read_only=True) as img:
         assert img.driver.header.generation == gen
