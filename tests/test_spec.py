@@ -1048,3 +1048,49 @@ def test_hexdump_examples_match_the_samples():
             assert bytes(shown) == f.read(length), f"hexdump of {name} does not match the file"
         found += 1
     assert found, "the spec has no hexdump example"
+
+
+def test_header_rewritten_after_a_failed_header_write_goes_to_the_same_slot(tmp_path):
+    """Section 13.2: after a failure in step 8 the writer writes the same header g + 1
+    again to the same slot; the slot holding g is never touched, and the header after
+    that goes to g's slot."""
+    dst = str(tmp_path / "data.vdk")
+    with open(os.path.join(SAMPLES, "data.vdk"), "rb") as f:
+        data = f.read()
+    with open(dst, "wb") as f:
+        f.write(data)
+    (gen, cur), = [max(_slot_gens(data))]
+    other = 4096 - cur
+    with vdisk.open(dst) as img:
+        host = img.driver.host
+        real = host.pwrite
+        calls = []
+
+        def failing(off, buf, *a, **kw):
+            if off < 8192 and not calls:
+                calls.append(off)
+                real(off, bytes(buf)[:100], *a, **kw)  # torn, then an error
+                raise OSError(5, "injected header write failure")
+            return real(off, buf, *a, **kw)
+
+        host.pwrite = failing
+        img.write(0, b"x" * 4096)
+        with pytest.raises(OSError):
+            img.flush()
+        assert calls == [other]
+        with open(dst, "rb") as f:
+            assert f.read(8192)[cur:cur + 4096] == data[cur:cur + 4096]
+        img.flush()  # re-issues generation gen + 1, to the same slot
+        with open(dst, "rb") as f:
+            head = f.read(8192)
+        assert head[cur:cur + 4096] == data[cur:cur + 4096]
+        assert max(_slot_gens(head)) == (gen + 1, other)
+        img.write(4096, b"y" * 4096)
+        img.flush()
+        with open(dst, "rb") as f:
+            head = f.read(8192)
+        assert sorted(_slot_gens(head)) == sorted([(gen + 1, other), (gen + 2, cur)])
+    with vdisk.open(dst, read_only=True) as img:
+        assert img.read(0, 4096) == b"x" * 4096 and img.read(4096, 4096) == b"y" * 4096
+        res = img.check()
+        assert not res.corruptions and not res.leaks
