@@ -250,16 +250,20 @@ def test_snapshot_table_past_eof(tmp_path):
 
 
 def test_encrypted_external_data_extended_l2_refused(tmp_path):
-    for off, fmt, val, msg in [
-        (32, ">I", 1, "encrypted"),
-        (72, ">Q", C.INCOMPAT_DATA_FILE, "external data file"),
-        (72, ">Q", C.INCOMPAT_EXTL2, "extended L2"),
+    for off, fmt, val, msg, ro in [
+        (32, ">I", 1, "encrypted", True),
+        (72, ">Q", C.INCOMPAT_DATA_FILE, "external data file", True),
+        (72, ">Q", C.INCOMPAT_EXTL2, "extended L2 .* read-only", False),  # read, never written
     ]:
         p = _fresh(tmp_path)
         _patch(p, off, fmt, val)
         with pytest.raises(UnsupportedFeature, match=msg):
-            vdisk.open(p, read_only=True)
+            vdisk.open(p, read_only=ro)
         os.unlink(p)
+    p = _fresh(tmp_path, cluster_size=4096)
+    _patch(p, 72, ">Q", C.INCOMPAT_EXTL2)
+    with pytest.raises(CorruptImage, match="extended L2 entries need clusters of at least 16 KiB"):
+        vdisk.open(p, read_only=True)
 
 
 def test_corrupt_bit_means_read_only(tmp_path):

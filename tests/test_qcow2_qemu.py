@@ -123,6 +123,28 @@ def test_backing_chain_with_format(tmp_path):
         assert [e.status for e in st] == [Status.ZERO]
 
 
+@pytest.mark.parametrize("cs", ["16k", "64k", "2M"])
+def test_read_extended_l2_subclusters(tmp_path, cs):
+    base = str(tmp_path / "eb.qcow2")
+    top = str(tmp_path / "et.qcow2")
+    run(QEMU_IMG, "create", "-f", "qcow2", "-o", f"extended_l2=on,cluster_size={cs}", base, "8M")
+    qio(base, "write -P 0x11 1000 3000", "write -z 100k 8k", "write -P 0x22 1M 200k")
+    run(QEMU_IMG, "create", "-f", "qcow2", "-o", f"extended_l2=on,cluster_size={cs}", "-b", "eb.qcow2",
+        "-F", "qcow2", top)
+    qio(top, "write -P 0x33 4k 2k", "write -z 1M 64k", "write -P 0x44 5M 100k", "discard 5M 64k")
+    assert vdisk_raw(top) == qemu_raw(top, tmp_path)
+    with vdisk.open(top, read_only=True) as img:
+        assert img.info()["extended_l2"] is True
+        assert img.check().exit_code == 0
+        st = img.block_status(1 * MiB, 4096, chain=False)
+        assert [e.status for e in st] == [Status.ZERO]
+    comp = str(tmp_path / "ec.qcow2")
+    run(QEMU_IMG, "convert", "-c", "-O", "qcow2", "-o", f"extended_l2=on,cluster_size={cs}", top, comp)
+    assert vdisk_raw(comp) == qemu_raw(top, tmp_path)
+    with pytest.raises(vdisk.VdiskError, match="read-only"):
+        vdisk.open(top)
+
+
 def test_raw_backing_named_with_format(tmp_path):
     base = str(tmp_path / "base.raw")
     with open(base, "wb") as f:

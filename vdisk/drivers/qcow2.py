@@ -66,6 +66,7 @@ MAX_SNAPSHOTS = 65536
 MAX_SNAPSHOT_TABLE_BYTES = 64 << 20
 MAX_BACKING_NAME = 1023
 MAX_HOST_OFFSET = 1 << 56
+MAX_CHECK_CLUSTERS = 1 << 27  # check keeps one 8-byte counter per host cluster
 MIN_CLUSTER_BITS = 9
 MAX_CLUSTER_BITS = 21
 
@@ -251,8 +252,14 @@ class Qcow2Driver(BlockDriver):
             raise UnsupportedFeature(f"{name}: qcow2 image uses unknown incompatible features: {self._feature_names(0, unknown)}")
         if incompat & C.INCOMPAT_DATA_FILE or C.EXT_DATA_FILE in ext_types:
             raise UnsupportedFeature(f"{name}: qcow2 images with an external data file are not supported")
-        if incompat & C.INCOMPAT_EXTL2:
-            raise UnsupportedFeature(f"{name}: qcow2 images with extended L2 entries (subclusters) are not supported")
+        self.extl2 = bool(incompat & C.INCOMPAT_EXTL2)
+        if self.extl2:
+            if h.cluster_bits < 14:
+                raise CorruptImage(f"{name}: qcow2 extended L2 entries need clusters of at least 16 KiB")
+            if not self.read_only:
+                raise UnsupportedFeature(
+                    f"{name}: qcow2 images with extended L2 entries (subclusters) can only be opened read-only"
+                )
         if C.EXT_CRYPTO in ext_types:
             raise UnsupportedFeature(f"{name}: encrypted qcow2 images are not supported")
         if incompat & C.INCOMPAT_COMPRESSION:
@@ -271,7 +278,7 @@ class Qcow2Driver(BlockDriver):
             raise UnsupportedFeature(f"{name}: qcow2 image has persistent dirty bitmaps; vdisk opens it read-only only")
         self.order = h.refcount_order
         self.rc_max = C.refcount_max(self.order)
-        self.l2_entries = cs // 8
+        self.l2_entries = cs // 16 if self.extl2 else cs // 8
         self.rb_entries = (cs * 8) >> self.order
         # --- size and L1
         if h.size > (1 << 63) - 1:
@@ -625,7 +632,72 @@ class Qcow2Driver(BlockDriver):
         off = l1e & C.OFFSET_MASK
         if not off:
             return 0
+        if self.extl2:
+            # bit 0 is not a zero flag with extended entries: the bitmap says
+            e = self._l2(off, f" (L1 index {l1i})")[2 * l2i]
+            return e if e & C.FLAG_COMPRESSED else e & ~C.FLAG_ZERO
         return self._l2(off, f" (L1 index {l1i})")[l2i]
+
+    def _ext_bitmap(self, gci: int) -> int:
+        l1i, l2i = divmod(gci, self.l2_entries)
+        if l1i >= len(self.l1) or not self.l1[l1i] & C.OFFSET_MASK:
+            return 0
+        return self._l2(self.l1[l1i] & C.OFFSET_MASK)[2 * l2i + 1]
+
+    def _ext_pieces(self, offset: int, length: int):
+        """Extended L2 entries: (guest pos, length, kind, host offset or entry) per subcluster run."""
+        cs = self.cluster_size
+        scs = cs // 32
+        pos = offset
+        end = offset + length
+        while pos < end:
+            gci, coff = divmod(pos, cs)
+            e = self._entry(gci)
+            if e & C.FLAG_COMPRESSED:
+                n = min(cs - coff, end - pos)
+                yield pos, n, "c", e
+                pos += n
+                continue
+            bm = self._ext_bitmap(gci)
+            alloc, zero = bm & 0xFFFFFFFF, bm >> 32
+            host = e & C.OFFSET_MASK
+            sc = coff // scs
+            n = min(scs - coff % scs, end - pos)
+            if alloc >> sc & 1:
+                if not host or host % cs:
+                    raise CorruptImage(
+                        f"{self.host.name}: qcow2 subcluster at guest offset {pos} is allocated without a valid cluster"
+                    )
+                yield pos, n, "d", host + coff
+            elif zero >> sc & 1:
+                yield pos, n, "z", None
+            else:
+                yield pos, n, "u", None
+            pos += n
+
+    def _read_ext(self, offset: int, length: int) -> bytes:
+        out = bytearray()
+        pieces = list(self._ext_pieces(offset, length))
+        i = 0
+        while i < len(pieces):
+            pos, n, kind, x = pieces[i]
+            if kind == "u":
+                j = i + 1
+                while j < len(pieces) and pieces[j][2] == "u":
+                    n += pieces[j][1]
+                    j += 1
+                out += self.backing.read(pos, n) if self.backing is not None else bytes(n)
+                i = j
+                continue
+            if kind == "d":
+                out += self.host.pread(x, n)
+            elif kind == "z":
+                out += bytes(n)
+            else:
+                coff = pos % self.cluster_size
+                out += self._decompress(x, C.decode_l2_entry(x, self.cluster_bits))[coff : coff + n]
+            i += 1
+        return bytes(out)
 
     def _l2_for_write(self, l1i: int) -> tuple[int, array.array]:
         """The L2 table for L1 index ``l1i``, allocated and owned by the active L1 only."""
@@ -665,6 +737,8 @@ class Qcow2Driver(BlockDriver):
     def read(self, offset: int, length: int) -> bytes:
         if length == 0:
             return b""
+        if self.extl2:
+            return self._read_ext(offset, length)
         cs = self.cluster_size
         out = bytearray()
         pos = offset
@@ -1005,20 +1079,30 @@ class Qcow2Driver(BlockDriver):
         self._pwrite(0, C.encode_header(self.hdr))
 
     # ================================================================== block status
-    def block_status(self, offset: int, length: int) -> list[Extent]:
+    def _pieces(self, offset: int, length: int):
+        if self.extl2:
+            kinds = {"d": C.NORMAL, "z": C.ZERO, "u": C.UNALLOCATED, "c": C.COMPRESSED}
+            for pos, n, kind, x in self._ext_pieces(offset, length):
+                yield pos, n, kinds[kind], (x if kind == "d" else 0)
+            return
         cs = self.cluster_size
-        out: list[Extent] = []
         pos = offset
         end = offset + length
         while pos < end:
             gci, coff = divmod(pos, cs)
             n = min(cs - coff, end - pos)
             ent = C.decode_l2_entry(self._entry(gci), self.cluster_bits)
-            if ent.kind == C.NORMAL:
-                ext = Extent(pos, n, Status.DATA, host_offset=ent.host_offset + coff)
-            elif ent.kind == C.COMPRESSED:
+            yield pos, n, ent.kind, ent.host_offset + coff if ent.kind == C.NORMAL else 0
+            pos += n
+
+    def block_status(self, offset: int, length: int) -> list[Extent]:
+        out: list[Extent] = []
+        for pos, n, kind, host in self._pieces(offset, length):
+            if kind == C.NORMAL:
+                ext = Extent(pos, n, Status.DATA, host_offset=host)
+            elif kind == C.COMPRESSED:
                 ext = Extent(pos, n, Status.DATA, compressed=True)
-            elif ent.kind == C.ZERO:
+            elif kind == C.ZERO:
                 ext = Extent(pos, n, Status.ZERO)
             else:
                 ext = Extent(pos, n, Status.UNALLOCATED)
@@ -1031,10 +1115,8 @@ class Qcow2Driver(BlockDriver):
                     and (p.host_offset is None or p.host_offset + p.length == ext.host_offset)
                 ):
                     out[-1] = Extent(p.offset, p.length + n, p.status, p.host_offset, p.compressed)
-                    pos += n
                     continue
             out.append(ext)
-            pos += n
         return out
 
     # ================================================================== resize
@@ -1395,6 +1477,10 @@ class Qcow2Driver(BlockDriver):
         cs = self.cluster_size
         eof = self._eof
         nclusters = _ceil_div(eof, cs)
+        if nclusters > MAX_CHECK_CLUSTERS:
+            raise NotSupported(
+                f"{self.host.name}: the file spans {nclusters} clusters; check handles at most {MAX_CHECK_CLUSTERS}"
+            )
         counts = array.array("Q", bytes(8 * (nclusters + 1)))
         name = self.host.name
         # clusters referenced past the end of the file are reported, not counted
@@ -1436,7 +1522,8 @@ class Qcow2Driver(BlockDriver):
                 except CorruptImage as exc:
                     res.corruptions.append(str(exc))
                     continue
-                for l2i, e in enumerate(t):
+                entries = enumerate(t) if not self.extl2 else enumerate(x if x & C.FLAG_COMPRESSED else x & ~C.FLAG_ZERO for x in t[0::2])
+                for l2i, e in entries:
                     if not e:
                         continue
                     res.checked_clusters += 1
