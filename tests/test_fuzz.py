@@ -1,7 +1,7 @@
 """Fuzzing the vdk reader (and writer) with hypothesis: mutate valid images, then open,
 read everything, block_status, list and read snapshots, check, and open read-write +
-write + flush.  Only VdiskError may escape; each example runs under a soft address-space
-limit (current size + 512 MiB) and a 2 s CPU-time alarm.  RELIABILITY.md, "Fuzzing".
+write + flush.  Only VdiskError may escape; the examples run in a worker process
+(tests/hostile/fuzzworker.py) under a 600 MiB address-space limit, each within 2 s.  RELIABILITY.md, "Fuzzing".
 
 Mutations: random byte flips anywhere; overwrites of named fields (header, L1 and L2
 entries, snapshot records, refcounts) with the checksum chain re-signed so that the
@@ -14,11 +14,11 @@ A failure that matches an open bug of tests/test_found_bugs.py is counted apart
 
 from __future__ import annotations
 
+import json
 import os
-import resource
-import signal
+import selectors
+import subprocess
 import sys
-import traceback
 from pathlib import Path
 
 import pytest
@@ -31,14 +31,14 @@ from vdisk.block import Image
 from vdisk.codec import vdk as C
 from vdisk.drivers.base import CreateOptions
 from vdisk.drivers.vdk import VdkDriver
-from vdisk.errors import VdiskError
 
 sys.path.insert(0, str(Path(__file__).parent / "hostile"))
 import gen  # noqa: E402
 
 EXAMPLES = int(os.environ.get("VDISK_FUZZ_EXAMPLES", "1500"))
-TIME_LIMIT = 2.0
-EXTRA_AS = 512 << 20
+TIME_LIMIT = 2.0  # seconds per example in the worker
+AS_MIB = 600  # the worker's address-space limit
+WORKER = Path(__file__).parent / "hostile" / "fuzzworker.py"
 STRICT_BUGS = os.environ.get("VDISK_FOUND_BUGS") == "1"
 
 
@@ -125,94 +125,58 @@ def mutate(data: bytes, muts) -> bytes:
 struct_error = __import__("struct").error
 
 
-class _Timeout(Exception):
-    pass
+class Worker:
+    """The long-lived child (tests/hostile/fuzzworker.py) that runs the examples."""
+
+    def __init__(self):
+        self.p = None
+
+    def start(self):
+        self.p = subprocess.Popen([sys.executable, str(WORKER), f"--as-mib={AS_MIB}"], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(self.p.stdout, selectors.EVENT_READ)
+
+    def run(self, data: bytes) -> dict:
+        if self.p is None or self.p.poll() is not None:
+            self.start()
+        self.p.stdin.write(len(data).to_bytes(8, "little") + data)
+        self.p.stdin.flush()
+        if not self.sel.select(timeout=TIME_LIMIT * 10):  # wall clock on a shared machine
+            self.stop()
+            return {"result": "timeout", "error": f"no answer within {TIME_LIMIT * 10} s"}
+        line = self.p.stdout.readline()
+        if not line:
+            self.stop()
+            return {"result": "bug", "error": "the worker died", "known_bug": None}
+        return json.loads(line)
+
+    def stop(self):
+        if self.p is not None:
+            self.p.kill()
+            self.p.wait()
+            self.p = None
 
 
-def _alarm(signum, frame):
-    raise _Timeout()
-
-
-def exercise(data: bytes) -> None:
-    """Everything a user could do with an image; only VdiskError may escape."""
-    img = Image(VdkDriver.open(MemStorage(data, "fuzz.vdk", read_only=True), read_only=True), "fuzz.vdk", None)
-    try:
-        for step in (lambda: img.read(0, img.size), lambda: img.block_status(0, img.size), img.check):
-            try:
-                step()
-            except VdiskError:
-                pass
-        for s in img.snapshot_list():
-            try:
-                snap = Image(VdkDriver.open(MemStorage(data, "fuzz.vdk", read_only=True), read_only=True,
-                                            snapshot=s.name), "fuzz.vdk", None)
-                snap.read(0, snap.size)
-                snap.close()
-            except VdiskError:
-                pass
-    finally:
-        img.close()
-    rw = Image(VdkDriver.open(MemStorage(data, "fuzz.vdk"), read_only=False), "fuzz.vdk", None)
-    try:
-        n = min(rw.size, 3 * rw.cluster_size + 11)
-        if n:
-            rw.write(rw.size - n, b"\xa5" * n)
-        rw.flush()
-        rw.check()
-    finally:
-        try:
-            rw.close()
-        except VdiskError:
-            pass
-
-
-KNOWN_BUG_SIGNATURES = {
-    "vdk-zstd-content-size": ("MemoryError", "_decompress"),
-    "vdk-check-huge-snapshot-l1": ("MemoryError", "ref_run"),
-}
-
-
-def _known_bug(exc: BaseException) -> str | None:
-    frames = [f.name for f in traceback.extract_tb(exc.__traceback__)]
-    for name, (etype, func) in KNOWN_BUG_SIGNATURES.items():
-        if type(exc).__name__ == etype and func in frames:
-            return name
-    return None
-
-
-STATS = {"iterations": 0, "refused": 0, "accepted": 0, "known_bug_hits": 0, "failures": 0}
+WORKER_PROC = Worker()
+STATS = {"iterations": 0, "refused": 0, "accepted": 0, "known_bug_hits": 0, "failures": 0, "slow": 0}
 
 
 def run_one(data: bytes) -> None:
     STATS["iterations"] += 1
-    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    with open("/proc/self/statm") as f:
-        vm = int(f.read().split()[0]) * resource.getpagesize()
-    limit = vm + EXTRA_AS
-    if hard != resource.RLIM_INFINITY:
-        limit = min(limit, hard)
-    old = signal.signal(signal.SIGALRM, _alarm)
-    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
-    signal.setitimer(signal.ITIMER_REAL, TIME_LIMIT * 5)  # wall clock: the machine is shared
-    try:
-        exercise(data)
-        STATS["accepted"] += 1
-    except VdiskError:
-        STATS["refused"] += 1
-    except _Timeout:
-        STATS["failures"] += 1
-        raise AssertionError("an operation on a fuzzed image took longer than the time limit") from None
-    except BaseException as exc:  # noqa: BLE001
-        bug = _known_bug(exc)
-        if bug and not STRICT_BUGS:
-            STATS["known_bug_hits"] += 1
-            return
-        STATS["failures"] += 1
-        raise
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    r = WORKER_PROC.run(data)
+    if r["result"] in ("accepted", "refused"):
+        STATS[r["result"]] += 1
+        if r.get("seconds", 0) > TIME_LIMIT:
+            STATS["slow"] += 1
+            STATS["failures"] += 1
+            raise AssertionError(f"an example took {r['seconds']} s (limit {TIME_LIMIT} s)")
+        return
+    if r.get("known_bug") and not STRICT_BUGS:
+        STATS["known_bug_hits"] += 1
+        return
+    STATS["failures"] += 1
+    raise AssertionError(f"{r['result']}: {r['error']}")
 
 
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=os.environ.get("VDISK_FUZZ_RANDOM") != "1",
@@ -239,6 +203,7 @@ def test_fuzz_vdk():
         _fuzz()
         _fuzz_flips()
     finally:
+        WORKER_PROC.stop()
         figures.record("fuzz", examples_setting=EXAMPLES,
                        **{k: STATS[k] - before[k] for k in STATS})
     assert STATS["iterations"] - before["iterations"] > 0
