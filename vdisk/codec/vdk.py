@@ -166,6 +166,10 @@ class Header:
         snap = self.backing_snapshot.encode()
         if len(name) > MAX_BACKING_NAME or len(fmt) > MAX_BACKING_FORMAT or len(snap) > MAX_SNAPSHOT_NAME:
             raise ValueError("backing reference too long")
+        if name and not fmt:
+            raise ValueError("a backing file needs its format")
+        if b"\0" in name or b"\0" in fmt or b"\0" in snap:
+            raise ValueError("NUL byte in the backing reference")
         tail = name + fmt + snap
         length = _align(HEADER_FIXED + len(tail), 8) + 8
         fixed = _HEADER.pack(
@@ -200,6 +204,8 @@ class Header:
         (stored,) = struct.unpack_from("<Q", slot, length - 8)
         if stored != checksum(slot[: length - 8]):
             raise CorruptImage("header checksum mismatch")
+        if check_features:  # before the fields: another version may define them otherwise
+            check_header_features(version, incompat)
         if name_len > MAX_BACKING_NAME or fmt_len > MAX_BACKING_FORMAT or HEADER_FIXED + name_len + fmt_len + snap_len > length - 8:
             raise CorruptImage("backing reference in the header is too long")
         pos = HEADER_FIXED
@@ -215,8 +221,6 @@ class Header:
             raise CorruptImage("backing file named without its format")
         if dd_off or dd_len or dd_sum:
             raise CorruptImage("reserved deduplication fields are not zero")
-        if check_features:
-            check_header_features(version, incompat)
         return cls(
             generation=gen, cluster_bits=cbits, virtual_size=vsize, l1_offset=l1_off, l1_entries=l1_n,
             l1_checksum=l1_sum, refcount_table_offset=rt_off, refcount_table_entries=rt_n,
@@ -227,6 +231,21 @@ class Header:
             dedup_table_offset=dd_off, dedup_table_length=dd_len, dedup_table_checksum=dd_sum,
             backing_name=name, backing_format=fmt, backing_snapshot=snap, version=version,
         )
+
+
+def slot_generation(slot: bytes) -> int | None:
+    """The generation of a *valid* slot -- magic, header length and checksum right, the
+    four fields every version keeps in place -- or None.  A reader makes the valid slot
+    with the highest generation current, and only then decodes and checks it fully."""
+    if len(slot) < HEADER_FIXED or slot[:8] != MAGIC:
+        return None
+    length, gen = struct.unpack_from("<IQ", slot, 12)
+    if not HEADER_FIXED + 8 <= length <= min(SLOT_SIZE, len(slot)) or length % 8:
+        return None
+    (stored,) = struct.unpack_from("<Q", slot, length - 8)
+    if stored != checksum(slot[: length - 8]):
+        return None
+    return gen
 
 
 def check_header_features(version: int, incompat: int) -> None:

@@ -157,31 +157,22 @@ class VdkDriver(BlockDriver):
 
     @staticmethod
     def _pick_header(head: bytes, name: str) -> tuple[C.Header, int]:
-        """The newest valid header and the index of its slot.  Only that one must be a
-        version and feature set this vdisk reads: an older slot may be anything."""
-        best = None
-        best_slot = -1
-        errors = []
-        for i, off in enumerate(C.SLOT_OFFSETS):
-            slot = head[off:off + C.SLOT_SIZE]
-            if slot == bytes(len(slot)):
-                continue
-            try:
-                h = C.Header.decode(slot, check_features=False)
-            except CorruptImage as exc:
-                errors.append(str(exc))
-                continue
-            if best is None or h.generation > best.generation:
-                best, best_slot = h, i
-        if best is None:
+        """The current header and the index of its slot: of the valid slots (magic,
+        length, checksum), the one with the highest generation.  Only that one is then
+        decoded and checked; an older slot may hold anything, and a current header that
+        fails a check is an error, never a reason to fall back to the older one."""
+        gens = [C.slot_generation(head[off:off + C.SLOT_SIZE]) for off in C.SLOT_OFFSETS]
+        valid = [(g, i) for i, g in enumerate(gens) if g is not None]
+        if not valid:
             if head[:8] != C.MAGIC and head[C.SLOT_SIZE:C.SLOT_SIZE + 8] != C.MAGIC:
                 raise CorruptImage(f"{name}: not a vdk image (bad magic)")
-            raise CorruptImage(f"{name}: no valid header slot ({'; '.join(errors) or 'both empty'})")
+            raise CorruptImage(f"{name}: no valid header slot (both fail their checksum or length)")
+        _gen, slot = max(valid, key=lambda v: (v[0], -v[1]))
+        off = C.SLOT_OFFSETS[slot]
         try:
-            C.check_header_features(best.version, best.incompatible_features)
-        except UnsupportedFeature as exc:
-            raise UnsupportedFeature(f"{name}: {exc}") from None
-        return best, best_slot
+            return C.Header.decode(head[off:off + C.SLOT_SIZE]), slot
+        except (CorruptImage, UnsupportedFeature) as exc:
+            raise type(exc)(f"{name}: {exc}") from None
 
     def __init__(self, host: HostStorage, hdr: C.Header, *, read_only: bool, fresh: bool = False):
         self.host = host
