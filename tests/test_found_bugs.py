@@ -26,7 +26,8 @@ from vdisk.drivers.vdk import VdkDriver
 from vdisk.errors import HostIOError, VdiskError
 
 #: bugs still open: their tests are skipped unless VDISK_FOUND_BUGS=1
-_OPEN: set[str] = {"vdk-zstd-content-size", "vdk-check-huge-snapshot-l1"}
+_OPEN: set[str] = {"vdk-zstd-content-size", "vdk-check-huge-snapshot-l1", "qcow2-data-beyond-eof",
+                   "qcow2-l2-reserved-bits"}
 
 
 def bug(name: str):
@@ -108,7 +109,8 @@ def test_vdk_compressed_cluster_claiming_a_huge_content_size_is_refused():
     assert res.corruptions
 
 
-@pytest.mark.parametrize("name", ["comp-bomb-header-1t", "comp-bomb-header-3g", "snap-l1-entries-huge"])
+@pytest.mark.parametrize("name", ["comp-bomb-header-1t", "comp-bomb-header-3g", "snap-l1-entries-huge",
+                                  "q-l2-beyond-eof", "q-l2-reserved-bits"])
 def test_hostile_cases_of_open_bugs(name):
     """The corpus cases that show open bugs, through the same child-process probe
     (400 MiB address space, 1 s, 200 MiB RSS) as tests/test_hostile.py.
@@ -121,8 +123,21 @@ def test_hostile_cases_of_open_bugs(name):
     under a 400 MiB address-space limit, and about 5 GiB of RSS without one (so this
     is only ever run in the limited child).  Opening the snapshot itself is refused
     properly by ``_check_run``.  Fix idea: validate n against l1_entries_for(vsize)
-    and the run against host_clusters before ``ref_run``; cap the messages."""
-    bugname = {"snap-l1-entries-huge": "vdk-check-huge-snapshot-l1"}.get(name, "vdk-zstd-content-size")
+    and the run against host_clusters before ``ref_run``; cap the messages.
+
+    BUG qcow2-data-beyond-eof (case q-l2-beyond-eof): an L2 entry (standard, not
+    compressed) whose data cluster offset lies far past the end of the file (2^40) is
+    read as zeros: ``read`` returns silently wrong data where vdk raises CorruptImage
+    (``check`` does report it).  Fix idea: validate the host offset against the file
+    size (or the refcount-covered range) in the read path, as for compressed clusters.
+
+    BUG qcow2-l2-reserved-bits (case q-l2-reserved-bits): a standard L2 entry with a
+    reserved bit (60) set is accepted by ``read`` and by ``check`` ("clean"); the spec
+    says those bits must be zero, the codec decodes them into ``L2Entry.reserved``, and
+    qemu-img check counts them as corruption.  Fix idea: ``check`` reports entries
+    with ``reserved`` set (and read refuses them, or at least check does)."""
+    bugname = {"snap-l1-entries-huge": "vdk-check-huge-snapshot-l1", "q-l2-beyond-eof": "qcow2-data-beyond-eof",
+               "q-l2-reserved-bits": "qcow2-l2-reserved-bits"}.get(name, "vdk-zstd-content-size")
     if os.environ.get("VDISK_FOUND_BUGS") != "1" and bugname in _OPEN:
         pytest.skip(f"open bug {bugname}: run with VDISK_FOUND_BUGS=1")
     import test_hostile as H

@@ -39,7 +39,7 @@ import gen  # noqa: E402
 CORPUS = tempfile.mkdtemp(prefix="vdisk-hostile-")
 atexit.register(shutil.rmtree, CORPUS, True)
 CASES = gen.generate(CORPUS)
-OPEN_BUGS = {"vdk-zstd-content-size", "vdk-check-huge-snapshot-l1"}
+OPEN_BUGS = {"vdk-zstd-content-size", "vdk-check-huge-snapshot-l1", "qcow2-data-beyond-eof", "qcow2-l2-reserved-bits"}
 if os.environ.get("VDISK_FOUND_BUGS") == "1":
     OPEN_BUGS = set()
 _results: dict[str, str] = {}
@@ -119,13 +119,15 @@ def test_hostile_image(case):
 def test_corpus_size():
     vdk = [c for c in CASES if c.format == "vdk"]
     assert len(vdk) >= 40, f"only {len(vdk)} hostile vdk images"
+    assert sum(c.format == "qcow2" for c in CASES) >= 30
 
 
 # ----------------------------------------------------------------------------- the CLI
 CLI_SAMPLE = ["bad-magic", "version-2", "incompat-unknown-bit", "cluster-bits-max", "l1-entries-overflow",
               "l1-beyond-eof", "snapshot-count-huge", "refcount-table-zero", "backing-etc-passwd", "backing-loop",
               "chain-65-deep", "l2-checksum", "data-checksum", "comp-garbage", "comp-bomb", "truncated-half",
-              "snap-name-length-huge", "l2-overlapping-data"]
+              "snap-name-length-huge", "l2-overlapping-data", "q-bad-magic", "q-l1-size-huge", "q-refcount-table-zero",
+              "q-comp-garbage"]
 
 
 def _vdisk() -> list[str]:
@@ -173,6 +175,7 @@ def test_hostile_figures():
     """Runs last in this file: record how many hostile images were refused properly."""
     ran = [c for c in CASES if c.bug not in OPEN_BUGS]
     refused = sum(1 for v in _results.values() if v == "refused")
-    figures.record("hostile", corpus=len(CASES), vdk_images=sum(c.format == "vdk" for c in CASES), run=len(_results),
+    figures.record("hostile", corpus=len(CASES), vdk_images=sum(c.format == "vdk" for c in CASES),
+                   qcow2_images=sum(c.format == "qcow2" for c in CASES), run=len(_results),
                    refused=refused, failures=len(_results) - refused, open_bug_cases=len(CASES) - len(ran),
                    cli_sample=len(CLI_SAMPLE), cli_commands=3 * len(CLI_SAMPLE))

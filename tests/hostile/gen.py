@@ -471,6 +471,8 @@ def generate(outdir: str) -> list[Case]:
 
     # --- chains
     chain_cases(outdir, cases, base_content)
+    # --- qcow2
+    qcow2_cases(outdir, cases)
     with open(os.path.join(outdir, "cases.json"), "w") as f:
         json.dump([asdict(c) for c in cases], f, indent=1)
     return cases
@@ -513,6 +515,181 @@ def chain_cases(outdir: str, cases: list[Case], base_content: str) -> None:
     cases.append(Case("raw-backing-with-vdk-magic", "raw-with-magic.vdk",
                       "raw backing file that contains a vdk image: must read as raw bytes", read="raw",
                       raw_of="looks-like-vdk.raw", check=False))
+
+
+# ----------------------------------------------------------------------------- qcow2
+# header field -> (offset, size), big-endian (QEMU docs/interop/qcow2.txt)
+Q_FIELDS = {
+    "magic": (0, 4), "version": (4, 4), "backing_file_offset": (8, 8), "backing_file_size": (16, 4),
+    "cluster_bits": (20, 4), "size": (24, 8), "crypt_method": (32, 4), "l1_size": (36, 4),
+    "l1_table_offset": (40, 8), "refcount_table_offset": (48, 8), "refcount_table_clusters": (56, 4),
+    "nb_snapshots": (60, 4), "snapshots_offset": (64, 8), "incompatible_features": (72, 8),
+    "compatible_features": (80, 8), "autoclear_features": (88, 8), "refcount_order": (96, 4),
+    "header_length": (100, 4), "compression_type": (104, 1),
+}
+
+
+class Q2File:
+    def __init__(self, data: bytes):
+        self.b = bytearray(data)
+
+    def get(self, name: str) -> int:
+        off, size = Q_FIELDS[name]
+        return int.from_bytes(self.b[off:off + size], "big")
+
+    def set(self, name: str, value: int) -> "Q2File":
+        off, size = Q_FIELDS[name]
+        self.b[off:off + size] = (value % (1 << (8 * size))).to_bytes(size, "big")
+        return self
+
+    def cluster_size(self) -> int:
+        return 1 << self.get("cluster_bits")
+
+    def l1(self) -> list[int]:
+        off = self.get("l1_table_offset")
+        return [int.from_bytes(self.b[off + 8 * i:off + 8 * i + 8], "big") for i in range(self.get("l1_size"))]
+
+    def set_l1(self, i: int, value: int) -> None:
+        off = self.get("l1_table_offset")
+        self.b[off + 8 * i:off + 8 * i + 8] = value.to_bytes(8, "big")
+
+    def l2_entries(self):
+        """(absolute offset of the entry, raw value) of every non-zero L2 entry."""
+        out = []
+        cs = self.cluster_size()
+        for e in self.l1():
+            o = e & 0x00FFFFFFFFFFFE00
+            if not o:
+                continue
+            for j in range(cs // 8):
+                v = int.from_bytes(self.b[o + 8 * j:o + 8 * j + 8], "big")
+                if v:
+                    out.append((o + 8 * j, v))
+        return out
+
+    def set_at(self, pos: int, value: int) -> None:
+        self.b[pos:pos + 8] = (value % (1 << 64)).to_bytes(8, "big")
+
+
+def make_valid_qcow2(path: str, *, compression: str | None = None, seed: int = 3) -> bytes:
+    from vdisk.drivers import get_driver
+
+    drv = get_driver("qcow2")
+    rng = random.Random(seed)
+    host = HostFile(path, create=True, lock=None)
+    drv.create(host, SIZE, CreateOptions(cluster_size=CS, compression=compression))
+    host.close()
+    img = Image(drv.open(HostFile(path, lock=None), read_only=False), path, None)
+    content = bytearray(SIZE)
+    for off, n in ((0, 3 * CS), (5 * CS, 2 * CS), (600 * 1024, 4 * CS)):
+        data = (rng.randbytes(8) * (n // 8 + 1))[:n] if compression else rng.randbytes(n)
+        img.write(off, data)
+        content[off:off + n] = data
+    img.snapshot_create("snap1")
+    img.write(CS, b"after-snapshot" * 100)
+    content[CS:CS + 1400] = b"after-snapshot" * 100
+    img.close()
+    return bytes(content)
+
+
+def qcow2_cases(outdir: str, cases: list[Case]) -> None:
+    def valid(name, **kw):
+        path = os.path.join(outdir, name)
+        content = make_valid_qcow2(path, **kw)
+        with open(path + ".content", "wb") as f:
+            f.write(content)
+        with open(path, "rb") as f:
+            return f.read(), name + ".content"
+
+    base, base_content = valid("valid.qcow2")
+    comp, comp_content = valid("valid-zlib.qcow2", compression="zlib", seed=4)
+
+    def add(name, why, data, content=base_content, **kw):
+        fname = f"{name}.qcow2"
+        with open(os.path.join(outdir, fname), "wb") as f:
+            f.write(data)
+        cases.append(Case(name, fname, why, format="qcow2", content=content, **kw))
+
+    def hdr(name, why, error=None, src=None, **fields):
+        q = Q2File(src or base)
+        for k, v in fields.items():
+            q.set(k, v)
+        add(name, why, bytes(q.b), open="fail", error=error)
+
+    q = Q2File(base)
+    hdr("q-bad-magic", "magic is not qcow2's", "CorruptImage", magic=0x51464900)
+    hdr("q-version-1", "qcow version 1", "UnsupportedFeature", version=1)
+    hdr("q-version-4", "qcow2 version 4", "UnsupportedFeature", version=4)
+    hdr("q-incompat-unknown", "unknown incompatible feature bit 20", "UnsupportedFeature",
+        incompatible_features=q.get("incompatible_features") | 1 << 20)
+    hdr("q-cluster-bits-8", "cluster_bits 8", None, cluster_bits=8)
+    hdr("q-cluster-bits-22", "cluster_bits 22", None, cluster_bits=22)
+    hdr("q-cluster-bits-max", "cluster_bits 2^32-1", None, cluster_bits=2**32 - 1)
+    hdr("q-crypt-aes", "crypt_method 1 (AES)", "UnsupportedFeature", crypt_method=1)
+    hdr("q-l1-beyond-eof", "L1 table past the end of the file", None, l1_table_offset=1 << 40)
+    hdr("q-l1-unaligned", "L1 table offset not cluster-aligned", None, l1_table_offset=q.get("l1_table_offset") + 8)
+    hdr("q-l1-size-huge", "l1_size 2^31 (16 GiB of L1)", None, l1_size=2**31)
+    hdr("q-l1-size-too-small", "l1_size too small for the virtual size", None, l1_size=0)
+    hdr("q-size-huge", "virtual size 2^63", None, size=2**63)
+    hdr("q-refcount-order-7", "refcount_order 7 (128-bit refcounts)", None, refcount_order=7)
+    hdr("q-header-length-huge", "header_length 2^32-8", None, header_length=2**32 - 8)
+    hdr("q-header-length-short", "header_length 16", None, header_length=16)
+    hdr("q-nb-snapshots-huge", "nb_snapshots 2^32-1", None, nb_snapshots=2**32 - 1)
+    hdr("q-snapshots-beyond-eof", "snapshot table past the end of the file", None, snapshots_offset=1 << 40)
+    hdr("q-backing-beyond-eof", "backing file name past the end of the header cluster", None,
+        backing_file_offset=1 << 40, backing_file_size=100)
+    hdr("q-backing-name-huge", "backing file name length 2^32-1", None, backing_file_offset=512,
+        backing_file_size=2**32 - 1)
+    hdr("q-compression-type-9", "compression type 9 with the compression bit", None,
+        incompatible_features=q.get("incompatible_features") | 1 << 3, compression_type=9)
+    hdr("q-data-file", "external data file bit without a data file", None,
+        incompatible_features=q.get("incompatible_features") | 1 << 2)
+    for name, why, fields in (
+        ("q-refcount-table-zero", "refcount table of zero clusters", {"refcount_table_clusters": 0}),
+        ("q-refcount-table-huge", "refcount table of 2^32-1 clusters", {"refcount_table_clusters": 2**32 - 1}),
+        ("q-refcount-table-beyond-eof", "refcount table past the end of the file", {"refcount_table_offset": 1 << 40}),
+    ):
+        q = Q2File(base)
+        for k, v in fields.items():
+            q.set(k, v)
+        add(name, why, bytes(q.b), rw_open="fail")
+    # L1 / L2 entries (qcow2 has no checksums: patch directly)
+    q = Q2File(base)
+    first = q.l1()[0]
+    q.set_l1(0, (first & ~0x00FFFFFFFFFFFE00) | (1 << 40))
+    add("q-l1-entry-beyond-eof", "L1 entry past the end of the file", bytes(q.b), read="fail")
+    q = Q2File(base)
+    q.set_l1(0, first + 512)
+    add("q-l1-entry-unaligned", "L1 entry not cluster-aligned", bytes(q.b), read="fail")
+    pos, v = Q2File(base).l2_entries()[0]
+    for name, why, val, bug in (
+        ("q-l2-beyond-eof", "data cluster past the end of the file", (v & ~0x00FFFFFFFFFFFE00) | (1 << 40),
+         "qcow2-data-beyond-eof"),
+        ("q-l2-unaligned", "data cluster offset not aligned", v + 512, None),
+        ("q-l2-reserved-bits", "reserved L2 bit 60 set", v | (1 << 60), "qcow2-l2-reserved-bits"),
+    ):
+        q = Q2File(base)
+        q.set_at(pos, val)
+        add(name, why, bytes(q.b), read="fail" if name != "q-l2-reserved-bits" else "any", bug=bug)
+    # compressed entries
+    qc = Q2File(comp)
+    cents = [(p, v) for p, v in qc.l2_entries() if v & (1 << 62)]
+    if cents:
+        cpos, cv = cents[0]
+        x = 62 - (12 - 8)
+        for name, why, val in (
+            ("q-comp-beyond-eof", "compressed data past the end of the file", (1 << 62) | (1 << 40)),
+            ("q-comp-sectors-max", "compressed sector count at its maximum past EOF",
+             (1 << 62) | (((1 << (12 - 8)) - 1) << x) | (len(comp) - 512)),
+            ("q-comp-garbage", "compressed entry pointing at the L1 table (not deflate)",
+             (1 << 62) | qc.get("l1_table_offset")),
+        ):
+            q = Q2File(comp)
+            q.set_at(cpos, val)
+            add(name, why, bytes(q.b), content=comp_content, read="fail")
+    for name, cut in (("q-truncated-half", len(base) // 2), ("q-truncated-header", 50)):
+        add(name, f"qcow2 file cut to {cut} bytes", base[:cut], read="fail" if cut > 4096 else "any",
+            open="fail" if cut <= 4096 else "any")
 
 
 if __name__ == "__main__":
