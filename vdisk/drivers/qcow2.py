@@ -558,18 +558,32 @@ class Qcow2Driver(BlockDriver):
         self._reftable_dirty = True
         return off
 
+    def _has_block(self, ri: int) -> bool:
+        return ri < len(self.reftable) and bool(self.reftable[ri] & C.OFFSET_MASK)
+
     def _alloc(self, n: int) -> int:
         """Allocate ``n`` contiguous free clusters (refcount set to 1); return the
-        first cluster's host offset."""
+        first cluster's host offset.
+
+        Ranges without a refcount block count as free.  Blocks the run needs are
+        placed right after it (a block lives in the range it describes when that
+        range has none yet), so runs longer than one block's range stay contiguous."""
+        rbe = self.rb_entries
         c = self._free_hint
         start = c
         run = 0
-        rbe = self.rb_entries
         first_free = None
         while run < n:
             ri, i = divmod(c, rbe)
-            if ri >= len(self.reftable) or not (self.reftable[ri] & C.OFFSET_MASK):
-                self._create_refblock(ri)
+            if not self._has_block(ri):
+                if run == 0:
+                    start = c
+                    if first_free is None:
+                        first_free = start
+                take = min(rbe - i, n - run)
+                run += take
+                c += take
+                continue
             blk = self._rb(self.reftable[ri] & C.OFFSET_MASK)
             # scan this block without a call per cluster
             while i < rbe and run < n:
@@ -583,14 +597,44 @@ class Qcow2Driver(BlockDriver):
                     run = 0
                 i += 1
             c = ri * rbe + i
-        # clusters before the first free one found are all in use: skip them next time
-        self._free_hint = start + n if first_free == start else first_free
-        for i in range(start, start + n):
-            self._rc_set(i, 1)
-        off = start * self.cluster_size
-        if off + n * self.cluster_size > MAX_HOST_OFFSET:
+        end = start + n
+        if end * self.cluster_size > MAX_HOST_OFFSET:
             raise VdiskError(f"{self.host.name}: qcow2 image is full (host offset limit reached)")
-        return off
+        # refcount blocks for the ranges of the run that have none, placed after it
+        pending = [ri for ri in range(start // rbe, (end - 1) // rbe + 1) if not self._has_block(ri)]
+        placed: dict[int, int] = {}
+        taken: set[int] = set()
+        q = end
+        while pending:
+            ri = pending.pop(0)
+            while True:
+                qri, qi = divmod(q, rbe)
+                if q not in taken and (not self._has_block(qri) or self._rb(self.reftable[qri] & C.OFFSET_MASK)[qi] == 0):
+                    break
+                q += 1
+            placed[ri] = q
+            taken.add(q)
+            qri = q // rbe
+            if not self._has_block(qri) and qri not in placed and qri not in pending:
+                pending.append(qri)
+            q += 1
+        for ri, cl in placed.items():
+            if ri >= len(self.reftable):
+                if (ri + 1) * 8 > MAX_REFTABLE_BYTES:
+                    raise VdiskError(f"{self.host.name}: qcow2 refcount table would exceed {MAX_REFTABLE_BYTES} bytes")
+                self.reftable.extend([0] * (ri + 1 - len(self.reftable)))
+            off = cl * self.cluster_size
+            self._rbcache[off] = C.new_refblock(self.cluster_size, self.order)
+            self._rbdirty.add(off)
+            self.reftable[ri] = off
+            self._reftable_dirty = True
+        for cl in placed.values():
+            self._rc_set(cl, 1)
+        for i in range(start, end):
+            self._rc_set(i, 1)
+        # clusters before the first free one found are all in use: skip them next time
+        self._free_hint = end if first_free == start else first_free
+        return start * self.cluster_size
 
     def _free_cluster(self, c: int, count: int = 1) -> None:
         """Drop one reference to cluster ``c`` -- applied at the end of the next flush."""
