@@ -10,9 +10,10 @@
 The crash model (RELIABILITY.md, "The crash model"): everything before the last
 *completed* flush is durable.  Of the operations issued after it and before the
 power cut, any subset may have reached the medium, in any order, and each write may be
-torn at 512-byte sector boundaries (some of its sectors written, others not).
-A punch_hole is treated like a write of zeros (it may land or not, sector by sector);
-a truncate may land or not.
+torn at 512-byte sector boundaries (some of its sectors written, others not); a sector
+that reached the medium holds what the page cache held for it after some operation
+(never a later write to it without an earlier one).  A punch_hole is treated like a
+write of zeros (it may land or not, sector by sector); a truncate may land or not.
 """
 
 from __future__ import annotations
@@ -148,7 +149,7 @@ class RecordingStorage(MemStorage):
 class CrashState:
     point: int  # records [0, point) had been issued when the power went
     durable: int  # records [0, durable) were covered by a completed flush
-    mode: str  # "prefix", "subset", "reorder", "torn"
+    mode: str  # "prefix", "subset", "torn"
     data: bytes
 
     def describe(self) -> str:
@@ -197,46 +198,45 @@ class CrashLog:
         return got
 
     def random_state(self, rng: random.Random, mode: str | None = None, point: int | None = None) -> CrashState:
-        """A power cut at a random point: the durable prefix, then a random subset of the
-        records issued since the last completed flush, possibly reordered and torn."""
+        """A power cut at a random point: the durable prefix, then, of the records issued
+        since the last completed flush, what a volatile write cache may have let through.
+
+        The unit is the 512-byte sector, and each sector goes to the medium as the page
+        cache held it at some moment: its content after some record that touched it
+        (all earlier records included -- a sector never holds a later write without an
+        earlier one to the same sector).  ``subset``: a random subset of the records
+        lands whole, in any order (each sector then holds its content after the last
+        landed record touching it).  ``torn``: every sector independently (writes torn
+        at sector boundaries, any order)."""
         n = len(self.log)
         if point is None:
-            # bias towards points with a non-trivial unflushed epoch
             point = rng.randint(0, n)
         durable = self.last_flush_before(point)
         epoch = [r for r in self.log[durable:point] if r[0] != "f"]
-        mode = mode or rng.choice(("subset", "reorder", "torn"))
+        mode = mode or rng.choice(("subset", "torn"))
         keep = rng.random()
-        chosen = [r for r in epoch if rng.random() < keep]
-        if mode in ("reorder", "torn"):
-            rng.shuffle(chosen)
-        buf = bytearray(self.durable_state(durable))
-        for rec in chosen:
-            if mode == "torn" and rec[0] in ("w", "p"):
-                for piece in _sectors(rec):
-                    if rng.random() < 0.5:
-                        apply(buf, piece)
-            else:
-                apply(buf, rec)
-        return CrashState(point, durable, mode, bytes(buf))
-
-
-def _sectors(rec: Record):
-    """Split a write or punch at absolute 512-byte sector boundaries."""
-    if rec[0] == "w":
-        off, data = rec[1], rec[2]
-        end = off + len(data)
-    else:
-        off, end = rec[1], rec[1] + rec[2]
-        data = None
-    pos = off
-    while pos < end:
-        nxt = min(end, (pos // SECTOR + 1) * SECTOR)
-        if data is not None:
-            yield ("w", pos, data[pos - off:nxt - off])
-        else:
-            yield ("p", pos, nxt - pos)
-        pos = nxt
+        base = self.durable_state(durable)
+        cur = bytearray(base)  # the page cache
+        out = bytearray(base)  # the medium
+        for rec in epoch:
+            apply(cur, rec)
+            if rec[0] == "t":
+                if rng.random() < keep:
+                    _apply_truncate(out, rec[1])
+                continue
+            landed = rng.random() < keep
+            start, end = (rec[1], rec[1] + len(rec[2])) if rec[0] == "w" else (rec[1], rec[1] + rec[2])
+            sec = start // SECTOR * SECTOR
+            while sec < end:
+                nxt = sec + SECTOR
+                if (landed if mode == "subset" else rng.random() < keep):
+                    hi = min(nxt, len(cur))
+                    if hi > sec:
+                        if hi > len(out):
+                            out.extend(bytes(hi - len(out)))
+                        out[sec:hi] = cur[sec:hi]
+                sec = nxt
+        return CrashState(point, durable, mode, bytes(out))
 
 
 # ----------------------------------------------------------------------------- faults
