@@ -244,6 +244,8 @@ def apply_op(img: Image, model: Model, op: tuple) -> str | None:
         model.data = bytearray(model.snaps[op[1]])
     elif kind == "resize":
         new = op[1]
+        if new == model.size:
+            return "refused"  # Image.resize does nothing: no barrier
         try:
             img.resize(new, shrink=True)
         except NotSupported:  # qcow2: no shrinking under internal snapshots (as QEMU)
