@@ -390,7 +390,8 @@ def _sector_mix(run: Run, b: int, j: int, data: bytes, snaps: dict[str, bytes]) 
     those of one boundary in [b, j], and each 512-byte guest sector equals that sector
     at some boundary in [b, j] of the same guest size.  A shrink is not atomic either
     (as in QEMU, the clusters it cuts off are dropped before the header changes): while
-    one is in flight, the old-size disk may read zeros from the new end on."""
+    one is in flight, the old-size disk may read zeros (or, in an overlay, the backing
+    image's data) from the new end on."""
     sd = state_digest(b"", snaps)
     cands = []
     for i in range(b, j + 1):
@@ -402,6 +403,9 @@ def _sector_mix(run: Run, b: int, j: int, data: bytes, snaps: dict[str, bytes]) 
             psize, pdata = run.model_states[run.boundaries[i - 1].digest]
             if psize > size and psize == len(data) and run.boundaries[i - 1].snap_digest == sd:
                 cands.append(pdata[:size] + bytes(psize - size))
+                if run.backing_content is not None:  # dropped clusters fall through to the backing image
+                    below = run.backing_content[size:psize]
+                    cands.append(pdata[:size] + below + bytes(psize - size - len(below)))
     if not cands:
         return None
     mv = memoryview(data)
