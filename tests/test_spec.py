@@ -949,9 +949,7 @@ def test_cluster_bits_just_out_of_range_is_corruption(tmp_path):
             vdisk.open(dst, read_only=True).close()
 
 
-@pytest.mark.xfail(strict=True, raises=vdisk.errors.CorruptImage,
-                   reason="formats/vdk.md section 15, item 2: a virtual size past the L1 limit is CorruptImage")
-def test_deviation_virtual_size_past_the_implementation_limit_is_unsupported(tmp_path):
+def test_virtual_size_past_the_implementation_limit_is_unsupported(tmp_path):
     """Section 17: the L1 limit is an implementation limit (1 TiB with 4 KiB clusters)."""
     vsize = (1 << 40) + 4096
     dst = _copy_with_header(tmp_path, "empty.vdk", virtual_size=vsize,
@@ -977,8 +975,7 @@ def _resign_tree(data: bytearray, slot: int, l1_index: int, l2_index: int, **ent
     data[slot:slot + 4096] = raw + bytes(4096 - len(raw))
 
 
-@pytest.mark.xfail(strict=True, reason="formats/vdk.md section 15, item 1: bytes after a zstd frame are ignored")
-def test_deviation_bytes_after_a_zstd_frame_are_corruption(tmp_path):
+def test_bytes_after_a_zstd_frame_are_corruption(tmp_path):
     """Section 8: the stored bytes MUST be exactly one frame with nothing after it."""
     dst = str(tmp_path / "compressed.vdk")
     with open(os.path.join(SAMPLES, "compressed.vdk"), "rb") as f:

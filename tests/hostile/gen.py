@@ -276,7 +276,7 @@ def generate(outdir: str) -> list[Case]:
     hdr("compression-type-7", "unknown compression type", "CorruptImage", compression_type=7)
     hdr("virtual-size-2^63", "virtual size 2^63", "CorruptImage", virtual_size=1 << 63)
     # a virtual size whose L1 table would be 2^32-1 entries (64 GiB of L1): count x entry size
-    hdr("l1-entries-overflow", "l1_entries 2^32-1 with a matching virtual size (64 GiB L1)", "CorruptImage",
+    hdr("l1-entries-overflow", "l1_entries 2^32-1 with a matching virtual size (64 GiB L1)", "UnsupportedFeature",
         virtual_size=(2**32 - 1) * CS * (CS // 32), l1_entries=2**32 - 1)
     hdr("l1-entries-mismatch", "l1_entries does not match the virtual size", "CorruptImage", l1_entries=7)
     hdr("l1-beyond-eof", "L1 table offset past the end of the file", "CorruptImage", l1_offset=1 << 40)

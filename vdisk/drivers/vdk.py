@@ -239,10 +239,12 @@ class VdkDriver(BlockDriver):
             raise self._corrupt(
                 f"header says the image holds {h.host_clusters} clusters but the file has {file_size} bytes "
                 "(truncated image?)")
+        if h.virtual_size > C.MAX_VIRTUAL_SIZE:
+            raise self._corrupt(f"virtual size {h.virtual_size} is out of range")
         try:
             self._check_size(h.virtual_size, h.cluster_bits)
-        except UsageError as exc:
-            raise self._corrupt(str(exc)) from None
+        except UsageError as exc:  # a valid image past this implementation's L1 limit
+            raise UnsupportedFeature(f"{self.name}: {exc}") from None
         if h.next_snapshot_id >= 1 << 63:
             raise self._corrupt("next snapshot id out of range")
         self.snapshots = self._load_snapshot_table()
@@ -571,13 +573,24 @@ class VdkDriver(BlockDriver):
             raise ChecksumMismatch(
                 f"{self.name}: data checksum mismatch in the compressed cluster at guest offset {ci << self.cbits:#x}",
                 ci << self.cbits)
+        where = f"compressed cluster at guest offset {ci << self.cbits:#x}"
         try:
-            data = self._dctx.decompress(raw, max_output_size=self.cluster_size)
+            # The frame header states its content size; anything but one cluster is refused
+            # before a byte is allocated (a forged header could claim terabytes).
+            claimed = zstandard.frame_content_size(raw)
         except zstandard.ZstdError as exc:
-            raise self._corrupt(f"compressed cluster at guest offset {ci << self.cbits:#x} does not decompress: {exc}")
+            raise self._corrupt(f"{where} is not a zstd frame: {exc}") from None
+        if claimed != self.cluster_size:
+            raise self._corrupt(f"{where} claims a content size of {claimed}, not {self.cluster_size}")
+        dobj = self._dctx.decompressobj()
+        try:
+            data = dobj.decompress(raw)
+        except zstandard.ZstdError as exc:
+            raise self._corrupt(f"{where} does not decompress: {exc}") from None
+        if not dobj.eof or dobj.unused_data:
+            raise self._corrupt(f"{where} is not exactly one zstd frame")
         if len(data) != self.cluster_size:
-            raise self._corrupt(f"compressed cluster at guest offset {ci << self.cbits:#x} decompresses to "
-                                f"{len(data)} bytes, not {self.cluster_size}")
+            raise self._corrupt(f"{where} decompresses to {len(data)} bytes, not {self.cluster_size}")
         return data
 
     def _read_cluster(self, ci: int) -> bytes:
@@ -1303,13 +1316,17 @@ class VdkDriver(BlockDriver):
         for what, off, n, csum, vsize in roots:
             if not off:
                 continue
+            if vsize > C.MAX_VIRTUAL_SIZE or n != C.l1_entries_for(vsize, cbits):
+                res.corruptions.append(f"{self.name}: L1 table of {what} has {n} entries for a {vsize}-byte disk")
+                continue
+            if off % cs or off + n * C.L1_ENTRY_SIZE > nclusters * cs:
+                res.corruptions.append(f"{self.name}: L1 table of {what} at {off:#x} lies outside the image")
+                continue
             ref_run(off, n * C.L1_ENTRY_SIZE, f"L1 table of {what}")
             if off in seen_l1:
                 continue
             seen_l1.add(off)
             try:
-                if n != C.l1_entries_for(vsize, cbits):
-                    raise self._corrupt(f"L1 table of {what} has {n} entries for a {vsize}-byte disk")
                 offs, sums = C.decode_l1(self._read_checked(off, n * C.L1_ENTRY_SIZE, csum, f"L1 table of {what}"), n)
             except CorruptImage as exc:
                 res.corruptions.append(str(exc))
