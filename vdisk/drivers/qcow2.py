@@ -930,7 +930,14 @@ class Qcow2Driver(BlockDriver):
     def _place_compressed(self, blob: bytes) -> int:
         cs = self.cluster_size
         n = len(blob)
-        if self._ctail is not None and self._ctail[0] + n <= self._ctail[1]:
+        # each compressed entry holds one reference on its host cluster: with narrow
+        # refcounts keep room for a few snapshots' references too
+        share_cap = max(1, (self.rc_max + 1) // 8)
+        if (
+            self._ctail is not None
+            and self._ctail[0] + n <= self._ctail[1]
+            and self._rc(self._ctail[0] // cs) < share_cap
+        ):
             at = self._ctail[0]
             self._incref(at // cs)  # the open cluster gains a reference
         else:
@@ -1308,23 +1315,7 @@ class Qcow2Driver(BlockDriver):
     def _add_tree_refs(self, l1: array.array, delta: int) -> None:
         cs = self.cluster_size
         if delta > 0:
-            # check every increment fits the refcount width before changing anything
-            inc: dict[int, int] = {}
-
-            def count_l2(_i, off):
-                inc[off // cs] = inc.get(off // cs, 0) + 1
-
-            def count_data(e):
-                for c in self._entry_refs(e):
-                    inc[c] = inc.get(c, 0) + 1
-
-            self._walk_l1_refs(l1, count_l2, count_data)
-            for c, k in inc.items():
-                if self._rc(c) + k > self.rc_max:
-                    raise UnsupportedFeature(
-                        f"{self.host.name}: cluster {c} would need refcount {self._rc(c) + k}, beyond the "
-                        f"{1 << self.order}-bit refcounts of this image (create it with wider refcount_bits)"
-                    )
+            self._precheck_increment(l1)
 
         def on_l2(_i, off):
             if delta > 0:
@@ -1340,6 +1331,27 @@ class Qcow2Driver(BlockDriver):
                     self._free_cluster(c)
 
         self._walk_l1_refs(l1, on_l2, on_data)
+
+    def _precheck_increment(self, l1: array.array) -> None:
+        """Raise before anything changes if one more reference to the tree of ``l1``
+        would overflow a refcount."""
+        cs = self.cluster_size
+        inc: dict[int, int] = {}
+
+        def count_l2(_i, off):
+            inc[off // cs] = inc.get(off // cs, 0) + 1
+
+        def count_data(e):
+            for c in self._entry_refs(e):
+                inc[c] = inc.get(c, 0) + 1
+
+        self._walk_l1_refs(l1, count_l2, count_data)
+        for c, k in inc.items():
+            if self._rc(c) + k > self.rc_max:
+                raise UnsupportedFeature(
+                    f"{self.host.name}: cluster {c} would need refcount {self._rc(c) + k}, beyond the "
+                    f"{1 << self.order}-bit refcounts of this image (create it with wider refcount_bits)"
+                )
 
     def _clear_copied_flags(self) -> None:
         for l1i, l1e in enumerate(self.l1):
@@ -1429,6 +1441,7 @@ class Qcow2Driver(BlockDriver):
             raise UsageError(f"{self.host.name}: too many snapshots")
         self.flush()
         cs = self.cluster_size
+        self._precheck_increment(self.l1)
         # 1. every cluster becomes shared: clear the COPIED flags first, durably, so a
         #    crash can never leave COPIED set on a cluster a snapshot references
         self._clear_copied_flags()
