@@ -705,10 +705,10 @@ def test_every_crash_point_is_consistent(tmp_path):
             # needless copy-on-write (the flag cannot change atomically with the
             # refcount); the dangerous direction -- COPIED set on a shared cluster --
             # must never appear.
-            harmful = [c for c in res.corruptions if "COPIED flag 0 but refcount 1" not in c]
-            assert harmful == [], (n, len(st_ops), harmful[:5])
+            # must never appear; the harmless one is reported as a leak.
+            assert res.corruptions == [], (n, len(st_ops), res.corruptions[:5])
             img.read(0, min(img.size, 1 << 20))
-        if QEMU_IMG and n % 25 == 0 and not res.corruptions:
+        if QEMU_IMG and n % 25 == 0 and not any("COPIED" in x for x in res.leaks):
             r = qemu_check(crash)
             assert r.returncode in (0, 3), (n, r.stdout, r.stderr)
 

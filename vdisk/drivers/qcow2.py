@@ -794,13 +794,13 @@ class Qcow2Driver(BlockDriver):
             n = min(cs - coff, end - pos)
             kind = ent.kind
             if kind == C.NORMAL:
-                host = ent.host_offset
-                if host % cs:
-                    raise CorruptImage(f"{self.host.name}: qcow2 data cluster for guest offset {gci * cs} is not aligned")
+                host = self._data_offset(ent, gci)
                 # extend over host-contiguous clusters
                 while pos + n < end and n < (4 << 20):
                     e2 = C.decode_l2_entry(self._entry((pos + n) // cs), self.cluster_bits)
-                    if e2.kind != C.NORMAL or e2.host_offset != host + coff + n:
+                    if e2.kind != C.NORMAL or e2.host_offset != host + coff + n or e2.reserved:
+                        break
+                    if e2.host_offset >= self._eof:
                         break
                     n += min(cs, end - pos - n)
                 out += self.host.pread(host + coff, n)
@@ -815,11 +815,25 @@ class Qcow2Driver(BlockDriver):
                 else:
                     out += bytes(n)
             elif kind == C.ZERO:
+                if ent.reserved:
+                    self._data_offset(ent, gci)  # raises
                 out += bytes(n)
             else:
                 out += self._decompress(e, ent)[coff : coff + n]
             pos += n
         return bytes(out)
+
+    def _data_offset(self, ent: C.L2Entry, gci: int) -> int:
+        """The host offset of a standard data cluster, validated."""
+        host = ent.host_offset
+        where = f"{self.host.name}: qcow2 L2 entry for guest offset {gci * self.cluster_size}"
+        if ent.reserved:
+            raise CorruptImage(f"{where} has reserved bits set ({ent.reserved:#x})")
+        if host % self.cluster_size:
+            raise CorruptImage(f"{where}: data cluster {host:#x} is not cluster aligned")
+        if host >= self._eof:
+            raise CorruptImage(f"{where}: data cluster {host:#x} lies beyond the end of the file ({self._eof} bytes)")
+        return host
 
     def _decompress(self, e: int, ent: C.L2Entry) -> bytes:
         if self._dcache is not None and self._dcache[0] == e:
@@ -835,7 +849,7 @@ class Qcow2Driver(BlockDriver):
         cs = self.cluster_size
         ent = C.decode_l2_entry(e, self.cluster_bits)
         if ent.kind == C.NORMAL:
-            return self.host.pread(ent.host_offset, cs)
+            return self.host.pread(self._data_offset(ent, gci), cs)
         if ent.kind == C.ZERO:
             return bytes(cs)
         if ent.kind == C.COMPRESSED:
@@ -1568,12 +1582,10 @@ class Qcow2Driver(BlockDriver):
                     res.corruptions.append(f"{label} L1 entry {l1i}: L2 table at {off:#x} lies beyond the end of the file")
                     continue
                 add(off // cs, f"{label} L2 table")
+                if l1e & C.L1_RESERVED:
+                    res.corruptions.append(f"{label} L1 entry {l1i}: reserved bits set ({l1e & C.L1_RESERVED:#x})")
                 if active and check_copied:
-                    l2_copied = bool(l1e & C.FLAG_COPIED)
-                    if l2_copied != (self._rc(off // cs) == 1):
-                        res.corruptions.append(
-                            f"{label} L1 entry {l1i}: COPIED flag {int(l2_copied)} but refcount {self._rc(off // cs)}"
-                        )
+                    _copied_check(res, f"{label} L1 entry {l1i}", bool(l1e & C.FLAG_COPIED), self._rc(off // cs))
                 try:
                     t = self._l2(off)
                 except CorruptImage as exc:
@@ -1586,6 +1598,10 @@ class Qcow2Driver(BlockDriver):
                     res.checked_clusters += 1
                     ent = C.decode_l2_entry(e, self.cluster_bits)
                     gofs = (l1i * self.l2_entries + l2i) * cs
+                    if ent.reserved and not self.extl2:
+                        res.corruptions.append(
+                            f"{label} guest offset {gofs}: L2 entry has reserved bits set ({ent.reserved:#x})"
+                        )
                     if ent.kind == C.COMPRESSED:
                         res.compressed_clusters += 1
                         res.allocated_clusters += 1
@@ -1606,10 +1622,7 @@ class Qcow2Driver(BlockDriver):
                         add(ent.host_offset // cs, f"{label} data cluster at guest offset {gofs}")
                         if active and check_copied:
                             rc = self._rc(ent.host_offset // cs)
-                            if bool(ent.copied) != (rc == 1):
-                                res.corruptions.append(
-                                    f"{label} guest offset {gofs}: COPIED flag {int(ent.copied)} but refcount {rc}"
-                                )
+                            _copied_check(res, f"{label} guest offset {gofs}", bool(ent.copied), rc)
 
         if len(self.l1):
             add_range(h.l1_table_offset, len(self.l1) * 8, "active L1 table")
@@ -1662,8 +1675,11 @@ class Qcow2Driver(BlockDriver):
             self._write_dirty_refblocks()
             self.host.flush()
             self._free_hint = 0
+            if self._snapshot_view is None:
+                self._fix_copied_flags()
+                self._flush_metadata()
             after = self._check_once()
-            after.repaired.append(f"{fixed} leaked cluster(s) freed")
+            after.repaired.append(f"{fixed} leaked cluster(s) freed; COPIED flags set where refcount is 1")
             return after
         self._repair_all(res)
         after = self._check_once()
@@ -1772,6 +1788,17 @@ class Qcow2Driver(BlockDriver):
         self._free_hint = 0
         self._fix_copied_flags()
         self._flush_metadata()
+
+
+def _copied_check(res: CheckResult, what: str, copied: bool, rc: int) -> None:
+    """COPIED set on a shared cluster is a corruption (a write would go in place into
+    data a snapshot shares).  COPIED clear on a cluster with refcount 1 only costs a
+    needless copy-on-write -- a crash between the two updates leaves it -- so it is
+    reported with the leaks and fixed by ``check -r leaks``."""
+    if copied and rc != 1:
+        res.corruptions.append(f"{what}: COPIED flag 1 but refcount {rc}")
+    elif not copied and rc == 1:
+        res.leaks.append(f"{what}: COPIED flag 0 but refcount 1 (harmless; fixed by repairing leaks)")
 
 
 def _build_header_area(hdr: C.Header, exts: list[C.HeaderExtension], backing_name: bytes, cs: int) -> bytes | None:
