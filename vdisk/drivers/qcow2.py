@@ -13,9 +13,25 @@ What it does
     writes when the image was created with compression;
   - ``check`` rebuilds the refcounts from the L1/L2/snapshot tables and compares.
 
+Extended L2 entries (subclusters) are read, never written (read-only open).
+
 What it refuses (UnsupportedFeature): unknown incompatible feature bits, external
-data files, extended L2 entries, encryption; writing an image that carries
-persistent bitmaps or has the corrupt bit set.
+data files, encryption; writing an image with extended L2 entries, with persistent
+bitmaps, or with the corrupt bit set (CorruptImage).  An image with the dirty bit
+is repaired on a read-write open (refcounts rebuilt from the tables) and read as
+is on a read-only open.  A backing file without a backing-format extension is
+probed, and accepted only if it is qcow2 or vdk (raw is never probed).
+
+Compression: reads zlib (raw deflate) and zstd clusters.  Images created with
+``compression`` carry a vdisk header extension (type 0x76644b31, ignored and kept
+by QEMU) that makes full-cluster writes go compressed when that saves a sector.
+
+``check`` semantics follow qemu-img: refcount lower than the references, COPIED set
+on a shared cluster, bad offsets or reserved bits are corruptions (exit 2); refcount
+higher than the references is a leak (exit 3), and so is COPIED clear on a cluster
+with refcount 1 (harmless: a crash inside ``snapshot_create`` can leave it).
+``repair="leaks"`` lowers leaked refcounts and sets such COPIED flags;
+``repair="all"`` rebuilds the whole refcount structure past the used clusters.
 
 Metadata caching and the write order (crash consistency)
   L2 tables and refcount blocks are cached in memory; modified ones are written
