@@ -291,6 +291,42 @@ def test_bad_l2_offset_is_named(tmp_path):
         assert res.exit_code == 2
 
 
+@pytest.mark.parametrize("entry, msg", [
+    ((1 << 40) | (1 << 63), "beyond the end of the file"),  # data cluster 1 TiB past EOF
+    (None, "reserved bits"),  # a reserved bit (60) set on a valid entry
+    (None, "not cluster aligned"),
+])
+def test_bad_l2_entries_refused_on_read_and_found_by_check(tmp_path, entry, msg):
+    p = _fresh(tmp_path)
+    with vdisk.open(p) as img:
+        img.write(0, b"x" * 1000)
+        l2 = img.driver.l1[0] & C.OFFSET_MASK
+        good = img.driver._entry(0)
+    if entry is None:
+        entry = good | (1 << 60) if msg == "reserved bits" else good + 4096
+    _patch(p, l2, ">Q", entry)
+    with vdisk.open(p, read_only=True) as img:
+        with pytest.raises(CorruptImage, match=msg):
+            img.read(0, 10)
+        res = img.check()
+        assert res.exit_code == 2 and any(msg.split()[0] in c for c in res.corruptions), res.corruptions
+
+
+def test_copied_flag_clear_with_refcount_one_is_a_leak(tmp_path):
+    p = _fresh(tmp_path)
+    with vdisk.open(p) as img:
+        img.write(0, b"x" * 1000)
+        l2 = img.driver.l1[0] & C.OFFSET_MASK
+        good = img.driver._entry(0)
+    _patch(p, l2, ">Q", good & ~C.FLAG_COPIED)
+    with vdisk.open(p) as img:
+        res = img.check()
+        assert res.exit_code == 3 and not res.corruptions and "COPIED flag 0" in res.leaks[0]
+        assert img.check(repair="leaks").exit_code == 0
+    if QEMU_IMG:
+        assert qemu_check(p).returncode == 0
+
+
 def test_truncated_file(tmp_path):
     p = str(tmp_path / "t.qcow2")
     with open(p, "wb") as f:

@@ -209,6 +209,23 @@ def test_qemu_snapshots_read_by_vdisk(tmp_path):
     assert qemu_raw(p, tmp_path) == second
 
 
+def test_qemu_v2_snapshots(tmp_path):
+    p = str(tmp_path / "s2.qcow2")
+    run(QEMU_IMG, "create", "-f", "qcow2", "-o", "compat=0.10,cluster_size=4k", p, "2M")
+    qio(p, "write -P 0x0a 0 300k")
+    run(QEMU_IMG, "snapshot", "-c", "old", p)
+    qio(p, "write -P 0x0b 100k 300k")
+    old = qemu_raw(p, tmp_path, "-l", "snapshot.name=old")
+    assert vdisk_raw(p, snapshot="old") == old
+    with vdisk.open(p) as img:
+        img.snapshot_create("ours")
+        img.write(0, b"w" * 5000)
+        img.snapshot_revert("old")
+    qcheck(p)
+    assert qemu_raw(p, tmp_path) == old
+    assert "ours" in run(QEMU_IMG, "snapshot", "-l", p).stdout
+
+
 def test_vdisk_snapshots_seen_by_qemu(tmp_path):
     p = str(tmp_path / "v.qcow2")
     vdisk.create(p, 4 * MiB, format="qcow2")
