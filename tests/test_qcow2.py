@@ -627,7 +627,7 @@ class Qcow2Model(RuleBasedStateMachine):
 
 
 Qcow2Model.TestCase.settings = settings(
-    max_examples=30, stateful_step_count=25, deadline=None,
+    max_examples=60, stateful_step_count=30, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 test_qcow2_model = Qcow2Model.TestCase
