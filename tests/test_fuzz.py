@@ -137,10 +137,10 @@ class Worker:
         self.sel = selectors.DefaultSelector()
         self.sel.register(self.p.stdout, selectors.EVENT_READ)
 
-    def run(self, data: bytes) -> dict:
+    def run(self, data: bytes, fmt: str = "vdk") -> dict:
         if self.p is None or self.p.poll() is not None:
             self.start()
-        self.p.stdin.write(len(data).to_bytes(8, "little") + data)
+        self.p.stdin.write(len(data).to_bytes(8, "little") + fmt.encode().ljust(8, b"\0") + data)
         self.p.stdin.flush()
         if not self.sel.select(timeout=TIME_LIMIT * 10):  # wall clock on a shared machine
             self.stop()
@@ -162,9 +162,9 @@ WORKER_PROC = Worker()
 STATS = {"iterations": 0, "refused": 0, "accepted": 0, "known_bug_hits": 0, "failures": 0, "slow": 0}
 
 
-def run_one(data: bytes) -> None:
+def run_one(data: bytes, fmt: str = "vdk") -> None:
     STATS["iterations"] += 1
-    r = WORKER_PROC.run(data)
+    r = WORKER_PROC.run(data, fmt)
     if r["result"] in ("accepted", "refused"):
         STATS[r["result"]] += 1
         if r.get("seconds", 0) > TIME_LIMIT:
@@ -197,6 +197,86 @@ def _fuzz_flips(base, flips):
     run_one(bytes(data))
 
 
+# ----------------------------------------------------------------------------- qcow2
+def _make_qcow2(compression: str | None, seed: int) -> bytes:
+    import random
+
+    from vdisk.drivers import get_driver
+
+    q = get_driver("qcow2")
+    rng = random.Random(seed)
+    s = MemStorage(name="fuzz.qcow2")
+    q.create(s, 1 << 20, CreateOptions(cluster_size=4096, compression=compression))
+    img = Image(q.open(s, read_only=False), "fuzz.qcow2", None)
+    for k in range(6):
+        n = rng.randint(1, 3 * 4096)
+        off = rng.randrange(0, (1 << 20) - n)
+        img.write(off, (rng.randbytes(7) * (n // 7 + 1))[:n] if compression else rng.randbytes(n))
+        if k == 2:
+            img.snapshot_create("snap1")
+    img.close()
+    return s.snapshot()
+
+
+Q_BASES = [_make_qcow2(None, 11), _make_qcow2("zlib", 12)]
+
+q_mutation = st.one_of(
+    st.tuples(st.just("flip"), st.integers(0, 2**40), st.integers(1, 255)),
+    st.tuples(st.just("header"), st.sampled_from(sorted(gen.Q_FIELDS)), INTERESTING),
+    st.tuples(st.just("l1"), st.integers(0, 7), INTERESTING),
+    st.tuples(st.just("l2"), st.integers(0, 40), INTERESTING),
+    st.tuples(st.just("truncate"), st.integers(0, 2**40)),
+)
+
+
+def _q_sane(q) -> bool:
+    """Whether the generator may walk the tables (after a header mutation it may not)."""
+    return 9 <= q.get("cluster_bits") <= 21 and 0 < q.get("l1_size") < 4096 and \
+        q.get("l1_table_offset") + 8 * q.get("l1_size") <= len(q.b)
+
+
+def q_mutate(data: bytes, muts) -> bytes:
+    q = gen.Q2File(data)
+    for m in muts:
+        if m[0] in ("l1", "l2") and not _q_sane(q):
+            continue
+        try:
+            if m[0] == "flip":
+                if q.b:
+                    q.b[m[1] % len(q.b)] ^= m[2]
+            elif m[0] == "header":
+                q.set(m[1], m[2])
+            elif m[0] == "l1":
+                q.set_l1(m[1] % q.get("l1_size"), m[2] % 2**64)
+            elif m[0] == "l2":
+                ents = [e for e in q.l2_entries() if e[0] + 8 <= len(q.b)]
+                if ents:
+                    q.set_at(ents[m[1] % len(ents)][0], m[2])
+            elif m[0] == "truncate":
+                del q.b[m[1] % (len(q.b) + 1):]
+        except (IndexError, ValueError, OverflowError):
+            pass
+    return bytes(q.b)
+
+
+@settings(max_examples=EXAMPLES // 2, deadline=None, derandomize=os.environ.get("VDISK_FUZZ_RANDOM") != "1",
+          suppress_health_check=list(HealthCheck), database=None)
+@given(base=st.sampled_from(range(len(Q_BASES))), muts=st.lists(q_mutation, min_size=1, max_size=4))
+def _fuzz_qcow2(base, muts):
+    run_one(q_mutate(Q_BASES[base], muts), "qcow2")
+
+
+def test_fuzz_qcow2():
+    before = dict(STATS)
+    try:
+        _fuzz_qcow2()
+    finally:
+        WORKER_PROC.stop()
+        figures.record("fuzz", format="qcow2", examples_setting=EXAMPLES // 2,
+                       **{k: STATS[k] - before[k] for k in STATS})
+    assert STATS["iterations"] - before["iterations"] > 0
+
+
 def test_fuzz_vdk():
     before = dict(STATS)
     try:
@@ -204,6 +284,6 @@ def test_fuzz_vdk():
         _fuzz_flips()
     finally:
         WORKER_PROC.stop()
-        figures.record("fuzz", examples_setting=EXAMPLES,
+        figures.record("fuzz", format="vdk", examples_setting=EXAMPLES,
                        **{k: STATS[k] - before[k] for k in STATS})
     assert STATS["iterations"] - before["iterations"] > 0

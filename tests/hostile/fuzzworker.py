@@ -1,7 +1,8 @@
 """Child process for tests/test_fuzz.py: exercises fuzzed vdk images sent by the parent,
 under an address-space limit, so that no example can hurt the test process.
 
-Protocol: the parent writes an 8-byte little-endian length and the image bytes; the
+Protocol: the parent writes an 8-byte little-endian length, the format name padded to
+8 bytes with NULs, and the image bytes; the
 worker answers one JSON line: {"result": "accepted" | "refused" | "bug", "error": ...,
 "known_bug": name or null, "seconds": ...}.  "bug" means an exception other than
 VdiskError escaped.  The parent restarts the worker after a timeout.
@@ -32,8 +33,9 @@ KNOWN_BUG_SIGNATURES = {
 }
 
 
-def exercise(data: bytes) -> None:
+def exercise(data: bytes, drv=VdkDriver) -> None:
     """Everything a user could do with an image; only VdiskError may escape."""
+    VdkDriver = drv  # noqa: N806 - the driver under test
     img = Image(VdkDriver.open(MemStorage(data, "fuzz.vdk", read_only=True), read_only=True), "fuzz.vdk", None)
     try:
         for step in (lambda: img.read(0, img.size), lambda: img.block_status(0, img.size), img.check):
@@ -86,11 +88,14 @@ def main() -> None:
         if len(head) < 8:
             return
         n = int.from_bytes(head, "little")
+        fmt = inp.read(8).rstrip(b"\0").decode()
         data = inp.read(n)
         t0 = time.monotonic()
         reply: dict = {"result": "accepted", "error": None, "known_bug": None}
         try:
-            exercise(data)
+            from vdisk.drivers import get_driver
+
+            exercise(data, get_driver(fmt))
         except VdiskError as exc:
             reply.update(result="refused", error=f"{type(exc).__name__}: {exc}")
         except BaseException as exc:  # noqa: BLE001
