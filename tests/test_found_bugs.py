@@ -26,8 +26,7 @@ from vdisk.drivers.vdk import VdkDriver
 from vdisk.errors import HostIOError, VdiskError
 
 #: bugs still open: their tests are skipped unless VDISK_FOUND_BUGS=1
-_OPEN: set[str] = {"qcow2-data-beyond-eof",
-                   "qcow2-l2-reserved-bits", "qcow2-crash-copied-flag"}
+_OPEN: set[str] = set()
 
 
 def bug(name: str):
