@@ -49,7 +49,6 @@ from vdisk.errors import (
     ChecksumMismatch,
     CorruptImage,
     HostIOError,
-    ImageLocked,
     SnapshotNotFound,
     UsageError,
     VdiskError,
@@ -99,46 +98,12 @@ def _guarded(fn: Callable) -> Callable:
 def open_snapshot_view(image: vdisk.Image, name: str) -> vdisk.Image:
     """Open snapshot ``name`` of the (already opened) ``image``, read-only.
 
-    A read-only mount simply opens it again with ``vdisk.open(..., snapshot=NAME)``
-    (read locks share).  A read-write mount holds the image's write lock through its
-    own open file description, which a second open in this process conflicts with,
-    so it opens the snapshot through a lock-free second handle instead.  That is safe
-    because this process is the only writer, a snapshot's clusters are never
-    rewritten in place while the snapshot exists, and the view is closed before the
-    snapshot is deleted (see ``VdiskFS.snapshot_delete``)."""
-    path = image.filename
-    try:
-        return vdisk.open(path, format=image.format, snapshot=name)
-    except ImageLocked:
-        if image.read_only:
-            raise
-    from vdisk.block import Image as _Image, resolve_backing_path
-    from vdisk.drivers import get_driver
-    from vdisk.host import HostFile
-
-    host = HostFile(path, read_only=True, lock=False)
-    try:
-        drv = get_driver(image.format).open(host, read_only=True, snapshot=name)
-    except BaseException:
-        host.close()
-        raise
-    below = None
-    try:
-        ref = drv.backing_ref
-        if ref is not None:
-            below = vdisk.open(
-                resolve_backing_path(path, ref),
-                format=ref.format,
-                read_only=True,
-                snapshot=ref.snapshot,
-                allow_backing_dirs=[os.path.dirname(os.path.realpath(path))],
-            )
-        return _Image(drv, path, below, name)
-    except BaseException:
-        drv.close()
-        if below is not None:
-            below.close()
-        raise
+    Readers of a snapshot lock a byte of the image file apart from the one the
+    writer locks (see ``vdisk.host.HostFile``), so this works under the mount's own
+    write lock.  It is safe because a snapshot's clusters are never rewritten while
+    the snapshot exists, and the view is closed before the snapshot is deleted (see
+    ``VdiskFS.snapshot_delete``)."""
+    return vdisk.open(image.filename, format=image.format, snapshot=name)
 
 
 class _Snap:

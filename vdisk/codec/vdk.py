@@ -10,7 +10,7 @@ the bytes named, stored as a little-endian u64.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import xxhash
 

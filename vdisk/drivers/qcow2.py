@@ -1569,7 +1569,6 @@ class Qcow2Driver(BlockDriver):
                 f"{self.host.name}: the file spans {nclusters} clusters; check handles at most {MAX_CHECK_CLUSTERS}"
             )
         counts = array.array("Q", bytes(8 * (nclusters + 1)))
-        name = self.host.name
         # clusters referenced past the end of the file are reported, not counted
         def add(c: int, what: str) -> None:
             if c >= nclusters:
