@@ -210,6 +210,7 @@ class VdkDriver(BlockDriver):
         self.pending_free: set[int] = set()
         self.new_clusters: set[int] = set()
         self.free_heap: list[int] = []
+        self._scan_pos = 0  # refcounts below this index have been scanned into free_heap
         self.pack_cluster = -1
         self.pack_used = 0
         self._wq: list[tuple[int, object]] = []  # data writes queued by _store (see _write_queued)
@@ -331,8 +332,10 @@ class VdkDriver(BlockDriver):
             rc.extend(part)
         del rc[self.host_clusters:]
         self.rc = rc
-        self.free_heap = [i for i, v in enumerate(rc) if v == 0]
-        heapq.heapify(self.free_heap)
+        # Free clusters are found lazily (``_alloc`` scans the refcounts a chunk at a
+        # time when the heap runs dry), so opening a large image costs no scan.
+        self.free_heap = []
+        self._scan_pos = 0
 
     # ================================================================ allocation
     def _set_rc(self, c: int, v: int) -> None:
@@ -342,16 +345,29 @@ class VdkDriver(BlockDriver):
         self.rc_dirty.add(c // self.rc_per_block)
 
     def _alloc(self) -> int:
+        """One free cluster, the lowest known free one first, else appended at the end.
+        The heap holds candidates (freed clusters, and those a scan found); an entry is
+        checked when it is popped, so stale or duplicate ones are harmless."""
         rc = self.rc
         heap = self.free_heap
-        while heap:
-            c = heapq.heappop(heap)
-            if c < self.host_clusters and rc[c] == 0 and c not in self.pending_free:
-                break
-        else:
+        while True:
+            if heap:
+                c = heapq.heappop(heap)
+                if c < self.host_clusters and rc[c] == 0 and c not in self.pending_free:
+                    break
+                continue
+            if self._scan_pos < self.host_clusters:
+                start = self._scan_pos
+                chunk = rc[start:start + 65536]
+                self._scan_pos = start + len(chunk)
+                for i, v in enumerate(chunk):
+                    if not v:
+                        heap.append(start + i)  # ascending: still a heap
+                continue
             c = self.host_clusters
             self.host_clusters += 1
             rc.append(0)
+            break
         self._set_rc(c, 1)
         self.new_clusters.add(c)
         self._dirty = True
@@ -953,7 +969,7 @@ class VdkDriver(BlockDriver):
             "snap_dirty": self.snap_dirty, "rt_off": list(self.rt_off), "rt_sum": list(self.rt_sum),
             "rc_dirty": set(self.rc_dirty), "rc_placed": dict(self.rc_placed),
             "pending_free": set(self.pending_free), "new_clusters": set(self.new_clusters),
-            "free_heap": list(self.free_heap), "pack": (self.pack_cluster, self.pack_used), "dirty": self._dirty,
+            "free_heap": list(self.free_heap), "scan_pos": self._scan_pos, "pack": (self.pack_cluster, self.pack_used), "dirty": self._dirty,
         }
 
     def _restore_state(self, st: dict) -> None:
@@ -972,6 +988,7 @@ class VdkDriver(BlockDriver):
         self.rc_dirty, self.rc_placed = st["rc_dirty"], st["rc_placed"]
         self.pending_free, self.new_clusters = st["pending_free"], st["new_clusters"]
         self.free_heap = st["free_heap"]
+        self._scan_pos = st["scan_pos"]
         self.pack_cluster, self.pack_used = st["pack"]
         self._dirty = st["dirty"]
 
