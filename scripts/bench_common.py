@@ -34,6 +34,10 @@ def make_mixed_raw(path: str, size: int, seed: int = 1) -> None:
 
 
 def timed(cmd: list[str]) -> float:
+    """Wall time of ``cmd``.  Dirty pages left by the previous run are written back
+    first (not timed), so that no run pays for another's writeback."""
+    os.sync()
+    time.sleep(0.2)
     t = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - t
