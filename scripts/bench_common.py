@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import resource
 import statistics
 import subprocess
 import sys
@@ -36,11 +37,19 @@ def make_mixed_raw(path: str, size: int, seed: int = 1) -> None:
 def timed(cmd: list[str]) -> float:
     """Wall time of ``cmd``.  Dirty pages left by the previous run are written back
     first (not timed), so that no run pays for another's writeback."""
+    return timed_cpu(cmd)[0]
+
+
+def timed_cpu(cmd: list[str]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds user+system) of ``cmd``, after writing back dirty pages."""
     os.sync()
     time.sleep(0.2)
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - t
+    wall = time.perf_counter() - t
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
 
 
 def allocated(path: str) -> int:
