@@ -194,7 +194,7 @@ def test_fio_verify(rig, tmp_path):
         ["--name=mixed", "--rw=randwrite", "--bsrange=512-128k", "--ioengine=psync", "--size=16M"],
     ]
     for job in jobs:
-        p = run("fio", *common, *job, check=False, timeout=120)
+        p = run("fio", *common, *job, check=False, timeout=120, cwd=str(tmp_path))  # verify state files go there
         assert p.returncode == 0, p.stdout[-2000:] + p.stderr
         out = json.loads(p.stdout[p.stdout.index("{"):])
         for j in out["jobs"]:
