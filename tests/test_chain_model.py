@@ -2,8 +2,9 @@
 
 A golden vdk image, linked clones of its snapshots (and clones of clones), with
 random writes, snapshot create / delete (also of snapshots clones depend on),
-revert, rebase, flatten and rm; after every step every image and every snapshot
-reads exactly as its model, and ``check`` is clean on every image.
+revert, rebase, flatten, rm, full clones and commit of an overlay; after every step
+every image and every snapshot reads exactly as its model, and ``check`` is clean on
+every image.
 """
 
 import os
@@ -128,6 +129,36 @@ class ChainModel(RuleBasedStateMachine):
                 chain.rebase(self._path(name), f"{self._path(img)}@{snap}")
             return
         chain.rebase(self._path(name), f"{self._path(img)}@{snap}")
+
+    @rule(data=st.data())
+    def commit_overlay(self, data):
+        """Full-clone an image, put an overlay on the copy, write into the overlay,
+        commit it: the copy must then read as the overlay did, and the overlay still so."""
+        name = data.draw(st.sampled_from(sorted(self.images)))
+        base, top = self._fresh("b"), self._fresh("t")
+        chain.clone(self._path(name), self._path(base), full=True)
+        vdisk.create(self._path(top), None, backing_file=self._path(base))
+        model = bytearray(self.images[name])
+        with vdisk.open(self._path(top)) as t:
+            for _ in range(data.draw(st.integers(1, 4))):
+                off = data.draw(st.integers(0, SIZE - 1))
+                n = data.draw(st.integers(1, min(70_000, SIZE - off)))
+                if data.draw(st.booleans()):
+                    buf = os.urandom(n)
+                    t.write(off, buf)
+                else:
+                    buf = bytes(n)
+                    t.write_zeroes(off, n)
+                model[off:off + n] = buf
+        chain.commit(self._path(top))
+        with vdisk.open(self._path(base)) as b:
+            assert b.read(0, b.size) == bytes(model), "commit: the base differs from the overlay's content"
+            assert b.check().exit_code == 0
+        with vdisk.open(self._path(top)) as t:
+            assert t.read(0, t.size) == bytes(model), "commit: the overlay changed"
+            assert t.check().exit_code == 0
+        chain.remove(self._path(top))
+        chain.remove(self._path(base))
 
     @precondition(lambda self: len(self.images) > 1)
     @rule(data=st.data())
