@@ -67,6 +67,15 @@ def require_fuse() -> None:
 
 
 @pytest.fixture
+def require_qemu() -> None:
+    """qemu-img and qemu-io are the reference the qcow2 tests hold vdisk against; a
+    machine without them fails these tests (scripts/setup.sh installs qemu-utils)."""
+    missing = [t for t in ("qemu-img", "qemu-io") if shutil.which(t) is None]
+    if missing:
+        pytest.fail(f"{', '.join(missing)} missing: run scripts/setup.sh", pytrace=False)
+
+
+@pytest.fixture
 def image_dir(tmp_path: Path) -> Path:
     d = tmp_path / "images"
     d.mkdir()

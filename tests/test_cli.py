@@ -4,10 +4,8 @@ as the reference for ``compare``."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 import types
@@ -21,8 +19,6 @@ from vdisk.cli import EXTENSION_COMMANDS, cli, parse_o_options
 from vdisk.errors import UsageError
 
 MiB = 1 << 20
-HAVE_VDK = importlib.util.find_spec("vdisk.drivers.vdk") is not None
-needs_vdk = pytest.mark.skipif(not HAVE_VDK, reason="the vdk driver has not landed yet")
 
 
 def run(*args, code=0):
@@ -101,7 +97,6 @@ def test_create_and_info_raw(image_dir):
     assert run("create", "-q", "-f", "raw", image_dir / "q.raw", "1M").stdout == ""
 
 
-@needs_vdk
 def test_create_and_info_vdk_with_options(image_dir):
     img = image_dir / "a.vdk"
     r = run("create", img, "1G", "-o", "cluster_size=128K,compression=zstd")
@@ -113,7 +108,6 @@ def test_create_and_info_vdk_with_options(image_dir):
     assert 0 < info["disk_size"] < 4 * MiB
 
 
-@needs_vdk
 def test_info_backing_chain(image_dir):
     base = image_dir / "base.vdk"
     top = image_dir / "top.vdk"
@@ -158,7 +152,6 @@ def test_missing_file_is_one_line(image_dir):
         assert_one_line_error(r.stderr, "nope.img", "no such file")
 
 
-@needs_vdk
 def test_malformed_image_is_one_line(image_dir):
     bad = image_dir / "bad.vdk"
     bad.write_bytes(os.urandom(256 * 1024))
@@ -185,7 +178,6 @@ def test_map_json_and_human(image_dir):
     assert [(e["start"], e["length"], e["data"]) for e in part] == [(2 * MiB, 4096, True)]
 
 
-@needs_vdk
 def test_map_shows_backing_depth(image_dir):
     base = write_raw(image_dir / "base.raw", 4 * MiB, [(0, b"b" * 65536)])
     top = image_dir / "top.vdk"
@@ -210,7 +202,6 @@ def test_convert_raw_to_raw_sparse(image_dir):
     assert allocated(dst) < MiB
 
 
-@needs_vdk
 def test_convert_raw_vdk_raw_round_trip_compressed(image_dir):
     text = b"all work and no play makes jack a dull boy\n" * 50_000
     src = write_raw(image_dir / "src.raw", 64 * MiB, [(MiB, text), (40 * MiB + 17, os.urandom(70_000))])
@@ -262,7 +253,7 @@ def test_compare_equal_different_and_sizes(image_dir):
     assert_one_line_error(r.stderr, "missing.raw")
 
 
-@pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img is not installed")
+@pytest.mark.usefixtures("require_qemu")
 def test_compare_agrees_with_qemu_img(image_dir):
     base = os.urandom(300_000)
     flipped = bytearray(base)
@@ -311,7 +302,6 @@ def test_resize_grow_shrink_and_relative(image_dir):
     assert_one_line_error(r.stderr, "12Q")
 
 
-@needs_vdk
 def test_resize_vdk_grows_with_zeros(image_dir):
     img = image_dir / "r.vdk"
     run("create", img, "2M")
@@ -328,7 +318,6 @@ def test_check_raw_is_not_supported(image_dir):
     assert_one_line_error(r.stderr, "c.raw", "raw")
 
 
-@needs_vdk
 def test_check_clean_and_corrupt_vdk(image_dir):
     img = image_dir / "c.vdk"
     run("create", img, "4M")
@@ -392,17 +381,16 @@ def test_console_script_errors_are_one_line(image_dir, run_vdisk):
     assert_one_line_error(r.stderr, "12Q")
     r = run_vdisk("info", image_dir / "missing.vdk", expect=1)
     assert_one_line_error(r.stderr, "missing.vdk")
-    if HAVE_VDK:
-        bad = image_dir / "bad.vdk"
-        bad.write_bytes(os.urandom(64 * 1024))
-        r = run_vdisk("info", "-f", "vdk", bad, expect=None)
-        assert r.returncode not in (0, 70)
-        assert_one_line_error(r.stderr, "bad.vdk")
+    bad = image_dir / "bad.vdk"
+    bad.write_bytes(os.urandom(64 * 1024))
+    r = run_vdisk("info", "-f", "vdk", bad, expect=None)
+    assert r.returncode not in (0, 70)
+    assert_one_line_error(r.stderr, "bad.vdk")
 
 
 def test_console_script_round_trip(image_dir, run_vdisk):
     src = write_raw(image_dir / "src.raw", 32 * MiB, [(5 * MiB, os.urandom(200_000))])
-    fmt = "vdk" if HAVE_VDK else "raw"
+    fmt = "vdk"
     mid = image_dir / f"mid.{fmt}"
     run_vdisk("convert", "-O", fmt, src, mid)
     run_vdisk("convert", "-O", "raw", mid, image_dir / "back.raw")
@@ -412,8 +400,7 @@ def test_console_script_round_trip(image_dir, run_vdisk):
     assert info["format"] == fmt and info["virtual_size"] == 32 * MiB
 
 
-@pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img is not installed")
-@pytest.mark.skipif(importlib.util.find_spec("vdisk.drivers.qcow2") is None, reason="no qcow2 driver yet")
+@pytest.mark.usefixtures("require_qemu")
 def test_convert_to_and_from_qcow2_agrees_with_qemu_img(image_dir):
     src = write_raw(image_dir / "src.raw", 16 * MiB, [(3, b"start"), (9 * MiB + 5, os.urandom(150_000))])
     ours = image_dir / "ours.qcow2"
@@ -428,7 +415,6 @@ def test_convert_to_and_from_qcow2_agrees_with_qemu_img(image_dir):
     assert content(image_dir / "back.raw", "raw") == content(src, "raw")
 
 
-@needs_vdk
 def test_convert_an_internal_snapshot(image_dir):
     img = image_dir / "s.vdk"
     run("create", img, "4M")

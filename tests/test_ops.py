@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import pytest
@@ -14,8 +13,6 @@ from vdisk.ops.compare import chunks, first_difference, first_nonzero, is_zero, 
 from vdisk.ops.convert import _widen
 
 MiB = 1 << 20
-HAVE_VDK = importlib.util.find_spec("vdisk.drivers.vdk") is not None
-needs_vdk = pytest.mark.skipif(not HAVE_VDK, reason="the vdk driver has not landed yet")
 
 
 def make_raw(path, size, writes=()):
@@ -205,7 +202,6 @@ def test_copy_content_refuses_a_smaller_destination(image_dir):
             copy_content(s, d)
 
 
-@needs_vdk
 @pytest.mark.parametrize("compression", [None, "zstd"])
 def test_convert_raw_vdk_raw_round_trip(image_dir, compression):
     blob = os.urandom(300_000)
@@ -253,7 +249,6 @@ def test_image_info_has_the_documented_keys(image_dir):
     assert info["snapshots"] == [] and info["backing_filename"] is None and info["compression"] is None
 
 
-@needs_vdk
 def test_convert_and_compare_flatten_a_backing_chain(image_dir):
     base = make_raw(image_dir / "base.raw", 8 * MiB, [(0, b"B" * 100_000), (6 * MiB, b"base tail")])
     top = str(image_dir / "top.vdk")

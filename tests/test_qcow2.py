@@ -21,7 +21,7 @@ from vdisk.errors import BackingError, CorruptImage, SnapshotExists, SnapshotNot
 from vdisk.testing import check_block_driver
 
 QEMU_IMG = shutil.which("qemu-img")
-needs_qemu = pytest.mark.skipif(QEMU_IMG is None, reason="qemu-img not installed")
+needs_qemu = pytest.mark.usefixtures("require_qemu")
 
 
 def qemu_check(path: str) -> subprocess.CompletedProcess:

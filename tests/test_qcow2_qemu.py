@@ -16,7 +16,7 @@ from vdisk.drivers.base import Status
 
 QEMU_IMG = shutil.which("qemu-img")
 QEMU_IO = shutil.which("qemu-io")
-pytestmark = pytest.mark.skipif(not (QEMU_IMG and QEMU_IO), reason="qemu-img/qemu-io not installed")
+pytestmark = pytest.mark.usefixtures("require_qemu")
 
 MiB = 1 << 20
 
