@@ -98,6 +98,12 @@ def image_info(img: Image) -> dict[str, Any]:
         "full_backing_filename": raw.get("full_backing_filename"),
         "snapshots": [snapshot_dict(s) for s in img.snapshot_list()],
     }
+    space = raw.get("space")
+    if space:  # vdk: fill in what each snapshot alone holds
+        unique = {s["id"]: s["unique_bytes"] for s in space.get("snapshots", [])}
+        for s in out["snapshots"]:
+            if s.get("unique_bytes") is None and s["id"] in unique:
+                s["unique_bytes"] = unique[s["id"]]
     for key, value in raw.items():
         if key not in out:
             out[key] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
@@ -148,7 +154,18 @@ def render_info_human(info: dict[str, Any]) -> str:
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         for r in rows:
             lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
-    extra = {k: v for k, v in info.items() if k not in INFO_KEYS}
+    space = info.get("space")
+    if space:
+        lines.append("Space (host bytes; unique = what deleting it would free):")
+        lines.append(f"    current state: {format_size(space['live_referenced_bytes'])} referenced, "
+                     f"{format_size(space['live_unique_bytes'])} unique")
+        for s in space.get("snapshots", []):
+            lines.append(f"    snapshot {s['name']}: {format_size(s['referenced_bytes'])} referenced, "
+                         f"{format_size(s['unique_bytes'])} unique")
+        if space.get("hidden_snapshots_bytes"):
+            lines.append(f"    deleted snapshots kept for linked clones: "
+                         f"{format_size(space['hidden_snapshots_bytes'])}")
+    extra = {k: v for k, v in info.items() if k not in INFO_KEYS and k != "space"}
     if extra:
         lines.append("Format specific information:")
         for k, v in extra.items():
