@@ -120,7 +120,7 @@ class VdkDriver(BlockDriver):
             raise UsageError(f"backing reference: {exc}") from None
         reserved = (C.HEADER_AREA + cs - 1) // cs
         host.truncate(reserved * cs)
-        drv = cls(host, hdr, read_only=False, fresh=True)
+        drv = cls(host, hdr, read_only=False)
         drv.slot = 1  # the first commit flips to slot 0
         drv.rc = array.array("I", [1] * reserved)
         drv.host_clusters = reserved
@@ -174,7 +174,7 @@ class VdkDriver(BlockDriver):
         except (CorruptImage, UnsupportedFeature) as exc:
             raise type(exc)(f"{name}: {exc}") from None
 
-    def __init__(self, host: HostStorage, hdr: C.Header, *, read_only: bool, fresh: bool = False):
+    def __init__(self, host: HostStorage, hdr: C.Header, *, read_only: bool):
         self.host = host
         self.name = host.name
         self.header = hdr
