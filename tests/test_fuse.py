@@ -588,6 +588,10 @@ def test_linked_clone_of_a_mounted_image(rig, tmp_path, run_vdisk):
     with open(os.path.join(mnt, "disk"), "r+b", buffering=0) as f:
         f.write(b"golden bytes")
         os.fsync(f.fileno())
+    r = run_vdisk("info", img, expect=None)  # the mount holds the write lock
+    assert r.returncode != 0 and "in use" in r.stderr and "--force-share" in r.stderr
+    info = json.loads(run_vdisk("info", "-U", "--output", "json", img).stdout)
+    assert info["virtual_size"] == 8 << 20
     clone = str(tmp_path / "clone.vdk")
     run_vdisk("clone", img, clone)
     with vdisk.open(clone) as c:

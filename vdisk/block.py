@@ -203,6 +203,9 @@ class Image:
                 out["backing_snapshot"] = d.backing_ref.snapshot
             if self.backing is not None:
                 out["full_backing_filename"] = self.backing.filename
+                viewing = getattr(self.backing.driver, "viewing", None)  # vdk: the snapshot record
+                if d.backing_ref.snapshot and viewing is not None:
+                    out["backing_snapshot_name"] = viewing.name
         out.update(d.info())
         return out
 
@@ -316,8 +319,13 @@ def open(  # noqa: A001 - the public name is vdisk.open
     allow_backing_dirs: list[str] | None = None,
     unsafe_backing: bool = False,
     cache: str = "writeback",
+    force_share: bool = False,
 ) -> Image:
     """Open an image and its backing chain.
+
+    ``force_share`` (read-only opens only, like ``qemu-img -U``) takes no lock on the
+    top image, so it opens even while another process writes it; what it reads may
+    then be stale or, for data the writer frees meanwhile, fail its checksum.
 
     ``cache="unsafe"`` makes flushes of the top image no-ops (no fdatasync): for
     scratch output that is discarded if the process dies, as ``qemu-img convert`` does.
@@ -331,13 +339,16 @@ def open(  # noqa: A001 - the public name is vdisk.open
         read_only = True
     fmt = format or detect_format(path)
     allowed = None if unsafe_backing else _allowed_dirs(path, allow_backing_dirs)
+    if force_share and not read_only:
+        raise UsageError("force_share is for read-only opens")
     if cache not in ("writeback", "unsafe"):
         raise UsageError(f"unknown cache mode {cache!r} (writeback or unsafe)")
     seen: set[tuple[int, int, str | None]] = set()
-    return _open_node(path, fmt, read_only, snapshot, backing, allowed, seen, 0, cache == "writeback")
+    return _open_node(path, fmt, read_only, snapshot, backing, allowed, seen, 0, cache == "writeback",
+                      lock=None if force_share else "auto")
 
 
-def _open_node(path, fmt, read_only, snapshot, with_backing, allowed, seen, depth, sync=True) -> Image:
+def _open_node(path, fmt, read_only, snapshot, with_backing, allowed, seen, depth, sync=True, lock="auto") -> Image:
     if depth >= MAX_CHAIN_DEPTH:
         raise BackingError(f"{path}: backing chain is deeper than {MAX_CHAIN_DEPTH} images")
     try:
@@ -351,7 +362,9 @@ def _open_node(path, fmt, read_only, snapshot, with_backing, allowed, seen, dept
         raise BackingError(f"{path}: backing chain loops back to this file")
     seen.add(key)
     cls = get_driver(fmt)
-    host = HostFile(path, read_only=read_only, lock="snapshot" if snapshot is not None else "auto", sync=sync)
+    if lock == "auto" and snapshot is not None:
+        lock = "snapshot"
+    host = HostFile(path, read_only=read_only, lock=lock, sync=sync)
     try:
         driver = cls.open(host, read_only=read_only, snapshot=snapshot)
     except BaseException:

@@ -318,6 +318,7 @@ def open_image(
     unsafe_backing: bool = False,
     snapshot: str | None = None,
     backing: bool = True,
+    force_share: bool = False,
 ) -> _block.Image:
     """Open an image (and its chain) the way every command does; errors are VdiskErrors
     that name the file."""
@@ -330,6 +331,15 @@ def open_image(
         snapshot=snapshot,
         backing=backing,
         unsafe_backing=unsafe_backing,
+        force_share=force_share,
+    )
+
+
+def force_share_option() -> Callable:
+    """``-U/--force-share``; passed as ``force_share``."""
+    return click.option(
+        "-U", "--force-share", is_flag=True,
+        help="Open even while another process (a mount) writes the image; the result may be stale.",
     )
 
 
@@ -514,8 +524,9 @@ def create(fmt, opts, backing_file, backing_format, quiet, filename, size):
 @output_option()
 @click.option("--backing-chain", is_flag=True, help="Describe every image of the backing chain, top first.")
 @unsafe_backing_option()
+@force_share_option()
 @click.argument("filename")
-def info(fmt, output, backing_chain, unsafe_backing, filename):
+def info(fmt, output, backing_chain, unsafe_backing, force_share, filename):
     """Show facts about an image.
 
     \b
@@ -524,6 +535,7 @@ def info(fmt, output, backing_chain, unsafe_backing, filename):
       cluster_size, compression (null if off), read_only,
       backing_filename, backing_format, backing_snapshot,
       full_backing_filename (null if none or not opened),
+      backing_snapshot_name (vdk clones, whose backing snapshot is "#ID"),
       snapshots: [{id, name, created (epoch seconds), size, generation,
                    unique_bytes, holds, extra}],
       then any format-specific keys.
@@ -531,13 +543,13 @@ def info(fmt, output, backing_chain, unsafe_backing, filename):
     from .ops.mapping import chain_info, image_info, render_info_human
 
     try:
-        img = open_image(filename, fmt=fmt, unsafe_backing=unsafe_backing)
+        img = open_image(filename, fmt=fmt, unsafe_backing=unsafe_backing, force_share=force_share)
     except BackingError as exc:
         if backing_chain:
             raise
         # The image itself is fine: describe it without its (unreachable) backing chain.
         click.echo(f"vdisk: warning: {_one_line(exc.message)}", err=True)
-        img = open_image(filename, fmt=fmt, backing=False)
+        img = open_image(filename, fmt=fmt, backing=False, force_share=force_share)
     with img:
         if backing_chain:
             data = chain_info(img)
@@ -553,8 +565,9 @@ def info(fmt, output, backing_chain, unsafe_backing, filename):
 @click.option("--start-offset", type=SIZE, default=0, help="First guest byte to map.")
 @click.option("--max-length", type=SIZE, default=None, help="Map at most this many bytes.")
 @unsafe_backing_option()
+@force_share_option()
 @click.argument("filename")
-def map_(fmt, output, start_offset, max_length, unsafe_backing, filename):
+def map_(fmt, output, start_offset, max_length, unsafe_backing, force_share, filename):
     """Show how the guest disk maps to data, zeros and backing images.
 
     Human output lists the ranges holding data (offset, length, host offset, file),
@@ -567,7 +580,7 @@ def map_(fmt, output, start_offset, max_length, unsafe_backing, filename):
     """
     from .ops.mapping import map_extents, render_map_human
 
-    with open_image(filename, fmt=fmt, unsafe_backing=unsafe_backing) as img:
+    with open_image(filename, fmt=fmt, unsafe_backing=unsafe_backing, force_share=force_share) as img:
         if start_offset > img.size:
             raise UsageError(f"--start-offset {start_offset} is past the end of the image ({img.size} bytes)")
         extents = map_extents(img, start_offset, max_length)

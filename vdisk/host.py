@@ -128,10 +128,13 @@ class HostFile(HostStorage):
             fcntl.fcntl(self.fd, _F_OFD_SETLK, arg)
         except OSError as exc:
             if exc.errno in (errno.EAGAIN, errno.EACCES):
-                what = "written" if not write else "used"
+                if write:
+                    hint = "close it there first"
+                else:
+                    hint = "-U/--force-share reads it anyway (the result may be stale)"
                 raise ImageLocked(
-                    f"{self.name}: image is in use by another process (it is being {what}); "
-                    "close it or open read-only"
+                    f"{self.name}: image is in use by another process "
+                    f"(it is being {'used' if write else 'written'}); {hint}"
                 ) from None
             raise _oserror(self.name, "lock", exc) from None
 

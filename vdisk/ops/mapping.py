@@ -14,8 +14,9 @@ compression            ``zstd``, ``zlib``, ... or null when off / not supported
 read_only              whether it was opened read-only (info opens read-only)
 backing_filename       the backing file as the image names it, or null
 backing_format         its format, or null
-backing_snapshot       the backing snapshot the image names, or null
+backing_snapshot       the backing snapshot the image names (vdk clones: ``#ID``), or null
 full_backing_filename  the backing file's resolved path, or null (also when not opened)
+backing_snapshot_name  (only for a vdk backing snapshot named by id) its name
 snapshots              list of {id, name, created (seconds since the epoch, float),
                        size, generation, unique_bytes (or null), holds, extra (dict)}
 =====================  =====================================================================
@@ -140,7 +141,9 @@ def render_info_human(info: dict[str, Any]) -> str:
         lines.append(f"backing file: {info['backing_filename']}{extra}")
         lines.append(f"backing file format: {info['backing_format']}")
         if info.get("backing_snapshot"):
-            lines.append(f"backing snapshot: {info['backing_snapshot']}")
+            name = info.get("backing_snapshot_name")
+            shown = f"{name} ({info['backing_snapshot']})" if name and name != info["backing_snapshot"] else info["backing_snapshot"]
+            lines.append(f"backing snapshot: {shown}")
     snaps = info.get("snapshots") or []
     if snaps:
         lines.append("Snapshot list:")
@@ -165,7 +168,7 @@ def render_info_human(info: dict[str, Any]) -> str:
         if space.get("hidden_snapshots_bytes"):
             lines.append(f"    deleted snapshots kept for linked clones: "
                          f"{format_size(space['hidden_snapshots_bytes'])}")
-    extra = {k: v for k, v in info.items() if k not in INFO_KEYS and k != "space"}
+    extra = {k: v for k, v in info.items() if k not in INFO_KEYS and k not in ("space", "backing_snapshot_name")}
     if extra:
         lines.append("Format specific information:")
         for k, v in extra.items():
