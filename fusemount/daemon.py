@@ -66,6 +66,13 @@ def mount_options(read_only: bool, extra: list[str] | None = None) -> set[str]:
     return opts
 
 
+def _dead_mount(mountpoint: str) -> MountError:
+    return MountError(
+        f"{mountpoint}: a dead FUSE mount is still there (its daemon died); "
+        f"run `vdisk umount {mountpoint}` (or fusermount3 -u -z) first"
+    )
+
+
 def check_mountpoint(mountpoint: str) -> None:
     try:
         st = os.stat(mountpoint)
@@ -73,10 +80,7 @@ def check_mountpoint(mountpoint: str) -> None:
         raise MountError(f"{mountpoint}: mountpoint does not exist") from None
     except OSError as exc:
         if exc.errno == errno.ENOTCONN:
-            raise MountError(
-                f"{mountpoint}: a dead FUSE mount is still there (its daemon died); "
-                f"run `vdisk umount {mountpoint}` (or fusermount3 -u -z) first"
-            ) from None
+            raise _dead_mount(mountpoint) from None
         raise MountError(f"{mountpoint}: {exc.strerror}") from None
     import stat as _stat
 
@@ -89,10 +93,7 @@ def check_mountpoint(mountpoint: str) -> None:
                 pid = os.getxattr(mountpoint, "user.vdisk.pid").decode()
             except OSError as exc:
                 if exc.errno == errno.ENOTCONN:
-                    raise MountError(
-                        f"{mountpoint}: a dead FUSE mount is still there (its daemon died); "
-                        f"run `vdisk umount {mountpoint}` (or fusermount3 -u -z) first"
-                    ) from None
+                    raise _dead_mount(mountpoint) from None
             else:
                 raise MountError(f"{mountpoint}: a vdisk mount is there already (daemon pid {pid})")
         raise MountError(f"{mountpoint}: something is mounted there already ({m[0]})")

@@ -15,6 +15,9 @@ import pytest
 from click.testing import CliRunner
 
 import vdisk
+from imagetools import allocated
+from imagetools import make_raw as write_raw
+from imagetools import read_all as content
 from vdisk.cli import EXTENSION_COMMANDS, cli, parse_o_options
 from vdisk.errors import UsageError
 
@@ -40,22 +43,6 @@ def assert_one_line_error(stderr: str, *needles: str) -> None:
         assert n in lines[0], stderr
 
 
-def write_raw(path, size, writes=()):
-    vdisk.create(path, size, format="raw")
-    with vdisk.open(path, format="raw") as img:
-        for off, data in writes:
-            img.write(off, data)
-        img.flush()
-    return str(path)
-
-
-def content(path, fmt):
-    with vdisk.open(path, format=fmt, read_only=True) as img:
-        return img.read(0, img.size)
-
-
-def allocated(path) -> int:
-    return os.stat(path).st_blocks * 512
 
 
 # ---------------------------------------------------------------------------- global

@@ -20,6 +20,7 @@ import time
 import pytest
 
 import vdisk
+from imagetools import flip_byte
 from fusemount import control
 from fusemount.testing import Rig, need_loop, run, wait_until
 from vdisk.errors import VdiskError
@@ -495,11 +496,7 @@ def test_checksum_mismatch_is_eio_for_that_request_only(rig, tmp_path):
         im.write(0, b"A" * cs + b"B" * cs)
         ext = [e for e in im.block_status(0, 2 * cs) if e.host_offset is not None]
     host = ext[0].host_offset
-    with open(img, "r+b") as f:  # flip a byte in the first data cluster
-        f.seek(host + 100)
-        b = f.read(1)
-        f.seek(host + 100)
-        f.write(bytes([b[0] ^ 0xFF]))
+    flip_byte(img, host + 100)  # in the first data cluster
     mnt = str(tmp_path / "mnt")
     log = str(tmp_path / "mount.log")
     rig.mount(img, mnt, log_file=log)
@@ -527,11 +524,7 @@ def test_corrupt_metadata_turns_the_mount_read_only(rig, tmp_path):
     with vdisk.open(img, read_only=True) as im:
         l2 = im.driver.l1_off[0]  # host offset of the first L2 table (vdk internals)
     assert l2
-    with open(img, "r+b") as f:
-        f.seek(l2 + 8)
-        b = f.read(1)
-        f.seek(l2 + 8)
-        f.write(bytes([b[0] ^ 0xFF]))
+    flip_byte(img, l2 + 8)
     mnt = str(tmp_path / "mnt")
     log = str(tmp_path / "mount.log")
     rig.mount(img, mnt, log_file=log)

@@ -7,6 +7,7 @@ import os
 import pytest
 
 import vdisk
+from imagetools import allocated, make_raw, read_all
 from vdisk.errors import ImageLocked, UsageError, VdiskError
 from vdisk.ops import compare, convert, copy_content, image_info, map_extents
 from vdisk.ops.compare import chunks, first_difference, first_nonzero, is_zero, overlay_runs
@@ -15,23 +16,6 @@ from vdisk.ops.convert import _widen
 MiB = 1 << 20
 
 
-def make_raw(path, size, writes=()):
-    """A sparse raw image of ``size`` bytes with ``writes`` = [(offset, bytes)]."""
-    vdisk.create(path, size, format="raw")
-    with vdisk.open(path, format="raw") as img:
-        for off, data in writes:
-            img.write(off, data)
-        img.flush()
-    return str(path)
-
-
-def read_all(path, fmt):
-    with vdisk.open(path, format=fmt, read_only=True) as img:
-        return img.read(0, img.size)
-
-
-def allocated(path) -> int:
-    return os.stat(path).st_blocks * 512
 
 
 # ---------------------------------------------------------------------------- helpers
