@@ -25,7 +25,30 @@ _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c
 # Open file description locks (Linux >= 3.15): owned by the open file, not the
 # process, so two opens in one process conflict like two processes do, and the
 # kernel drops them when the descriptor closes or the process dies (no stale locks).
+_F_OFD_GETLK = 36
 _F_OFD_SETLK = 37
+
+# QEMU's image locking (block/file-posix.c), which vdisk speaks so that both refuse
+# each other as they refuse themselves.  One byte per block-layer permission:
+# byte PERM_BASE + bit is locked (shared) by a user that holds the permission, byte
+# SHARED_BASE + bit by a user that does not let others hold it.  Bits as QEMU's
+# BLK_PERM_* (QEMU >= 6.2 has these four; bit 4, "graph-mod", is gone).
+_PERM_BASE = 100
+_SHARED_BASE = 200
+_CONSISTENT_READ, _WRITE, _WRITE_UNCHANGED, _RESIZE = 0, 1, 2, 3
+_PERM_NAMES = {_CONSISTENT_READ: "consistent read", _WRITE: "write", _WRITE_UNCHANGED: "write unchanged",
+               _RESIZE: "resize"}
+#: lock mode -> (permissions held, permissions not shared with others)
+_LOCK_PERMS = {
+    # qemu-img/qemu-storage-daemon/QEMU with a writable image (a format node's file)
+    "write": ((_CONSISTENT_READ, _WRITE, _RESIZE), (_WRITE, _RESIZE)),
+    # qemu-img info/convert without -U, a read-only backing file
+    "read": ((_CONSISTENT_READ,), (_WRITE, _RESIZE)),
+    # qemu-img -U (force-share): reads, lets anyone do anything
+    "shared": ((_CONSISTENT_READ,), ()),
+    # a reader of an immutable internal snapshot: as -U (see HostFile)
+    "snapshot": ((_CONSISTENT_READ,), ()),
+}
 
 
 class HostStorage:
@@ -79,18 +102,51 @@ def _oserror(name: str, what: str, exc: OSError) -> VdiskError:
 
 
 class HostFile(HostStorage):
-    """A regular file (or block device) on the local machine."""
+    """A regular file (or block device) on the local machine.
+
+    Locking: the OFD byte-range locks QEMU takes on image files (``_LOCK_PERMS``), so
+    vdisk and qemu-img/qemu-io/qemu-storage-daemon/QEMU exclude each other exactly as
+    each excludes itself.  A mode is a set of permissions held (each a shared lock on
+    byte 100 + bit) and a set not shared with others (byte 200 + bit); opening then
+    tests that nobody else holds a permission we do not share (bytes 100 + bit) and
+    that nobody refuses to share one we hold (bytes 200 + bit), and fails with
+    :class:`ImageLocked` otherwise.  Two vdisk opens conflict through the same bytes
+    (OFD locks belong to the open file, so also within one process).
+
+    - ``"write"``: consistent read + write + resize, sharing neither write nor resize
+      (what a writable ``qemu-img``/``qemu-storage-daemon`` takes): one writer at a
+      time, and no writer while anyone reads without force-share.
+    - ``"read"``: consistent read, not sharing write or resize (``qemu-img info``
+      without ``-U``; QEMU's read-only backing files): readers share, writers are refused.
+    - ``"shared"``: consistent read, sharing everything (``-U``/force-share): it
+      excludes nobody, and is excluded only by a user that declares the file's content
+      inconsistent (QEMU does for some block-job targets).
+    - ``"snapshot"``: a reader of an internal snapshot, which never changes while it
+      exists (vdisk's writers never rewrite a snapshot's clusters): it must coexist
+      with the writer, so it may neither hold write/resize nor unshare them -- in QEMU's
+      terms it is a ``-U`` reader (as ``qemu-img convert -U -l SNAP`` on a live image),
+      the same bytes as ``"shared"``.  It therefore blocks nothing QEMU needs either.
+      Nothing in the lock bytes stops a writer from deleting the snapshot under it
+      (QEMU's ``-U`` readers have the same exposure): that is the snapshot layer's
+      business (holders of linked clones; a mount closes its views first).
+    - ``None``: no lock; ``"auto"``: ``"read"`` when read-only, else ``"write"``.
+
+    Bytes 0 and 1 (vdisk's former private bytes) are no longer used: QEMU's bytes
+    express all of vdisk's rules, and QEMU leaves byte 0 to libvirt.
+    """
 
     def __init__(self, path: str, *, read_only: bool = False, create: bool = False, lock: str | None = "auto",
                  sync: bool = True):
         """``sync`` False makes ``flush`` a no-op (``cache=unsafe``: for scratch files such as
         a convert's destination before its rename; a crash may then lose anything).
-        ``lock``: "write" (one writer), "read" (readers of the live state, excluded by a
-        writer), "snapshot" (readers of an immutable snapshot: they coexist with a
-        writer), None (no lock), or "auto": "read" when read_only, else "write"."""
+        ``lock``: "write", "read", "shared", "snapshot", None or "auto" (see the class)."""
         self.name = path
         self.read_only = read_only
         self.sync = sync
+        if lock == "auto":
+            lock = "read" if read_only else "write"
+        if lock is not None and lock not in _LOCK_PERMS:
+            raise ValueError(f"unknown lock mode {lock!r}")
         flags = os.O_RDONLY if read_only else os.O_RDWR
         if create:
             flags |= os.O_CREAT | os.O_EXCL
@@ -105,38 +161,58 @@ class HostFile(HostStorage):
             raise HostIOError(f"{path}: permission denied", errno.EACCES) from None
         except OSError as exc:
             raise _oserror(path, "open", exc) from None
-        if lock == "auto":
-            lock = "read" if read_only else "write"
         if lock:
             try:
                 self._lock(lock)
             except BaseException:
-                os.close(self.fd)
+                os.close(self.fd)  # drops the bytes locked so far
                 raise
 
-    def _lock(self, mode: str) -> None:
-        # Byte 0 guards the live state: a writer locks it exclusively, live readers
-        # share it.  Byte 1 is shared by readers of snapshots, which never change, so
-        # they do not conflict with the writer.  Locks sit on bytes, not data: the
-        # file's contents are untouched.
-        l_type = fcntl.F_WRLCK if mode == "write" else fcntl.F_RDLCK
-        start = 1 if mode == "snapshot" else 0
-        write = mode == "write"
+    def _flock(self, cmd: int, l_type: int, start: int, length: int = 1) -> int:
         # struct flock { short l_type; short l_whence; off_t l_start; off_t l_len; pid_t l_pid; }
-        arg = struct.pack("hhqqi4x", l_type, os.SEEK_SET, start, 1, 0)
+        arg = struct.pack("hhqqi4x", l_type, os.SEEK_SET, start, length, 0)
+        got = fcntl.fcntl(self.fd, cmd, arg)
+        return struct.unpack("hhqqi4x", got)[0]
+
+    def _lock(self, mode: str) -> None:
+        """Take ``mode``'s bytes, then test the other side's (as QEMU does: lock first,
+        so that of two racing opens at least one sees the other).  The file's
+        contents are untouched: locks sit on byte numbers, not data."""
+        held, unshared = _LOCK_PERMS[mode]
         try:
-            fcntl.fcntl(self.fd, _F_OFD_SETLK, arg)
+            for bit in held:
+                self._flock(_F_OFD_SETLK, fcntl.F_RDLCK, _PERM_BASE + bit)
+            for bit in unshared:
+                self._flock(_F_OFD_SETLK, fcntl.F_RDLCK, _SHARED_BASE + bit)
+            # Somebody holds a permission we do not share (a writer, for write/resize)...
+            for bit in unshared:
+                if self._flock(_F_OFD_GETLK, fcntl.F_WRLCK, _PERM_BASE + bit) != fcntl.F_UNLCK:
+                    raise self._locked(mode, bit, holder=True)
+            # ...or refuses to share one we hold (a writer or a reader without -U).
+            for bit in held:
+                if self._flock(_F_OFD_GETLK, fcntl.F_WRLCK, _SHARED_BASE + bit) != fcntl.F_UNLCK:
+                    raise self._locked(mode, bit, holder=False)
         except OSError as exc:
-            if exc.errno in (errno.EAGAIN, errno.EACCES):
-                if write:
-                    hint = "close it there first"
-                else:
-                    hint = "-U/--force-share reads it anyway (the result may be stale)"
-                raise ImageLocked(
-                    f"{self.name}: image is in use by another process "
-                    f"(it is being {'used' if write else 'written'}); {hint}"
-                ) from None
+            if exc.errno in (errno.EAGAIN, errno.EACCES):  # an exclusive lock on one of our bytes
+                raise ImageLocked(f"{self.name}: image is in use by another process (it holds an exclusive "
+                                  f"lock on the QEMU lock bytes); close it there first") from None
             raise _oserror(self.name, "lock", exc) from None
+
+    def _locked(self, mode: str, bit: int, holder: bool) -> ImageLocked:
+        perm = _PERM_NAMES[bit]
+        if holder:
+            what = f'it is being written: another process holds the "{perm}" permission'
+        elif bit == _CONSISTENT_READ:
+            what = 'another process declares its content inconsistent (it does not share "consistent read")'
+        else:
+            what = f'it is being read or written by a process that does not share "{perm}"'
+        if mode == "write":
+            hint = "close it there first (readers that let a writer in open with -U/--force-share)"
+        elif bit == _CONSISTENT_READ:
+            hint = "try again when it is done"
+        else:
+            hint = "-U/--force-share reads it anyway (the result may be stale)"
+        return ImageLocked(f"{self.name}: image is in use by another process ({what}); {hint}")
 
     def pread(self, offset: int, length: int) -> bytes:
         try:
