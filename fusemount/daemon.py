@@ -29,6 +29,7 @@ import pyfuse3
 import trio
 
 import vdisk
+from vdisk.drivers.base import Holder
 from vdisk.errors import VdiskError
 
 from . import control
@@ -177,8 +178,14 @@ class _Daemon:
             delta = req.get("delta")
             if delta not in (1, -1):
                 raise vdisk.errors.UsageError("snapshot-hold: delta must be 1 or -1")
-            info = fs.snapshot_hold(name, delta)
-            log.info("snapshot %s: hold %+d (linked clone)", name, delta)
+            holder = req.get("holder")
+            if holder is not None:
+                if not (isinstance(holder, dict) and isinstance(holder.get("image_id"), str)
+                        and isinstance(holder.get("path"), str)):
+                    raise vdisk.errors.UsageError("snapshot-hold: holder must be {image_id, path}")
+                holder = Holder(holder["image_id"], holder["path"])
+            info = fs.snapshot_hold(name, delta, holder)
+            log.info("snapshot %s: hold %+d (linked clone %s)", name, delta, holder.path if holder else "-")
             return control.snapshot_to_json(info)
         if op == "snapshot-revert":
             fs.snapshot_revert(name)

@@ -214,11 +214,12 @@ class VdiskFS(pyfuse3.Operations):
         self.image.flush()
         self.reload_snapshots()
 
-    def snapshot_hold(self, name: str, delta: int) -> SnapshotInfo:
-        """Count (or drop) a linked clone's hold on a snapshot; a hidden snapshot whose
-        last hold goes is freed, so the listing is reloaded."""
+    def snapshot_hold(self, name: str, delta: int, holder=None) -> SnapshotInfo:
+        """Record (or drop) a linked clone's hold on a snapshot (``holder``: a
+        :class:`vdisk.drivers.base.Holder`); a hidden snapshot whose last hold goes is
+        freed, so the listing is reloaded."""
         self._writable_or_raise()
-        info = self.image.snapshot_hold(name, delta)
+        info = self.image.snapshot_hold(name, delta, holder)
         self.image.flush()
         self.reload_snapshots()
         return info

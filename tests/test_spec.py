@@ -191,9 +191,18 @@ def test_header_tail_layout():
     raw = h.encode()
     n, f, s = (len(x.encode()) for x in (h.backing_name, h.backing_format, h.backing_snapshot))
     rows = TABLES["layout:header-tail"]
-    assert [r["Field"] for r in rows] == ["backing_name", "backing_format", "backing_snapshot", "padding",
-                                          "header_checksum"]
-    assert [r["Offset"] for r in rows[:4]] == ["192", "192 + N", "192 + N + F", "192 + N + F + S"]
+    assert [r["Field"] for r in rows] == ["backing_name", "backing_format", "backing_snapshot", "image_id",
+                                          "padding", "header_checksum"]
+    assert [r["Offset"] for r in rows[:5]] == ["192", "192 + N", "192 + N + F", "192 + N + F + S",
+                                               "192 + N + F + S + I"]
+    ident = h.replace(incompatible_features=h.incompatible_features | C.INCOMPAT_IDENTITY,
+                      image_id=bytes(range(16, 32))).encode()
+    at = C.HEADER_FIXED + n + f + s
+    assert ident[at:at + 16] == bytes(range(16, 32))
+    assert len(ident) == (at + 16 + 7) // 8 * 8 + 8
+    clean = h.replace(incompatible_features=C.INCOMPAT_IDENTITY, image_id=bytes(range(16, 32)),
+                      dedup_table_offset=0, dedup_table_length=0, dedup_table_checksum=0)
+    assert C.Header.decode(clean.encode()).image_id == bytes(range(16, 32))
     base = C.HEADER_FIXED
     assert raw[base:base + n] == h.backing_name.encode()
     assert raw[base + n:base + n + f] == h.backing_format.encode()
@@ -215,7 +224,7 @@ def test_snapshot_record_table():
                            l1_offset=0x0505_0000, l1_entries=0x0606, l1_checksum=0x0707_0707, flags=C.SNAP_HIDDEN,
                            holds=0x0909)
     raw = rec.encode()
-    expect = {**{f.name: getattr(rec, f.name) for f in fields(rec)}, "name_length": 4}
+    expect = {**{f.name: getattr(rec, f.name) for f in fields(rec)}, "name_length": 4, "holder_count": 0}
     for off, size, field, typ in rows:
         chunk = raw[off:off + size]
         if field == "reserved":
@@ -224,8 +233,31 @@ def test_snapshot_record_table():
         (val,) = struct.unpack("<" + TYPE_FMT[typ], chunk)
         assert val == expect[field], f"snapshot field {field} at {off}"
     tail = TABLES["layout:snapshot-record-tail"]
-    assert [(r["Offset"], r["Field"]) for r in tail] == [("64", "name"), ("64 + name_length", "padding")]
+    assert [(r["Offset"], r["Field"]) for r in tail] == [("64", "name"), ("64 + name_length", "padding"),
+                                                         ("align(64 + name_length, 8)", "holders")]
     assert raw[64:68] == b"snap" and len(raw) == 72 and raw[68:] == bytes(4)
+
+
+def test_holder_record_table():
+    rows = _struct_rows("holder_record")
+    _check_tiling(rows, 18, "holder record")
+    _check_against_fields(rows, C.HOLDER_FIELDS, "holder record")
+    hid = bytes(range(1, 17))
+    rec = C.SnapshotRecord(id=1, name="snap", generation=2, create_time_ns=3, virtual_size=4, l1_offset=0,
+                           l1_entries=0, l1_checksum=0, holds=3,
+                           holders=(C.HolderRecord(hid, "c/clone.vdk"), C.HolderRecord(bytes(15) + b"x", "d")))
+    raw = rec.encode()
+    assert struct.unpack_from("<H", raw, C.SNAPSHOT_FIELDS["holder_count"][0])[0] == 2
+    pos = 72  # after the 4-byte name and its padding
+    assert raw[pos:pos + 16] == hid and struct.unpack_from("<H", raw, pos + 16)[0] == len("c/clone.vdk")
+    assert raw[pos + 18:pos + 29] == b"c/clone.vdk" and raw[pos + 29:pos + 32] == bytes(3)
+    pos += 32
+    assert raw[pos + 15:pos + 16] == b"x" and raw[pos + 18:pos + 19] == b"d" and len(raw) == pos + 24
+    tail = TABLES["layout:holder-record-tail"]
+    assert [(r["Offset"], r["Field"]) for r in tail] == [("18", "path"), ("18 + path_length", "padding")]
+    assert C.decode_snapshot_table(raw, 1) == [rec]
+    with pytest.raises(vdisk.errors.CorruptImage, match="without the identity feature"):
+        C.decode_snapshot_table(raw, 1, identity=False)
 
 
 def test_l1_entry_table():
@@ -307,7 +339,8 @@ def _mask(bits: dict[int, str]) -> int:
 def test_feature_bits():
     incompat = _values("incompatible-features")
     assert _mask(incompat) == C.KNOWN_INCOMPAT
-    assert incompat == {0: "corrupt"} and C.INCOMPAT_CORRUPT == 1 << 0
+    assert incompat == {0: "corrupt", 1: "identity"} and C.INCOMPAT_CORRUPT == 1 << 0
+    assert C.INCOMPAT_IDENTITY == 1 << 1
     assert _mask(_values("compatible-features")) == C.KNOWN_COMPAT
     assert _mask(_values("autoclear-features")) == C.KNOWN_AUTOCLEAR
 
@@ -500,14 +533,17 @@ class SpecReader:
          h["host_clusters"]) = struct.unpack_from("<QQIIQQQ", slot, 104)
         assert struct.unpack_from("<QQQ", slot, 152) == (0, 0, 0), "dedup fields must be zero in version 1"
         n, f, s = struct.unpack_from("<HBB", slot, 176)
-        assert 192 + n + f + s <= length - 8
+        assert h["incompatible"] & ~2 == 0 and h["autoclear"] == 0  # only the identity bit
+        i = 16 if h["incompatible"] & 2 else 0
+        assert 192 + n + f + s + i <= length - 8
         assert n <= 1024 and f <= 16 and (f > 0 or n == 0)
         h["backing"] = (slot[192:192 + n].decode(), slot[192 + n:192 + n + f].decode("ascii"),
                         slot[192 + n + f:192 + n + f + s].decode())
         assert all("\0" not in x for x in h["backing"])
+        h["image_id"] = slot[192 + n + f + s:192 + n + f + s + i]
+        assert i == 0 or any(h["image_id"])
         assert 12 <= h["cluster_bits"] <= 21 and -7 <= h["compression_level"] <= 22
-        assert slot[192 + n + f + s:length - 8] == bytes(length - 8 - (192 + n + f + s))
-        assert h["incompatible"] == 0 and h["autoclear"] == 0
+        assert slot[192 + n + f + s + i:length - 8] == bytes(length - 8 - (192 + n + f + s + i))
         return h
 
     def _run(self, off: int, n: int, csum: int) -> bytes:
@@ -525,15 +561,27 @@ class SpecReader:
         out, pos = [], 0
         for _ in range(h["st_count"]):
             (sid, gen, ctime, vsize, l1_off, l1_n, flags, l1_sum, holds, nlen,
-             res) = struct.unpack_from("<QQqQQIIQIHH", buf, pos)
-            assert res == 0 and 1 <= nlen <= 255 and flags & ~1 == 0 and 1 <= sid < h["next_id"]
+             n_holders) = struct.unpack_from("<QQqQQIIQIHH", buf, pos)
+            assert 1 <= nlen <= 255 and flags & ~1 == 0 and 1 <= sid < h["next_id"]
+            assert n_holders <= holds and (n_holders == 0 or h["incompatible"] & 2)
             name = buf[pos + 64:pos + 64 + nlen].decode()
             assert "\0" not in name
             rec_len = (64 + nlen + 7) // 8 * 8
             assert buf[pos + 64 + nlen:pos + rec_len] == bytes(rec_len - 64 - nlen)
-            out.append(dict(id=sid, generation=gen, virtual_size=vsize, l1_offset=l1_off, l1_entries=l1_n,
-                            l1_checksum=l1_sum, flags=flags, holds=holds, name=name))
             pos += rec_len
+            holders = []
+            for _h in range(n_holders):  # section 10: holder records follow the name
+                hid, plen = struct.unpack_from("<16sH", buf, pos)
+                assert any(hid) and 1 <= plen <= 1024
+                path = buf[pos + 18:pos + 18 + plen].decode()
+                assert "\0" not in path
+                hlen = (18 + plen + 7) // 8 * 8
+                assert buf[pos + 18 + plen:pos + hlen] == bytes(hlen - 18 - plen)
+                holders.append((hid, path))
+                pos += hlen
+            assert len({x[0] for x in holders}) == len(holders)
+            out.append(dict(id=sid, generation=gen, virtual_size=vsize, l1_offset=l1_off, l1_entries=l1_n,
+                            l1_checksum=l1_sum, flags=flags, holds=holds, name=name, holders=holders))
         assert pos == len(buf)
         assert len({r["id"] for r in out}) == len(out)
         return out
@@ -768,7 +816,10 @@ def _copy_with_header(tmp_path, name: str, newest: bool = True, **changes) -> st
         data = bytearray(f.read())
     slots = _slot_gens(data)
     _gen, off = max(slots) if newest else min(slots)
-    h = C.Header.decode(bytes(data[off:off + 4096])).replace(**changes)
+    h = C.Header.decode(bytes(data[off:off + 4096]))
+    if "incompatible_features" in changes:  # keep the identity bit (and so the image id) of the sample
+        changes["incompatible_features"] |= h.incompatible_features & C.INCOMPAT_IDENTITY
+    h = h.replace(**changes)
     raw = _encode_unchecked(h)
     data[off:off + 4096] = raw + bytes(4096 - len(raw))
     with open(dst, "wb") as f:

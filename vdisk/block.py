@@ -20,26 +20,76 @@ from typing import Iterator
 
 from .drivers import get_driver, probe
 from .drivers.base import BackingRef, BlockDriver, CheckResult, CreateOptions, Extent, SnapshotInfo, Status
-from .errors import BackingError, ImageNotFound, OutOfBounds, ReadOnlyImage, UsageError, VdiskError
+from .errors import BackingError, ImageNotFound, OutOfBounds, ReadOnlyImage, UnsupportedFeature, UsageError, VdiskError
 from .host import HostFile
 
 MAX_CHAIN_DEPTH = 64
 PROBE_BYTES = 8192
 
 
+#: formats vdisk knows by their magic but cannot open: (name, offset, magic)
+FOREIGN_MAGICS = (
+    ("VHDX", 0, b"vhdxfile"),
+    ("VHD", 0, b"conectix"),
+    ("VDI", 0x40, b"\x7f\x10\xda\xbe"),
+    ("VMDK", 0, b"KDMV"),
+    ("VMDK (stream-optimized)", 0, b"COWD"),
+    ("VMDK descriptor", 0, b"# Disk DescriptorFile"),
+    ("QED", 0, b"QED\x00"),
+    ("LUKS", 0, b"LUKS\xba\xbe"),
+    ("Parallels", 0, b"WithoutFreeSpace"),
+    ("Parallels", 0, b"WithouFreSpacExt"),
+    ("bochs", 0, b"Bochs Virtual HD Image"),
+    ("cloop", 0, b"#!/bin/sh\n#V2.0 Format"),
+    ("DMG", -512, b"koly"),
+    ("VHD", -512, b"conectix"),
+)
+
+
+def foreign_format(head: bytes, tail: bytes = b"") -> str | None:
+    """The name of a disk format vdisk recognises but does not support, or None.
+    ``tail`` is the file's last 512 bytes (VHD's footer, DMG's trailer)."""
+    for name, off, magic in FOREIGN_MAGICS:
+        buf = tail if off < 0 else head[off:]
+        if off < 0 and len(tail) < 512:
+            continue
+        if buf.startswith(magic):
+            return name
+    if head[:4] == b"QFI\xfb" and head[4:8] in (b"\x00\x00\x00\x01",):
+        return "qcow (version 1)"
+    return None
+
+
 def detect_format(path: str) -> str:
     """The format of an existing image file, by its magic.  A file without a known
-    magic is raw -- only when the user opens it by name, never as a backing file."""
+    magic is raw -- only when the user opens it by name, never as a backing file.  A
+    format vdisk recognises but cannot open (VHD, VHDX, VDI, VMDK, QED, LUKS, ...) is
+    refused by name, never taken for raw."""
     try:
         with builtins.open(path, "rb") as f:
             head = f.read(PROBE_BYTES)
+            tail = b""
+            try:
+                size = os.fstat(f.fileno()).st_size
+                if size >= 1024:
+                    f.seek(size - 512)
+                    tail = f.read(512)
+            except OSError:
+                pass
     except FileNotFoundError:
         raise ImageNotFound(f"{path}: no such file") from None
     except IsADirectoryError:
         raise VdiskError(f"{path}: is a directory, not an image file") from None
     except PermissionError:
         raise VdiskError(f"{path}: permission denied") from None
-    return probe(head) or "raw"
+    fmt = probe(head)
+    if fmt:
+        return fmt
+    other = foreign_format(head, tail)
+    if other:
+        raise UnsupportedFeature(f"{path}: is a {other} image, a format vdisk does not support; "
+                                 "give -f raw only if it really is a raw disk")
+    return "raw"
 
 
 class _BackingView:
@@ -81,6 +131,9 @@ class Image:
         self.backing = backing
         self.snapshot = snapshot
         self._closed = False
+        #: the format was guessed (raw, no magic): refuse writes that would make block 0
+        #: look like another format, as qemu does, so a guest cannot change what it is
+        self.guard_probe = False
         driver.attach_backing(_BackingView(backing) if backing is not None else None)
 
     # ---------------------------------------------------------------- properties
@@ -132,8 +185,20 @@ class Image:
 
     def write(self, offset: int, data: bytes) -> None:
         self._check_write(offset, len(data))
+        if self.guard_probe and offset < PROBE_BYTES and data:
+            self._check_probe(offset, data)
         if data:
             self.driver.write(offset, bytes(data) if not isinstance(data, bytes) else data)
+
+    def _check_probe(self, offset: int, data: bytes) -> None:
+        n = min(PROBE_BYTES, self.size)
+        head = bytearray(self.driver.read(0, n))
+        end = min(n, offset + len(data))
+        head[offset:end] = data[: end - offset]
+        other = probe(bytes(head)) or foreign_format(bytes(head))
+        if other:
+            raise ReadOnlyImage(f"{self.filename}: refusing to write a {other} header into an image whose "
+                                "format was guessed as raw; open it with -f raw to allow it")
 
     def write_zeroes(self, offset: int, length: int) -> None:
         self._check_write(offset, length)
@@ -214,12 +279,13 @@ class Image:
             raise ReadOnlyImage(f"{self.filename}: image is open read-only; cannot repair")
         return self.driver.check(repair=repair)
 
-    def snapshot_list(self, *, space: bool = False) -> list[SnapshotInfo]:
-        return self.driver.snapshot_list(space=True) if space else self.driver.snapshot_list()
+    def snapshot_list(self, *, space: bool = False, hidden: bool = False) -> list[SnapshotInfo]:
+        return self.driver.snapshot_list(space=space, hidden=hidden)
 
-    def snapshot_hold(self, name: str, delta: int) -> SnapshotInfo:
+    def snapshot_hold(self, name: str, delta: int, holder=None) -> SnapshotInfo:
+        """See :meth:`BlockDriver.snapshot_hold`."""
         self._check_write(0, 0)
-        return self.driver.snapshot_hold(name, delta)
+        return self.driver.snapshot_hold(name, delta, holder)
 
     def make_empty(self) -> None:
         self._check_write(0, 0)
@@ -302,6 +368,20 @@ def _is_under(path: str, dirs: list[str]) -> bool:
     return any(path == d or path.startswith(d.rstrip("/") + "/") for d in dirs)
 
 
+def check_backing_allowed(overlay_path: str, backing_path: str, *, unsafe_backing: bool = False,
+                          allow_backing_dirs: list[str] | None = None) -> None:
+    """Refuse to make ``overlay_path`` name ``backing_path`` when :func:`open` would
+    then refuse to follow it: vdisk never makes an image it then refuses to open."""
+    if unsafe_backing:
+        return
+    allowed = _allowed_dirs(overlay_path, allow_backing_dirs)
+    if not _is_under(os.path.realpath(backing_path), allowed):
+        raise BackingError(
+            f"{overlay_path}: backing file {backing_path} lies outside the directories vdisk follows backing "
+            f"files into ({', '.join(allowed)}), so the image could not be opened; add its directory to "
+            "VDISK_BACKING_DIRS, or pass --unsafe-backing")
+
+
 def resolve_backing_path(overlay_path: str, ref: BackingRef) -> str:
     """The host path a backing reference names: relative names are relative to the overlay."""
     if os.path.isabs(ref.filename):
@@ -320,8 +400,18 @@ def open(  # noqa: A001 - the public name is vdisk.open
     unsafe_backing: bool = False,
     cache: str = "writeback",
     force_share: bool = False,
+    writable_depth: int | None = None,
 ) -> Image:
     """Open an image and its backing chain.
+
+    Every backing reference is followed only into an allowed directory: the directory
+    of ``path`` (and below it), those in ``VDISK_BACKING_DIRS`` (colon-separated) and
+    ``allow_backing_dirs``; ``unsafe_backing=True`` lifts this.  This is the one place
+    the policy is enforced: operations open chains through here and never lift it
+    themselves.
+
+    ``writable_depth`` opens the backing image that many levels down read-write (1: the
+    direct backing image), for operations that write into a backing image (commit).
 
     ``force_share`` (read-only opens only, like ``qemu-img -U``) takes no lock on the
     top image, so it opens even while another process writes it; what it reads may
@@ -338,17 +428,23 @@ def open(  # noqa: A001 - the public name is vdisk.open
     if snapshot is not None:
         read_only = True
     fmt = format or detect_format(path)
+    guessed = format is None and fmt == "raw"
     allowed = None if unsafe_backing else _allowed_dirs(path, allow_backing_dirs)
     if force_share and not read_only:
         raise UsageError("force_share is for read-only opens")
     if cache not in ("writeback", "unsafe"):
         raise UsageError(f"unknown cache mode {cache!r} (writeback or unsafe)")
+    if writable_depth is not None and (writable_depth < 1 or not backing):
+        raise UsageError("writable_depth names a backing image: 1 or more, with the backing chain open")
     seen: set[tuple[int, int, str | None]] = set()
-    return _open_node(path, fmt, read_only, snapshot, backing, allowed, seen, 0, cache == "writeback",
-                      lock=None if force_share else "auto")
+    img = _open_node(path, fmt, read_only, snapshot, backing, allowed, seen, 0, cache == "writeback",
+                     lock=None if force_share else "auto", writable_depth=writable_depth)
+    img.guard_probe = guessed
+    return img
 
 
-def _open_node(path, fmt, read_only, snapshot, with_backing, allowed, seen, depth, sync=True, lock="auto") -> Image:
+def _open_node(path, fmt, read_only, snapshot, with_backing, allowed, seen, depth, sync=True, lock="auto",
+               writable_depth=None) -> Image:
     if depth >= MAX_CHAIN_DEPTH:
         raise BackingError(f"{path}: backing chain is deeper than {MAX_CHAIN_DEPTH} images")
     try:
@@ -383,7 +479,14 @@ def _open_node(path, fmt, read_only, snapshot, with_backing, allowed, seen, dept
                 )
             if not os.path.exists(bpath):
                 raise BackingError(f"{path}: backing file {bpath} does not exist")
-            below = _open_node(bpath, ref.format, True, ref.snapshot, True, allowed, seen, depth + 1)
+            rw = writable_depth == depth + 1
+            if rw and ref.snapshot:
+                raise UsageError(f"{path}: its backing image is snapshot {ref.snapshot} of {ref.filename}, "
+                                 "which is immutable")
+            below = _open_node(bpath, ref.format, not rw, ref.snapshot, True, allowed, seen, depth + 1,
+                               writable_depth=writable_depth)
+        elif writable_depth is not None and writable_depth > depth:
+            raise UsageError(f"{path}: the backing chain ends here, above the image to write into")
         return Image(driver, path, below, snapshot)
     except BaseException:
         driver.close()
@@ -403,33 +506,49 @@ def create(
     backing_format: str | None = None,
     backing_snapshot: str | None = None,
     options: dict | None = None,
+    unsafe_backing: bool = False,
+    allow_backing_dirs: list[str] | None = None,
+    image_id: str | None = None,
 ) -> None:
-    """Create a new image file.  ``backing_file`` is a path as the caller sees it (relative
-    to the current directory); it is stored relative to the new image's directory.
-    Without ``size``, an overlay takes its backing image's size."""
+    """Create a new image file.
+
+    ``backing_file``, when relative, is relative to the new image's directory (as in
+    qemu-img), and is stored relative to it.  Without ``size``, an overlay takes its
+    backing image's size.  An overlay whose backing file :func:`open` would refuse to
+    follow (outside the allowed directories) is refused here, with the reason, unless
+    ``unsafe_backing``: vdisk never makes an image it then refuses to open.
+    ``image_id`` sets the new image's identity where the format records one."""
     path = os.fspath(path)
     cls = get_driver(format)
     ref = None
     if backing_file is not None:
         if not cls.supports_backing:
             raise UsageError(f"{format} images cannot have a backing file")
-        if not os.path.exists(backing_file):
-            raise ImageNotFound(f"backing file {backing_file}: no such file")
+        bpath = os.path.join(os.path.dirname(os.path.abspath(path)), os.fspath(backing_file))
+        if not os.path.exists(bpath):
+            hint = "" if os.path.isabs(backing_file) else " (a relative backing file is relative to the new image)"
+            raise ImageNotFound(f"backing file {bpath}: no such file{hint}")
         if backing_format is None:
-            backing_format = detect_format(backing_file)
+            backing_format = detect_format(bpath)
             if backing_format == "raw":
-                raise UsageError(f"backing file {backing_file}: give its format with -F (raw is never probed)")
-        rel = os.path.relpath(os.path.abspath(backing_file), os.path.dirname(os.path.abspath(path)))
+                raise UsageError(f"backing file {bpath}: give its format with -F (raw is never probed)")
+        get_driver(backing_format)
+        check_backing_allowed(path, bpath, unsafe_backing=unsafe_backing, allow_backing_dirs=allow_backing_dirs)
+        rel = os.path.relpath(os.path.abspath(bpath), os.path.dirname(os.path.abspath(path)))
         ref = BackingRef(rel, backing_format, backing_snapshot)
-        if size is None:
-            with open(backing_file, read_only=True, format=backing_format, snapshot=backing_snapshot,
-                      unsafe_backing=True) as b:
+        with open(bpath, read_only=True, format=backing_format, snapshot=backing_snapshot,
+                  unsafe_backing=unsafe_backing, allow_backing_dirs=_allowed_dirs(path, allow_backing_dirs)) as b:
+            if size is None:
                 size = b.size
+            for node in b.chain():
+                if os.path.exists(path) and os.path.samefile(node.filename, path):
+                    raise BackingError(f"{path}: cannot be its own backing file")
     if size is None:
         raise UsageError("a size is needed (or a backing file to take it from)")
     if size < 0:
         raise UsageError("size must not be negative")
-    opts = CreateOptions(cluster_size=cluster_size, compression=compression, backing=ref, extra=dict(options or {}))
+    opts = CreateOptions(cluster_size=cluster_size, compression=compression, backing=ref, extra=dict(options or {}),
+                         image_id=image_id)
     host = HostFile(path, create=True)
     try:
         cls.create(host, size, opts)

@@ -478,16 +478,21 @@ def parse_o_options(values: tuple[str, ...] | list[str]) -> dict[str, Any]:
     help="Format options: cluster_size=64K, compression=zstd, backing_file=, backing_fmt=, "
     "and any option the format defines.  Repeatable.",
 )
-@click.option("-b", "--backing", "backing_file", metavar="BACKING", help="Create an overlay of BACKING.")
+@click.option("-b", "--backing", "backing_file", metavar="BACKING[@SNAP]",
+              help="Create an overlay of BACKING (or of its snapshot SNAP); a relative BACKING is relative "
+              "to FILENAME's directory, as in qemu-img.")
 @click.option("-F", "--backing-format", "backing_format", metavar="FMT", help="BACKING's format (required for raw).")
+@unsafe_backing_option()
 @quiet_option()
 @click.argument("filename")
 @click.argument("size", type=SIZE, required=False)
-def create(fmt, opts, backing_file, backing_format, quiet, filename, size):
+def create(fmt, opts, backing_file, backing_format, unsafe_backing, quiet, filename, size):
     """Create a new image FILENAME of SIZE bytes (10G, 512M, ...).
 
-    With -b, SIZE defaults to the backing image's size.  An existing FILENAME is
-    never overwritten.
+    With -b, SIZE defaults to the backing image's size, and BACKING must lie where
+    vdisk follows backing files (FILENAME's directory or below, or a directory in
+    VDISK_BACKING_DIRS) unless --unsafe-backing.  An existing FILENAME is never
+    overwritten.
     """
     kw = parse_o_options(opts)
     backing_file = backing_file or kw.pop("backing_file", None)
@@ -498,7 +503,23 @@ def create(fmt, opts, backing_file, backing_format, quiet, filename, size):
         raise UsageError("-F needs a backing file (-b)")
     if size is None and not backing_file:
         raise UsageError("a size is needed (or a backing file to take it from with -b)")
-    _block.create(filename, size, format=fmt, backing_file=backing_file, backing_format=backing_format, **kw)
+    if backing_file:
+        from .ops.chain import backing_spec
+
+        backing_file, snap = backing_spec(filename, backing_file)
+        if snap is not None:
+            from .ops.chain import clone as _clone
+
+            if backing_format not in (None, "vdk") or size is not None or kw:
+                raise UsageError("-b BACKING@SNAP makes a linked clone of the snapshot: "
+                                 "no -F other than vdk, no size and no -o")
+            _clone(os.path.join(os.path.dirname(os.path.abspath(filename)), backing_file) + "@" + snap,
+                   filename, fmt=fmt, unsafe_backing=unsafe_backing)
+            if not quiet:
+                click.echo(f"Formatting '{filename}', fmt={fmt} backing_file={backing_file}@{snap}")
+            return
+    _block.create(filename, size, format=fmt, backing_file=backing_file, backing_format=backing_format,
+                  unsafe_backing=unsafe_backing, **kw)
     if not quiet:
         if size is None:
             with contextlib.suppress(VdiskError, OSError):
@@ -592,45 +613,82 @@ def map_(fmt, output, start_offset, max_length, unsafe_backing, force_share, fil
 @format_option()
 @output_option()
 @click.option("-r", "--repair", type=click.Choice(["leaks", "all"]), default=None, help="Repair leaks, or everything.")
+@unsafe_backing_option()
+@force_share_option()
 @click.argument("filename")
 @click.pass_context
-def check(ctx, fmt, output, repair, filename):
-    """Check an image's metadata and data checksums.
+def check(ctx, fmt, output, repair, unsafe_backing, force_share, filename):
+    """Check an image's metadata and data checksums, and its whole backing chain:
+    a backing file that is missing, loops or lies outside the allowed directories is
+    an error (exit 1), and each backing image's metadata is checked too.  For a vdk
+    image, holds on its snapshots whose holder is gone count as leaks (-r leaks
+    releases them).  Repairs apply to FILENAME only.
 
     Exit codes: 0 clean, 2 corruptions found, 3 only leaked clusters, 1 error
-    (e.g. the format has no check, as raw).
+    (e.g. the format has no check, as raw, or the chain cannot be opened).
 
     \b
     JSON keys: filename, format, result ("clean" | "leaks" | "corrupt"),
       corruptions, leaks (counts), leaked_clusters, corruption_messages,
       leak_messages, repaired (messages), checked_clusters,
-      allocated_clusters, fragmented_clusters, compressed_clusters.
+      allocated_clusters, compressed_clusters; backing: the same keys for
+      each backing image, top to base.
     """
-    with open_image(filename, fmt=fmt, read_only=repair is None, backing=False) as img:
-        try:
-            res = img.check(repair=repair)
-        except NotSupported:
-            raise NotSupported(f"{filename}: the {img.format} format has no consistency check") from None
-        data = {
-            "filename": filename,
+    if repair and force_share:
+        raise UsageError("-r repairs the image and -U shares it with a writer: not both")
+    from .ops.chain import release_stale_holds, stale_holds
+
+    results = []
+    with open_image(filename, fmt=fmt, read_only=repair is None, unsafe_backing=unsafe_backing,
+                    force_share=force_share) as top:
+        for depth, img in enumerate(top.chain()):
+            try:
+                res = img.check(repair=repair if depth == 0 else None)
+            except NotSupported:
+                if depth == 0:
+                    raise NotSupported(f"{filename}: the {img.format} format has no consistency check") from None
+                continue
+            results.append((img, res, bool(repair) and depth == 0))
+    entries = []
+    worst = 0
+    for img, res, stale_release in results:
+        leaks = list(res.leaks)
+        repaired = list(res.repaired)
+        if img.format == "vdk" and img.snapshot is None:
+            if stale_release:
+                repaired += release_stale_holds(img.filename)
+            leaks += [f"a hold that nothing uses: {h.reason}" for h in stale_holds(img.filename)]
+        code = 2 if res.corruptions else 3 if leaks else 0
+        if code == 2 or (code == 3 and worst != 2):
+            worst = code
+        entries.append({
+            "filename": img.filename if entries else filename,
             "format": img.format,
-            "result": {0: "clean", 2: "corrupt", 3: "leaks"}[res.exit_code],
+            "result": {0: "clean", 2: "corrupt", 3: "leaks"}[code],
             "corruptions": len(res.corruptions),
-            "leaks": len(res.leaks),
+            "leaks": len(leaks),
             "leaked_clusters": res.leaked_clusters,
             "corruption_messages": list(res.corruptions),
-            "leak_messages": list(res.leaks),
-            "repaired": list(res.repaired),
+            "leak_messages": leaks,
+            "repaired": repaired,
             "checked_clusters": res.checked_clusters,
             "allocated_clusters": res.allocated_clusters,
-            "fragmented_clusters": res.fragmented_clusters,
             "compressed_clusters": res.compressed_clusters,
-        }
+        })
+    data = dict(entries[0])
+    data["backing"] = entries[1:]
     emit(output, data, _render_check)
-    ctx.exit(res.exit_code)
+    ctx.exit(worst)
 
 
 def _render_check(d: dict) -> str:
+    out = [_render_check_one(d)]
+    for b in d.get("backing", ()):
+        out.append(f"\nBacking image {b['filename']} ({b['format']}):\n" + _render_check_one(b))
+    return "\n".join(out)
+
+
+def _render_check_one(d: dict) -> str:
     lines = [f"ERROR {m}" for m in d["corruption_messages"]]
     lines += [f"Leak: {m}" for m in d["leak_messages"]]
     lines += [f"Repaired: {m}" for m in d["repaired"]]
@@ -650,7 +708,7 @@ def _render_check(d: dict) -> str:
     if d["checked_clusters"] or d["allocated_clusters"]:
         lines.append(
             f"{d['checked_clusters']} clusters checked; {d['allocated_clusters']} allocated, "
-            f"{d['fragmented_clusters']} fragmented, {d['compressed_clusters']} compressed"
+            f"{d['compressed_clusters']} compressed"
         )
     return "\n".join(lines)
 

@@ -38,7 +38,11 @@ MAX_SNAPSHOT_TABLE = 64 << 20
 
 # feature bits
 INCOMPAT_CORRUPT = 1 << 0  # a writer found corruption: open read-only only
-KNOWN_INCOMPAT = INCOMPAT_CORRUPT
+INCOMPAT_IDENTITY = 1 << 1  # the header carries an image id; snapshot records list their holders
+KNOWN_INCOMPAT = INCOMPAT_CORRUPT | INCOMPAT_IDENTITY
+IMAGE_ID_SIZE = 16
+MAX_HOLDER_PATH = 1024
+MAX_HOLDERS = 65535
 KNOWN_COMPAT = 0
 KNOWN_AUTOCLEAR = 0
 
@@ -151,6 +155,8 @@ class Header:
     backing_name: str = ""
     backing_format: str = ""
     backing_snapshot: str = ""
+    #: 16 bytes with INCOMPAT_IDENTITY, else empty
+    image_id: bytes = b""
     version: int = VERSION
 
     @property
@@ -170,7 +176,11 @@ class Header:
             raise ValueError("a backing file needs its format")
         if b"\0" in name or b"\0" in fmt or b"\0" in snap:
             raise ValueError("NUL byte in the backing reference")
-        tail = name + fmt + snap
+        if bool(self.incompatible_features & INCOMPAT_IDENTITY) != (len(self.image_id) == IMAGE_ID_SIZE):
+            raise ValueError("an image id goes with the identity feature bit, and only with it")
+        if self.image_id and not any(self.image_id):
+            raise ValueError("an image id is never all zeros")
+        tail = name + fmt + snap + self.image_id
         length = _align(HEADER_FIXED + len(tail), 8) + 8
         fixed = _HEADER.pack(
             MAGIC, self.version, length, self.generation, self.incompatible_features,
@@ -206,7 +216,8 @@ class Header:
             raise CorruptImage("header checksum mismatch")
         if check_features:  # before the fields: another version may define them otherwise
             check_header_features(version, incompat)
-        if name_len > MAX_BACKING_NAME or fmt_len > MAX_BACKING_FORMAT or HEADER_FIXED + name_len + fmt_len + snap_len > length - 8:
+        id_len = IMAGE_ID_SIZE if incompat & INCOMPAT_IDENTITY else 0
+        if name_len > MAX_BACKING_NAME or fmt_len > MAX_BACKING_FORMAT or HEADER_FIXED + name_len + fmt_len + snap_len + id_len > length - 8:
             raise CorruptImage("backing reference in the header is too long")
         pos = HEADER_FIXED
         try:
@@ -215,6 +226,10 @@ class Header:
             snap = slot[pos + name_len + fmt_len:pos + name_len + fmt_len + snap_len].decode()
         except UnicodeDecodeError:
             raise CorruptImage("backing reference in the header is not valid UTF-8") from None
+        id_pos = pos + name_len + fmt_len + snap_len
+        image_id = bytes(slot[id_pos:id_pos + id_len])
+        if id_len and not any(image_id):
+            raise CorruptImage("image id is all zeros")
         if "\0" in name or "\0" in snap or "\0" in fmt:
             raise CorruptImage("backing reference contains a NUL byte")
         if name and not fmt:
@@ -229,7 +244,7 @@ class Header:
             host_clusters=host_clusters, compression_type=ctype, compression_level=clevel,
             incompatible_features=incompat, compatible_features=compat, autoclear_features=autoclear & KNOWN_AUTOCLEAR,
             dedup_table_offset=dd_off, dedup_table_length=dd_len, dedup_table_checksum=dd_sum,
-            backing_name=name, backing_format=fmt, backing_snapshot=snap, version=version,
+            backing_name=name, backing_format=fmt, backing_snapshot=snap, image_id=image_id, version=version,
         )
 
 
@@ -341,10 +356,30 @@ _SNAP = struct.Struct("<QQqQQIIQIHH")  # 64 bytes fixed
 SNAPSHOT_FIELDS = {
     "id": (0, 8), "generation": (8, 8), "create_time_ns": (16, 8), "virtual_size": (24, 8), "l1_offset": (32, 8),
     "l1_entries": (40, 4), "flags": (44, 4), "l1_checksum": (48, 8), "holds": (56, 4), "name_length": (60, 2),
-    "reserved": (62, 2),
+    "holder_count": (62, 2),
 }
+_HOLDER = struct.Struct("<16sH")  # image id, path length; the path follows
+HOLDER_FIELDS = {"image_id": (0, 16), "path_length": (16, 2)}
 SNAP_HIDDEN = 1 << 0  # deleted by the user but kept while linked clones hold it
 KNOWN_SNAP_FLAGS = SNAP_HIDDEN
+
+
+@dataclass(frozen=True)
+class HolderRecord:
+    """An image that depends on a snapshot: its id, and where it was made, relative to
+    the directory of the image holding the snapshot (a hint for finding it again)."""
+
+    image_id: bytes
+    path: str
+
+    def encode(self) -> bytes:
+        path = self.path.encode()
+        if len(self.image_id) != IMAGE_ID_SIZE or not any(self.image_id):
+            raise ValueError("a holder needs a 16-byte image id")
+        if not 0 < len(path) <= MAX_HOLDER_PATH or b"\0" in path:
+            raise ValueError("holder path length out of range")
+        rec = _HOLDER.pack(self.image_id, len(path)) + path
+        return rec + bytes(_align(len(rec), 8) - len(rec))
 
 
 @dataclass(frozen=True)
@@ -358,22 +393,30 @@ class SnapshotRecord:
     l1_entries: int
     l1_checksum: int
     flags: int = 0
+    #: every hold on the snapshot; ``holds - len(holders)`` were counted without an id (vdisk 0.1)
     holds: int = 0
+    holders: tuple[HolderRecord, ...] = ()
 
     def encode(self) -> bytes:
         name = self.name.encode()
         if not 0 < len(name) <= MAX_SNAPSHOT_NAME:
             raise ValueError("snapshot name length out of range")
+        if len(self.holders) > min(self.holds, MAX_HOLDERS):
+            raise ValueError("more holder records than holds")
         rec = _SNAP.pack(self.id, self.generation, self.create_time_ns, self.virtual_size, self.l1_offset,
-                         self.l1_entries, self.flags, self.l1_checksum, self.holds, len(name), 0) + name
-        return rec + bytes(_align(len(rec), 8) - len(rec))
+                         self.l1_entries, self.flags, self.l1_checksum, self.holds, len(name),
+                         len(self.holders)) + name
+        rec += bytes(_align(len(rec), 8) - len(rec))
+        return rec + b"".join(h.encode() for h in self.holders)
 
 
 def encode_snapshot_table(records) -> bytes:
     return b"".join(r.encode() for r in records)
 
 
-def decode_snapshot_table(buf: bytes, count: int) -> list[SnapshotRecord]:
+def decode_snapshot_table(buf: bytes, count: int, *, identity: bool = True) -> list[SnapshotRecord]:
+    """Decode ``count`` records.  ``identity`` says the header has INCOMPAT_IDENTITY;
+    without it, ``holder_count`` is reserved and must be zero."""
     out = []
     pos = 0
     seen_ids: set[int] = set()
@@ -381,7 +424,7 @@ def decode_snapshot_table(buf: bytes, count: int) -> list[SnapshotRecord]:
     for _ in range(count):
         if pos + _SNAP.size > len(buf):
             raise CorruptImage("snapshot table is shorter than its snapshot count")
-        (sid, gen, ctime, vsize, l1_off, l1_n, flags, l1_sum, holds, name_len, _r) = _SNAP.unpack_from(buf, pos)
+        (sid, gen, ctime, vsize, l1_off, l1_n, flags, l1_sum, holds, name_len, n_holders) = _SNAP.unpack_from(buf, pos)
         if not 0 < name_len <= MAX_SNAPSHOT_NAME or pos + _SNAP.size + name_len > len(buf):
             raise CorruptImage(f"snapshot {sid} has a name length of {name_len}")
         try:
@@ -394,11 +437,32 @@ def decode_snapshot_table(buf: bytes, count: int) -> list[SnapshotRecord]:
             raise UnsupportedFeature(f"snapshot {name!r} has unknown flags 0x{flags:x}")
         if sid in seen_ids or (name in seen_names and not flags & SNAP_HIDDEN):
             raise CorruptImage(f"snapshot table has a duplicate snapshot {name!r} (id {sid})")
+        if n_holders and not identity:
+            raise CorruptImage(f"snapshot {sid} lists holders in an image without the identity feature")
+        if n_holders > holds:
+            raise CorruptImage(f"snapshot {sid} lists {n_holders} holders but counts {holds} holds")
         seen_ids.add(sid)
         if not flags & SNAP_HIDDEN:
             seen_names.add(name)
-        out.append(SnapshotRecord(sid, name, gen, ctime, vsize, l1_off, l1_n, l1_sum, flags, holds))
         pos += _align(_SNAP.size + name_len, 8)
+        holders = []
+        seen_holders: set[bytes] = set()
+        for _h in range(n_holders):
+            if pos + _HOLDER.size > len(buf):
+                raise CorruptImage(f"snapshot {sid}: holder records run past the snapshot table")
+            hid, plen = _HOLDER.unpack_from(buf, pos)
+            if not 0 < plen <= MAX_HOLDER_PATH or pos + _HOLDER.size + plen > len(buf):
+                raise CorruptImage(f"snapshot {sid}: a holder path length of {plen}")
+            try:
+                hpath = buf[pos + _HOLDER.size:pos + _HOLDER.size + plen].decode()
+            except UnicodeDecodeError:
+                raise CorruptImage(f"snapshot {sid}: a holder path that is not UTF-8") from None
+            if "\0" in hpath or not any(hid) or hid in seen_holders:
+                raise CorruptImage(f"snapshot {sid}: an invalid or duplicate holder record")
+            seen_holders.add(hid)
+            holders.append(HolderRecord(bytes(hid), hpath))
+            pos += _align(_HOLDER.size + plen, 8)
+        out.append(SnapshotRecord(sid, name, gen, ctime, vsize, l1_off, l1_n, l1_sum, flags, holds, tuple(holders)))
     if pos != len(buf):
         raise CorruptImage("snapshot table length does not match its records")
     return out

@@ -5,16 +5,17 @@ from __future__ import annotations
 import click
 
 from vdisk import block
-from vdisk.cli import progress_bar, progress_option
+from vdisk.cli import progress_bar, progress_option, unsafe_backing_option
 from vdisk.ops.chain import flatten as _flatten
 
 
 @click.command()
+@unsafe_backing_option()
 @progress_option()
 @click.argument("filename")
-def flatten(progress, filename):
+def flatten(unsafe_backing, progress, filename):
     """Copy everything FILENAME reads from its backing chain into it and drop the backing reference."""
     with block.open(filename, read_only=True, backing=False) as img:
         size = img.size
     with progress_bar(size, "flatten", force=progress) as bar:
-        _flatten(filename, progress=bar.update)
+        _flatten(filename, progress=bar.update, unsafe_backing=unsafe_backing)

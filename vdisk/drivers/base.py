@@ -54,6 +54,15 @@ class BackingRef:
 
 
 @dataclass(frozen=True)
+class Holder:
+    """An image that depends on a snapshot (a linked clone): its identity and where it
+    was, relative to the directory of the image that holds the snapshot."""
+
+    image_id: str  # 32 lower-case hex digits (a UUID without dashes)
+    path: str
+
+
+@dataclass(frozen=True)
 class SnapshotInfo:
     id: int
     name: str
@@ -63,6 +72,8 @@ class SnapshotInfo:
     unique_bytes: int | None = None  # host bytes only this snapshot references
     holds: int = 0  # linked clones that depend on this snapshot
     extra: dict = field(default_factory=dict)
+    holders: tuple[Holder, ...] = ()  # those of the holds recorded by identity
+    hidden: bool = False  # deleted by the user, kept for its holders
 
 
 @dataclass
@@ -75,7 +86,6 @@ class CheckResult:
     repaired: list[str] = field(default_factory=list)
     checked_clusters: int = 0
     allocated_clusters: int = 0
-    fragmented_clusters: int = 0
     compressed_clusters: int = 0
 
     @property
@@ -93,6 +103,8 @@ class CreateOptions:
     compression: str | None = None  # None or "none": off; "zstd" (vdk, qcow2), "zlib" (qcow2)
     backing: BackingRef | None = None
     extra: dict = field(default_factory=dict)  # format-specific -o options, already split
+    #: the new image's identity (32 hex digits), for formats that record one; None: a new random one
+    image_id: str | None = None
 
 
 class BackingReader(Protocol):
@@ -123,6 +135,8 @@ class BlockDriver(abc.ABC):
     cluster_size: int
     #: the backing image this one names, or None
     backing_ref: BackingRef | None = None
+    #: the image's identity (32 hex digits), where the format records one; else None
+    image_id: str | None = None
     read_only: bool = True
     host: HostStorage
 
@@ -227,19 +241,23 @@ class BlockDriver(abc.ABC):
         return None
 
     # snapshots (optional)
-    def snapshot_list(self, *, space: bool = False) -> list[SnapshotInfo]:
-        """Snapshots oldest first; ``space`` fills in ``unique_bytes`` where the format can."""
+    def snapshot_list(self, *, space: bool = False, hidden: bool = False) -> list[SnapshotInfo]:
+        """Snapshots oldest first; ``space`` fills in ``unique_bytes`` where the format can;
+        ``hidden`` includes snapshots deleted by the user but kept for their holders."""
         return []
 
     def has_snapshots(self) -> bool:
         """True if any snapshot exists, also one deleted but kept for linked clones."""
         return bool(self.snapshot_list())
 
-    def snapshot_hold(self, name: str, delta: int) -> SnapshotInfo:
-        """Count a linked clone that depends on snapshot ``name`` (delta +1) or drop one
-        (-1).  A snapshot with holds survives ``snapshot_delete`` hidden until its last
-        hold goes."""
-        raise NotSupported(f"{self.format_name} images cannot hold snapshots for linked clones")
+    def snapshot_hold(self, name: str, delta: int, holder: Holder | None = None) -> SnapshotInfo:
+        """Record that ``holder`` (a linked clone) depends on snapshot ``name`` (delta +1),
+        or that it no longer does (-1; only ``holder.image_id`` counts, and None drops a
+        hold recorded without an identity).  Dropping a hold that is not there raises
+        ``SnapshotNotFound``.  A snapshot with holds survives ``snapshot_delete`` hidden
+        until its last hold goes.  Formats that cannot record holds raise
+        ``NotSupported``: nothing may then depend on their snapshots."""
+        raise NotSupported(f"{self.format_name} images cannot record that a clone depends on their snapshots")
 
     def snapshot_create(self, name: str) -> SnapshotInfo:
         raise NotSupported(f"{self.format_name} images have no internal snapshots")

@@ -1,21 +1,30 @@
 """Operations on chains of images: linked and full clones, commit, rebase, flatten, remove.
 
-All of them work through the ``Image`` API.  A linked clone of a vdk image is an
-overlay whose backing reference names a snapshot of the source by id (``#N``), and
-the source counts the clone as a *hold* on that snapshot: deleting the snapshot
-then only hides it, and its data stays until the last clone holding it is
-flattened, rebased elsewhere or removed with ``vdisk rm``.
+All of them work through the ``Image`` API and open chains only through
+:func:`vdisk.open`, which enforces the backing-reference policy; none lifts it
+except when its caller passes ``unsafe_backing``.
+
+A linked clone of a vdk image is an overlay whose backing reference names a
+snapshot of the source by id (``#N``), and the source records the clone as a
+*holder* of that snapshot, by the clone's identity (the image id in its header)
+and the place it was made (relative to the source's directory).  Deleting the
+snapshot then only hides it, and its data stays until the last holder is
+flattened, rebased elsewhere or removed with ``vdisk rm``.  A file copied with
+``cp`` keeps the identity of its original; ``rm`` of such a copy releases nothing
+while the original is still at its recorded place.  Formats that cannot record a
+holder (raw, qcow2) cannot be the source of a clone of a snapshot.
 """
 
 from __future__ import annotations
 
 import os
+import uuid
 from dataclasses import dataclass
 from typing import Callable
 
 from .. import block
-from ..drivers.base import BackingRef, SnapshotInfo, Status
-from ..errors import BackingError, ImageLocked, ImageNotFound, UsageError, VdiskError
+from ..drivers.base import BackingRef, Holder, SnapshotInfo, Status
+from ..errors import BackingError, ImageLocked, ImageNotFound, SnapshotNotFound, UsageError, VdiskError
 
 ProgressFn = Callable[[int], None]
 CHUNK = 4 << 20
@@ -28,7 +37,21 @@ def split_snapshot_spec(spec: str) -> tuple[str, str | None]:
     path, _, snap = spec.rpartition("@")
     if not snap:
         raise UsageError(f"{spec}: empty snapshot name after '@'")
+    if not path:
+        raise UsageError(f"{spec}: no image before '@'")
     return path, snap
+
+
+def backing_spec(image: str, spec: str) -> tuple[str, str | None]:
+    """A ``-b BACKING[@SNAP]`` value as qemu-img reads it: a relative BACKING is
+    relative to ``image``'s directory.  Returns (BACKING as given, SNAP)."""
+    base_dir = os.path.dirname(os.path.abspath(image))
+    if "@" in spec and not os.path.exists(os.path.join(base_dir, spec)):
+        path, _, snap = spec.rpartition("@")
+        if not snap or not path:
+            raise UsageError(f"{spec}: expected BACKING@SNAPSHOT")
+        return path, snap
+    return spec, None
 
 
 _NO_MOUNT = object()
@@ -65,7 +88,29 @@ def _snapshot_from(res) -> SnapshotInfo:
     if isinstance(res, SnapshotInfo):
         return res
     return SnapshotInfo(id=res["id"], name=res["name"], created=res["created"], size=res["size"],
-                        generation=res.get("generation", 0), holds=res.get("holds", 0))
+                        generation=res.get("generation", 0), holds=res.get("holds", 0),
+                        holders=tuple(Holder(h["image_id"], h["path"]) for h in res.get("holders", ())),
+                        hidden=bool(res.get("hidden", False)))
+
+
+def _hold(base: str, snap: str, holder: Holder | None, delta: int) -> SnapshotInfo:
+    args = {"name": snap, "delta": delta}
+    if holder is not None:
+        args["holder"] = {"image_id": holder.image_id, "path": holder.path}
+    return _snapshot_from(with_writable(base, lambda img: img.snapshot_hold(snap, delta, holder),
+                                        ("snapshot-hold", args), fmt="vdk"))
+
+
+def _holder_path(base: str, holder_file: str) -> str:
+    return os.path.relpath(os.path.abspath(holder_file), os.path.dirname(os.path.abspath(base)))
+
+
+def _refuse_unholdable_snapshot(src: str, fmt: str, snap: str | None) -> None:
+    if snap is not None and fmt != "vdk":
+        raise UsageError(
+            f"{src}: a {fmt} image cannot record that a clone depends on its snapshot {snap!r}, so the snapshot "
+            "could be deleted under the clone (qemu-img snapshot -d would do it); make a full copy instead "
+            "(vdisk clone --full, or vdisk convert), or convert the image to vdk first")
 
 
 # ------------------------------------------------------------------------------ clone
@@ -79,47 +124,59 @@ class CloneResult:
 
 
 def clone(src_spec: str, dst: str, *, full: bool = False, compression: str | None = None,
-          progress: ProgressFn | None = None) -> CloneResult:
+          progress: ProgressFn | None = None, fmt: str = "vdk", unsafe_backing: bool = False) -> CloneResult:
     """``vdisk clone SRC[@SNAP] DST``: a linked clone (O(1), shares data with SRC's
-    snapshot) or, with ``full``, an independent vdk copy."""
+    snapshot) or, with ``full``, an independent copy, in format ``fmt``."""
     src, snap = split_snapshot_spec(src_spec)
     if not os.path.exists(src):
         raise ImageNotFound(f"{src}: no such file")
     if os.path.lexists(dst):
         raise UsageError(f"{dst}: exists already; refusing to overwrite it")
-    fmt = block.detect_format(src)
+    src_fmt = block.detect_format(src)
     if full:
         from .convert import convert
 
-        with block.open(src, read_only=True, format=fmt, snapshot=snap) as img:
-            cluster = img.cluster_size if fmt == "vdk" else None
-            convert(img, dst, format="vdk", cluster_size=cluster, compression=compression, progress=progress,
+        with block.open(src, read_only=True, format=src_fmt, snapshot=snap, unsafe_backing=unsafe_backing) as img:
+            cluster = img.cluster_size if src_fmt == fmt else None
+            convert(img, dst, format=fmt, cluster_size=cluster, compression=compression, progress=progress,
                     durable=True)
             return CloneResult(dst, False, src, snap, img.size)
+    _refuse_unholdable_snapshot(src, src_fmt, snap)
+    abs_src = os.path.abspath(src)
+    if src_fmt != "vdk":
+        # raw and qcow2: an overlay on the file as it is (as qemu-img create -b); no holds
+        block.create(dst, None, format=fmt, backing_file=abs_src, backing_format=src_fmt,
+                     unsafe_backing=unsafe_backing)
+        with block.open(dst, read_only=True, backing=False) as img:
+            return CloneResult(dst, True, src, None, img.size)
     if fmt != "vdk":
-        # raw and qcow2: an overlay on the file (or on a qcow2 snapshot by name); no holds
-        block.create(dst, None, format="vdk", backing_file=src, backing_format=fmt, backing_snapshot=snap)
-        with block.open(dst, read_only=True) as img:
-            return CloneResult(dst, True, src, snap, img.size)
+        raise UsageError(f"a linked clone of a vdk image is a vdk overlay on one of its snapshots; a {fmt} "
+                         f"image cannot name a snapshot of its backing file (use --full for a {fmt} copy)")
+    # Refuse what block.create would refuse before anything is written into the source.
+    block.check_backing_allowed(dst, abs_src, unsafe_backing=unsafe_backing)
     if snap is None:
         snap = _auto_snapshot(src, dst)
-    info = _snapshot_from(with_writable(src, lambda img: img.snapshot_hold(snap, +1),
-                                        ("snapshot-hold", {"name": snap, "delta": 1}), fmt="vdk"))
+    holder = Holder(uuid.uuid4().hex, _holder_path(src, dst))
+    # The hold is committed before the clone exists: a crash in between leaves a hold
+    # whose holder is missing (found and released by `vdisk check -r leaks`), never a
+    # clone whose snapshot can vanish.
+    info = _hold(src, snap, holder, +1)
     try:
         with block.open(src, read_only=True, format="vdk", snapshot=f"#{info.id}") as view:
             cluster = view.cluster_size
-        block.create(dst, info.size, format="vdk", cluster_size=cluster, backing_file=src, backing_format="vdk",
-                     backing_snapshot=f"#{info.id}")
+        block.create(dst, info.size, format="vdk", cluster_size=cluster, backing_file=abs_src,
+                     backing_format="vdk", backing_snapshot=f"#{info.id}", unsafe_backing=unsafe_backing,
+                     image_id=holder.image_id)
     except BaseException:
-        with_writable(src, lambda img: img.snapshot_hold(f"#{info.id}", -1),
-                      ("snapshot-hold", {"name": f"#{info.id}", "delta": -1}), fmt="vdk")
+        _hold(src, f"#{info.id}", holder, -1)
         raise
     return CloneResult(dst, True, src, info.name, info.size)
 
 
 def _auto_snapshot(src: str, dst: str) -> str:
     """Cloning the live state of a vdk image: snapshot it first, so the source stays writable."""
-    base = "clone-" + os.path.basename(dst).replace("/", "_").lstrip("#") or "clone"
+    base = "clone-" + os.path.basename(dst).replace("/", "_").replace("@", "_").lstrip("#") or "clone"
+    base = base.encode()[:200].decode(errors="ignore")
 
     def make(img: block.Image) -> str:
         names = {s.name for s in img.snapshot_list()}
@@ -130,24 +187,166 @@ def _auto_snapshot(src: str, dst: str) -> str:
         img.snapshot_create(name)
         return name
 
-    def remote_name() -> str:
-        return base  # a mounted image: ask once with the plain name
-
-    res = with_writable(src, make, ("snapshot-create", {"name": remote_name()}), fmt="vdk")
+    res = with_writable(src, make, ("snapshot-create", {"name": base}), fmt="vdk")
     return res if isinstance(res, str) else _snapshot_from(res).name
 
 
-def _release_hold(overlay_path: str, ref: BackingRef | None) -> None:
+# ------------------------------------------------------------------------------ holds
+@dataclass(frozen=True)
+class HoldPlan:
+    """What removing (or rebasing) an overlay does to the hold it has on its base."""
+
+    base: str  # the base image's path
+    snapshot: str  # selector of the held snapshot
+    holder: Holder | None  # None: a hold counted without identity (vdisk 0.1)
+    copy_of: str | None = None  # the overlay is a copy of this holder: release nothing
+
+
+def _image_id_of(path: str) -> str | None:
+    try:
+        with block.open(path, read_only=True, backing=False, force_share=True) as img:
+            return img.driver.image_id
+    except VdiskError:
+        return None
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def hold_plan(overlay_path: str, ref: BackingRef | None, image_id: str | None) -> HoldPlan | None:
+    """Which hold ``overlay_path`` (with backing reference ``ref`` and identity
+    ``image_id``) has on its base, if any; decided before the overlay changes."""
     if ref is None or ref.format != "vdk" or not ref.snapshot or not ref.snapshot.startswith("#"):
-        return
+        return None
     base = block.resolve_backing_path(overlay_path, ref)
     if not os.path.exists(base):
+        return None  # the base is gone already: nothing is held
+    if image_id is None:
+        return HoldPlan(base, ref.snapshot, None)
+    try:
+        with block.open(base, read_only=True, format="vdk", backing=False, force_share=True) as b:
+            snaps = {f"#{s.id}": s for s in b.snapshot_list(hidden=True)}
+    except VdiskError as exc:
+        raise BackingError(f"{overlay_path}: cannot read the holds of its base {base}: {exc}") from None
+    rec = snaps.get(ref.snapshot)
+    mine = [h for h in rec.holders if h.image_id == image_id] if rec else []
+    if not mine:
+        if rec is not None and rec.holds > len(rec.holders):
+            return HoldPlan(base, ref.snapshot, None)  # made by vdisk 0.1, held without identity
+        return None
+    recorded = os.path.join(os.path.dirname(os.path.abspath(base)), mine[0].path)
+    if not _same_file(recorded, overlay_path) and os.path.exists(recorded) and _image_id_of(recorded) == image_id:
+        return HoldPlan(base, ref.snapshot, mine[0], copy_of=recorded)
+    return HoldPlan(base, ref.snapshot, mine[0])
+
+
+def release(plan: HoldPlan | None, what: str) -> None:
+    """Carry out ``plan`` after the overlay let go of its base.  A release that fails
+    is an error naming what is left held, never silence."""
+    if plan is None or plan.copy_of is not None:
         return
     try:
-        with_writable(base, lambda img: img.snapshot_hold(ref.snapshot, -1),
-                      ("snapshot-hold", {"name": ref.snapshot, "delta": -1}), fmt="vdk")
-    except VdiskError:
-        pass  # the base's snapshot is gone already: nothing is held
+        if plan.holder is None:
+            _hold(plan.base, plan.snapshot, None, -1)
+        else:
+            _hold(plan.base, plan.snapshot, Holder(plan.holder.image_id, plan.holder.path), -1)
+    except SnapshotNotFound:
+        return  # released already (by check -r, or a retried command)
+    except VdiskError as exc:
+        raise VdiskError(f"{what}, but its hold on {plan.base} snapshot {plan.snapshot} stays: {exc}; "
+                         f"`vdisk check -r leaks {plan.base}` releases holds whose holder is gone") from None
+
+
+@dataclass(frozen=True)
+class Dependant:
+    """An image that reads through another: a holder of one of its snapshots, or an
+    overlay on it found next to it."""
+
+    path: str
+    snapshot: str | None  # the snapshot it depends on (name, or #id when hidden)
+    present: bool  # found at its recorded place with its identity
+
+
+def dependants(path: str) -> list[Dependant]:
+    """Images that depend on ``path``: the holders its snapshots record (vdk), and
+    overlays in its own directory whose backing file is ``path``."""
+    out: list[Dependant] = []
+    seen: set[str] = set()
+    fmt = block.detect_format(path)
+    base_dir = os.path.dirname(os.path.abspath(path))
+    if fmt == "vdk":
+        with block.open(path, read_only=True, format="vdk", backing=False, force_share=True) as img:
+            snaps = img.snapshot_list(hidden=True)
+        for s in snaps:
+            label = f"#{s.id}" if s.hidden else s.name
+            for h in s.holders:
+                where = os.path.normpath(os.path.join(base_dir, h.path))
+                present = os.path.exists(where) and _image_id_of(where) == h.image_id
+                out.append(Dependant(where, label, present))
+                seen.add(where)
+            for _ in range(s.holds - len(s.holders)):
+                out.append(Dependant("(a clone made by vdisk 0.1, identity not recorded)", label, False))
+    try:
+        names = sorted(os.listdir(base_dir))
+    except OSError:
+        names = []
+    for name in names[:100000]:
+        cand = os.path.join(base_dir, name)
+        if cand in seen or not os.path.isfile(cand) or _same_file(cand, path):
+            continue
+        try:
+            cfmt = block.detect_format(cand)
+            if cfmt == "raw":
+                continue
+            with block.open(cand, read_only=True, format=cfmt, backing=False, force_share=True) as o:
+                ref = o.driver.backing_ref
+        except VdiskError:
+            continue
+        if ref is not None and _same_file(block.resolve_backing_path(cand, ref), path):
+            out.append(Dependant(os.path.normpath(cand), ref.snapshot, True))
+            seen.add(os.path.normpath(cand))
+    return out
+
+
+@dataclass(frozen=True)
+class StaleHold:
+    snapshot: str
+    holder: Holder | None  # None: a hold without identity
+    reason: str
+
+
+def stale_holds(path: str) -> list[StaleHold]:
+    """Holds on ``path``'s snapshots whose holder is not at its recorded place with
+    its identity (deleted by hand, or a clone whose creation was cut short)."""
+    out = []
+    base_dir = os.path.dirname(os.path.abspath(path))
+    with block.open(path, read_only=True, format="vdk", backing=False, force_share=True) as img:
+        snaps = img.snapshot_list(hidden=True)
+    for s in snaps:
+        label = f"#{s.id}" + ("" if s.hidden else f" ({s.name})")
+        for h in s.holders:
+            where = os.path.normpath(os.path.join(base_dir, h.path))
+            if not os.path.exists(where):
+                out.append(StaleHold(f"#{s.id}", h, f"snapshot {label}: holder {h.image_id} is not at {where}"))
+            elif _image_id_of(where) != h.image_id:
+                out.append(StaleHold(f"#{s.id}", h, f"snapshot {label}: {where} is not holder {h.image_id}"))
+    return out
+
+
+def release_stale_holds(path: str) -> list[str]:
+    """Release every hold :func:`stale_holds` finds; returns what was released."""
+    done = []
+    for st in stale_holds(path):
+        try:
+            _hold(path, st.snapshot, st.holder, -1)
+        except SnapshotNotFound:
+            continue
+        done.append(f"released a hold whose holder is gone ({st.reason})")
+    return done
 
 
 # ------------------------------------------------------------------------------ commit
@@ -155,38 +354,60 @@ def _extents(img: block.Image, want) -> list[tuple[int, int, Status]]:
     return [(e.offset, e.length, e.status) for e in img.block_status(0, img.size, chain=False) if e.status in want]
 
 
-def commit(path: str, *, keep: bool = False, progress: ProgressFn | None = None) -> int:
-    """Write the overlay's own clusters into its backing image, then empty the overlay
-    (unless ``keep``).  Returns the number of guest bytes committed."""
-    with block.open(path, backing=False) as top:
-        ref = top.driver.backing_ref
-        if ref is None:
+def commit(path: str, *, keep: bool = False, progress: ProgressFn | None = None, base: str | None = None,
+           unsafe_backing: bool = False) -> int:
+    """Write the overlay's data into its backing image (or, with ``base``, into that
+    deeper image of its chain, together with the data of the images between), then
+    empty the overlay (unless ``keep``; with a deeper ``base`` the overlay is kept, as
+    it still reads correctly and the images between would otherwise show through).
+    Returns the number of guest bytes committed.  An overlay with internal snapshots
+    is refused: they read through the same backing image, and snapshots do not change."""
+    depth = 1
+    with block.open(path, read_only=True, unsafe_backing=unsafe_backing) as probe:
+        if probe.backing is None:
             raise UsageError(f"{path}: has no backing image to commit into")
+        ref = probe.driver.backing_ref
         if ref.snapshot:
             raise UsageError(f"{path}: its backing is snapshot {ref.snapshot} of {ref.filename}; "
                              "snapshots are immutable (use rebase or flatten)")
-        base_path = block.resolve_backing_path(path, ref)
-        with block.open(base_path, format=ref.format, unsafe_backing=True) as base:
-            if top.size > base.size:
-                base.resize(top.size)
-            done = 0
-            for off, n, status in _extents(top, (Status.DATA, Status.ZERO)):
-                n = min(n, base.size - off)
-                if n <= 0:
-                    continue
-                if status == Status.ZERO:
-                    base.write_zeroes(off, n)
-                else:
-                    for pos in range(off, off + n, CHUNK):
-                        m = min(CHUNK, off + n - pos)
-                        base.write(pos, top.read(pos, m))
-                        if progress:
-                            progress(m)
-                done += n
-            base.flush()  # durable in the base before the overlay lets go of it
-        if not keep:
+        if probe.driver.has_snapshots():
+            raise UsageError(f"{path}: has internal snapshots, which read through its backing image; committing "
+                             "would change what they hold: delete them first (vdisk snapshot delete)")
+        if base is not None:
+            nodes = list(probe.chain())[1:]
+            for depth, node in enumerate(nodes, start=1):  # noqa: B007
+                if _same_file(node.filename, base):
+                    break
+            else:
+                raise UsageError(f"{base}: is not in the backing chain of {path}")
+            keep = keep or depth > 1
+    with block.open(path, unsafe_backing=unsafe_backing, writable_depth=depth) as top:
+        target = top
+        for _ in range(depth):
+            target = target.backing
+        if top.size > target.size:
+            target.resize(top.size)
+        done = 0
+        for ext in top.block_status(0, top.size):
+            if ext.depth < 0 or ext.depth >= depth or ext.status == Status.UNALLOCATED:
+                continue  # the target (or below) holds it already, or nothing does
+            n = min(ext.length, target.size - ext.offset)
+            if n <= 0:
+                continue
+            if ext.status == Status.ZERO:
+                target.write_zeroes(ext.offset, n)
+            else:
+                for pos in range(ext.offset, ext.offset + n, CHUNK):
+                    m = min(CHUNK, ext.offset + n - pos)
+                    target.write(pos, top.read(pos, m))
+                    if progress:
+                        progress(m)
+            done += n
+        target.flush()  # durable in the target before the overlay lets go of it
+    if not keep:
+        with block.open(path, backing=False) as top:
             top.make_empty()
-        return done
+    return done
 
 
 # ------------------------------------------------------------------------------ rebase
@@ -197,39 +418,58 @@ def _check_no_loop(path: str, new_base: block.Image) -> None:
 
 
 def rebase(path: str, new_backing: str | None, new_format: str | None = None, *, unsafe: bool = False,
-           progress: ProgressFn | None = None) -> None:
-    """Point ``path`` at ``new_backing`` (``None``: no backing).  Safe mode first copies
-    into the overlay every range where the old and the new backing differ, so the
-    guest content does not change; ``unsafe`` rewrites the reference only."""
+           progress: ProgressFn | None = None, unsafe_backing: bool = False) -> None:
+    """Point ``path`` at ``new_backing`` (``None``: no backing; a path as the caller
+    sees it, optionally ``@SNAP``).  Safe mode first copies into the overlay every
+    range where the old and the new backing differ, so the guest content does not
+    change; ``unsafe`` rewrites the reference only (the new backing need not exist
+    yet).  The new backing must lie where :func:`vdisk.open` follows backing files,
+    unless ``unsafe_backing``."""
     new_path, new_snap = split_snapshot_spec(new_backing) if new_backing else (None, None)
     if new_path is not None:
         if not os.path.exists(new_path):
-            raise ImageNotFound(f"new backing file {new_path}: no such file")
-        if new_format is None:
+            if not unsafe:
+                raise ImageNotFound(f"new backing file {new_path}: no such file")
+            if new_format is None:
+                raise UsageError(f"new backing file {new_path} does not exist yet: give its format with -F")
+            if new_snap is not None:
+                raise UsageError(f"new backing file {new_path} does not exist yet: it has no snapshot {new_snap!r}")
+        elif new_format is None:
             new_format = block.detect_format(new_path)
             if new_format == "raw":
                 raise UsageError(f"new backing file {new_path}: give its format with -F (raw is never probed)")
-    if new_path is not None:
+        block.check_backing_allowed(path, os.path.abspath(new_path), unsafe_backing=unsafe_backing)
+    if new_path is not None and os.path.exists(new_path):
+        _refuse_unholdable_snapshot(new_path, new_format, new_snap)
         # before taking the overlay's write lock: a loop would reach the overlay itself
-        with block.open(new_path, read_only=True, format=new_format, snapshot=new_snap, unsafe_backing=True) as nb:
+        with block.open(new_path, read_only=True, format=new_format, snapshot=new_snap,
+                        unsafe_backing=unsafe_backing, allow_backing_dirs=[os.path.dirname(os.path.abspath(path))]) as nb:
             _check_no_loop(path, nb)
-    held: SnapshotInfo | None = None
+    with block.open(path, read_only=True, backing=False) as cur:
+        image_id = cur.driver.image_id
+        old_plan = hold_plan(path, cur.driver.backing_ref, image_id)
+    held: Holder | None = None
     if new_path is not None and new_snap and new_format == "vdk":
-        held = _snapshot_from(with_writable(new_path, lambda img: img.snapshot_hold(new_snap, +1),
-                                            ("snapshot-hold", {"name": new_snap, "delta": 1}), fmt="vdk"))
-        new_snap = f"#{held.id}"
+        if image_id is None:
+            raise UsageError(f"{path}: has no identity (made by vdisk 0.1) to hold a snapshot with; "
+                             "make a new clone instead (vdisk clone)")
+        held = Holder(image_id, _holder_path(new_path, path))
+        info = _hold(new_path, new_snap, held, +1)
+        new_snap = f"#{info.id}"
     try:
-        old_ref = _rebase(path, new_path, new_format, new_snap, unsafe, progress)
+        _rebase(path, new_path, new_format, new_snap, unsafe, progress, unsafe_backing)
     except BaseException:
         if held is not None:
-            with_writable(new_path, lambda img: img.snapshot_hold(new_snap, -1),
-                          ("snapshot-hold", {"name": new_snap, "delta": -1}), fmt="vdk")
+            _hold(new_path, new_snap, held, -1)
         raise
-    _release_hold(path, old_ref)
+    if old_plan is not None and held is not None and _same_file(old_plan.base, new_path) \
+            and old_plan.snapshot == new_snap:
+        return  # onto the same snapshot again: the one record was refreshed, keep it
+    release(old_plan, f"rebased {path}")
 
 
-def _rebase(path, new_path, new_format, new_snap, unsafe, progress) -> BackingRef | None:
-    with block.open(path, unsafe_backing=True, backing=not unsafe) as top:
+def _rebase(path, new_path, new_format, new_snap, unsafe, progress, unsafe_backing) -> BackingRef | None:
+    with block.open(path, unsafe_backing=unsafe_backing, backing=not unsafe) as top:
         old_ref = top.driver.backing_ref
         if not unsafe and old_ref is not None and top.driver.has_snapshots():
             # Internal snapshots read through the same backing reference; changing it
@@ -240,9 +480,10 @@ def _rebase(path, new_path, new_format, new_snap, unsafe, progress) -> BackingRe
         if new_path is not None:
             rel = os.path.relpath(os.path.abspath(new_path), os.path.dirname(os.path.abspath(path)))
             new_ref = BackingRef(rel, new_format, new_snap)
-            with block.open(new_path, read_only=True, format=new_format, snapshot=new_snap,
-                            unsafe_backing=True) as nb:
-                if not unsafe:
+            if not unsafe:
+                with block.open(new_path, read_only=True, format=new_format, snapshot=new_snap,
+                                unsafe_backing=unsafe_backing,
+                                allow_backing_dirs=[os.path.dirname(os.path.abspath(path))]) as nb:
                     _copy_differences(top, nb, progress)
         elif not unsafe:
             _copy_differences(top, None, progress)
@@ -279,17 +520,70 @@ def _read_zero_extended(img: block.Image | None, off: int, n: int) -> bytes:
     return data if m == n else data + bytes(n - m)
 
 
-def flatten(path: str, *, progress: ProgressFn | None = None) -> None:
+def flatten(path: str, *, progress: ProgressFn | None = None, unsafe_backing: bool = False) -> None:
     """Pull all data the backing chain provides into ``path`` and drop the reference."""
-    rebase(path, None, unsafe=False, progress=progress)
+    rebase(path, None, unsafe=False, progress=progress, unsafe_backing=unsafe_backing)
 
 
-def remove(path: str) -> None:
-    """Delete an image file, releasing the hold its backing reference has on a snapshot."""
-    if not os.path.exists(path):
+# ------------------------------------------------------------------------------ remove
+def _describe(deps: list[Dependant]) -> str:
+    parts = []
+    for d in deps[:10]:
+        what = f"{d.path} (snapshot {d.snapshot})" if d.snapshot else f"{d.path} (overlay)"
+        if not d.present:
+            what += " [not found at its recorded place]"
+        parts.append(what)
+    more = f" and {len(deps) - 10} more" if len(deps) > 10 else ""
+    return ", ".join(parts) + more
+
+
+def remove(path: str, *, recursive: bool = False, dry_run: bool = False,
+           removed: Callable[[str], None] | None = None) -> list[str]:
+    """Delete an image file, releasing the hold its backing reference has on a snapshot.
+
+    An image that others depend on (holders of its snapshots, overlays next to it) is
+    refused, naming them; ``recursive`` removes those first, depth first.  A holder not
+    found at its recorded place stops even a recursive remove: `vdisk check -r leaks`
+    releases such holds once it is really gone.  Returns the paths removed (or, with
+    ``dry_run``, that would be), each reported to ``removed`` as it goes."""
+    order: list[str] = []
+    _plan_remove(os.fspath(path), recursive, order, set())
+    if dry_run:
+        for p in order:
+            if removed:
+                removed(p)
+        return order
+    for p in order:
+        _remove_one(p)
+        if removed:
+            removed(p)
+    return order
+
+
+def _plan_remove(path: str, recursive: bool, order: list[str], visiting: set[str]) -> None:
+    if not os.path.lexists(path):
         raise ImageNotFound(f"{path}: no such file")
+    key = os.path.realpath(path)
+    if key in visiting or any(_same_file(p, path) for p in order):
+        return
+    visiting.add(key)
+    deps = dependants(path)
+    missing = [d for d in deps if not d.present]
+    if missing:
+        raise UsageError(f"{path}: snapshots are held by images that are not where they were made: "
+                         f"{_describe(missing)}; if they are really gone, `vdisk check -r leaks {path}` "
+                         "releases their holds")
+    if deps and not recursive:
+        raise UsageError(f"{path}: images depend on it: {_describe(deps)}; remove them first, "
+                         "or all of them with `vdisk rm -r`")
+    for d in deps:
+        _plan_remove(d.path, recursive, order, visiting)
+    order.append(path)
+
+
+def _remove_one(path: str) -> None:
     fmt = block.detect_format(path)
     with block.open(path, format=fmt, backing=False) as img:  # read-write: refuses an image in use
-        ref = img.driver.backing_ref
+        plan = hold_plan(path, img.driver.backing_ref, img.driver.image_id)
     os.unlink(path)
-    _release_hold(path, ref)
+    release(plan, f"removed {path}")
