@@ -9,7 +9,15 @@ For every injection point:
    acknowledged barrier and the failed operation);
 3. "the power goes": the same for the file as the flushes that completed left it;
 4. with a transient fault (once): a retried ``flush`` succeeds, and after close and
-   reopen the image holds the state before or after the failed operation.
+   reopen the image holds the state before or after the failed operation -- unless the
+   fault was a failed flush: then the retried flush fails too (saying the image must be
+   reopened) and the reopened image holds a state the model allows, or, if the driver
+   has nothing left to write, it succeeds without flushing the host and the file holds
+   the state before or after the failed operation.
+
+The storage models the host: a failed flush drops the un-flushed changes, as Linux does
+(``FaultyStorage``), and the drivers sit on ``vdisk.host.FailStopStorage``, which applies
+HostFile's flush-failure rule (changes and flushes refused after a failed flush).
 
 ``VDISK_FAULT_POINTS`` bounds the injection points per workload (default 0: all of
 them; n: n chosen evenly over the operation kinds).
@@ -31,6 +39,7 @@ from crash.storage import CrashLog, FaultyStorage, RecordingStorage
 from crash.workload import (BARRIERS, Config, Model, apply_op, create_image, generate_ops, make_backing, open_image,
                             read_state, state_digest)
 from vdisk.errors import HostIOError, VdiskError
+from vdisk.host import FailStopStorage
 
 MAX_POINTS = int(os.environ.get("VDISK_FAULT_POINTS", "0"))
 CHECK_RETRY = os.environ.get("VDISK_FAULT_RETRY", "1") == "1"
@@ -68,9 +77,16 @@ class _Ctx:
         self.backing_data = backing_data
 
 
-def _run(cfg, seed, base, backing, backing_content, faulty: FaultyStorage):
+def _run(cfg, seed, base, backing, backing_content, faulty: FaultyStorage, hosts: list | None = None):
     """Run the workload on ``faulty`` until the first error.  Returns
-    (error or None, digests of the boundaries, index of last barrier, index of failed op, image)."""
+    (error or None, digests of the boundaries, index of last barrier, index of failed op, image).
+    Every open goes through a new ``FailStopStorage`` (as a new HostFile), appended to ``hosts``."""
+    hosts = [] if hosts is None else hosts
+
+    def host():
+        hosts.append(FailStopStorage(faulty))
+        return hosts[-1]
+
     model = Model(cfg.size, backing_content)
     digests = [_dig(model)]
     kinds = ["create"]
@@ -78,14 +94,14 @@ def _run(cfg, seed, base, backing, backing_content, faulty: FaultyStorage):
     op = ("open",)
     kinds.append("open")
     try:
-        img = open_image(faulty, cfg, backing, read_only=False)
+        img = open_image(host(), cfg, backing, read_only=False)
         digests.append(_dig(model))
         for op in generate_ops(cfg, seed, lambda: model.size):
             kinds.append(op[0])
             if op[0] == "reopen":
                 img.close()
                 img = None
-                img = open_image(faulty, cfg, backing, read_only=False)
+                img = open_image(host(), cfg, backing, read_only=False)
             elif apply_op(img, model, op) == "refused":
                 kinds[-1] = f"{op[0]}-refused"  # no barrier
             digests.append(_dig(model))
@@ -165,7 +181,8 @@ def inject(cfg, seed, op, at, err, sticky, base, backing, backing_content, check
     _STATES.clear()
     rec = RecordingStorage(base, "top.vdk")
     faulty = FaultyStorage(rec, op, at, err, sticky)
-    exc, digests, kinds, img = _run(cfg, seed, base, backing, backing_content, faulty)
+    hosts: list[FailStopStorage] = []
+    exc, digests, kinds, img = _run(cfg, seed, base, backing, backing_content, faulty, hosts)
     mix = _LAST_MIX
     problems: list[str] = []
     where = f"{op}#{at} {'sticky' if sticky else 'once'} {errno.errorcode[err]}"
@@ -192,19 +209,30 @@ def inject(cfg, seed, op, at, err, sticky, base, backing, backing_content, check
     # 4. a transient fault: retry the flush, close, reopen
     if exc is not None and not sticky and img is not None and check_retry:
         faulty.disarm()
+        flush_failed = bool(hosts) and hosts[-1].flush_failed is not None
         try:
             img.flush()
             img.close()
         except VdiskError as exc2:
-            problems.append(f"{where}: after a transient {type(exc).__name__} in "
-                            f"{kinds[-1]}, the retried flush/close raises {type(exc2).__name__}: {exc2}")
+            if flush_failed and isinstance(exc2, HostIOError) and "must be reopened" in str(exc2):
+                pass  # as it must: the data of the failed flush may be gone
+            else:
+                problems.append(f"{where}: after a transient {type(exc).__name__} in "
+                                f"{kinds[-1]}, the retried flush/close raises {type(exc2).__name__}: {exc2}")
             try:
                 img.close()
             except VdiskError:
                 pass
+            if flush_failed:
+                m = _state_ok(rec.snapshot(), ctx, allowed, f"{where}: reopened after the refused retry", mix)
+                if m:
+                    problems.append(m)
         except Exception as exc2:  # noqa: BLE001
             problems.append(f"{where}: retried flush raises unexpected {type(exc2).__name__}: {exc2}")
         else:
+            # After a failed host flush the image's flush may still succeed when the driver
+            # has nothing left to write (it rolled its state back): then the file must hold
+            # every acknowledged write, which this checks.  The host never flushes again.
             m = _state_ok(rec.snapshot(), ctx, set(digests[-2:]), f"{where}: after a successful retried flush", mix)
             if m:
                 problems.append(m)

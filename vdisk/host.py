@@ -3,6 +3,16 @@
 Everything above talks to a :class:`HostStorage`; tests substitute recording or
 fault-injecting implementations (see ``tests/crash``).  Errors from the operating
 system become :class:`~vdisk.errors.HostIOError` naming the file and the operation.
+
+Flush failures are final (as PostgreSQL decided in 2018, and QEMU's file driver does):
+when ``fdatasync`` fails, Linux may already have dropped the dirty pages it could not
+write, or marked them clean, so a retried flush can succeed without the data ever
+reaching the disk.  A storage whose flush failed therefore refuses every later
+``pwrite``/``pwritev``/``punch_hole``/``truncate``/``flush`` with a
+:class:`~vdisk.errors.HostIOError` saying the image must be reopened and naming the
+original error; reads still work.  Reopening re-reads what is really on the disk.
+:class:`HostFile` applies this rule itself; :class:`FailStopStorage` applies it to any
+other storage.
 """
 
 from __future__ import annotations
@@ -65,6 +75,8 @@ class HostStorage:
 
     name: str = "<storage>"
     read_only: bool = True
+    #: why changes are refused: the error of a failed flush (see the module); None while usable
+    flush_failed: HostIOError | None = None
 
     def pread(self, offset: int, length: int) -> bytes:
         raise NotImplementedError
@@ -93,6 +105,67 @@ class HostStorage:
 
     def close(self) -> None:
         pass
+
+
+def _refused_after_failed_flush(storage: HostStorage, what: str) -> HostIOError:
+    cause = storage.flush_failed
+    text = cause.message
+    if text.startswith(storage.name + ": "):
+        text = text[len(storage.name) + 2:]
+    return HostIOError(f"{storage.name}: {what} refused: an earlier flush failed ({text}), so data written before "
+                       "it may never reach the disk; the image must be reopened", cause.errno)
+
+
+class FailStopStorage(HostStorage):
+    """Wraps any :class:`HostStorage` and applies the flush-failure rule of the module
+    (which :class:`HostFile` applies itself): after ``inner.flush`` raised once,
+    changes and flushes are refused; reads go on."""
+
+    def __init__(self, inner: HostStorage):
+        self.inner = inner
+        self.name = inner.name
+        self.read_only = inner.read_only
+        self.flush_failed = None
+
+    def _check(self, what: str) -> None:
+        if self.flush_failed is not None:
+            raise _refused_after_failed_flush(self, what)
+
+    def pread(self, offset: int, length: int) -> bytes:
+        return self.inner.pread(offset, length)
+
+    def pwrite(self, offset: int, data) -> None:
+        self._check("write")
+        self.inner.pwrite(offset, data)
+
+    def pwritev(self, offset: int, buffers: list) -> None:
+        self._check("write")
+        self.inner.pwritev(offset, buffers)
+
+    def flush(self) -> None:
+        self._check("flush")
+        try:
+            self.inner.flush()
+        except HostIOError as exc:
+            self.flush_failed = exc
+            raise
+
+    def size(self) -> int:
+        return self.inner.size()
+
+    def truncate(self, size: int) -> None:
+        self._check("truncate")
+        self.inner.truncate(size)
+
+    def punch_hole(self, offset: int, length: int) -> None:
+        self._check("punch hole")
+        self.inner.punch_hole(offset, length)
+
+    def allocated_bytes(self) -> int:
+        return self.inner.allocated_bytes()
+
+    def close(self) -> None:
+        self.inner.close()
 
 
 def _oserror(name: str, what: str, exc: OSError) -> VdiskError:
@@ -143,6 +216,7 @@ class HostFile(HostStorage):
         self.name = path
         self.read_only = read_only
         self.sync = sync
+        self.flush_failed = None
         if lock == "auto":
             lock = "read" if read_only else "write"
         if lock is not None and lock not in _LOCK_PERMS:
@@ -231,6 +305,8 @@ class HostFile(HostStorage):
         return data
 
     def pwrite(self, offset: int, data) -> None:
+        if self.flush_failed is not None:
+            raise _refused_after_failed_flush(self, "write")
         view = memoryview(data)
         try:
             while view:
@@ -241,6 +317,8 @@ class HostFile(HostStorage):
             raise _oserror(self.name, f"write of {len(data)} bytes at {offset}", exc) from None
 
     def pwritev(self, offset: int, buffers: list) -> None:
+        if self.flush_failed is not None:
+            raise _refused_after_failed_flush(self, "write")
         total = sum(len(b) for b in buffers)
         try:
             n = os.pwritev(self.fd, buffers, offset)
@@ -250,12 +328,18 @@ class HostFile(HostStorage):
             self.pwrite(offset + n, memoryview(b"".join(buffers))[n:])
 
     def flush(self) -> None:
+        """fdatasync; if it fails, the file refuses changes from then on (see the module)."""
+        if self.flush_failed is not None:
+            raise _refused_after_failed_flush(self, "flush")
         if not self.sync:
             return
         try:
             os.fdatasync(self.fd)
         except OSError as exc:
-            raise _oserror(self.name, "flush", exc) from None
+            err = _oserror(self.name, "flush", exc)
+            if isinstance(err, HostIOError):
+                self.flush_failed = err
+            raise err from None
 
     def size(self) -> int:
         try:
@@ -271,12 +355,16 @@ class HostFile(HostStorage):
         return os.fstat(self.fd).st_blocks * 512
 
     def truncate(self, size: int) -> None:
+        if self.flush_failed is not None:
+            raise _refused_after_failed_flush(self, "truncate")
         try:
             os.ftruncate(self.fd, size)
         except OSError as exc:
             raise _oserror(self.name, f"truncate to {size}", exc) from None
 
     def punch_hole(self, offset: int, length: int) -> None:
+        if self.flush_failed is not None:
+            raise _refused_after_failed_flush(self, "punch hole")
         if length <= 0:
             return
         rc = _libc.fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)

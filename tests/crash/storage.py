@@ -6,6 +6,7 @@
                       power cut at any point could have left it.
 ``FaultyStorage``     wraps any HostStorage and makes the k-th pread / pwrite / flush /
                       truncate / punch_hole fail with EIO or ENOSPC, once or from then on.
+                      A failed flush drops the writes it should have made durable.
 
 The crash model (RELIABILITY.md, "The crash model"): everything before the last
 *completed* flush is durable.  Of the operations issued after it and before the
@@ -14,6 +15,13 @@ torn at 512-byte sector boundaries (some of its sectors written, others not); a 
 that reached the medium holds what the page cache held for it after some operation
 (never a later write to it without an earlier one).  A punch_hole is treated like a
 write of zeros (it may land or not, sector by sector); a truncate may land or not.
+
+A failed flush (the fault model): Linux does not keep the dirty pages an fsync failed to
+write back -- it marks them clean (or drops them) and reports the error once, so a
+later fsync succeeds without them.  ``FaultyStorage`` models the worst case: on an
+injected flush failure none of the un-flushed changes reached the medium and the page
+cache forgets them too (``RecordingStorage.drop_dirty``: the file reads as the last
+completed flush left it, and no later flush brings those changes back).
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from vdisk.host import HostStorage
 SECTOR = 512
 
 # log records: ("w", offset, data) | ("t", size) | ("p", offset, length) | ("f",)
+#              | ("r", content): page cache and medium reset to ``content`` (a failed flush)
 Record = tuple
 
 
@@ -107,6 +116,8 @@ def apply(buf: bytearray, rec: Record) -> None:
         _apply_truncate(buf, rec[1])
     elif kind == "p":
         _apply_punch(buf, rec[1], rec[2])
+    elif kind == "r":
+        buf[:] = rec[1]
 
 
 class RecordingStorage(MemStorage):
@@ -133,6 +144,14 @@ class RecordingStorage(MemStorage):
 
     def flush(self) -> None:
         self.log.append(("f",))
+
+    def drop_dirty(self) -> None:
+        """A flush failed: every change since the last completed flush is lost, from the
+        page cache (reads return the durable content) and for every later flush."""
+        cl = CrashLog(self.base, self.log)
+        durable = cl.durable_state(cl.last_flush_before(len(self.log)))
+        self.buf = bytearray(durable)
+        self.log.append(("r", durable))
 
     def mark(self) -> int:
         """The log position now: records [0, mark) were issued before this point."""
@@ -220,6 +239,9 @@ class CrashLog:
         out = bytearray(base)  # the medium
         for rec in epoch:
             apply(cur, rec)
+            if rec[0] == "r":  # a failed flush: what was un-flushed is gone, also from the medium
+                out = bytearray(rec[1])
+                continue
             if rec[0] == "t":
                 if rng.random() < keep:
                     _apply_truncate(out, rec[1])
@@ -243,16 +265,20 @@ class CrashLog:
 class FaultyStorage(HostStorage):
     """Wraps ``inner``; the ``at``-th call (0-based) of operation ``op`` fails with ``err``
     -- only that call (``sticky=False``) or that call and every later one of that kind
-    (``sticky=True``).  ``armed=False`` passes everything through (to count calls)."""
+    (``sticky=True``).  ``armed=False`` passes everything through (to count calls).
+
+    A failed flush drops the un-flushed changes (``inner.drop_dirty()``, when ``inner``
+    records them; ``drop_dirty=False`` keeps them, the model before this one)."""
 
     OPS = ("pread", "pwrite", "flush", "truncate", "punch_hole")
 
     def __init__(self, inner: HostStorage, op: str | None = None, at: int = -1, err: int = _errno.EIO,
-                 sticky: bool = False):
+                 sticky: bool = False, drop_dirty: bool = True):
         self.inner = inner
         self.name = inner.name
         self.read_only = inner.read_only
         self.op, self.at, self.err, self.sticky = op, at, err, sticky
+        self.drop_dirty = drop_dirty
         self.armed = op is not None
         self.counts: Counter = Counter()
         self.injected = 0
@@ -262,6 +288,8 @@ class FaultyStorage(HostStorage):
         self.counts[op] += 1
         if self.armed and op == self.op and (n == self.at or (self.sticky and n > self.at)):
             self.injected += 1
+            if op == "flush" and self.drop_dirty and hasattr(self.inner, "drop_dirty"):
+                self.inner.drop_dirty()
             raise HostIOError(f"{self.name}: {op} failed: {os.strerror(self.err)} (injected)", self.err)
 
     def disarm(self) -> None:
