@@ -2,7 +2,9 @@
 
 ``vdisk mount`` starts this in the background and waits on ``--ready-fd`` for one
 line, ``READY`` or ``ERROR <exit_code> <message>``.  Without ``--ready-fd`` it runs
-in the foreground and logs to stderr (and to ``--log-file`` if given).
+in the foreground and logs to stderr (and to ``--log-file`` if given).  The log file is
+opened with O_NOFOLLOW and O_CLOEXEC (``fusemount.daemon.open_log``): a symlink there
+is refused, never followed.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ def setup_logging(log_file: str | None, foreground: bool, debug: bool = False) -
     root.setLevel(logging.DEBUG if debug else logging.INFO)
     fmt = logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
     if log_file:
-        h = logging.FileHandler(log_file)
+        from .daemon import open_log  # refuses a symlink (MountError)
+
+        h = logging.StreamHandler(os.fdopen(open_log(log_file), "a", buffering=1))
         h.setFormatter(fmt)
         root.addHandler(h)
     if foreground:
@@ -45,8 +49,6 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
 
     ready_fd = a.ready_fd
-    setup_logging(a.log_file, foreground=ready_fd is None, debug=a.debug)
-    log = logging.getLogger("fusemount")
 
     def tell(line: str) -> None:
         nonlocal ready_fd
@@ -59,6 +61,14 @@ def main(argv: list[str] | None = None) -> int:
             pass
         ready_fd = None
         # From now on nothing should reach the inherited stdout/stderr but crashes.
+
+    try:
+        setup_logging(a.log_file, foreground=ready_fd is None, debug=a.debug)
+    except VdiskError as exc:
+        print(f"vdisk: {exc.message}", file=sys.stderr)
+        tell(f"ERROR {exc.exit_code} {exc.message}")
+        return exc.exit_code
+    log = logging.getLogger("fusemount")
 
     from .daemon import serve
 

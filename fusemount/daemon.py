@@ -13,6 +13,14 @@ Life of a mount (``vdisk mount IMAGE MNT``):
    serving and says so in the log; a second signal detaches it lazily and exits);
 4. on the way out it closes every snapshot view and the image (which flushes it),
    removes the control socket and, if still mounted, unmounts.
+
+The run directory (``control.run_dir()``: ``/run/vdisk`` for root, else
+``$XDG_RUNTIME_DIR/vdisk`` or ``/tmp/vdisk-UID``) holds control sockets and logs.  It is
+created mode 0700, and one that is a symlink, is not owned by the current uid or is
+writable by group or others is refused (``secure_run_dir``): in /tmp another user
+could have made it first and would then see or replace our sockets and logs.  Log files
+are opened with O_NOFOLLOW (a planted symlink must not make us append to, or create, a
+file elsewhere) and O_CLOEXEC.
 """
 
 from __future__ import annotations
@@ -47,6 +55,50 @@ MAX_TASKS = int(os.environ.get("VDISK_FUSE_MAX_TASKS", "1"))
 
 class MountError(VdiskError):
     """The mount could not be set up (mountpoint missing, busy, daemon died...)."""
+
+
+def secure_run_dir() -> str:
+    """``control.run_dir()``, created mode 0700 if missing; raises MountError (one line,
+    naming it) for one that is a symlink, not a directory, not ours or writable by others."""
+    d = control.run_dir()
+    parent = os.path.dirname(os.path.abspath(d))
+    try:
+        os.makedirs(parent, exist_ok=True)
+        os.mkdir(d, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise MountError(f"{d}: cannot create the run directory: {exc.strerror}") from None
+    try:
+        st = os.lstat(d)
+    except OSError as exc:
+        raise MountError(f"{d}: run directory: {exc.strerror}") from None
+    import stat as _stat
+
+    euid = os.geteuid()
+    if _stat.S_ISLNK(st.st_mode):
+        problem = "is a symbolic link"
+    elif not _stat.S_ISDIR(st.st_mode):
+        problem = "is not a directory"
+    elif st.st_uid != euid:
+        problem = f"is owned by uid {st.st_uid}, not by us (uid {euid})"
+    elif st.st_mode & 0o022:
+        problem = f"is writable by group or others (mode {_stat.S_IMODE(st.st_mode):04o})"
+    else:
+        return d
+    raise MountError(f"{d}: refusing to use this run directory: it {problem}; another user may have made it "
+                     "(remove it, or set VDISK_RUN_DIR to a private directory)")
+
+
+def open_log(path: str) -> int:
+    """Open (create, mode 0600) the log file for appending, never through a symlink;
+    returns the descriptor (close-on-exec)."""
+    try:
+        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise MountError(f"{path}: the log file is a symbolic link; refusing to follow it") from None
+        raise MountError(f"{path}: cannot open the log file: {exc.strerror}") from None
 
 
 def mount_options(read_only: bool, extra: list[str] | None = None) -> set[str]:
@@ -291,6 +343,7 @@ def serve(
         if log_file:
             xattrs["log"] = log_file
         if not image.read_only:
+            secure_run_dir()
             listen_sock = control.bind_socket(image_path)
             xattrs["socket"] = control.socket_path(image_path)
         fs = VdiskFS(image, read_only=read_only, direct_io=direct_io, xattrs=xattrs)
@@ -347,10 +400,15 @@ def spawn(
         raise vdisk.errors.ImageNotFound(f"{image_path}: no such file")
     check_mountpoint(mountpoint)
     if log_file is None:
-        control.ensure_run_dir()
+        secure_run_dir()
         log_file = control.default_log_path(image_path)
     log_file = os.path.abspath(log_file)
-    r, w = os.pipe()
+    logfd = open_log(log_file)
+    try:
+        r, w = os.pipe()
+    except OSError:
+        os.close(logfd)
+        raise
     cmd = [sys.executable, "-m", "fusemount", "--ready-fd", str(w), "--log-file", log_file]
     if read_only:
         cmd.append("--read-only")
@@ -359,13 +417,18 @@ def spawn(
     if not direct_io:
         cmd.append("--no-direct-io")
     cmd += [image_path, mountpoint]
-    with open(log_file, "ab", buffering=0) as logf:
+    try:
         proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(w,),
+            cmd, stdin=subprocess.DEVNULL, stdout=logfd, stderr=logfd, pass_fds=(w,),
             start_new_session=True, close_fds=True,
             cwd="/",  # a daemon must not keep the caller's directory (and its file system) busy
         )
-    os.close(w)
+    except BaseException:
+        os.close(r)
+        raise
+    finally:
+        os.close(logfd)
+        os.close(w)
     line = b""
     deadline = time.monotonic() + timeout
     try:
