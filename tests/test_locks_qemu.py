@@ -263,3 +263,33 @@ def test_locks_released_when_the_daemon_is_killed(tmp_path, storage_daemon):
     p.wait(timeout=30)
     with vdisk.open(path) as w:
         w.write(0, b"after")
+
+
+@pytest.mark.fuse
+def test_vdisk_mount_keeps_qemu_out(tmp_path, monkeypatch):
+    """The reported case: while `vdisk mount` serves a qcow2 read-write, qemu-img info and
+    qemu-io writes used to work (and leak clusters)."""
+    from fusemount.testing import Rig
+
+    monkeypatch.setenv("VDISK_RUN_DIR", str(tmp_path / "run"))
+    path = make_image(tmp_path, "qcow2")
+    rig = Rig(str(tmp_path))
+    try:
+        mnt = str(tmp_path / "mnt")
+        rig.mount(path, mnt)
+        r = qemu("qemu-img", "info", path)
+        assert r.returncode == 1 and QEMU_LOCK_ERROR in r.stderr, (r.stdout, r.stderr)
+        r = qemu("qemu-io", "-f", "qcow2", "-c", "write 0 4k", path)
+        assert r.returncode != 0 and 'Failed to get "write" lock' in r.stderr, (r.stdout, r.stderr)
+        assert qemu("qemu-img", "info", "-U", path).returncode == 0
+        with open(os.path.join(mnt, "disk"), "r+b") as f:
+            f.write(b"M" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+        rig.umount(mnt)
+    finally:
+        rig.cleanup()
+    r = qemu("qemu-img", "check", path)
+    assert r.returncode == 0, r.stdout + r.stderr  # no leaks: nobody wrote behind the mount's back
+    with vdisk.open(path, read_only=True) as img:
+        assert img.read(0, 4096) == b"M" * 4096
