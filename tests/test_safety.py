@@ -313,3 +313,53 @@ def test_a_guessed_raw_image_cannot_be_turned_into_another_format(image_dir):
     with vdisk.open(p, format="raw") as img:  # named: the user knows it is raw
         img.write(0, qcow_magic)
     assert open(p, "rb").read(8) == qcow_magic
+
+
+# ------------------------------------------------------------------ one metadata budget per chain
+def test_metadata_budget_covers_the_whole_chain(image_dir, monkeypatch, run_vdisk):
+    """A 12.5 TiB vdk image holds a 1.6 MB L1 table; under a 4 MiB budget one opens,
+    a chain of three does not, and the error names the budget (design property 6)."""
+    d = str(image_dir)
+    size = 100_000 * (128 << 20)  # 100,000 L1 entries of 64 KiB clusters
+    paths = [os.path.join(d, f"l{i}.vdk") for i in range(3)]
+    vdisk.create(paths[0], size)
+    vdisk.create(paths[1], backing_file=paths[0])
+    vdisk.create(paths[2], backing_file=paths[1])
+    monkeypatch.setenv("VDISK_METADATA_BUDGET", "4M")
+    with vdisk.open(paths[0], read_only=True):
+        pass
+    with pytest.raises(vdisk.errors.ResourceLimit, match="VDISK_METADATA_BUDGET"):
+        vdisk.open(paths[2], read_only=True)
+    r = run_vdisk("info", paths[2], expect=1)
+    assert "VDISK_METADATA_BUDGET" in r.stderr and r.stderr.count("\n") == 1
+    monkeypatch.delenv("VDISK_METADATA_BUDGET")
+    with vdisk.open(paths[2], read_only=True) as img:  # the default budget is far larger
+        assert img.size == size
+
+
+def test_vdk_l1_tables_are_compact(image_dir):
+    """An L1 table of 400,000 distinct entries (6.4 MB on disk) decodes into arrays of
+    16 bytes an entry (at most 3x the table while decoding); as Python lists of ints it
+    took 80 bytes an entry, 32 MB."""
+    import random
+    import tracemalloc
+
+    from vdisk.codec import vdk as C
+
+    rnd = random.Random(1)
+    n = 400_000
+    offs = [rnd.randrange(1, 1 << 40) << 16 for _ in range(n)]
+    sums = [rnd.getrandbits(64) for _ in range(n)]
+    buf = C.encode_l1(offs, sums)
+    tracemalloc.start()
+    try:
+        got_offs, got_sums = C.decode_l1(buf, n)
+        _cur, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert list(got_offs) == offs and list(got_sums) == sums
+    assert peak < 3 * len(buf), f"decoding {len(buf)} bytes of L1 peaked at {peak} bytes"
+    p = str(image_dir / "big.vdk")
+    vdisk.create(p, n * (128 << 20))
+    with vdisk.open(p, read_only=True) as img:
+        assert img.driver.l1_off.itemsize == 8 and len(img.driver.l1_off) == n

@@ -18,6 +18,7 @@ import builtins
 import os
 from typing import Iterator
 
+from . import budget
 from .drivers import get_driver, probe
 from .drivers.base import BackingRef, BlockDriver, CheckResult, CreateOptions, Extent, SnapshotInfo, Status
 from .errors import BackingError, ImageNotFound, OutOfBounds, ReadOnlyImage, UnsupportedFeature, UsageError, VdiskError
@@ -413,6 +414,9 @@ def open(  # noqa: A001 - the public name is vdisk.open
     ``writable_depth`` opens the backing image that many levels down read-write (1: the
     direct backing image), for operations that write into a backing image (commit).
 
+    The tables the drivers of the whole chain hold count against one metadata memory
+    budget (:mod:`vdisk.budget`); past it the open fails with ``ResourceLimit``.
+
     ``force_share`` (read-only opens only, like ``qemu-img -U``) takes no lock on the
     top image, so it opens even while another process writes it; what it reads may
     then be stale or, for data the writer frees meanwhile, fail its checksum.
@@ -437,8 +441,9 @@ def open(  # noqa: A001 - the public name is vdisk.open
     if writable_depth is not None and (writable_depth < 1 or not backing):
         raise UsageError("writable_depth names a backing image: 1 or more, with the backing chain open")
     seen: set[tuple[int, int, str | None]] = set()
-    img = _open_node(path, fmt, read_only, snapshot, backing, allowed, seen, 0, cache == "writeback",
-                     lock=None if force_share else "auto", writable_depth=writable_depth)
+    with budget.scope():  # one metadata memory budget for the whole chain
+        img = _open_node(path, fmt, read_only, snapshot, backing, allowed, seen, 0, cache == "writeback",
+                         lock=None if force_share else "auto", writable_depth=writable_depth)
     img.guard_probe = guessed
     return img
 

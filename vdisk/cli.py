@@ -154,7 +154,7 @@ class VdiskGroup(click.Group):
             _fail(
                 ctx,
                 f"internal error: {type(exc).__name__}: {exc} (set VDISK_DEBUG=1 for a traceback)",
-                70,
+                EXIT_INTERNAL,
             )
 
     # -- lazily imported commands
@@ -239,14 +239,32 @@ def cli() -> None:
     """Create, inspect, convert and check virtual disk images (vdk, raw, ...).
 
     Sizes accept K, M, G, T suffixes (binary: 1K = 1024).  Errors print one line
-    "vdisk: <message>" on stderr; exit codes: 0 success, 1 error, 2 corrupt image
-    (check: also 3 = leaks only; compare: 1 = different, 2 = error).
+    "vdisk: <message>" on stderr; exit codes: 0 success, 1 error (also a usage
+    error), 2 corrupt image (check: also 3 = leaks only; compare: 1 = different,
+    2 = error), 70 internal error (a bug: VDISK_DEBUG=1 shows its traceback).
     """
 
 
-def main() -> None:
-    """Console-script entry point (``vdisk``)."""
-    cli.main(prog_name="vdisk")
+#: exit code of an internal error (a bug in vdisk), as BSD's EX_SOFTWARE
+EXIT_INTERNAL = 70
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point (``vdisk``).  A usage error is one line and exits 1,
+    as every other error does (click's own default, 2, means "corrupt" here)."""
+    try:
+        rv = cli.main(args=argv, prog_name="vdisk", standalone_mode=False)
+    except click.UsageError as exc:
+        cmd = exc.ctx.command_path if exc.ctx is not None else "vdisk"
+        click.echo(f"vdisk: {_one_line(exc.format_message())} (see '{cmd} --help')", err=True)
+        sys.exit(1)
+    except click.ClickException as exc:
+        click.echo(f"vdisk: {_one_line(exc.format_message())}", err=True)
+        sys.exit(exc.exit_code if exc.exit_code != 2 else 1)
+    except click.Abort:
+        click.echo("vdisk: interrupted", err=True)
+        sys.exit(130)
+    sys.exit(rv if isinstance(rv, int) else 0)
 
 
 # ---------------------------------------------------------------------------- shared helpers

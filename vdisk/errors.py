@@ -87,3 +87,8 @@ class HostIOError(VdiskError):
 
 class NotSupported(VdiskError):
     """The driver does not implement an optional operation."""
+
+
+class ResourceLimit(VdiskError):
+    """Opening or using an image would need more memory (or another resource) than
+    vdisk allows it: a clear refusal instead of an out-of-memory kill."""
