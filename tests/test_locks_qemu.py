@@ -235,7 +235,7 @@ def test_storage_daemon_keeps_vdisk_out(tmp_path, storage_daemon, run_vdisk, mou
     with vdisk.open(path, snapshot="s1") as s:
         assert s.read(0, 4) == b"AAAA"
     for args in (("snapshot", "create", path, "s2"), ("resize", path, "8M"), ("mount", path, mountpoint)):
-        r = run_vdisk(*args, expect=1)
+        r = run_vdisk(*args, expect=1, env={"VDISK_RUN_DIR": str(tmp_path / "run")})
         err = r.stderr.strip()
         assert err.startswith("vdisk: ") and "image is in use by another process" in err, (args, r.stderr)
         assert len(err.splitlines()) == 1, (args, r.stderr)
