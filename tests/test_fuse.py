@@ -347,7 +347,7 @@ def test_sigterm_flushes_and_unmounts(rig, tmp_path):
 def test_raw_image_and_cli_commands(rig, tmp_path):
     from click.testing import CliRunner
 
-    from vdisk.cli_mount import mount_command, umount_command
+    from vdisk.cli.mount import mount_command, umount_command
 
     img = str(tmp_path / "disk.raw")
     vdisk.create(img, 4 * MiB, format="raw")
@@ -402,7 +402,7 @@ def test_foreground_mount(tmp_path, monkeypatch):
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     p = subprocess.Popen(
-        [sys.executable, "-c", "from vdisk.cli_mount import mount_command; mount_command()",
+        [sys.executable, "-c", "from vdisk.cli.mount import mount_command; mount_command()",
          "--foreground", img, str(mnt)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )

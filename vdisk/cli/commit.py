@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 
 from vdisk import block
-from vdisk.cli import progress_bar, progress_option, unsafe_backing_option
+from vdisk.cli.options import progress_option, unsafe_backing_option
+from vdisk.cli.progress import progress_bar
 from vdisk.ops.chain import commit as _commit
 
 

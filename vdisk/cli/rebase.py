@@ -7,7 +7,8 @@ import os
 import click
 
 from vdisk import block
-from vdisk.cli import progress_bar, progress_option, unsafe_backing_option
+from vdisk.cli.options import progress_option, unsafe_backing_option
+from vdisk.cli.progress import progress_bar
 from vdisk.ops.chain import backing_spec
 from vdisk.ops.chain import rebase as _rebase
 

@@ -11,7 +11,8 @@ import datetime
 
 import click
 
-from vdisk.cli import emit, format_option, output_option
+from vdisk.cli.options import format_option, output_option
+from vdisk.cli.output import emit
 from vdisk.drivers.base import SnapshotInfo
 from vdisk.errors import ImageLocked
 from vdisk.ops.chain import _snapshot_from, with_writable

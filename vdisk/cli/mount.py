@@ -1,12 +1,8 @@
-"""``vdisk mount`` and ``vdisk umount``: plain click commands, registered by vdisk.cli::
+"""``vdisk mount`` and ``vdisk umount``: serve an image through FUSE, and stop serving it.
 
-    from .cli_mount import mount_command, umount_command
-    main.add_command(mount_command, "mount")
-    main.add_command(umount_command, "umount")
-
-They raise :class:`~vdisk.errors.VdiskError` for failures, which the CLI's error
-handling turns into ``vdisk: <message>`` and the error's exit code; run alone (no
-such handler around them) they do the same themselves.
+They raise :class:`~vdisk.errors.VdiskError` for failures, which the CLI turns into
+``vdisk: <message>`` and the error's exit code; run alone (no such handler around
+them) they do the same themselves.
 """
 
 from __future__ import annotations
@@ -16,7 +12,7 @@ import sys
 
 import click
 
-from .errors import VdiskError
+from ..errors import VdiskError
 
 
 def _errors_to_exit(fn):

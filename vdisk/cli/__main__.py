@@ -1,0 +1,5 @@
+"""``python -m vdisk.cli``."""
+
+from . import main
+
+main()

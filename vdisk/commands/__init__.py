@@ -1,1 +1,0 @@
-"""Command modules of the ``vdisk`` CLI, imported lazily by :mod:`vdisk.cli`."""
