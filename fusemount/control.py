@@ -85,9 +85,46 @@ def default_log_path(image_path: str) -> str:
     return os.path.join(run_dir(), f"{base}.{_image_key(image_path)}.mount.log")
 
 
+def run_dir_problem(d: str) -> str | None:
+    """Why ``d`` must not be used as the run directory, or None: it must be a real
+    directory of ours that no group or other user can write (else another user could
+    plant a socket there and answer our requests, or swap our logs)."""
+    import stat as _stat
+
+    try:
+        st = os.lstat(d)
+    except OSError as exc:
+        return exc.strerror
+    euid = os.geteuid()
+    if _stat.S_ISLNK(st.st_mode):
+        return "is a symbolic link"
+    if not _stat.S_ISDIR(st.st_mode):
+        return "is not a directory"
+    if st.st_uid != euid:
+        return f"is owned by uid {st.st_uid}, not by us (uid {euid})"
+    if st.st_mode & 0o022:
+        return f"is writable by group or others (mode {_stat.S_IMODE(st.st_mode):04o})"
+    return None
+
+
+def refuse_run_dir(d: str, problem: str) -> VdiskError:
+    return VdiskError(f"{d}: refusing to use this run directory: it {problem}; another user may have made it "
+                      "(remove it, or set VDISK_RUN_DIR to a private directory)")
+
+
 def ensure_run_dir() -> str:
+    """The run directory, created mode 0700 if missing, and checked (run_dir_problem)."""
     d = run_dir()
-    os.makedirs(d, mode=0o700, exist_ok=True)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(d)), exist_ok=True)
+        os.mkdir(d, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise VdiskError(f"{d}: cannot create the run directory: {exc.strerror}") from None
+    problem = run_dir_problem(d)
+    if problem:
+        raise refuse_run_dir(d, problem)
     return d
 
 
@@ -99,6 +136,12 @@ def request(image_path: str, req: dict, *, timeout: float = DEFAULT_TIMEOUT) -> 
         path = socket_path(image_path)
     except OSError:
         return None
+    d = os.path.dirname(path)
+    if not os.path.lexists(d):
+        return None  # no mount has run here yet
+    problem = run_dir_problem(d)
+    if problem:  # a socket there could be anyone's: never send it our requests
+        raise refuse_run_dir(d, problem)
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         s.settimeout(timeout)

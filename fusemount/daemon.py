@@ -59,35 +59,12 @@ class MountError(VdiskError):
 
 def secure_run_dir() -> str:
     """``control.run_dir()``, created mode 0700 if missing; raises MountError (one line,
-    naming it) for one that is a symlink, not a directory, not ours or writable by others."""
-    d = control.run_dir()
-    parent = os.path.dirname(os.path.abspath(d))
+    naming it) for one that is a symlink, not a directory, not ours or writable by others
+    (the checks are control.run_dir_problem's, which clients make too)."""
     try:
-        os.makedirs(parent, exist_ok=True)
-        os.mkdir(d, 0o700)
-    except FileExistsError:
-        pass
-    except OSError as exc:
-        raise MountError(f"{d}: cannot create the run directory: {exc.strerror}") from None
-    try:
-        st = os.lstat(d)
-    except OSError as exc:
-        raise MountError(f"{d}: run directory: {exc.strerror}") from None
-    import stat as _stat
-
-    euid = os.geteuid()
-    if _stat.S_ISLNK(st.st_mode):
-        problem = "is a symbolic link"
-    elif not _stat.S_ISDIR(st.st_mode):
-        problem = "is not a directory"
-    elif st.st_uid != euid:
-        problem = f"is owned by uid {st.st_uid}, not by us (uid {euid})"
-    elif st.st_mode & 0o022:
-        problem = f"is writable by group or others (mode {_stat.S_IMODE(st.st_mode):04o})"
-    else:
-        return d
-    raise MountError(f"{d}: refusing to use this run directory: it {problem}; another user may have made it "
-                     "(remove it, or set VDISK_RUN_DIR to a private directory)")
+        return control.ensure_run_dir()
+    except VdiskError as exc:
+        raise MountError(exc.message) from None
 
 
 def open_log(path: str) -> int:

@@ -27,8 +27,9 @@ without awaiting.  Hence:
 Error rules: only ``pyfuse3.FUSEError`` leaves a handler (pyfuse3 lets any other
 exception kill its worker task, after which the kernel side hangs).  VdiskError on
 the data path -> EIO (ENOSPC for a full host), logged with the guest offset;
-ChecksumMismatch -> EIO for that request only; any other CorruptImage -> the mount
-turns read-only (EROFS for writes from then on), logged once with the reason;
+ChecksumMismatch -> EIO for that request only; any other CorruptImage, or a failed
+flush of the image (vdisk/host.py: final until reopened) -> the mount turns
+read-only (EROFS for writes from then on), logged once with the reason;
 anything unexpected -> EIO and a traceback in the log.
 """
 
@@ -254,6 +255,11 @@ class VdiskFS(pyfuse3.Operations):
             log.error("%s of %d bytes at guest offset %d (%s): %s", what, length, off, where, exc)
             self.fail(str(exc))
             return _fuse_error(errno.EIO)
+        if isinstance(exc, HostIOError) and getattr(getattr(self.image.driver, "host", None), "flush_failed", None):
+            # a failed flush is final (vdisk/host.py): what it should have written may be gone
+            log.error("%s of %d bytes at guest offset %d (%s): %s", what, length, off, where, exc)
+            self.fail(f"a flush of the image failed ({exc}); remount to go on")
+            return _fuse_error(errno.EIO)
         if isinstance(exc, HostIOError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
             log.error("%s of %d bytes at guest offset %d (%s): %s", what, length, off, where, exc)
             return _fuse_error(errno.ENOSPC)
@@ -265,10 +271,10 @@ class VdiskFS(pyfuse3.Operations):
         return _fuse_error(errno.EIO)
 
     def fail(self, reason: str) -> None:
-        """Turn the mount read-only after metadata corruption (s3ql's failsafe)."""
+        """Turn the mount read-only after metadata corruption or a failed flush (s3ql's failsafe)."""
         if self.failed is None:
             self.failed = reason
-            log.error("image %s is corrupt; the mount is read-only from now on: %s", self.image.filename, reason)
+            log.error("image %s: the mount is read-only from now on: %s", self.image.filename, reason)
 
     def _snap_name(self, ino: int) -> str:
         snap = self._snap_by_ino.get(ino)
@@ -503,4 +509,10 @@ class VdiskFS(pyfuse3.Operations):
                 except Exception:
                     log.exception("closing the view of snapshot %s", snap.name)
                 snap.image = None
-        self.image.close()
+        try:
+            self.image.close()
+        except VdiskError as exc:
+            if self.failed is None:
+                raise
+            # the mount turned read-only: what could not be flushed is logged, not raised again
+            log.error("closing image %s after the mount failed: %s", self.image.filename, exc)

@@ -175,3 +175,20 @@ def test_modes_follow_the_image_file(tmp_path):
         assert call(f.getattr, ino, None).st_mode & 0o777 == 0o400
     finally:
         f.close()
+
+
+def test_a_failed_flush_turns_the_mount_read_only(fs, monkeypatch):
+    """vdisk/host.py: a failed fdatasync is final until the image is reopened; the
+    mount says so once and refuses writes (EROFS) instead of failing each with EIO."""
+    assert call(fs.write, DISK_INO, 0, b"before") == 6
+    real = os.fdatasync
+
+    def failing(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", failing)
+    assert errno_of(fs.fsync, DISK_INO, True) == errno.EIO
+    monkeypatch.setattr(os, "fdatasync", real)
+    assert fs.failed is not None and "flush" in fs.failed
+    assert errno_of(fs.write, DISK_INO, 0, b"after") == errno.EROFS
+    assert call(fs.read, DISK_INO, 0, 6) == b"before"  # reads go on

@@ -154,3 +154,22 @@ def test_daemon_refuses_a_foreign_run_dir_before_binding(tmp_path, image, mountp
     assert os.listdir(d) == [], "no control socket in a foreign run directory"
     with vdisk.open(image) as img:  # and the daemon let go of the image
         img.write(0, b"ok")
+
+
+def test_clients_never_talk_to_a_socket_in_a_run_directory_others_control(tmp_path, monkeypatch):
+    """A planted socket in a directory another user could write would answer vdisk's
+    control requests (snapshot-hold, flush...): the client refuses to connect."""
+    import vdisk
+    from fusemount import control
+    from vdisk.errors import VdiskError
+
+    d = tmp_path / "run"
+    d.mkdir(mode=0o777)
+    os.chmod(d, 0o777)
+    monkeypatch.setenv("VDISK_RUN_DIR", str(d))
+    img = str(tmp_path / "x.vdk")
+    vdisk.create(img, 1 << 20)
+    with pytest.raises(VdiskError, match="writable by group or others"):
+        control.request(img, {"op": "ping"})
+    os.chmod(d, 0o700)
+    assert control.request(img, {"op": "ping"}) is None  # ours: no mount owns the image

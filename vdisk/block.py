@@ -443,7 +443,7 @@ def open(  # noqa: A001 - the public name is vdisk.open
     seen: set[tuple[int, int, str | None]] = set()
     with budget.scope():  # one metadata memory budget for the whole chain
         img = _open_node(path, fmt, read_only, snapshot, backing, allowed, seen, 0, cache == "writeback",
-                         lock=None if force_share else "auto", writable_depth=writable_depth)
+                         lock="shared" if force_share else "auto", writable_depth=writable_depth)
     img.guard_probe = guessed
     return img
 
