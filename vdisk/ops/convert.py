@@ -6,10 +6,27 @@ parts of a chunk that turn out to be all zeros (checked per destination cluster,
 memcmp-speed comparisons) are not written either.  The destination is created fresh,
 so what is not written reads as zeros.
 
-The destination is built under a temporary name next to it and renamed into place
-only once complete: a failed or interrupted convert leaves an existing
-destination untouched (like ``qemu-img convert``, an existing destination is
-replaced -- unless another process has it open).
+The destination is built aside and put into place only once complete: a failed or
+interrupted convert leaves an existing destination untouched (like ``qemu-img
+convert``, an existing destination is replaced -- unless another process has it
+open).
+
+An interrupted convert leaves nothing behind, even when killed with SIGKILL (which
+no handler sees).  The image is built in an *unnamed* file: ``open(dir,
+O_TMPFILE)`` makes an inode in the destination's directory that has no name, so
+the kernel frees it when the process dies, however it dies.  Only when the copy is
+complete does it get a name: ``linkat`` of ``/proc/self/fd/N`` straight to the
+destination when there is none yet (atomic: it fails rather than replace a file
+that appeared meanwhile), or else to ``.NAME.vdisk-convert-PID`` followed by a
+``rename`` over the old destination (a window of two system calls).
+
+Where O_TMPFILE is not available (some file systems, or no ``/proc``), the image is
+built under that same ``.NAME.vdisk-convert-PID`` name and unlinked on every exit
+Python sees (errors, Ctrl-C, SIGTERM through the CLI's handler).  A process killed
+outright leaves it behind, so every convert first removes the stale partials of
+its destination directory: those whose PID is no longer running and that no
+process holds open for writing (vdisk's image lock; the PID alone could be another
+PID namespace's).  A partial of a running convert is never touched.
 """
 
 from __future__ import annotations
@@ -171,6 +188,113 @@ def _refuse_if_in_use(path: str) -> None:
     block.open(path, format="raw", read_only=True, backing=False).close()
 
 
+#: what names a partial output: ``.NAME`` + PARTIAL_MARK + the PID of its convert
+PARTIAL_MARK = ".vdisk-convert-"
+
+
+def _pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it runs, as another user
+        return True
+    return True
+
+
+def remove_stale_partials(directory: str) -> list[str]:
+    """Remove the partial outputs (``.NAME.vdisk-convert-PID``) in ``directory`` that
+    a killed convert left: those whose PID runs no more and that no process holds
+    open for writing.  Returns the paths removed.  Best effort: what cannot be
+    checked or removed is left alone."""
+    removed: list[str] = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    me = os.getpid()
+    for name in names:
+        head, mark, pid = name.rpartition(PARTIAL_MARK)
+        if not mark or not head.startswith(".") or len(head) < 2 or not pid.isdigit():
+            continue
+        if int(pid) == me or _pid_running(int(pid)):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            if os.path.islink(path) or not os.path.isfile(path):
+                continue
+            _refuse_if_in_use(path)  # a writer holds it (another PID namespace?): keep it
+            os.unlink(path)
+        except (OSError, VdiskError):
+            continue
+        removed.append(path)
+    return removed
+
+
+def _open_unnamed(directory: str) -> int | None:
+    """A descriptor of a new unnamed file in ``directory`` (O_TMPFILE) that can be
+    reopened and linked through ``/proc/self/fd``, or None where that is not
+    possible (the caller then uses a named partial file)."""
+    flag = getattr(os, "O_TMPFILE", 0)
+    if not flag:
+        return None
+    try:
+        fd = os.open(directory, flag | os.O_RDWR | os.O_CLOEXEC, 0o644)
+    except OSError:
+        return None  # EOPNOTSUPP, EISDIR (no O_TMPFILE), ...: the named fallback reports real errors
+    if not os.path.exists(f"/proc/self/fd/{fd}"):
+        os.close(fd)
+        return None
+    return fd
+
+
+def _create_in(path: str, size: int, fmt: str, cluster_size: int | None, compression: str | None,
+               options: dict | None) -> None:
+    """``block.create`` into an existing, empty file (``path`` is ``/proc/self/fd/N``
+    of an unnamed one; ``block.create`` insists on making the file itself)."""
+    from ..drivers import get_driver
+    from ..drivers.base import CreateOptions
+    from ..host import HostFile
+
+    if size < 0:
+        raise UsageError("size must not be negative")
+    cls = get_driver(fmt)
+    host = HostFile(path)
+    try:
+        cls.create(host, size, CreateOptions(cluster_size=cluster_size, compression=compression,
+                                             extra=dict(options or {})))
+    finally:
+        host.close()
+
+
+def _link_into_place(proc_path: str, partial: str, target: str) -> None:
+    """Give the finished unnamed file the name ``target``: linked there directly if
+    nothing is there (atomic), else linked as ``partial`` and renamed over it."""
+    def link(dst: str) -> None:
+        # linkat(AT_SYMLINK_FOLLOW) follows the /proc link to the inode.  os.link calls
+        # plain link(2), which does not follow, unless it is given a directory fd.
+        dfd = os.open(os.path.dirname(dst) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.link(proc_path, os.path.basename(dst), dst_dir_fd=dfd, follow_symlinks=True)
+        finally:
+            os.close(dfd)
+
+    try:
+        link(target)
+        return
+    except FileExistsError:
+        pass
+    link(partial)
+    try:
+        os.replace(partial, target)
+    except BaseException:
+        try:
+            os.unlink(partial)
+        except OSError:
+            pass
+        raise
+
+
 def convert(
     src: Image,
     dst_path: str,
@@ -201,18 +325,18 @@ def convert(
     directory, base = os.path.split(os.path.abspath(target))
     if not os.path.isdir(directory):
         raise ImageNotFound(f"{dst_path}: directory {directory} does not exist")
-    tmp = os.path.join(directory, f".{base}.vdisk-convert-{os.getpid()}")
-    if os.path.lexists(tmp):
-        os.unlink(tmp)
+    remove_stale_partials(directory)
+    partial = os.path.join(directory, f".{base}{PARTIAL_MARK}{os.getpid()}")
+    if os.path.lexists(partial):
+        os.unlink(partial)
+    unnamed = _open_unnamed(directory)
+    tmp = f"/proc/self/fd/{unnamed}" if unnamed is not None else partial
     try:
-        block.create(
-            tmp,
-            src.size,
-            format=format,
-            cluster_size=cluster_size,
-            compression=compression,
-            options=options,
-        )
+        if unnamed is None:
+            block.create(tmp, src.size, format=format, cluster_size=cluster_size, compression=compression,
+                         options=options)
+        else:
+            _create_in(tmp, src.size, format, cluster_size, compression, options)
         dst = block.open(tmp, format=format, read_only=False, backing=False,
                          cache="writeback" if durable else "unsafe")
         try:
@@ -221,17 +345,24 @@ def convert(
                 dst.flush()
         finally:
             dst.close()
-        os.replace(tmp, target)
+        if unnamed is None:
+            os.replace(partial, target)
+        else:
+            _link_into_place(tmp, partial, target)
     except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        if unnamed is None:
+            try:
+                os.unlink(partial)
+            except OSError:
+                pass
         if isinstance(exc, VdiskError) and tmp in exc.message:
             # Name the file the user asked for, not our temporary one.
             exc.message = exc.message.replace(tmp, dst_path)
             exc.args = (exc.message,) + exc.args[1:]
         raise
+    finally:
+        if unnamed is not None:
+            os.close(unnamed)  # the last reference: an unnamed inode is freed here
     if durable:
         _fsync_dir(directory)
     return stats
