@@ -13,6 +13,7 @@ object on one line, and the server closes.  Requests::
     {"op": "snapshot-create", "name": "NAME"}
     {"op": "snapshot-delete", "name": "NAME"}
     {"op": "snapshot-revert", "name": "NAME"}     (refused while the disk is open)
+    {"op": "snapshot-rename", "name": "NAME", "new_name": "NEW"}
     {"op": "snapshot-hold", "name": "NAME|#ID", "delta": 1|-1,
      "holder": {"image_id": HEX, "path": PATH}}   (a linked clone starts/stops using it)
     {"op": "flush"}

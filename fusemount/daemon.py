@@ -216,6 +216,16 @@ class _Daemon:
             info = fs.snapshot_hold(name, delta, holder)
             log.info("snapshot %s: hold %+d (linked clone %s)", name, delta, holder.path if holder else "-")
             return control.snapshot_to_json(info)
+        if op == "snapshot-rename":
+            new_name = req.get("new_name")
+            if not isinstance(new_name, str) or not new_name:
+                raise vdisk.errors.UsageError("snapshot-rename: a new name is needed")
+            old = fs._snaps.get(os.fsencode(name))
+            info = fs.snapshot_rename(name, new_name)
+            log.info("snapshot %s renamed to %s (live)", name, new_name)
+            await self._invalidate(name, created=False, old_ino=old.ino if old else 0)
+            await self._invalidate(new_name, created=True)
+            return control.snapshot_to_json(info)
         if op == "snapshot-revert":
             fs.snapshot_revert(name)
             log.info("disk reverted to snapshot %s", name)

@@ -225,6 +225,19 @@ class VdiskFS(pyfuse3.Operations):
         self.reload_snapshots()
         return info
 
+    def snapshot_rename(self, name: str, new_name: str) -> SnapshotInfo:
+        """Rename a snapshot; its view under snapshots/ takes the new name."""
+        self._writable_or_raise()
+        snap = self._snaps.get(os.fsencode(name))
+        if snap is not None and snap.opens:
+            raise UsageError(f"cannot rename snapshot {name!r} while it is open through the mount")
+        if snap is not None:
+            self._drop_snap(snap)
+        info = self.image.snapshot_rename(name, new_name)
+        self.image.flush()
+        self.reload_snapshots()
+        return info
+
     def snapshot_revert(self, name: str) -> None:
         self._writable_or_raise()
         if self.disk_opens:

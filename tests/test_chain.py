@@ -213,7 +213,7 @@ def test_cli_snapshot_clone_info_chain(gold):
     d = os.path.dirname(path)
     run("snapshot", "create", path, "s1")
     snaps = json.loads(run("snapshot", "list", "--output", "json", path).stdout)
-    assert [s["name"] for s in snaps] == ["s1"] and snaps[0]["unique_bytes"] == 0
+    assert [s["name"] for s in snaps] == ["s1"] and snaps[0]["vdisk-unique-bytes"] == 0
     run("clone", f"{path}@s1", os.path.join(d, "c.vdk"))
     info = json.loads(run("info", "--backing-chain", "--output", "json", os.path.join(d, "c.vdk")).stdout)
     assert len(info) == 2 and info[1]["filename"].endswith("gold.vdk")

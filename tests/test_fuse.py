@@ -590,9 +590,9 @@ def test_linked_clone_of_a_mounted_image(rig, tmp_path, run_vdisk):
     with vdisk.open(clone) as c:
         assert c.read(0, 12) == b"golden bytes"
     rows = json.loads(run_vdisk("snapshot", "list", "--output", "json", img).stdout)
-    assert [(r["name"], r["holds"]) for r in rows] == [("clone-clone.vdk", 1)]
+    assert [(r["name"], r["vdisk-holds"]) for r in rows] == [("clone-clone.vdk", 1)]
     run_vdisk("rm", clone)  # releases the hold through the mount
     rows = json.loads(run_vdisk("snapshot", "list", "--output", "json", img).stdout)
-    assert [(r["name"], r["holds"]) for r in rows] == [("clone-clone.vdk", 0)]
+    assert [(r["name"], r["vdisk-holds"]) for r in rows] == [("clone-clone.vdk", 0)]
     run_vdisk("umount", mnt)
     rig.fuse_mounts.remove(mnt)

@@ -312,6 +312,10 @@ class Image:
         self._check_write(0, 0)
         self.driver.snapshot_revert(name)
 
+    def snapshot_rename(self, name: str, new_name: str) -> SnapshotInfo:
+        self._check_write(0, 0)
+        return self.driver.snapshot_rename(name, new_name)
+
     # ---------------------------------------------------------------- lifecycle
     def close(self) -> None:
         """Flush and close this image and its whole backing chain."""

@@ -40,3 +40,49 @@ def emit(output: str, obj: Any, human: Callable[[Any], str]) -> None:
         text = human(obj)
         if text:
             click.echo(text)
+
+
+def display_width(text: str) -> int:
+    """Columns ``text`` takes on a terminal: wide (East Asian) characters take two,
+    combining marks none."""
+    import unicodedata
+
+    w = 0
+    for ch in text:
+        if unicodedata.combining(ch):
+            continue
+        w += 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
+    return w
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters (and undecodable bytes of a file name) shown
+    as escapes, so a table row stays one line."""
+    out = []
+    for ch in text:
+        if ch.isprintable():
+            out.append(ch)
+        elif 0xDC80 <= ord(ch) <= 0xDCFF:  # os.fsdecode's stand-in for a byte that is not UTF-8
+            out.append(f"\\x{ord(ch) - 0xDC00:02x}")
+        else:
+            out.append(repr(ch)[1:-1])
+    return "".join(out)
+
+
+def table(headers: list[str], rows: list[list[str]], right: set[int] = frozenset()) -> str:
+    """Rows under headers, each column as wide as its widest cell (by display width,
+    so names of any length and script stay aligned); columns in ``right`` are
+    right-aligned.  The last column is not padded."""
+    cells = [[printable(str(c)) for c in r] for r in [headers, *rows]]
+    widths = [max(display_width(r[i]) for r in cells) for i in range(len(headers))]
+    lines = []
+    for r in cells:
+        parts = []
+        for i, c in enumerate(r):
+            pad = " " * (widths[i] - display_width(c))
+            if i == len(r) - 1 and i not in right:
+                parts.append(c)
+            else:
+                parts.append(pad + c if i in right else c + pad)
+        lines.append("  ".join(parts).rstrip())
+    return "\n".join(lines)

@@ -1,33 +1,70 @@
-"""``vdisk snapshot create|list|delete|revert``: internal snapshots.
+"""``vdisk snapshot create|list|delete|revert|rename``: internal snapshots.
 
-On an image that a ``vdisk mount`` holds read-write, create, list and delete go to
-the mount over its control socket, so the snapshot holds every write the mount
-acknowledged before the call.
+qemu-img's spellings work too: ``snapshot -l FILE``, ``-c NAME FILE``, ``-a NAME
+FILE`` (apply: revert), ``-d NAME FILE``.  On an image that a ``vdisk mount`` holds
+read-write, every one of them goes to the mount over its control socket, so a
+snapshot holds every write the mount acknowledged before the call.
 """
 
 from __future__ import annotations
 
-import datetime
-
 import click
 
-from vdisk.cli.options import format_option, output_option
-from vdisk.cli.output import emit
+from vdisk import block
+from vdisk.cli.options import force_share_option, format_option, output_option
+from vdisk.cli.output import emit, table
 from vdisk.drivers.base import SnapshotInfo
 from vdisk.errors import ImageLocked
 from vdisk.ops.chain import _snapshot_from, with_writable
 from vdisk.sizes import format_size
-from vdisk import block
+
+#: qemu-img snapshot's flags -> (subcommand, takes a snapshot name)
+_QEMU_FLAGS = {"-l": ("list", False), "-c": ("create", True), "-a": ("revert", True), "-d": ("delete", True)}
 
 
-def _as_json(s: SnapshotInfo) -> dict:
-    return {"id": s.id, "name": s.name, "created": s.created, "size": s.size, "generation": s.generation,
-            "unique_bytes": s.unique_bytes, "holds": s.holds}
+def snapshot_json(s: SnapshotInfo) -> dict:
+    """One snapshot as ``qemu-img info --output json`` lists it (id as a string,
+    date-sec/date-nsec, zero VM state), then vdisk's own facts under ``vdisk-`` keys."""
+    sec = int(s.created)
+    return {
+        "id": str(s.id), "name": s.name, "vm-state-size": 0, "date-sec": sec,
+        "date-nsec": int(round((s.created - sec) * 1e9)) % 1_000_000_000, "vm-clock-sec": 0, "vm-clock-nsec": 0,
+        "icount": 0,
+        "vdisk-size": s.size, "vdisk-generation": s.generation, "vdisk-unique-bytes": s.unique_bytes,
+        "vdisk-holds": s.holds,
+        "vdisk-holders": [{"image-id": h.image_id, "path": h.path} for h in s.holders],
+    }
 
 
-@click.group()
+class _SnapshotGroup(click.Group):
+    """Accepts qemu-img's ``-l | -c NAME | -a NAME | -d NAME`` before FILE, and the
+    options of the subcommand after it (``vdisk snapshot -l -U FILE``)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] in _QEMU_FLAGS:
+            sub, named = _QEMU_FLAGS[args[0]]
+            rest = args[1:]
+            if named:
+                if not rest:
+                    raise click.UsageError(f"{args[0]} needs a snapshot name", ctx=ctx)
+                name, rest = rest[0], rest[1:]
+            opts = [a for a in rest if a.startswith("-")]
+            files = [a for a in rest if not a.startswith("-")]
+            if len(files) != 1:
+                raise click.UsageError(f"{args[0]} needs exactly one image file", ctx=ctx)
+            args = [sub, *opts, files[0]] + ([name] if named else [])
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_SnapshotGroup)
 def snapshot() -> None:
-    """Create, list, delete and revert internal snapshots (vdk, qcow2)."""
+    """Create, list, delete, revert and rename internal snapshots (vdk, qcow2).
+
+    Also as qemu-img spells it: `vdisk snapshot -l FILE`, `-c NAME FILE`, `-a NAME
+    FILE` (revert), `-d NAME FILE`.  A snapshot is named by its name or, in every
+    command, by its id spelled #ID (`#3`; on the command line quote it, as '#3').
+    Names are 1 to 255 bytes of UTF-8 without '@', '/', control characters, a
+    leading '#' or surrounding spaces."""
 
 
 @snapshot.command("create")
@@ -59,30 +96,55 @@ def snapshot_revert(fmt, filename, name):
     with_writable(filename, lambda img: img.snapshot_revert(name), ("snapshot-revert", {"name": name}), fmt=fmt)
 
 
+@snapshot.command("rename")
+@format_option()
+@click.argument("filename")
+@click.argument("name")
+@click.argument("new_name")
+def snapshot_rename(fmt, filename, name, new_name):
+    """Rename snapshot NAME of FILENAME to NEW_NAME.  Linked clones name their
+    snapshot by id, so they go on reading it."""
+    with_writable(filename, lambda img: img.snapshot_rename(name, new_name),
+                  ("snapshot-rename", {"name": name, "new_name": new_name}), fmt=fmt)
+
+
 @snapshot.command("list")
 @format_option()
 @output_option()
+@force_share_option()
 @click.argument("filename")
-def snapshot_list(fmt, output, filename):
-    """List snapshots.  JSON: a list of {id, name, created (seconds since the epoch),
-    size (guest bytes), generation, unique_bytes (host bytes that deleting it would
-    free), holds (linked clones depending on it)}."""
+def snapshot_list(fmt, output, force_share, filename):
+    """List snapshots.
+
+    \b
+    JSON: a list, one object per snapshot, with the keys qemu-img info's
+      "snapshots" entries have -- id (a string), name, vm-state-size,
+      date-sec, date-nsec, vm-clock-sec, vm-clock-nsec, icount (0 where
+      vdisk keeps no VM state) -- and vdisk's own: vdisk-size (guest bytes),
+      vdisk-generation, vdisk-unique-bytes (host bytes deleting it would free,
+      or null), vdisk-holds (linked clones depending on it), vdisk-holders
+      (those recorded by identity: [{image-id, path}]).
+    """
     try:
-        with block.open(filename, format=fmt, read_only=True, backing=False) as img:
+        with block.open(filename, format=fmt, read_only=True, backing=False, force_share=force_share) as img:
             snaps = img.snapshot_list(space=True)
     except ImageLocked:
         res = with_writable(filename, lambda img: None, ("snapshot-list", {}), fmt=fmt)
         snaps = [_snapshot_from(s) for s in res]
-    rows = [_as_json(s) for s in snaps]
+    rows = [snapshot_json(s) for s in snaps]
 
     def human(rows):
         if not rows:
             return "no snapshots"
-        lines = [f"{'ID':>4}  {'NAME':<24} {'SIZE':>10} {'UNIQUE':>10} {'HOLDS':>5}  CREATED"]
+        import datetime
+
+        body = []
         for r in rows:
-            when = datetime.datetime.fromtimestamp(r["created"]).strftime("%Y-%m-%d %H:%M:%S")
-            uniq = "-" if r["unique_bytes"] is None else format_size(r["unique_bytes"])
-            lines.append(f"{r['id']:>4}  {r['name']:<24} {format_size(r['size']):>10} {uniq:>10} {r['holds']:>5}  {when}")
-        return "\n".join(lines)
+            when = datetime.datetime.fromtimestamp(r["date-sec"]).strftime("%Y-%m-%d %H:%M:%S")
+            uniq = "-" if r["vdisk-unique-bytes"] is None else format_size(r["vdisk-unique-bytes"])
+            body.append([r["id"], r["name"], format_size(r["vdisk-size"]), uniq, str(r["vdisk-holds"]), when])
+        return table(["ID", "NAME", "SIZE", "UNIQUE", "HOLDS", "CREATED"], body, right={0, 2, 3, 4})
 
     emit(output, rows, human)
+
+

@@ -267,3 +267,7 @@ class BlockDriver(abc.ABC):
 
     def snapshot_revert(self, name: str) -> None:
         raise NotSupported(f"{self.format_name} images have no internal snapshots")
+
+    def snapshot_rename(self, name: str, new_name: str) -> SnapshotInfo:
+        """Rename a snapshot (``new_name`` validated as for ``snapshot_create``)."""
+        raise NotSupported(f"{self.format_name} images cannot rename snapshots")

@@ -1,0 +1,131 @@
+"""qemu-img's habits: spellings, exit codes, progress, tables (issue: a CLI a qemu-img
+user can use without reading the manual).  Where qemu-img has the same command, the
+test runs both on the same files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+
+import vdisk
+
+MiB = 1 << 20
+
+
+def _qemu(*args, check=True):
+    return subprocess.run(["qemu-img", *map(str, args)], capture_output=True, text=True, check=check)
+
+
+# ------------------------------------------------------------------ exit codes and one-line errors
+@pytest.mark.parametrize("args", [["info"], ["bogus-command"], ["create", "-f"], ["convert", "--nope", "a", "b"],
+                                  ["snapshot", "-c"], ["snapshot", "-l", "a", "b"]])
+def test_usage_errors_exit_1_on_one_line(run_vdisk, args):
+    """qemu-img exits 1 on a usage error; click's default, 2, is vdisk's "corrupt"."""
+    r = run_vdisk(*args, expect=1)
+    assert r.stderr.startswith("vdisk: ") and r.stderr.count("\n") == 1, r.stderr
+    assert "--help" in r.stderr
+    assert _qemu(*(["info"] if args == ["info"] else ["bogus-command"]), check=False).returncode == 1
+
+
+def test_help_and_version_exit_0(run_vdisk):
+    assert "Usage:" in run_vdisk("--help").stdout
+    assert run_vdisk("--version").stdout.startswith("vdisk ")
+    assert "Usage:" in run_vdisk("snapshot", "--help").stdout
+
+
+# ------------------------------------------------------------------ snapshot spellings
+@pytest.mark.parametrize("fmt", ["vdk", "qcow2"])
+def test_qemu_img_snapshot_flags(image_dir, run_vdisk, fmt):
+    p = str(image_dir / f"s.{fmt}")
+    run_vdisk("create", "-f", fmt, p, "1M")
+    with vdisk.open(p) as img:
+        img.write(0, b"one" * 100)
+    run_vdisk("snapshot", "-c", "first", p)
+    with vdisk.open(p) as img:
+        img.write(0, b"two" * 100)
+    out = run_vdisk("snapshot", "-l", p).stdout
+    assert "first" in out
+    run_vdisk("snapshot", "-a", "first", p)
+    with vdisk.open(p, read_only=True) as img:
+        assert img.read(0, 300) == b"one" * 100
+    if fmt == "qcow2":  # QEMU sees what vdisk made
+        assert "first" in _qemu("snapshot", "-l", p).stdout
+    run_vdisk("snapshot", "-d", "first", p)
+    assert run_vdisk("snapshot", "-l", p).stdout.strip() == "no snapshots"
+    if fmt == "qcow2":
+        assert "first" not in _qemu("snapshot", "-l", p).stdout
+        _qemu("check", p)
+
+
+@pytest.mark.parametrize("fmt", ["vdk", "qcow2"])
+def test_snapshot_rename_keeps_content_and_clones(image_dir, run_vdisk, fmt):
+    p = str(image_dir / f"r.{fmt}")
+    run_vdisk("create", "-f", fmt, p, "1M")
+    with vdisk.open(p) as img:
+        img.write(0, b"kept" * 100)
+        img.snapshot_create("old")
+        img.write(0, b"live" * 100)
+    clone = str(image_dir / "c.vdk")
+    if fmt == "vdk":
+        run_vdisk("clone", f"{p}@old", clone)
+    run_vdisk("snapshot", "rename", p, "old", "new")
+    rows = json.loads(run_vdisk("snapshot", "list", "--output", "json", p).stdout)
+    assert [r["name"] for r in rows] == ["new"]
+    with vdisk.open(p, read_only=True, snapshot="new") as img:
+        assert img.read(0, 400) == b"kept" * 100
+    if fmt == "vdk":
+        with vdisk.open(clone, read_only=True) as img:
+            assert img.read(0, 400) == b"kept" * 100
+        assert rows[0]["vdisk-holds"] == 1
+    else:
+        assert "new" in _qemu("snapshot", "-l", p).stdout
+        _qemu("check", p)
+    r = run_vdisk("snapshot", "rename", p, "new", "bad@name", expect=1)
+    assert "@" in r.stderr
+
+
+def test_snapshot_list_json_has_qemu_img_info_keys(image_dir, run_vdisk):
+    p = str(image_dir / "q.qcow2")
+    _qemu("create", "-f", "qcow2", p, "1M")
+    _qemu("snapshot", "-c", "s1", p)
+    ours = json.loads(run_vdisk("snapshot", "list", "--output", "json", p).stdout)
+    theirs = json.loads(_qemu("info", "--output", "json", p).stdout)["snapshots"]
+    assert len(ours) == len(theirs) == 1
+    shared = set(theirs[0])
+    assert shared <= set(ours[0]), shared - set(ours[0])
+    for key in ("id", "name", "date-sec", "vm-state-size"):
+        assert ours[0][key] == theirs[0][key], key
+
+
+def test_snapshot_table_stays_aligned_with_long_and_wide_names(image_dir, run_vdisk):
+    p = str(image_dir / "t.vdk")
+    vdisk.create(p, MiB)
+    names = ["a", "x" * 60, "日本語のスナップショット", "naïve"]
+    with vdisk.open(p) as img:
+        for n in names:
+            img.snapshot_create(n)
+    from vdisk.cli.output import display_width
+
+    lines = run_vdisk("snapshot", "list", p).stdout.rstrip("\n").split("\n")
+    assert len(lines) == 1 + len(names)
+    size_col = lines[0].index("SIZE") + len("SIZE")  # right-aligned column: ends where its header ends
+    for line, name in zip(lines[1:], names):
+        assert name in line
+        # the SIZE cell ("1 MiB", right-aligned) ends at the same display column in every row
+        assert display_width(line[: line.index(" MiB") + len(" MiB")]) == size_col, line
+
+
+# ------------------------------------------------------------------ progress
+def test_progress_reaches_100_percent(image_dir, run_vdisk):
+    base, top = str(image_dir / "b.vdk"), str(image_dir / "t.vdk")
+    vdisk.create(base, 64 * MiB)
+    vdisk.create(top, backing_file=base)
+    with vdisk.open(top) as img:
+        img.write(0, b"x" * MiB)  # 1 MiB of 64: commit copies only that
+    r = run_vdisk("commit", "-p", top)
+    assert "(100.00/100%)" in r.stderr
+    r = run_vdisk("convert", "-p", "-O", "raw", base, str(image_dir / "o.raw"))
+    assert "(100.00/100%)" in r.stderr
