@@ -129,3 +129,46 @@ def test_progress_reaches_100_percent(image_dir, run_vdisk):
     assert "(100.00/100%)" in r.stderr
     r = run_vdisk("convert", "-p", "-O", "raw", base, str(image_dir / "o.raw"))
     assert "(100.00/100%)" in r.stderr
+
+
+# ------------------------------------------------------------------ create -o
+def test_create_o_help_lists_the_format_options(run_vdisk):
+    out = run_vdisk("create", "-f", "vdk", "-o", "help").stdout
+    assert out.startswith("Supported vdk options:") and "cluster_size" in out and "backing_file" in out
+    assert "preallocation" in run_vdisk("create", "-f", "raw", "-o", "help").stdout
+    assert "Supported qcow2 options:" in run_vdisk("create", "-f", "qcow2", "-o", "?").stdout
+
+
+@pytest.mark.parametrize("mode", ["off", "falloc", "full"])
+def test_raw_preallocation_allocates_as_qemu_img_does(image_dir, run_vdisk, mode):
+    ours, theirs = image_dir / f"v-{mode}.raw", image_dir / f"q-{mode}.raw"
+    run_vdisk("create", "-f", "raw", "-o", f"preallocation={mode}", ours, "8M")
+    _qemu("create", "-q", "-f", "raw", "-o", f"preallocation={mode}", theirs, "8M")
+    assert os.path.getsize(ours) == os.path.getsize(theirs) == 8 * MiB
+    if mode == "off":  # sparse (qemu-img also writes its first 4 KiB block)
+        assert os.stat(ours).st_blocks <= os.stat(theirs).st_blocks <= 8
+    else:
+        assert os.stat(ours).st_blocks == os.stat(theirs).st_blocks >= 8 * MiB // 512
+    assert open(ours, "rb").read() == bytes(8 * MiB)
+
+
+def test_vdk_preallocation_other_than_off_is_refused_with_the_reason(image_dir, run_vdisk):
+    r = run_vdisk("create", "-f", "vdk", "-o", "preallocation=metadata", image_dir / "x.vdk", "1M", expect=1)
+    assert "copy-on-write" in r.stderr and not (image_dir / "x.vdk").exists()
+
+
+# ------------------------------------------------------------------ bench
+@pytest.mark.parametrize("fmt", ["vdk", "qcow2", "raw"])
+def test_bench_reports_as_qemu_img_does(image_dir, run_vdisk, fmt):
+    p = str(image_dir / f"b.{fmt}")
+    run_vdisk("create", "-f", fmt, p, "4M")
+    r = run_vdisk("bench", "-c", "600", "-w", "-s", "8k", "--pattern", "7", p)
+    first, second = r.stdout.splitlines()
+    assert first == "Sending 600 write requests, 8192 bytes each, 64 in parallel (starting at offset 0, step size 8192)"
+    assert second.startswith("Run completed in ") and second.endswith(" seconds.")
+    with vdisk.open(p, read_only=True) as img:  # 600 x 8 KiB wraps around the 4 MiB disk
+        assert img.read(0, 4 * MiB) == bytes([7]) * (4 * MiB)
+    r = run_vdisk("bench", "-c", "100", "-U", p)
+    if fmt == "qcow2":
+        q = _qemu("bench", "-c", "100", "-U", p)
+        assert q.stdout.splitlines()[0] == r.stdout.splitlines()[0]

@@ -103,6 +103,16 @@ class HostStorage:
     def allocated_bytes(self) -> int:
         return self.size()
 
+    def allocate(self, offset: int, length: int) -> None:
+        """Reserve host space for the range (posix_fallocate; the file grows to cover
+        it) so later writes there cannot fail for lack of space.  Fallback: write zeros."""
+        end = offset + length
+        pos = offset
+        while pos < end:
+            n = min(end - pos, 1 << 20)
+            self.pwrite(pos, bytes(n))
+            pos += n
+
     def close(self) -> None:
         pass
 
@@ -361,6 +371,19 @@ class HostFile(HostStorage):
             os.ftruncate(self.fd, size)
         except OSError as exc:
             raise _oserror(self.name, f"truncate to {size}", exc) from None
+
+    def allocate(self, offset: int, length: int) -> None:
+        if self.flush_failed is not None:
+            raise _refused_after_failed_flush(self, "allocate")
+        if length <= 0:
+            return
+        try:
+            os.posix_fallocate(self.fd, offset, length)
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                HostStorage.allocate(self, offset, length)
+                return
+            raise _oserror(self.name, f"allocate {offset}+{length}", exc) from None
 
     def punch_hole(self, offset: int, length: int) -> None:
         if self.flush_failed is not None:

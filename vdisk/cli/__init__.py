@@ -35,6 +35,7 @@ from .output import one_line
 
 #: built-in commands: name -> "module:attribute"
 COMMANDS: dict[str, str] = {
+    "bench": "vdisk.cli.bench:bench",
     "check": "vdisk.cli.check:check",
     "clone": "vdisk.cli.clone:clone",
     "commit": "vdisk.cli.commit:commit",

@@ -2,16 +2,35 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import click
 
-import os
-import contextlib
 from .. import block
-from . import CONTEXT_SETTINGS
-
 from ..errors import UsageError, VdiskError
-from .options import (SIZE, format_option, open_image, parse_o_options,
-                      quiet_option, unsafe_backing_option)
+from . import CONTEXT_SETTINGS
+from .options import SIZE, format_option, open_image, parse_o_options, quiet_option, unsafe_backing_option
+
+#: -o keys every format with a backing file takes (handled by create itself)
+_COMMON_OPTIONS = {
+    "backing_file": "file name of a backing image (as -b)",
+    "backing_fmt": "format of the backing image (as -F)",
+}
+
+
+def format_options_help(fmt: str) -> str:
+    """``-o help``: the options FMT's create takes, as qemu-img lists them."""
+    from ..drivers import get_driver
+
+    cls = get_driver(fmt)
+    opts = dict(cls.create_options)
+    if cls.supports_backing:
+        opts.update(_COMMON_OPTIONS)
+    if not opts:
+        return f"The {fmt} format takes no options."
+    width = max(len(k) for k in opts)
+    return f"Supported {fmt} options:\n" + "\n".join(f"  {k:<{width}}  - {v}" for k, v in sorted(opts.items()))
 
 
 @click.command(context_settings=CONTEXT_SETTINGS)
@@ -30,7 +49,7 @@ from .options import (SIZE, format_option, open_image, parse_o_options,
 @click.option("-F", "--backing-format", "backing_format", metavar="FMT", help="BACKING's format (required for raw).")
 @unsafe_backing_option()
 @quiet_option()
-@click.argument("filename")
+@click.argument("filename", required=False)
 @click.argument("size", type=SIZE, required=False)
 def create(fmt, opts, backing_file, backing_format, unsafe_backing, quiet, filename, size):
     """Create a new image FILENAME of SIZE bytes (10G, 512M, ...).
@@ -38,8 +57,13 @@ def create(fmt, opts, backing_file, backing_format, unsafe_backing, quiet, filen
     With -b, SIZE defaults to the backing image's size, and BACKING must lie where
     vdisk follows backing files (FILENAME's directory or below, or a directory in
     VDISK_BACKING_DIRS) unless --unsafe-backing.  An existing FILENAME is never
-    overwritten.
+    overwritten.  `-o help` lists the options of the format.
     """
+    if any(part.strip() in ("help", "?") for o in opts for part in o.split(",")):
+        click.echo(format_options_help(fmt))
+        return
+    if filename is None:
+        raise click.UsageError("Missing argument 'FILENAME'.")
     kw = parse_o_options(opts)
     backing_file = backing_file or kw.pop("backing_file", None)
     backing_format = backing_format or kw.pop("backing_format", None)

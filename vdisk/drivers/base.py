@@ -128,6 +128,8 @@ class BlockDriver(abc.ABC):
     supports_compression: ClassVar[bool] = False
     supports_discard: ClassVar[bool] = False
     default_cluster_size: ClassVar[int] = 65536
+    #: the -o options ``create`` takes: name -> one line of help (``vdisk create -o help``)
+    create_options: ClassVar[dict[str, str]] = {}
 
     #: guest size in bytes; updated by ``resize``
     size: int

@@ -13,6 +13,10 @@ class RawDriver(BlockDriver):
     format_name = "raw"
     supports_discard = True
     default_cluster_size = 4096
+    create_options = {
+        "preallocation": "off (sparse, the default), falloc (reserve the space with posix_fallocate) "
+                         "or full (write zeros over the whole disk)",
+    }
 
     def __init__(self, host: HostStorage, read_only: bool):
         self.host = host
@@ -27,9 +31,17 @@ class RawDriver(BlockDriver):
             raise UsageError("raw images cannot have a backing file")
         if opts.compression not in (None, "none"):
             raise UsageError("raw images cannot be compressed")
-        if opts.extra:
-            raise UsageError(f"raw images take no options ({', '.join(opts.extra)} given)")
+        extra = dict(opts.extra)
+        prealloc = extra.pop("preallocation", "off")
+        if extra:
+            raise UsageError(f"unknown raw option(s): {', '.join(sorted(extra))} (see -o help)")
+        if prealloc not in ("off", "falloc", "full"):
+            raise UsageError(f"raw: preallocation must be off, falloc or full (got {prealloc!r})")
         host.truncate(size)
+        if prealloc == "falloc":
+            host.allocate(0, size)
+        elif prealloc == "full":
+            HostStorage.allocate(host, 0, size)  # zeros written: every block allocated on any file system
         host.flush()
 
     @classmethod
