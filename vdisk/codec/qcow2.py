@@ -332,13 +332,20 @@ def compressed_host_range(e: L2Entry) -> tuple[int, int]:
 
 # ---------------------------------------------------------------------- tables of u64
 def decode_u64_table(buf: bytes) -> array.array:
-    """Big-endian u64 table (L1, L2, refcount table) -> array('Q') of host-order ints."""
+    """Big-endian u64 table (L1, L2, refcount table) -> array('Q') of host-order ints
+    (8 bytes an entry; no intermediate copy of ``buf``)."""
     n = len(buf) // 8
     a = array.array("Q")
-    a.frombytes(bytes(buf[: n * 8]))
+    a.frombytes(memoryview(buf)[: n * 8])
     if sys.byteorder == "little":
         a.byteswap()
     return a
+
+
+def extend_u64_table(a: array.array, buf) -> None:
+    """Append the big-endian u64 entries of ``buf`` (a whole number of them) to ``a``,
+    so a big table can be decoded piece by piece as it is read."""
+    a.extend(decode_u64_table(buf))
 
 
 def encode_u64_table(a) -> bytes:
@@ -506,7 +513,11 @@ def compress_cluster(data: bytes, ctype: int) -> bytes:
 
 def decompress_cluster(buf: bytes, ctype: int, cluster_size: int) -> bytes:
     """Decompress until one cluster is produced; bytes past the stream are ignored.
-    Raises ``CorruptImage`` if the stream is bad or too short."""
+    Raises ``CorruptImage`` if the stream is bad or too short.  Never allocates more
+    than about one cluster, whatever the stream claims or expands to: zlib output
+    is capped at ``cluster_size``; zstd goes through the shared bounded decoder
+    (:func:`vdisk.codec.zstd.decompress_bounded`, QEMU's rules: frames up to
+    exactly one cluster, then anything)."""
     try:
         if ctype == COMPRESSION_ZLIB:
             import zlib
@@ -514,17 +525,15 @@ def decompress_cluster(buf: bytes, ctype: int, cluster_size: int) -> bytes:
             d = zlib.decompressobj(-15)
             out = d.decompress(buf, cluster_size)
         elif ctype == COMPRESSION_ZSTD:
-            import zstandard
+            from .zstd import decompress_bounded
 
-            d = zstandard.ZstdDecompressor().decompressobj()
-            out = d.decompress(buf)[:cluster_size]
+            out = decompress_bounded(buf, cluster_size, exact=False)
         else:
             raise CorruptImage(f"unknown compression type {ctype}")
-    except CorruptImage:
-        raise
-    except Exception as exc:  # zlib.error, zstandard.ZstdError
+    except CorruptImage as exc:
+        raise CorruptImage(f"compressed cluster: {exc}") from None
+    except Exception as exc:  # zlib.error
         raise CorruptImage(f"compressed cluster does not decompress: {exc}") from None
     if len(out) != cluster_size:
         raise CorruptImage(f"compressed cluster decompresses to {len(out)} bytes, not {cluster_size}")
     return out
-

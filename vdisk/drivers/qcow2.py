@@ -55,10 +55,15 @@ Metadata caching and the write order (crash consistency)
 from __future__ import annotations
 
 import array
+import heapq
+import itertools
 import os
+import sys
 import time
+from bisect import bisect_left
 from collections import OrderedDict
 
+from .. import budget
 from ..codec import qcow2 as C
 from ..errors import (
     BackingError,
@@ -89,10 +94,119 @@ MAX_CLUSTER_BITS = 21
 L2_CACHE_TABLES = 512  # clean L2 tables kept in memory
 RB_CACHE_BLOCKS = 256
 DIRTY_FLUSH_THRESHOLD = 256  # metadata tables dirty before an automatic flush
+#: snapshot L1 bytes read at open to list the L2 tables only snapshots use (beyond
+#: this, such tables are not in the metadata index: see ``_build_meta_index``)
+MAX_SNAPSHOT_L1_SCAN = 64 << 20
+TABLE_READ_CHUNK = 1 << 20  # big tables are read in pieces: no second copy in memory
 
 
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
+
+
+class _ClusterSet:
+    """A set of host cluster indices held compactly: a sorted ``array('Q')`` (8 bytes
+    a member) plus small sets of recent additions and removals, folded into the
+    array once they hold ``FOLD`` members.  Membership costs two set look-ups and a
+    bisection."""
+
+    FOLD = 4096
+    __slots__ = ("_base", "_added", "_removed")
+
+    def __init__(self, items=()):
+        self._added: set[int] = set()
+        self._removed: set[int] = set()
+        # sort in chunks, then merge: no list of every member at once
+        runs, chunk = [], []
+        for c in items:
+            chunk.append(c)
+            if len(chunk) >= 65536:
+                runs.append(array.array("Q", sorted(chunk)))
+                chunk = []
+        if chunk:
+            runs.append(array.array("Q", sorted(chunk)))
+        self._base = self._dedup(heapq.merge(*runs) if len(runs) > 1 else (runs[0] if runs else ()))
+
+    @staticmethod
+    def _dedup(sorted_iter) -> array.array:
+        out = array.array("Q")
+        last = None
+        for c in sorted_iter:
+            if c != last:
+                out.append(c)
+                last = c
+        return out
+
+    def _in_base(self, c: int) -> bool:
+        b = self._base
+        i = bisect_left(b, c)
+        return i < len(b) and b[i] == c
+
+    def __contains__(self, c: int) -> bool:
+        if c in self._added:
+            return True
+        if c in self._removed:
+            return False
+        return self._in_base(c)
+
+    def __len__(self) -> int:
+        return len(self._base) - len(self._removed) + len(self._added)
+
+    def add(self, c: int) -> None:
+        if c in self._removed:
+            self._removed.discard(c)
+        elif not self._in_base(c):
+            self._added.add(c)
+            self._maybe_fold()
+
+    def add_range(self, c: int, n: int) -> None:
+        for x in range(c, c + n):
+            self.add(x)
+
+    def discard(self, c: int) -> None:
+        if c in self._added:
+            self._added.discard(c)
+        elif c not in self._removed and self._in_base(c):
+            self._removed.add(c)
+            self._maybe_fold()
+
+    def first_in(self, start: int, end: int) -> int | None:
+        """The smallest member in ``[start, end)``, or None."""
+        if end - start <= 8:
+            for c in range(start, end):
+                if c in self:
+                    return c
+            return None
+        best = None
+        b = self._base
+        i = bisect_left(b, start)
+        while i < len(b) and b[i] < end:
+            if b[i] not in self._removed:
+                best = b[i]
+                break
+            i += 1
+        added = self._added
+        if len(added) <= end - start:
+            for c in added:
+                if start <= c < end and (best is None or c < best):
+                    best = c
+        else:
+            for c in range(start, end if best is None else best):
+                if c in added:
+                    return c
+        return best
+
+    def _maybe_fold(self) -> None:
+        if len(self._added) + len(self._removed) < self.FOLD:
+            return
+        rm = self._removed
+        self._base = self._dedup(heapq.merge((c for c in self._base if c not in rm), sorted(self._added)))
+        self._added = set()
+        self._removed = set()
+
+    def nbytes(self) -> int:
+        n = len(self._added) + len(self._removed)
+        return len(self._base) * 8 + sys.getsizeof(self._added) + sys.getsizeof(self._removed) + 32 * n
 
 
 @register
@@ -313,12 +427,14 @@ class Qcow2Driver(BlockDriver):
         if h.refcount_table_clusters * cs > MAX_REFTABLE_BYTES:
             raise CorruptImage(f"{name}: qcow2 refcount table ({h.refcount_table_clusters} clusters) is too large")
         self._check_table(h.refcount_table_offset, h.refcount_table_clusters * cs, "refcount table")
-        self.reftable = C.decode_u64_table(host.pread(h.refcount_table_offset, h.refcount_table_clusters * cs))
+        budget.charge(h.refcount_table_clusters * cs, f"{name}: qcow2 refcount table")
+        self.reftable = self._read_u64_table(h.refcount_table_offset, h.refcount_table_clusters * cs)
         self.reftable_capacity = len(self.reftable)
         # --- L1
         if h.l1_size:
             self._check_table(h.l1_table_offset, h.l1_size * 8, "L1 table")
-            self.l1 = C.decode_u64_table(host.pread(h.l1_table_offset, h.l1_size * 8))
+            budget.charge(h.l1_size * 8, f"{name}: qcow2 L1 table ({h.l1_size} entries)")
+            self.l1 = self._read_u64_table(h.l1_table_offset, h.l1_size * 8)
         else:
             self.l1 = array.array("Q")
         # --- snapshots
@@ -365,6 +481,7 @@ class Qcow2Driver(BlockDriver):
             self.size = snap.disk_size if snap.disk_size is not None else h.size
             if _ceil_div(self.size, cs * self.l2_entries) > snap.l1_size:
                 raise CorruptImage(f"{name}: snapshot {snap.name!r} L1 table is too small for its disk size")
+        self._build_meta_index()
         if not self.read_only:
             changed = False
             if h.autoclear_features:
@@ -424,13 +541,25 @@ class Qcow2Driver(BlockDriver):
                 f"({self._eof} bytes)"
             )
 
+    def _read_u64_table(self, offset: int, nbytes: int) -> array.array:
+        """A table of big-endian u64 entries, read in pieces (memory: the table, 8
+        bytes an entry, plus one piece)."""
+        a = array.array("Q")
+        pos = offset
+        end = offset + nbytes
+        while pos < end:
+            n = min(TABLE_READ_CHUNK, end - pos)
+            C.extend_u64_table(a, self.host.pread(pos, n))
+            pos += n
+        return a
+
     def _read_l1(self, offset: int, l1_size: int, what: str) -> array.array:
         if l1_size * 8 > MAX_L1_BYTES:
             raise CorruptImage(f"{self.host.name}: qcow2 {what} size {l1_size} is too large")
         if l1_size == 0:
             return array.array("Q")
         self._check_table(offset, l1_size * 8, what)
-        return C.decode_u64_table(self.host.pread(offset, l1_size * 8))
+        return self._read_u64_table(offset, l1_size * 8)
 
     def _read_snapshot_table(self, offset: int, count: int) -> list[C.Snapshot]:
         self._snap_table_bytes = 0
@@ -464,6 +593,85 @@ class Qcow2Driver(BlockDriver):
             pos += total
         self._snap_table_bytes = pos - offset
         return snaps
+
+    def _build_meta_index(self) -> None:
+        """Index every host cluster that holds metadata: the header cluster, the
+        refcount table and blocks, the active L1 table and its L2 tables, the
+        snapshot table, each snapshot's L1 table and the L2 tables they point to.
+
+        A data cluster (standard or compressed L2 entry) inside one of them is
+        corruption: reads, writes and snapshot operations refuse it (``_guard``)
+        instead of handing metadata out as guest data or overwriting it.  The index
+        is kept up to date as metadata is allocated (``_meta.add``) and freed
+        (refcount 0 in ``_apply_pending_free``).  Offsets that are invalid (not
+        aligned, past the end of the file) are left out: other checks report them.
+        Snapshot L1 tables are read once here, up to ``MAX_SNAPSHOT_L1_SCAN`` bytes
+        in all; L2 tables that only snapshots past that amount use are not indexed."""
+        cs = self.cluster_size
+        h = self.hdr
+        eof = self._eof
+        self._meta_partial = False
+
+        def table(off: int, nbytes: int):
+            if off and not off % cs and nbytes > 0 and off < eof:
+                return range(off // cs, _ceil_div(min(off + nbytes, eof), cs))
+            return ()
+
+        def l2s(l1):
+            for e in l1:
+                if e:
+                    off = e & C.OFFSET_MASK
+                    if off and not off % cs and off < eof:
+                        yield off // cs
+
+        def members():
+            yield 0
+            yield from table(h.refcount_table_offset, h.refcount_table_clusters * cs)
+            yield from l2s(self.reftable)  # refcount block offsets: same layout
+            yield from table(h.l1_table_offset, h.l1_size * 8)
+            roots = [(s.l1_table_offset, s.l1_size) for s in self.snapshots]
+            if self._snapshot_view is None:
+                yield from l2s(self.l1)
+            else:
+                roots.insert(0, (h.l1_table_offset, h.l1_size))
+            if h.nb_snapshots:
+                yield from table(h.snapshots_offset, getattr(self, "_snap_table_bytes", 0))
+            seen = set()
+            scanned = 0
+            for off, n in roots:
+                if not n or off % cs or off + n * 8 > eof:
+                    continue
+                yield from table(off, n * 8)
+                if (off, n) in seen:
+                    continue
+                seen.add((off, n))
+                if scanned + n * 8 > MAX_SNAPSHOT_L1_SCAN:
+                    self._meta_partial = True
+                    continue
+                scanned += n * 8
+                pos, end = off, off + n * 8
+                while pos < end:
+                    k = min(TABLE_READ_CHUNK, end - pos)
+                    yield from l2s(C.decode_u64_table(self.host.pread(pos, k)))
+                    pos += k
+
+        self._meta = _ClusterSet(members())
+
+    def _guard(self, e: int, gci: int) -> None:
+        """Refuse the L2 entry ``e`` (guest cluster ``gci``) if the host clusters it
+        references hold metadata (see ``_build_meta_index``)."""
+        if e & C.FLAG_COMPRESSED:
+            ent = C.decode_l2_entry(e, self.cluster_bits)
+            a, b = C.compressed_host_range(ent)
+            hit = self._meta.first_in(a >> self.cluster_bits, ((b - 1) >> self.cluster_bits) + 1)
+        else:
+            off = e & C.OFFSET_MASK
+            hit = off >> self.cluster_bits if off and (off >> self.cluster_bits) in self._meta else None
+        if hit is not None:
+            raise CorruptImage(
+                f"{self.host.name}: qcow2 L2 entry for guest offset {gci * self.cluster_size} points at host "
+                f"offset {hit * self.cluster_size:#x}, which holds qcow2 metadata (run check)"
+            )
 
     def _find_snapshot(self, name: str) -> C.Snapshot:
         for s in self.snapshots:
@@ -509,10 +717,12 @@ class Qcow2Driver(BlockDriver):
         t = C.decode_u64_table(self.host.pread(offset, cs))
         self._l2cache[offset] = t
         if len(self._l2cache) > L2_CACHE_TABLES:
+            # evict clean tables, oldest first -- never the one just loaded: the caller
+            # may modify it and mark it dirty (it would be lost, or KeyError at flush)
             for k in list(self._l2cache):
                 if len(self._l2cache) <= L2_CACHE_TABLES:
                     break
-                if k not in self._l2dirty:
+                if k not in self._l2dirty and k != offset:
                     del self._l2cache[k]
         return t
 
@@ -526,10 +736,10 @@ class Qcow2Driver(BlockDriver):
         b = C.decode_refblock(self.host.pread(offset, cs), self.order)
         self._rbcache[offset] = b
         if len(self._rbcache) > RB_CACHE_BLOCKS:
-            for k in list(self._rbcache):
+            for k in list(self._rbcache):  # as in _l2: never the block just loaded
                 if len(self._rbcache) <= RB_CACHE_BLOCKS:
                     break
-                if k not in self._rbdirty:
+                if k not in self._rbdirty and k != offset:
                     del self._rbcache[k]
         return b
 
@@ -562,6 +772,8 @@ class Qcow2Driver(BlockDriver):
         off = c0 * self.cluster_size
         if off >= MAX_HOST_OFFSET:
             raise VdiskError(f"{self.host.name}: qcow2 image is full (host offset limit reached)")
+        self._refuse_meta(c0, c0 + 1)
+        self._meta.add(c0)
         if ri >= len(self.reftable):
             if (ri + 1) * 8 > MAX_REFTABLE_BYTES:
                 raise VdiskError(f"{self.host.name}: qcow2 refcount table would exceed {MAX_REFTABLE_BYTES} bytes")
@@ -573,6 +785,16 @@ class Qcow2Driver(BlockDriver):
         self.reftable[ri] = off
         self._reftable_dirty = True
         return off
+
+    def _refuse_meta(self, start: int, end: int) -> None:
+        """Clusters about to be handed out must not hold metadata (a refcount of 0 on
+        metadata is corruption; reusing the cluster would overwrite it)."""
+        hit = self._meta.first_in(start, end)
+        if hit is not None:
+            raise CorruptImage(
+                f"{self.host.name}: qcow2 metadata at host offset {hit * self.cluster_size:#x} has refcount 0 "
+                "(run check -r all)"
+            )
 
     def _has_block(self, ri: int) -> bool:
         return ri < len(self.reftable) and bool(self.reftable[ri] & C.OFFSET_MASK)
@@ -616,6 +838,7 @@ class Qcow2Driver(BlockDriver):
         end = start + n
         if end * self.cluster_size > MAX_HOST_OFFSET:
             raise VdiskError(f"{self.host.name}: qcow2 image is full (host offset limit reached)")
+        self._refuse_meta(start, end)
         # refcount blocks for the ranges of the run that have none, placed after it
         pending = [ri for ri in range(start // rbe, (end - 1) // rbe + 1) if not self._has_block(ri)]
         placed: dict[int, int] = {}
@@ -628,6 +851,7 @@ class Qcow2Driver(BlockDriver):
                 if q not in taken and (not self._has_block(qri) or self._rb(self.reftable[qri] & C.OFFSET_MASK)[qi] == 0):
                     break
                 q += 1
+            self._refuse_meta(q, q + 1)
             placed[ri] = q
             taken.add(q)
             qri = q // rbe
@@ -642,6 +866,7 @@ class Qcow2Driver(BlockDriver):
             off = cl * self.cluster_size
             self._rbcache[off] = C.new_refblock(self.cluster_size, self.order)
             self._rbdirty.add(off)
+            self._meta.add(cl)
             self.reftable[ri] = off
             self._reftable_dirty = True
         for cl in placed.values():
@@ -663,8 +888,13 @@ class Qcow2Driver(BlockDriver):
         cs = self.cluster_size
         return range(start // cs, (end - 1) // cs + 1)
 
-    def _release_entry(self, e: int) -> None:
-        """The L2 entry ``e`` is being replaced: drop its references."""
+    def _release_entry(self, e: int, gci: int) -> None:
+        """The L2 entry ``e`` (of guest cluster ``gci``) is being replaced: drop its
+        references.  One pointing into metadata is refused first (dropping its
+        reference would free the metadata)."""
+        if not e:
+            return
+        self._guard(e, gci)
         ent = C.decode_l2_entry(e, self.cluster_bits)
         if ent.kind == C.COMPRESSED:
             a, b = C.compressed_host_range(ent)
@@ -728,6 +958,7 @@ class Qcow2Driver(BlockDriver):
                     raise CorruptImage(
                         f"{self.host.name}: qcow2 subcluster at guest offset {pos} is allocated without a valid cluster"
                     )
+                self._guard(host, gci)
                 yield pos, n, "d", host + coff
             elif zero >> sc & 1:
                 yield pos, n, "z", None
@@ -755,7 +986,9 @@ class Qcow2Driver(BlockDriver):
                 out += bytes(n)
             else:
                 coff = pos % self.cluster_size
-                out += self._decompress(x, C.decode_l2_entry(x, self.cluster_bits))[coff : coff + n]
+                out += self._decompress(x, C.decode_l2_entry(x, self.cluster_bits), pos // self.cluster_size)[
+                    coff : coff + n
+                ]
             i += 1
         return bytes(out)
 
@@ -766,6 +999,7 @@ class Qcow2Driver(BlockDriver):
         off = l1e & C.OFFSET_MASK
         if not off:
             new = self._alloc(1)
+            self._meta.add(new // cs)
             t = array.array("Q", bytes(cs))
             self._l2cache[new] = t
             self._l2dirty.add(new)
@@ -782,6 +1016,7 @@ class Qcow2Driver(BlockDriver):
         # refcounts (each L1 -> L2 path counts once) and stay shared, so no entry
         # of the copy may carry the COPIED flag.
         new = self._alloc(1)
+        self._meta.add(new // cs)
         t2 = array.array("Q", t)
         for i, e in enumerate(t2):
             if e & C.FLAG_COPIED:
@@ -816,8 +1051,8 @@ class Qcow2Driver(BlockDriver):
                     e2 = C.decode_l2_entry(self._entry((pos + n) // cs), self.cluster_bits)
                     if e2.kind != C.NORMAL or e2.host_offset != host + coff + n or e2.reserved:
                         break
-                    if e2.host_offset >= self._eof:
-                        break
+                    if e2.host_offset >= self._eof or (e2.host_offset >> self.cluster_bits) in self._meta:
+                        break  # the next round names the problem
                     n += min(cs, end - pos - n)
                 out += self.host.pread(host + coff, n)
             elif kind == C.UNALLOCATED:
@@ -835,12 +1070,13 @@ class Qcow2Driver(BlockDriver):
                     self._data_offset(ent, gci)  # raises
                 out += bytes(n)
             else:
-                out += self._decompress(e, ent)[coff : coff + n]
+                out += self._decompress(e, ent, gci)[coff : coff + n]
             pos += n
         return bytes(out)
 
     def _data_offset(self, ent: C.L2Entry, gci: int) -> int:
-        """The host offset of a standard data cluster, validated."""
+        """The host offset of a standard data cluster, validated (also against the
+        metadata index: a data cluster inside metadata is corruption)."""
         host = ent.host_offset
         where = f"{self.host.name}: qcow2 L2 entry for guest offset {gci * self.cluster_size}"
         if ent.reserved:
@@ -849,15 +1085,22 @@ class Qcow2Driver(BlockDriver):
             raise CorruptImage(f"{where}: data cluster {host:#x} is not cluster aligned")
         if host >= self._eof:
             raise CorruptImage(f"{where}: data cluster {host:#x} lies beyond the end of the file ({self._eof} bytes)")
+        if (host >> self.cluster_bits) in self._meta:
+            raise CorruptImage(f"{where} points at host offset {host:#x}, which holds qcow2 metadata (run check)")
         return host
 
-    def _decompress(self, e: int, ent: C.L2Entry) -> bytes:
+    def _decompress(self, e: int, ent: C.L2Entry, gci: int) -> bytes:
         if self._dcache is not None and self._dcache[0] == e:
             return self._dcache[1]
         a, b = C.compressed_host_range(ent)
+        where = f"{self.host.name}: qcow2 compressed cluster at guest offset {gci * self.cluster_size}"
         if b > self._eof + 512:
-            raise CorruptImage(f"{self.host.name}: qcow2 compressed cluster at {a:#x} lies beyond the end of the file")
-        data = C.decompress_cluster(self.host.pread(a, b - a), self.comp_type, self.cluster_size)
+            raise CorruptImage(f"{where} (host offset {a:#x}) lies beyond the end of the file")
+        self._guard(e, gci)
+        try:
+            data = C.decompress_cluster(self.host.pread(a, b - a), self.comp_type, self.cluster_size)
+        except CorruptImage as exc:
+            raise CorruptImage(f"{where} (host offset {a:#x}): {exc}") from None
         self._dcache = (e, data)
         return data
 
@@ -869,7 +1112,7 @@ class Qcow2Driver(BlockDriver):
         if ent.kind == C.ZERO:
             return bytes(cs)
         if ent.kind == C.COMPRESSED:
-            return self._decompress(e, ent)
+            return self._decompress(e, ent, gci)
         if self.backing is not None:
             return self.backing.read(gci * cs, cs)
         return bytes(cs)
@@ -890,15 +1133,17 @@ class Qcow2Driver(BlockDriver):
             n = min(cs - coff, end - pos)
             l2off, t = self._l2_for_write(l1i)
             e = t[l2i]
+            if e:
+                self._guard(e, gci)  # before anything is allocated or released for it
             src = mv[pos - offset : pos - offset + n]
-            if self._owned(e):
+            if self._owned(e, gci):
                 # owned alone: rewrite in place, merging following clusters of this
                 # L2 table that are owned too and host-contiguous
                 host = e & C.OFFSET_MASK
                 j = l2i + 1
                 while pos + n < end and j < self.l2_entries:
                     e2 = t[j]
-                    if (e2 & C.OFFSET_MASK) != host + (j - l2i) * cs or not self._owned(e2):
+                    if (e2 & C.OFFSET_MASK) != host + (j - l2i) * cs or not self._owned(e2, gci + j - l2i):
                         break
                     n += min(cs, end - pos - n)
                     j += 1
@@ -911,14 +1156,15 @@ class Qcow2Driver(BlockDriver):
                 while (
                     pos + (k + 1) * cs <= end
                     and l2i + k < self.l2_entries
-                    and not self._owned(t[l2i + k])
+                    and not self._owned(t[l2i + k], gci + k)
                     and k < 256
                 ):
+                    self._guard(t[l2i + k], gci + k)
                     k += 1
                 new = self._alloc(k)
                 self._pwrite(new, mv[pos - offset : pos - offset + k * cs])
                 for j in range(k):
-                    self._release_entry(t[l2i + j])
+                    self._release_entry(t[l2i + j], gci + j)
                     t[l2i + j] = (new + j * cs) | C.FLAG_COPIED
                 self._l2dirty.add(l2off)
                 pos += k * cs
@@ -930,19 +1176,21 @@ class Qcow2Driver(BlockDriver):
                 base[coff : coff + n] = src
                 buf = base
             new_e = self._store_cluster(buf, full=(n == cs))
-            self._release_entry(e)
+            self._release_entry(e, gci)
             t[l2i] = new_e
             self._l2dirty.add(l2off)
             pos += n
         self._dcache = None
         self._maybe_flush()
 
-    def _owned(self, e: int) -> bool:
+    def _owned(self, e: int, gci: int) -> bool:
         """A normal data cluster referenced by the active table only (COPIED, and
         refcount 1 -- checked as well, so that a wrong flag cannot make us write
-        into a cluster a snapshot shares)."""
+        into a cluster a snapshot shares).  An entry pointing into metadata is
+        refused (CorruptImage), never rewritten in place."""
         if not e & C.FLAG_COPIED or e & (C.FLAG_COMPRESSED | C.FLAG_ZERO):
             return False
+        self._guard(e, gci)
         h = e & C.OFFSET_MASK
         return bool(h) and self._rc(h // self.cluster_size) == 1
 
@@ -1019,7 +1267,7 @@ class Qcow2Driver(BlockDriver):
                 want = C.FLAG_ZERO
             l2off, t = self._l2_for_write(l1i)
             old = t[l2i]
-            self._release_entry(old)
+            self._release_entry(old, gci)
             t[l2i] = want
             self._l2dirty.add(l2off)
             pos += n
@@ -1055,6 +1303,7 @@ class Qcow2Driver(BlockDriver):
             for c in range(off // cs, off // cs + n):  # grew past it while allocating: again
                 self._rc_set(c, 0)
         old = (self.hdr.refcount_table_offset, self.hdr.refcount_table_clusters)
+        self._meta.add_range(off // cs, n)
         self.hdr = self.hdr.replace(refcount_table_offset=off, refcount_table_clusters=n)
         self.reftable_capacity = n * cs // 8
         return old
@@ -1131,6 +1380,7 @@ class Qcow2Driver(BlockDriver):
             self._rc_set(c, rc - k)
             if rc == k:
                 freed.append(c)
+                self._meta.discard(c)
                 self._l2cache.pop(c * cs, None)
                 self._l2dirty.discard(c * cs)
                 self._rbcache.pop(c * cs, None) if (c * cs) not in self._rbdirty else None
@@ -1232,15 +1482,15 @@ class Qcow2Driver(BlockDriver):
                 e = self._l2(off)[l2i]
                 if e:
                     wl2, t = self._l2_for_write(l1i)
-                    self._release_entry(t[l2i])
+                    self._release_entry(t[l2i], gci)
                     t[l2i] = 0
                     self._l2dirty.add(wl2)
             for l1i in range(need, len(self.l1)):
                 off = self.l1[l1i] & C.OFFSET_MASK
                 if off:
-                    for e in self._l2(off):
+                    for i, e in enumerate(self._l2(off)):
                         if e:
-                            self._release_entry(e)
+                            self._release_entry(e, l1i * self.l2_entries + i)
                     self._free_cluster(off // cs)
                     self._l2dirty.discard(off)
             self._set_l1_size(need)
@@ -1276,6 +1526,7 @@ class Qcow2Driver(BlockDriver):
             del self.l1[need:]
         if new_clusters > old_clusters or (old_off == 0 and need):
             new_off = self._alloc(new_clusters)
+            self._meta.add_range(new_off // cs, new_clusters)
             if old_off and old_clusters:
                 for c in range(old_off // cs, old_off // cs + old_clusters):
                     self._free_cluster(c)
@@ -1331,57 +1582,67 @@ class Qcow2Driver(BlockDriver):
         self.backing_ref = ref
 
     # ================================================================== tree walks
-    def _walk_l1_refs(self, l1: array.array, visit_l2, visit_data) -> None:
-        """Call visit_l2(l1_index, l2_offset) and visit_data(l2_entry) for a table tree."""
+    def _tree_refs(self, l1: array.array):
+        """Every host cluster the tree of ``l1`` references, once per reference: each
+        L2 table, then the clusters of its entries.  Entries pointing into metadata
+        are refused (``_guard``)."""
+        cs = self.cluster_size
+        per = self.l2_entries
         for l1i, l1e in enumerate(l1):
             off = l1e & C.OFFSET_MASK
             if not off:
                 continue
-            visit_l2(l1i, off)
-            for e in self._l2(off, f" (L1 index {l1i})"):
+            yield off // cs
+            for i, e in enumerate(self._l2(off, f" (L1 index {l1i})")):
                 if e:
-                    visit_data(e)
+                    self._guard(e, l1i * per + i)
+                    yield from self._entry_refs(e)
 
     def _add_tree_refs(self, l1: array.array, delta: int) -> None:
-        cs = self.cluster_size
+        """One reference more (``delta`` +1) or less (-1) to every cluster of the tree
+        of ``l1``.  An increment that would overflow a refcount (or a tree pointing
+        into metadata) raises with nothing changed."""
         if delta > 0:
-            self._precheck_increment(l1)
-
-        def on_l2(_i, off):
-            if delta > 0:
-                self._incref(off // cs)
-            else:
-                self._free_cluster(off // cs)
-
-        def on_data(e):
-            for c in self._entry_refs(e):
-                if delta > 0:
-                    self._incref(c)
-                else:
-                    self._free_cluster(c)
-
-        self._walk_l1_refs(l1, on_l2, on_data)
+            self._incref_tree(l1, keep=True)
+        else:
+            for c in self._tree_refs(l1):
+                self._free_cluster(c)
 
     def _precheck_increment(self, l1: array.array) -> None:
         """Raise before anything changes if one more reference to the tree of ``l1``
-        would overflow a refcount."""
-        cs = self.cluster_size
-        inc: dict[int, int] = {}
+        would overflow a refcount (or the tree points into metadata)."""
+        self._incref_tree(l1, keep=False)
 
-        def count_l2(_i, off):
-            inc[off // cs] = inc.get(off // cs, 0) + 1
+    def _incref_tree(self, l1: array.array, *, keep: bool) -> None:
+        """Increment every reference of the tree of ``l1`` in memory; on a failure take
+        every increment back and raise; without ``keep`` take them back anyway (a dry
+        run: the refcounts themselves count, so no memory per cluster is needed -- a
+        dict of every data cluster cost ~100 bytes a cluster)."""
+        done = 0
+        failure = None
+        try:
+            for c in self._tree_refs(l1):
+                rc = self._rc(c)
+                if rc + 1 > self.rc_max:
+                    failure = UnsupportedFeature(
+                        f"{self.host.name}: cluster {c} would need refcount {rc + 1} or more, beyond the "
+                        f"{1 << self.order}-bit refcounts of this image (create it with wider refcount_bits)"
+                    )
+                    break
+                self._rc_set(c, rc + 1)
+                done += 1
+        except BaseException:
+            self._decref_first(l1, done)
+            raise
+        if failure is not None or not keep:
+            self._decref_first(l1, done)
+        if failure is not None:
+            raise failure
 
-        def count_data(e):
-            for c in self._entry_refs(e):
-                inc[c] = inc.get(c, 0) + 1
-
-        self._walk_l1_refs(l1, count_l2, count_data)
-        for c, k in inc.items():
-            if self._rc(c) + k > self.rc_max:
-                raise UnsupportedFeature(
-                    f"{self.host.name}: cluster {c} would need refcount {self._rc(c) + k}, beyond the "
-                    f"{1 << self.order}-bit refcounts of this image (create it with wider refcount_bits)"
-                )
+    def _decref_first(self, l1: array.array, n: int) -> None:
+        """Take back the increments of the first ``n`` references of the tree."""
+        for c in itertools.islice(self._tree_refs(l1), n):
+            self._rc_set(c, self._rc(c) - 1)
 
     def _clear_copied_flags(self) -> None:
         for l1i, l1e in enumerate(self.l1):
@@ -1428,7 +1689,7 @@ class Qcow2Driver(BlockDriver):
                 self._l2dirty.add(off)
 
     # ================================================================== snapshots
-    def snapshot_list(self) -> list[SnapshotInfo]:
+    def snapshot_list(self, *, space: bool = False, hidden: bool = False) -> list[SnapshotInfo]:
         out = []
         for s in self.snapshots:
             out.append(
@@ -1450,6 +1711,7 @@ class Qcow2Driver(BlockDriver):
         old_clusters = _ceil_div(getattr(self, "_snap_table_bytes", 0), cs) if old_n else 0
         if data:
             new = self._alloc(_ceil_div(len(data), cs))
+            self._meta.add_range(new // cs, _ceil_div(len(data), cs))
             self._pwrite(new, data)
         else:
             new = 0
@@ -1480,6 +1742,7 @@ class Qcow2Driver(BlockDriver):
         l1_copy = array.array("Q", self.l1)
         l1_off = self._alloc(_ceil_div(len(l1_copy) * 8, cs)) if len(l1_copy) else 0
         if len(l1_copy):
+            self._meta.add_range(l1_off // cs, _ceil_div(len(l1_copy) * 8, cs))
             self._pwrite(l1_off, C.encode_u64_table(l1_copy))
         # 3. the active tree gains a reference from the snapshot
         self._add_tree_refs(self.l1, +1)
@@ -1534,6 +1797,8 @@ class Qcow2Driver(BlockDriver):
         old_clusters = _ceil_div(len(old_l1) * 8, cs)
         new_l1 = array.array("Q", (e & ~C.FLAG_COPIED for e in l1))
         new_off = self._alloc(_ceil_div(len(new_l1) * 8, cs)) if len(new_l1) else 0
+        if new_off:
+            self._meta.add_range(new_off // cs, _ceil_div(len(new_l1) * 8, cs))
         if old_off and old_clusters:
             for c in range(old_off // cs, old_off // cs + old_clusters):
                 self._free_cluster(c)
@@ -1541,6 +1806,7 @@ class Qcow2Driver(BlockDriver):
         for e in new_l1:
             off = e & C.OFFSET_MASK
             if off:
+                self._meta.add(off // cs)
                 t = self._l2(off)
                 if any(x & C.FLAG_COPIED for x in t):
                     for i, x in enumerate(t):
@@ -1690,6 +1956,7 @@ class Qcow2Driver(BlockDriver):
             self._write_dirty_refblocks()
             self.host.flush()
             self._free_hint = 0
+            self._build_meta_index()
             if self._snapshot_view is None:
                 self._fix_copied_flags()
                 self._flush_metadata()
@@ -1801,6 +2068,7 @@ class Qcow2Driver(BlockDriver):
         self.reftable_capacity = len(reftable)
         self._reftable_dirty = False
         self._free_hint = 0
+        self._build_meta_index()  # the refcount structure moved
         self._fix_copied_flags()
         self._flush_metadata()
 

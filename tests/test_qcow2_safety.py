@@ -1,0 +1,335 @@
+"""qcow2 safety: data clusters inside metadata, bounded zstd decoding, compact
+tables, snapshot names, and the qemu-img habits vdisk follows (checked against
+qemu-img on the same files).
+
+Each test here failed on the code before the fix it comes with."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import textwrap
+import tracemalloc
+
+import pytest
+
+import vdisk
+from vdisk.codec import qcow2 as C
+from vdisk.codec import zstd as Z
+from vdisk.errors import CorruptImage, UsageError
+
+QEMU_IMG = shutil.which("qemu-img")
+needs_qemu = pytest.mark.usefixtures("require_qemu")
+KiB, MiB = 1 << 10, 1 << 20
+CS = 65536
+
+
+# ---------------------------------------------------------------------- helpers
+def header(path) -> C.Header:
+    with open(path, "rb") as f:
+        return C.decode_header(f.read(4096))
+
+
+def read_u64(path, offset) -> int:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return struct.unpack(">Q", f.read(8))[0]
+
+
+def write_u64(path, offset, value) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(struct.pack(">Q", value))
+
+
+def l2_entry_offset(path, gci: int) -> int:
+    """Host offset of the L2 entry of guest cluster ``gci`` (64 KiB clusters)."""
+    h = header(path)
+    l1i, l2i = divmod(gci, h.cluster_size // 8)
+    l2 = read_u64(path, h.l1_table_offset + 8 * l1i) & C.OFFSET_MASK
+    assert l2, "no L2 table"
+    return l2 + 8 * l2i
+
+
+def qemu_img(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([QEMU_IMG, *args], capture_output=True, text=True, timeout=120)
+
+
+def qemu_check_clean(path) -> None:
+    r = qemu_img("check", "-f", "qcow2", path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "leaked" not in r.stdout, r.stdout
+
+
+def fresh(tmp_path, name="a.qcow2", size=4 * MiB, **kw) -> str:
+    p = str(tmp_path / name)
+    vdisk.create(p, size, format="qcow2", **kw)
+    return p
+
+
+# ---------------------------------------------------------------------- 1. data clusters inside metadata
+def _image_with_two_clusters(tmp_path) -> str:
+    p = fresh(tmp_path)
+    with vdisk.open(p) as img:
+        img.write(0, b"\x11" * CS)
+        img.write(CS, b"\x22" * CS)
+        img.snapshot_create("s1")  # a snapshot table and a snapshot L1 table
+        img.write(2 * CS, b"\x33" * CS)
+    return p
+
+
+def _metadata_offsets(p) -> dict[str, int]:
+    h = header(p)
+    snap_l1 = read_u64(p, h.snapshots_offset)  # first field of the first snapshot entry
+    return {
+        "header": 0,
+        "refcount table": h.refcount_table_offset,
+        "refcount block": read_u64(p, h.refcount_table_offset) & C.OFFSET_MASK,
+        "L1 table": h.l1_table_offset,
+        "L2 table": read_u64(p, h.l1_table_offset) & C.OFFSET_MASK,
+        "snapshot table": h.snapshots_offset,
+        "snapshot L1 table": snap_l1,
+    }
+
+
+@pytest.mark.parametrize("target", ["refcount table", "refcount block", "L1 table", "L2 table",
+                                    "snapshot table", "snapshot L1 table"])
+def test_data_cluster_inside_metadata_is_refused_on_read(tmp_path, target):
+    p = _image_with_two_clusters(tmp_path)
+    meta = _metadata_offsets(p)[target]
+    assert meta and meta % CS == 0
+    write_u64(p, l2_entry_offset(p, 1), meta | C.FLAG_COPIED)
+    with vdisk.open(p, read_only=True) as img:
+        assert img.read(0, CS) == b"\x11" * CS  # the other clusters still read
+        with pytest.raises(CorruptImage, match=f"guest offset {CS} .*metadata"):
+            img.read(CS, CS)
+        with pytest.raises(CorruptImage, match=f"guest offset {CS} "):
+            img.read(0, 3 * CS)
+        assert img.check().exit_code == 2  # check reported it already
+
+
+@pytest.mark.parametrize("target", ["header", "L1 table", "refcount block"])
+def test_compressed_cluster_inside_metadata_is_refused(tmp_path, target):
+    p = _image_with_two_clusters(tmp_path)
+    meta = _metadata_offsets(p)[target]
+    write_u64(p, l2_entry_offset(p, 1), C.encode_compressed(meta + 100, 300, 16))
+    with vdisk.open(p, read_only=True) as img:
+        with pytest.raises(CorruptImage, match=f"guest offset {CS} .*metadata"):
+            img.read(CS, 10)
+
+
+def test_contiguous_run_into_metadata_is_refused(tmp_path):
+    """A data cluster followed on the host by an L2 table: a read of both guest
+    clusters must not run on into the table."""
+    p = fresh(tmp_path, size=1 << 30)
+    l2_span = CS * (CS // 8)
+    with vdisk.open(p) as img:
+        img.write(0, b"\x11" * CS)  # L2 table, then the data cluster
+        img.write(l2_span, b"\x22" * CS)  # the second L2 table lands right after it
+    first = read_u64(p, l2_entry_offset(p, 0)) & C.OFFSET_MASK
+    second_l2 = read_u64(p, header(p).l1_table_offset + 8) & C.OFFSET_MASK
+    assert second_l2 == first + CS
+    write_u64(p, l2_entry_offset(p, 1), second_l2 | C.FLAG_COPIED)
+    with vdisk.open(p, read_only=True) as img:
+        with pytest.raises(CorruptImage, match=f"guest offset {CS} .*metadata"):
+            img.read(0, 2 * CS)
+
+
+def test_write_into_metadata_is_refused_and_metadata_kept(tmp_path):
+    """COPIED and refcount 1 (the L1 table's own): today's in-place rewrite would
+    overwrite the L1 table with guest data."""
+    p = _image_with_two_clusters(tmp_path)
+    l1 = header(p).l1_table_offset
+    write_u64(p, l2_entry_offset(p, 1), l1 | C.FLAG_COPIED)
+    with open(p, "rb") as f:
+        f.seek(l1)
+        before = f.read(CS)
+    with vdisk.open(p) as img:
+        with pytest.raises(CorruptImage, match=f"guest offset {CS} .*metadata"):
+            img.write(CS, b"\xee" * CS)
+        with pytest.raises(CorruptImage, match=f"guest offset {CS} .*metadata"):
+            img.write(CS + 5, b"\xee" * 100)
+        with pytest.raises(CorruptImage, match=f"guest offset {CS} .*metadata"):
+            img.discard(0, 2 * CS)
+        with pytest.raises(CorruptImage, match="metadata"):
+            img.snapshot_create("s2")
+    with open(p, "rb") as f:
+        f.seek(l1)
+        assert f.read(CS) == before
+
+
+def test_convert_of_image_pointing_at_its_l1_fails(tmp_path, run_vdisk):
+    """The reported case: ``vdisk convert`` exited 0 and copied the L1 table as data."""
+    p = _image_with_two_clusters(tmp_path)
+    write_u64(p, l2_entry_offset(p, 1), header(p).l1_table_offset | C.FLAG_COPIED)
+    out = str(tmp_path / "out.raw")
+    r = run_vdisk("convert", "-O", "raw", p, out, expect=2)
+    assert f"guest offset {CS}" in r.stderr and "metadata" in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not os.path.exists(out)
+
+
+def test_metadata_index_follows_allocation_and_freeing(tmp_path):
+    """Metadata that moves or is freed (L1 relocation on grow, snapshot tables and
+    L1 copies, L2 tables freed with a snapshot) is reused for data without a false
+    alarm, and the data reads back."""
+    p = fresh(tmp_path, size=1 * MiB, cluster_size=4096)
+    model = bytearray(1 * MiB)
+    with vdisk.open(p) as img:
+        for i in range(0, 1 * MiB, 12288):
+            img.write(i, bytes([i % 251 + 1]) * 4096)
+            model[i : i + 4096] = bytes([i % 251 + 1]) * 4096
+        for k in range(3):
+            img.snapshot_create(f"s{k}")
+            img.write(k * 4096, b"\x77" * 4096)
+            model[k * 4096 : (k + 1) * 4096] = b"\x77" * 4096
+        img.resize(64 * MiB)  # the L1 table moves; its old cluster is freed
+        model.extend(bytes(63 * MiB))
+        for k in range(3):
+            img.snapshot_delete(f"s{k}")
+        for i in range(0, 2 * MiB, 4096):  # fills the freed clusters with data
+            img.write(8 * MiB + i, b"\x55" * 4096)
+            model[8 * MiB + i : 8 * MiB + i + 4096] = b"\x55" * 4096
+        assert img.read(0, img.size) == bytes(model)
+        assert img.check().exit_code == 0
+    with vdisk.open(p, read_only=True) as img:
+        assert img.read(0, img.size) == bytes(model)
+
+
+# ---------------------------------------------------------------------- 2. bounded zstd
+def rle_bomb(nblocks: int, *, content_size: int | None = None, window_log: int = 17) -> bytes:
+    """A zstd frame of ``nblocks`` RLE blocks of 128 KiB: 4 bytes each."""
+    if content_size is None:
+        out = bytearray(b"\x28\xb5\x2f\xfd\x00") + bytes([(window_log - 10) << 3])
+    else:
+        out = bytearray(b"\x28\xb5\x2f\xfd\xc0") + bytes([(window_log - 10) << 3]) + struct.pack("<Q", content_size)
+    for i in range(nblocks):
+        last = 1 if i == nblocks - 1 else 0
+        out += (last | (1 << 1) | (131072 << 3)).to_bytes(3, "little") + b"\x41"
+    return bytes(out)
+
+
+def zframe(data: bytes, **kw) -> bytes:
+    import zstandard
+
+    return zstandard.ZstdCompressor(**kw).compress(data)
+
+
+def test_zstd_bounded_modes():
+    data = bytes(range(256)) * (CS // 256)
+    f = zframe(data, write_content_size=True)
+    assert Z.decompress_bounded(f, CS) == data
+    assert Z.decompress_bounded(f + b"\0" * 300, CS, exact=False) == data
+    nofcs = zframe(data, write_content_size=False, write_checksum=True)
+    assert Z.decompress_bounded(nofcs, CS, exact=False) == data
+    two = zframe(data[:1000]) + zframe(data[1000:], write_content_size=False) + b"junk"
+    assert Z.decompress_bounded(two, CS, exact=False) == data
+    # vdk's rules: exactly one frame, its content size stated, nothing after it
+    for bad, msg in [(f + b"\0", "not exactly one zstd frame"), (nofcs, "no content size"),
+                     (two, "content size of 1000"), (f[:-5], "truncated")]:
+        with pytest.raises(Z.CorruptFrame, match=msg):
+            Z.decompress_bounded(bad, CS)
+    # both modes
+    for exact in (True, False):
+        with pytest.raises(Z.CorruptFrame, match="content size of 65536 bytes, not 4096"):
+            Z.decompress_bounded(f, 4096, exact=exact)
+        with pytest.raises(Z.CorruptFrame, match="no zstd frame"):
+            Z.decompress_bounded(b"\0" * 100, CS, exact=exact)
+    with pytest.raises(Z.CorruptFrame, match="more than 4096 bytes"):
+        Z.decompress_bounded(nofcs, 4096, exact=False)
+    with pytest.raises(Z.CorruptFrame, match="decompresses to 1000 bytes, not 65536"):
+        Z.decompress_bounded(zframe(data[:1000]), CS, exact=False)
+    assert issubclass(Z.CorruptFrame, CorruptImage)
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_zstd_bomb_allocates_about_one_cluster(exact):
+    cases = [
+        (rle_bomb(8191), "more than 65536 bytes" if not exact else "no content size"),  # 32 KiB -> 1 GiB
+        (rle_bomb(8191, content_size=1 << 30), "content size of 1073741824"),
+        (rle_bomb(4, window_log=30), "window of 1073741824 bytes"),
+    ]
+    for frame, msg in cases:
+        tracemalloc.start()
+        try:
+            with pytest.raises(Z.CorruptFrame, match=msg):
+                Z.decompress_bounded(frame, CS, exact=exact)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < CS + 256 * KiB, (msg, peak)
+
+
+_BOMB_READER = textwrap.dedent("""
+    import json, resource, sys, tracemalloc
+    import vdisk
+    from vdisk.errors import VdiskError
+    path = sys.argv[1]
+    img = vdisk.open(path, read_only=True)
+    img.read(4 * 65536, 65536)            # warm up: imports and caches
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    tracemalloc.start()
+    err = None
+    try:
+        img.read(0, 65536)
+    except VdiskError as exc:
+        err = str(exc)
+    peak = tracemalloc.get_traced_memory()[1]
+    grow = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base
+    print(json.dumps({"error": err, "traced_peak": peak, "rss_growth_kib": grow}))
+""")
+
+
+def test_zstd_bomb_in_a_qcow2_cluster_read_in_bounded_memory(tmp_path):
+    """The reported case: a 32 KiB zstd frame in a qcow2 compressed cluster made a
+    one-cluster read peak at 1 GiB.  Measured in a fresh process."""
+    p = fresh(tmp_path, compression="zstd")
+    with vdisk.open(p) as img:
+        img.write(4 * CS, os.urandom(CS // 2) * 2)
+        d = img.driver
+        bomb = rle_bomb(8191)
+        assert len(bomb) <= 32 * KiB + 8
+        entry = d._place_compressed(bomb)
+        l2off, table = d._l2_for_write(0)
+        table[0] = entry
+        d._l2dirty.add(l2off)
+    r = subprocess.run([sys.executable, "-c", _BOMB_READER, p], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["error"] and "guest offset 0" in res["error"], res
+    assert res["traced_peak"] < 1 * MiB, res
+    assert res["rss_growth_kib"] < 16 * 1024, res
+
+
+def test_zstd_clusters_written_by_qemu_still_read(tmp_path, require_qemu):
+    p = str(tmp_path / "q.qcow2")
+    raw = str(tmp_path / "src.raw")
+    with open(raw, "wb") as f:
+        for i in range(32):
+            f.write((bytes([i]) * 1000 + os.urandom(24)) * 64)
+    r = qemu_img("convert", "-c", "-o", "compression_type=zstd", "-f", "raw", "-O", "qcow2", raw, p)
+    assert r.returncode == 0, r.stderr
+    with vdisk.open(p, read_only=True) as img, open(raw, "rb") as f:
+        assert img.info()["compression_type"] == "zstd"
+        assert img.read(0, img.size) == f.read()
+
+
+# ---------------------------------------------------------------------- caches
+def test_metadata_loaded_while_cache_is_full_of_dirty_tables_is_kept(tmp_path):
+    """More dirty L2 tables than the cache holds (a snapshot clears COPIED in each):
+    a table loaded then was evicted at once, and flush failed with KeyError."""
+    p = fresh(tmp_path, size=32 * MiB, cluster_size=512)
+    with vdisk.open(p) as img:
+        for i in range(600):  # one L2 table (64 clusters of 512 bytes) each
+            img.write(i * 32 * KiB, bytes([i % 255 + 1]) * 512)
+    with vdisk.open(p) as img:
+        img.snapshot_create("s1")
+        img.write(0, b"\xff" * 512)
+    with vdisk.open(p, read_only=True) as img:
+        assert img.check().exit_code == 0
+        assert img.read(0, 512) == b"\xff" * 512
+        assert img.read(599 * 32 * KiB, 512) == bytes([599 % 255 + 1]) * 512
