@@ -1,6 +1,23 @@
-"""What ``vdisk info`` and ``vdisk map`` report: plain dicts, and their human rendering.
+"""What ``vdisk info`` and ``vdisk map`` report: plain dicts, their ``--output json``
+form, and their human rendering.
 
-The dicts are the stable JSON output (``--output json``); keys are snake_case.
+Two forms.  ``image_info`` and ``map_extents`` are the Python API: dicts with
+snake_case keys, documented below.  ``info_json``, ``chain_info_json`` and
+``map_json`` turn them into what ``--output json`` prints: qemu-img's JSON, so that a
+tool written for ``qemu-img info/map/check --output json`` reads vdisk's output.  The
+JSON conventions, shared by every command's ``--output json`` (see
+:func:`json_safe`, :data:`JSON_CONVENTIONS`):
+
+- every key qemu-img prints keeps qemu-img's name, type and place (kebab-case);
+- every key qemu-img does not have is vdisk's own and starts with ``vdisk-``;
+  nested keys of vdisk's own objects are kebab-case without the prefix, and so are
+  the keys of ``format-specific.data`` of vdisk's own format (vdk), which qemu-img
+  does not know (for qcow2, ``data`` holds qemu-img's keys and ``vdisk-`` ones);
+- the structure is the same for every format: every key is always present, and
+  where qemu-img leaves a key out (no backing file, no host offset, ...) vdisk
+  prints ``null``;
+- strings are valid Unicode: bytes of a file name that are not UTF-8 are printed
+  as U+FFFD, one per byte (as qemu-img does).
 
 ``image_info`` keys (always present, in this order; drivers may add more after them):
 
@@ -37,7 +54,8 @@ gap; adjacent entries of the same kind are merged:
 ``compressed``
     the data is stored compressed.
 ``offset``
-    where the data starts in the host file of the image at ``depth``, or null.
+    where the range is stored in the host file of the image at ``depth`` (data, or
+    zeros the format keeps allocated), or null.
 """
 
 from __future__ import annotations
@@ -218,7 +236,7 @@ def map_extents(img: Image, start: int = 0, length: int | None = None) -> list[d
             "zero": not data,
             "data": data,
             "compressed": bool(ext.compressed),
-            "offset": ext.host_offset if data else None,
+            "offset": ext.host_offset if ext.status != Status.UNALLOCATED else None,
         }
         if out:
             p = out[-1]
@@ -245,3 +263,244 @@ def render_map_human(img: Image, extents: list[dict[str, Any]]) -> str:
         name = names[e["depth"]] if 0 <= e["depth"] < len(names) else "?"
         lines.append(f"{e['start']:<#16x}{e['length']:<#16x}{where:<16}{name}")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------ --output json
+#: The conventions of every ``--output json`` (info, map, check, measure), for --help.
+JSON_CONVENTIONS = (
+    "Keys qemu-img prints have qemu-img's names and meaning; vdisk's own keys start "
+    "with 'vdisk-'.  Every key is always present, for every format: where qemu-img "
+    "leaves a key out, vdisk prints null.  Bytes of a file name that are not UTF-8 "
+    "print as U+FFFD, as qemu-img prints them."
+)
+
+#: the order of ``info --output json`` keys: qemu-img's, then vdisk's own
+INFO_JSON_KEYS = (
+    "virtual-size",
+    "filename",
+    "format",
+    "actual-size",
+    "cluster-size",
+    "dirty-flag",
+    "backing-filename",
+    "full-backing-filename",
+    "backing-filename-format",
+    "snapshots",
+    "format-specific",
+    "vdisk-compression",
+    "vdisk-read-only",
+    "vdisk-backing-snapshot",
+    "vdisk-backing-snapshot-name",
+    "vdisk-space",
+)
+
+#: keys of one snapshot in ``info --output json``
+SNAPSHOT_JSON_KEYS = (
+    "id",
+    "name",
+    "vm-state-size",
+    "date-sec",
+    "date-nsec",
+    "vm-clock-sec",
+    "vm-clock-nsec",
+    "icount",
+    "vdisk-virtual-size",
+    "vdisk-generation",
+    "vdisk-unique-bytes",
+    "vdisk-holds",
+)
+
+#: keys of one ``map --output json`` entry
+MAP_JSON_KEYS = ("start", "length", "depth", "present", "zero", "data", "offset", "vdisk-compressed")
+
+#: format-specific ``data`` keys qemu-img prints, per format it knows; a driver's
+#: other keys get the ``vdisk-`` prefix there.  Formats not listed here (vdk) are
+#: vdisk's own: their keys are printed without a prefix.
+QEMU_FORMAT_DATA_KEYS: dict[str, frozenset[str]] = {
+    "qcow2": frozenset({"compat", "compression-type", "lazy-refcounts", "refcount-bits", "corrupt",
+                        "extended-l2", "data-file", "data-file-raw", "bitmaps", "encrypt"}),
+    "raw": frozenset(),
+}
+
+#: keys of ``image_info`` that the generic part of the JSON consumes
+_CONSUMED = frozenset(INFO_KEYS) | {"space", "backing_snapshot_name", "dirty", "format_specific"}
+
+
+def valid_text(s: str) -> str:
+    """``s`` as valid Unicode: the bytes a file name decoded with ``surrogateescape``
+    could not decode become U+FFFD, one per byte (qemu-img prints them so)."""
+    try:
+        raw = s.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte
+        raw = s.encode("utf-8", "surrogatepass")
+    out = raw.decode("utf-8", "replace")
+    return out
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every string (keys too) made valid Unicode (:func:`valid_text`),
+    tuples and sets as lists, dataclasses as dicts: what ``json.dumps`` prints as
+    valid JSON that every parser reads the same way."""
+    if isinstance(obj, str):
+        return valid_text(obj)
+    if isinstance(obj, dict):
+        return {json_safe(k) if isinstance(k, str) else k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [json_safe(v) for v in obj]
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return json_safe(dataclasses.asdict(obj))
+    return obj
+
+
+def _kebab(key: Any) -> str:
+    return str(key).replace("_", "-")
+
+
+def kebab_tree(v: Any) -> Any:
+    """Dict keys (at every level) in kebab-case, as qemu-img spells its keys."""
+    if isinstance(v, dict):
+        return {_kebab(k): kebab_tree(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [kebab_tree(x) for x in v]
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return kebab_tree(dataclasses.asdict(v))
+    return v
+
+
+def _split_time(seconds: float | None) -> tuple[int, int]:
+    """(seconds, nanoseconds) of a float time.  Microsecond precision: a float of
+    today's epoch seconds has no more, and qemu records microseconds."""
+    if seconds is None:
+        return 0, 0
+    us = round(seconds * 1_000_000)
+    sec, usec = divmod(us, 1_000_000)
+    return sec, usec * 1000
+
+
+def snapshot_json(s: dict[str, Any]) -> dict[str, Any]:
+    """One snapshot of ``image_info`` as qemu-img's SnapshotInfo, plus vdisk's keys."""
+    extra = dict(s.get("extra") or {})
+    date_sec, date_nsec = _split_time(s.get("created"))
+    if "date_sec" in extra:  # a format that keeps the exact time
+        date_sec, date_nsec = int(extra.pop("date_sec")), int(extra.pop("date_nsec", 0))
+    clock = int(extra.pop("vm_clock_nsec", 0) or 0)
+    out = {
+        "id": str(extra.pop("id", s["id"])),
+        "name": s["name"],
+        "vm-state-size": int(extra.pop("vm_state_size", 0) or 0),
+        "date-sec": date_sec,
+        "date-nsec": date_nsec,
+        "vm-clock-sec": clock // 1_000_000_000,
+        "vm-clock-nsec": clock % 1_000_000_000,
+        "icount": extra.pop("icount", None),
+        "vdisk-virtual-size": s.get("size"),
+        "vdisk-generation": s.get("generation"),
+        "vdisk-unique-bytes": s.get("unique_bytes"),
+        "vdisk-holds": s.get("holds", 0),
+    }
+    for k, v in extra.items():
+        out[f"vdisk-{_kebab(k)}"] = kebab_tree(v)
+    return out
+
+
+def _format_specific(info: dict[str, Any]) -> dict[str, Any]:
+    fmt = info["format"]
+    fields: dict[str, Any] = {}
+    fs = info.get("format_specific")
+    if isinstance(fs, dict):
+        fields.update(fs)
+    for k, v in info.items():
+        if k not in _CONSUMED:
+            fields[k] = v
+    qemu_keys = QEMU_FORMAT_DATA_KEYS.get(fmt)
+    data: dict[str, Any] = {}
+    for k, v in fields.items():
+        name = _kebab(k)
+        if qemu_keys is not None and name not in qemu_keys:
+            name = f"vdisk-{name}"
+        data[name] = kebab_tree(v)
+    return {"type": fmt, "data": data}
+
+
+def info_to_json(info: dict[str, Any]) -> dict[str, Any]:
+    """An ``image_info`` dict as ``info --output json`` prints it (keys: ``INFO_JSON_KEYS``)."""
+    out = {
+        "virtual-size": info["virtual_size"],
+        "filename": info["filename"],
+        "format": info["format"],
+        "actual-size": info.get("disk_size"),
+        "cluster-size": info.get("cluster_size"),
+        "dirty-flag": bool(info.get("dirty", False)),
+        "backing-filename": info.get("backing_filename"),
+        "full-backing-filename": info.get("full_backing_filename"),
+        "backing-filename-format": info.get("backing_format"),
+        "snapshots": [snapshot_json(s) for s in info.get("snapshots") or []],
+        "format-specific": _format_specific(info),
+        "vdisk-compression": info.get("compression"),
+        "vdisk-read-only": info.get("read_only"),
+        "vdisk-backing-snapshot": info.get("backing_snapshot"),
+        "vdisk-backing-snapshot-name": info.get("backing_snapshot_name"),
+        "vdisk-space": kebab_tree(info["space"]) if info.get("space") else None,
+    }
+    return json_safe(out)
+
+
+def info_json(img: Image) -> dict[str, Any]:
+    """``vdisk info --output json`` of one image."""
+    return info_to_json(image_info(img))
+
+
+def chain_info_json(img: Image) -> list[dict[str, Any]]:
+    """``vdisk info --backing-chain --output json``: a list, top image first."""
+    return [info_to_json(i) for i in chain_info(img)]
+
+
+def map_json(extents: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``map_extents`` entries as ``map --output json`` prints them (``MAP_JSON_KEYS``)."""
+    return [
+        {
+            "start": e["start"],
+            "length": e["length"],
+            "depth": e["depth"],
+            "present": e["present"],
+            "zero": e["zero"],
+            "data": e["data"],
+            "offset": e["offset"],
+            "vdisk-compressed": e["compressed"],
+        }
+        for e in extents
+    ]
+
+
+def cluster_stats(img: Image) -> dict[str, int]:
+    """qemu-img check's block fragmentation counts for the image's own layer (not its
+    backing chain), from its block status in guest order, in clusters of the image:
+    ``total`` (guest clusters), ``allocated`` (holding data), ``compressed``, and
+    ``fragmented`` (a data cluster not stored right after the previous one; every
+    compressed cluster counts, as in qemu-img)."""
+    cs = img.cluster_size
+    size = img.size
+    stats = {"total": -(-size // cs) if cs else 0, "allocated": 0, "fragmented": 0, "compressed": 0}
+    if not size or not cs:
+        return stats
+    last = -1  # the last cluster counted
+    next_host = None  # where the next data cluster would be if not fragmented
+    for ext in img.block_status(0, size, chain=False):
+        if ext.status != Status.DATA or ext.length <= 0:
+            continue
+        first = max(ext.offset // cs, last + 1)
+        end = (ext.offset + ext.length - 1) // cs
+        if first > end:
+            continue
+        n = end - first + 1
+        stats["allocated"] += n
+        if ext.compressed:
+            stats["compressed"] += n
+            stats["fragmented"] += n
+        elif ext.host_offset is not None:
+            host = ext.host_offset + first * cs - ext.offset
+            if next_host is not None and host != next_host:
+                stats["fragmented"] += 1
+            next_host = host + n * cs
+        last = end
+    return stats
