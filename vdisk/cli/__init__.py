@@ -45,6 +45,7 @@ COMMANDS: dict[str, str] = {
     "flatten": "vdisk.cli.flatten:flatten",
     "info": "vdisk.cli.info:info",
     "map": "vdisk.cli.map:map_",
+    "measure": "vdisk.cli.measure:measure",
     "mount": "vdisk.cli.mount:mount_command",
     "rebase": "vdisk.cli.rebase:rebase",
     "resize": "vdisk.cli.resize:resize",
