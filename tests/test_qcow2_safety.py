@@ -333,3 +333,62 @@ def test_metadata_loaded_while_cache_is_full_of_dirty_tables_is_kept(tmp_path):
         assert img.check().exit_code == 0
         assert img.read(0, 512) == b"\xff" * 512
         assert img.read(599 * 32 * KiB, 512) == bytes([599 % 255 + 1]) * 512
+
+
+# ---------------------------------------------------------------------- 3. compact tables
+def _traced_peak(fn):
+    tracemalloc.start()
+    try:
+        result = fn()
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_32mib_l1_table_is_held_compactly(tmp_path, require_qemu):
+    """A 32 MiB L1 table (128 GiB at 512-byte clusters: 4M entries) costs about
+    32 MiB, not a multiple: no list of entries, no second copy while reading or
+    writing it, and metadata_bytes() says so."""
+    p = str(tmp_path / "big.qcow2")
+    _, peak = _traced_peak(lambda: vdisk.create(p, 128 << 30, format="qcow2", cluster_size=512))
+    assert header(p).l1_size == 4 << 20
+    assert peak < 40 * MiB, peak
+    img, peak = _traced_peak(lambda: vdisk.open(p, read_only=True))
+    with img:
+        assert peak < 40 * MiB, peak
+        assert 32 * MiB <= img.driver.metadata_bytes() < 34 * MiB
+        assert img.read(100 << 30, 4096) == bytes(4096)
+
+    def write():
+        with vdisk.open(p) as img:
+            img.write(100 << 30, b"\x42" * 4096)
+            img.flush()
+
+    def snapshot():
+        with vdisk.open(p) as img:
+            img.snapshot_create("s1")
+            img.write(100 << 30, b"\x43" * 512)
+
+    for fn in (write, snapshot):
+        _, peak = _traced_peak(fn)
+        assert peak < 44 * MiB, (fn.__name__, peak)
+    qemu_check_clean(p)
+    with vdisk.open(p, read_only=True) as img:
+        assert img.read(100 << 30, 1024) == b"\x43" * 512 + b"\x42" * 512
+    with vdisk.open(p, read_only=True, snapshot="s1") as img:
+        assert img.read(100 << 30, 1024) == b"\x42" * 1024
+
+
+def test_metadata_bytes_counts_caches_and_stays_bounded(tmp_path):
+    p = fresh(tmp_path, size=32 * MiB, cluster_size=512)
+    with vdisk.open(p) as img:
+        for i in range(1024):  # 1024 L2 tables of 512 bytes
+            img.write(i * 32 * KiB, b"\x01" * 512)
+    with vdisk.open(p, read_only=True) as img:
+        d = img.driver
+        start = d.metadata_bytes()
+        assert start >= 8 * len(d.l1) + 8 * len(d.reftable)
+        img.read(0, img.size)
+        full = d.metadata_bytes()
+        assert full - start >= 512 * 512  # the L2 cache is full
+        assert full < start + 600 * 1024 + 512 * 1024  # and bounded (512 clean tables kept)

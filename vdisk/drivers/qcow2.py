@@ -104,6 +104,28 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _nonzero(a: array.array):
+    """(index, entry) for the non-zero entries of a table, skipping runs of zeros at C
+    speed (a big L1 table is mostly zeros)."""
+    step = 4096
+    for i in range(0, len(a), step):
+        chunk = a[i : i + step]
+        if chunk.count(0) == len(chunk):
+            continue
+        for j, e in enumerate(chunk):
+            if e:
+                yield i + j, e
+
+
+def _extend_zeros(a: array.array, n: int) -> None:
+    """Append ``n`` zero entries to ``a`` without a temporary list of ``n`` items."""
+    zeros = array.array(a.typecode, bytes(a.itemsize * min(n, 1 << 16)))
+    while n > 0:
+        k = min(n, len(zeros))
+        a.extend(zeros if k == len(zeros) else zeros[:k])
+        n -= k
+
+
 class _ClusterSet:
     """A set of host cluster indices held compactly: a sorted ``array('Q')`` (8 bytes
     a member) plus small sets of recent additions and removals, folded into the
@@ -160,8 +182,13 @@ class _ClusterSet:
             self._maybe_fold()
 
     def add_range(self, c: int, n: int) -> None:
-        for x in range(c, c + n):
-            self.add(x)
+        if n <= 64:
+            for x in range(c, c + n):
+                self.add(x)
+            return
+        self._added.update(range(c, c + n))
+        self._removed.difference_update(range(c, c + n))
+        self._fold()
 
     def discard(self, c: int) -> None:
         if c in self._added:
@@ -197,8 +224,10 @@ class _ClusterSet:
         return best
 
     def _maybe_fold(self) -> None:
-        if len(self._added) + len(self._removed) < self.FOLD:
-            return
+        if len(self._added) + len(self._removed) >= self.FOLD:
+            self._fold()
+
+    def _fold(self) -> None:
         rm = self._removed
         self._base = self._dedup(heapq.merge((c for c in self._base if c not in rm), sorted(self._added)))
         self._added = set()
@@ -468,7 +497,7 @@ class Qcow2Driver(BlockDriver):
         self._rbcache: OrderedDict[int, array.array] = OrderedDict()
         self._rbdirty: set[int] = set()
         self._pending_free: dict[int, int] = {}
-        self._l1_dirty = False
+        self._l1_lo = self._l1_hi = 0  # entries [lo, hi) of the active L1 changed since the last flush
         self._reftable_dirty = False
         self._hdr_dirty = False
         self._free_hint = 0
@@ -553,6 +582,22 @@ class Qcow2Driver(BlockDriver):
             pos += n
         return a
 
+    def _write_u64_table(self, offset: int, a: array.array, lo: int, hi: int) -> None:
+        """Write entries ``[lo, hi)`` of the table ``a`` that lives at ``offset``,
+        encoded piece by piece (no second copy of a big table in memory)."""
+        step = TABLE_READ_CHUNK // 8
+        for i in range(lo, hi, step):
+            j = min(hi, i + step)
+            self._pwrite(offset + 8 * i, C.encode_u64_table(a[i:j]))
+
+    def _mark_l1(self, lo: int, hi: int | None = None) -> None:
+        """Entries ``[lo, hi)`` (default: entry ``lo``) of the active L1 changed."""
+        hi = lo + 1 if hi is None else hi
+        if self._l1_hi <= self._l1_lo:
+            self._l1_lo, self._l1_hi = lo, hi
+        else:
+            self._l1_lo, self._l1_hi = min(self._l1_lo, lo), max(self._l1_hi, hi)
+
     def _read_l1(self, offset: int, l1_size: int, what: str) -> array.array:
         if l1_size * 8 > MAX_L1_BYTES:
             raise CorruptImage(f"{self.host.name}: qcow2 {what} size {l1_size} is too large")
@@ -618,11 +663,10 @@ class Qcow2Driver(BlockDriver):
             return ()
 
         def l2s(l1):
-            for e in l1:
-                if e:
-                    off = e & C.OFFSET_MASK
-                    if off and not off % cs and off < eof:
-                        yield off // cs
+            for _, e in _nonzero(l1):
+                off = e & C.OFFSET_MASK
+                if off and not off % cs and off < eof:
+                    yield off // cs
 
         def members():
             yield 0
@@ -777,7 +821,7 @@ class Qcow2Driver(BlockDriver):
         if ri >= len(self.reftable):
             if (ri + 1) * 8 > MAX_REFTABLE_BYTES:
                 raise VdiskError(f"{self.host.name}: qcow2 refcount table would exceed {MAX_REFTABLE_BYTES} bytes")
-            self.reftable.extend([0] * (ri + 1 - len(self.reftable)))
+            _extend_zeros(self.reftable, ri + 1 - len(self.reftable))
         b = C.new_refblock(self.cluster_size, self.order)
         b[0] = 1
         self._rbcache[off] = b
@@ -862,7 +906,7 @@ class Qcow2Driver(BlockDriver):
             if ri >= len(self.reftable):
                 if (ri + 1) * 8 > MAX_REFTABLE_BYTES:
                     raise VdiskError(f"{self.host.name}: qcow2 refcount table would exceed {MAX_REFTABLE_BYTES} bytes")
-                self.reftable.extend([0] * (ri + 1 - len(self.reftable)))
+                _extend_zeros(self.reftable, ri + 1 - len(self.reftable))
             off = cl * self.cluster_size
             self._rbcache[off] = C.new_refblock(self.cluster_size, self.order)
             self._rbdirty.add(off)
@@ -1004,13 +1048,13 @@ class Qcow2Driver(BlockDriver):
             self._l2cache[new] = t
             self._l2dirty.add(new)
             self.l1[l1i] = new | C.FLAG_COPIED
-            self._l1_dirty = True
+            self._mark_l1(l1i)
             return new, t
         t = self._l2(off, f" (L1 index {l1i})")
         if self._rc(off // cs) == 1:
             if not l1e & C.FLAG_COPIED:
                 self.l1[l1i] = off | C.FLAG_COPIED
-                self._l1_dirty = True
+                self._mark_l1(l1i)
             return off, t
         # shared with a snapshot: copy the table.  The data clusters keep their
         # refcounts (each L1 -> L2 path counts once) and stay shared, so no entry
@@ -1024,7 +1068,7 @@ class Qcow2Driver(BlockDriver):
         self._l2cache[new] = t2
         self._l2dirty.add(new)
         self.l1[l1i] = new | C.FLAG_COPIED
-        self._l1_dirty = True
+        self._mark_l1(l1i)
         self._free_cluster(off // cs)
         return new, t2
 
@@ -1310,8 +1354,11 @@ class Qcow2Driver(BlockDriver):
 
     def _write_reftable(self) -> None:
         cs = self.cluster_size
-        data = C.encode_u64_table(self.reftable).ljust(self.hdr.refcount_table_clusters * cs, b"\0")
-        self._pwrite(self.hdr.refcount_table_offset, data)
+        off = self.hdr.refcount_table_offset
+        self._write_u64_table(off, self.reftable, 0, len(self.reftable))
+        pad = self.hdr.refcount_table_clusters * cs - len(self.reftable) * 8
+        if pad > 0:
+            self._pwrite(off + len(self.reftable) * 8, bytes(pad))
 
     def _write_dirty_refblocks(self) -> bool:
         if not self._rbdirty:
@@ -1348,13 +1395,16 @@ class Qcow2Driver(BlockDriver):
             self._l2dirty.clear()
             host.flush()
         # 4. L1 table and header
-        if self._l1_dirty or self._hdr_dirty:
-            if self._l1_dirty and len(self.l1):
-                self._pwrite(self.hdr.l1_table_offset, C.encode_u64_table(self.l1))
-                self._l1_dirty = False
+        if self._l1_hi > self._l1_lo or self._hdr_dirty:
+            lo, hi = self._l1_lo, min(self._l1_hi, len(self.l1))
+            self._l1_lo = self._l1_hi = 0
+            if hi > lo:
+                # only the changed entries, in whole 512-byte sectors
+                lo &= ~63
+                hi = min(len(self.l1), (hi + 63) & ~63)
+                self._write_u64_table(self.hdr.l1_table_offset, self.l1, lo, hi)
                 if self._hdr_dirty:
                     host.flush()
-            self._l1_dirty = False
             if self._hdr_dirty:
                 self._write_header()
                 self._hdr_dirty = False
@@ -1521,7 +1571,7 @@ class Qcow2Driver(BlockDriver):
         old_clusters = _ceil_div(len(self.l1) * 8, cs)
         new_clusters = _ceil_div(need * 8, cs)
         if need > len(self.l1):
-            self.l1.extend([0] * (need - len(self.l1)))
+            _extend_zeros(self.l1, need - len(self.l1))
         else:
             del self.l1[need:]
         if new_clusters > old_clusters or (old_off == 0 and need):
@@ -1535,8 +1585,37 @@ class Qcow2Driver(BlockDriver):
             for c in range(old_off // cs + new_clusters, old_off // cs + old_clusters):
                 self._free_cluster(c)
             self.hdr = self.hdr.replace(l1_size=need, l1_table_offset=old_off if need else 0)
-        self._l1_dirty = True
+        self._mark_l1(0, len(self.l1))
         self._hdr_dirty = True
+
+    # ================================================================== memory
+    def metadata_bytes(self) -> int:
+        """Bytes of metadata this driver holds in memory now, for one memory budget
+        per chain (the block layer sums it over the images of a chain).
+
+        Counted: the L1 table in use (8 bytes an entry, ``array('Q')``), the refcount
+        table (8 bytes an entry), every cached L2 table and refcount block, clean or
+        dirty (a table is a compact array of the cluster's entries), the
+        metadata-cluster index (8 bytes a metadata cluster, see
+        ``_build_meta_index``), the snapshot records, the last decompressed
+        cluster and the refcount decrements waiting for the next flush.  The
+        compact arrays are exact; Python containers (the snapshot records, the
+        pending decrements, the dirty sets) are estimated per item.
+
+        It changes as the caches fill: clean L2 tables are kept up to
+        ``L2_CACHE_TABLES`` and refcount blocks up to ``RB_CACHE_BLOCKS``; dirty ones
+        stay until the next flush (``write`` flushes past ``DIRTY_FLUSH_THRESHOLD``
+        of them).  At open it is about the L1 table plus the refcount table."""
+        n = self.l1.itemsize * len(self.l1) + self.reftable.itemsize * len(self.reftable)
+        for t in self._l2cache.values():
+            n += t.itemsize * len(t) + 100
+        for b in self._rbcache.values():
+            n += b.itemsize * len(b) + 100
+        n += self._meta.nbytes()
+        n += sum(200 + len(s.id) + len(s.name) + len(s.extra_tail) for s in self.snapshots)
+        n += len(self._dcache[1]) if self._dcache is not None else 0
+        n += 100 * len(self._pending_free) + 60 * (len(self._l2dirty) + len(self._rbdirty))
+        return n
 
     # ================================================================== info
     def info(self) -> dict:
@@ -1588,7 +1667,7 @@ class Qcow2Driver(BlockDriver):
         are refused (``_guard``)."""
         cs = self.cluster_size
         per = self.l2_entries
-        for l1i, l1e in enumerate(l1):
+        for l1i, l1e in _nonzero(l1):
             off = l1e & C.OFFSET_MASK
             if not off:
                 continue
@@ -1645,13 +1724,13 @@ class Qcow2Driver(BlockDriver):
             self._rc_set(c, self._rc(c) - 1)
 
     def _clear_copied_flags(self) -> None:
-        for l1i, l1e in enumerate(self.l1):
+        for l1i, l1e in _nonzero(self.l1):
             off = l1e & C.OFFSET_MASK
             if not off:
                 continue
             if l1e & C.FLAG_COPIED:
                 self.l1[l1i] = l1e & ~C.FLAG_COPIED
-                self._l1_dirty = True
+                self._mark_l1(l1i)
             t = self._l2(off)
             if any(e & C.FLAG_COPIED for e in t):
                 for i, e in enumerate(t):
@@ -1662,7 +1741,7 @@ class Qcow2Driver(BlockDriver):
     def _fix_copied_flags(self) -> None:
         """Make bit 63 of the active L1/L2 entries say exactly "refcount is 1"."""
         cs = self.cluster_size
-        for l1i, l1e in enumerate(self.l1):
+        for l1i, l1e in _nonzero(self.l1):
             off = l1e & C.OFFSET_MASK
             if not off:
                 continue
@@ -1670,7 +1749,7 @@ class Qcow2Driver(BlockDriver):
             want = off | (C.FLAG_COPIED if own else 0)
             if l1e != want:
                 self.l1[l1i] = want
-                self._l1_dirty = True
+                self._mark_l1(l1i)
             t = self._l2(off)
             changed = False
             for i, e in enumerate(t):
@@ -1738,12 +1817,13 @@ class Qcow2Driver(BlockDriver):
         #    crash can never leave COPIED set on a cluster a snapshot references
         self._clear_copied_flags()
         self.flush()
-        # 2. copy of the active L1 (the COPIED flags mean nothing in a snapshot's table)
-        l1_copy = array.array("Q", self.l1)
-        l1_off = self._alloc(_ceil_div(len(l1_copy) * 8, cs)) if len(l1_copy) else 0
-        if len(l1_copy):
-            self._meta.add_range(l1_off // cs, _ceil_div(len(l1_copy) * 8, cs))
-            self._pwrite(l1_off, C.encode_u64_table(l1_copy))
+        # 2. copy of the active L1 (the COPIED flags mean nothing in a snapshot's table;
+        #    none is set after step 1), written piece by piece from the active one
+        n_l1 = len(self.l1)
+        l1_off = self._alloc(_ceil_div(n_l1 * 8, cs)) if n_l1 else 0
+        if n_l1:
+            self._meta.add_range(l1_off // cs, _ceil_div(n_l1 * 8, cs))
+            self._write_u64_table(l1_off, self.l1, 0, n_l1)
         # 3. the active tree gains a reference from the snapshot
         self._add_tree_refs(self.l1, +1)
         ids = [int(s.id) for s in self.snapshots if s.id.isdigit()]
@@ -1751,7 +1831,7 @@ class Qcow2Driver(BlockDriver):
         extra_size = 16 if self.hdr.version >= 3 else 16
         snap = C.Snapshot(
             l1_table_offset=l1_off,
-            l1_size=len(l1_copy),
+            l1_size=n_l1,
             id=str(max(ids, default=0) + 1),
             name=name,
             date_sec=int(now),
@@ -1795,7 +1875,10 @@ class Qcow2Driver(BlockDriver):
         self._add_tree_refs(old_l1, -1)
         old_off = self.hdr.l1_table_offset
         old_clusters = _ceil_div(len(old_l1) * 8, cs)
-        new_l1 = array.array("Q", (e & ~C.FLAG_COPIED for e in l1))
+        new_l1 = l1  # read for this revert only: clear its COPIED flags in place
+        for i, e in enumerate(new_l1):
+            if e & C.FLAG_COPIED:
+                new_l1[i] = e & ~C.FLAG_COPIED
         new_off = self._alloc(_ceil_div(len(new_l1) * 8, cs)) if len(new_l1) else 0
         if new_off:
             self._meta.add_range(new_off // cs, _ceil_div(len(new_l1) * 8, cs))
@@ -1803,7 +1886,7 @@ class Qcow2Driver(BlockDriver):
             for c in range(old_off // cs, old_off // cs + old_clusters):
                 self._free_cluster(c)
         # clear COPIED in the shared L2 tables (safe side) before they become active
-        for e in new_l1:
+        for _, e in _nonzero(new_l1):
             off = e & C.OFFSET_MASK
             if off:
                 self._meta.add(off // cs)
@@ -1816,7 +1899,7 @@ class Qcow2Driver(BlockDriver):
         self.l1 = new_l1
         self.hdr = self.hdr.replace(l1_table_offset=new_off, l1_size=len(new_l1), size=new_size)
         self.size = new_size
-        self._l1_dirty = True
+        self._mark_l1(0, len(new_l1))
         self._hdr_dirty = True
         self._dcache = None
         self.flush()
@@ -1852,7 +1935,7 @@ class Qcow2Driver(BlockDriver):
         h = self.hdr
 
         def walk(l1: array.array, label: str, active: bool) -> None:
-            for l1i, l1e in enumerate(l1):
+            for l1i, l1e in _nonzero(l1):
                 off = l1e & C.OFFSET_MASK
                 if not off:
                     continue
