@@ -392,3 +392,55 @@ def test_metadata_bytes_counts_caches_and_stays_bounded(tmp_path):
         full = d.metadata_bytes()
         assert full - start >= 512 * 512  # the L2 cache is full
         assert full < start + 600 * 1024 + 512 * 1024  # and bounded (512 clean tables kept)
+
+
+# ---------------------------------------------------------------------- 4. snapshot names
+BAD_NAMES = ["\udcff", "caf\udce9", "", "x" * 256, "é" * 128, "a@b", "tab\there", "nl\n", "del\x7f", "c1\x85",
+             " lead", "trail ", "#12", "a/b"]
+
+
+def _file_bytes(p) -> bytes:
+    with open(p, "rb") as f:
+        return f.read()
+
+
+@pytest.mark.parametrize("name", BAD_NAMES, ids=lambda n: ascii(n)[:20])
+def test_bad_snapshot_name_refused_before_anything_is_written(tmp_path, name, require_qemu):
+    p = _image_with_two_clusters(tmp_path)
+    before = _file_bytes(p)
+    with vdisk.open(p) as img:
+        with pytest.raises(UsageError, match="snapshot name") as exc:
+            img.snapshot_create(name)
+        assert "\n" not in str(exc.value)
+        assert [s.name for s in img.snapshot_list()] == ["s1"]
+    assert _file_bytes(p) == before
+    qemu_check_clean(p)
+
+
+def test_good_snapshot_names_round_trip_through_qemu(tmp_path, require_qemu):
+    p = _image_with_two_clusters(tmp_path)
+    names = ["é" * 127, "x" * 255, "with space", "日本語"]
+    with vdisk.open(p) as img:
+        for n in names:
+            img.snapshot_create(n)
+        assert img.snapshot_list()[1].name == names[0]
+        img.snapshot_revert("#1")  # by id
+        assert img.read(2 * CS, CS) == bytes(CS)
+    qemu_check_clean(p)
+    r = qemu_img("snapshot", "-l", p)
+    assert r.returncode == 0 and "日本語" in r.stdout
+
+
+def test_non_utf8_snapshot_name_on_the_command_line_leaks_nothing(tmp_path, require_qemu):
+    """The reported case: ``vdisk snapshot create IMG $'\\xff'`` leaked 34 clusters."""
+    from conftest import vdisk_command
+
+    p = _image_with_two_clusters(tmp_path)
+    before = _file_bytes(p)
+    argv = [a.encode() for a in vdisk_command()] + [b"snapshot", b"create", p.encode(), b"bad\xffname"]
+    r = subprocess.run(argv, capture_output=True, timeout=120)
+    err = r.stderr.decode("utf-8", "replace")
+    assert r.returncode == 1, err
+    assert "not valid UTF-8" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert _file_bytes(p) == before
+    qemu_check_clean(p)

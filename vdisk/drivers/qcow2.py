@@ -104,6 +104,47 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+MAX_SNAPSHOT_NAME = 255
+
+
+def _shown(name) -> str:
+    """A printable one-line rendering of any would-be snapshot name."""
+    if isinstance(name, str):
+        try:
+            name = name.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:  # a surrogate that no byte escapes to
+            return ascii(name)
+    text = bytes(name[:64]).decode("utf-8", "backslashreplace")
+    return "'" + "".join(c if c.isprintable() else repr(c)[1:-1] for c in text) + ("..." if len(name) > 64 else "") + "'"
+
+
+def validate_snapshot_name(name) -> str:
+    """The name of a new snapshot, or a one-line UsageError before anything is
+    written: 1 to 255 bytes of valid UTF-8 (a str holding surrogates, as a
+    non-UTF-8 command-line argument decodes to, is not), no control characters
+    (below 0x20, 0x7f, and the C1 range), no '@' (``IMAGE@SNAP`` names a
+    snapshot) or '/', no leading '#' (``#ID`` selects by id), no surrounding white
+    space -- the rules of vdk's snapshots, so both formats take the same names."""
+    if isinstance(name, (bytes, bytearray)):
+        try:
+            name = bytes(name).decode("utf-8")
+        except UnicodeDecodeError:
+            raise UsageError(f"invalid snapshot name {_shown(bytes(name))}: not valid UTF-8") from None
+    if not isinstance(name, str):
+        raise UsageError(f"a snapshot name must be a string, not {type(name).__name__}")
+    try:
+        raw = name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"invalid snapshot name {_shown(name)}: not valid UTF-8") from None
+    if not 0 < len(raw) <= MAX_SNAPSHOT_NAME:
+        raise UsageError(f"snapshot name must be 1 to {MAX_SNAPSHOT_NAME} bytes long, not {len(raw)}")
+    if any(ord(ch) < 0x20 or 0x7F <= ord(ch) < 0xA0 for ch in name):
+        raise UsageError(f"invalid snapshot name {_shown(name)}: no control characters")
+    if "@" in name or "/" in name or name.startswith("#") or name != name.strip():
+        raise UsageError(f"invalid snapshot name {_shown(name)}: no '@', '/', leading '#' or surrounding spaces")
+    return name
+
+
 def _nonzero(a: array.array):
     """(index, entry) for the non-zero entries of a table, skipping runs of zeros at C
     speed (a big L1 table is mostly zeros)."""
@@ -718,6 +759,11 @@ class Qcow2Driver(BlockDriver):
             )
 
     def _find_snapshot(self, name: str) -> C.Snapshot:
+        if name.startswith("#") and name[1:].isdigit():  # #ID: by id only
+            for s in self.snapshots:
+                if s.id == name[1:]:
+                    return s
+            raise SnapshotNotFound(f"{self.host.name}: no snapshot with id {name[1:]}")
         for s in self.snapshots:
             if s.name == name:
                 return s
@@ -1803,9 +1849,8 @@ class Qcow2Driver(BlockDriver):
         self.snapshots = snaps
 
     def snapshot_create(self, name: str) -> SnapshotInfo:
+        name = validate_snapshot_name(name)  # before anything is written
         self._writable()
-        if not name:
-            raise UsageError("qcow2: a snapshot needs a name")
         if any(s.name == name for s in self.snapshots):
             raise SnapshotExists(f"{self.host.name}: snapshot {name!r} exists already")
         if len(self.snapshots) >= MAX_SNAPSHOTS:
