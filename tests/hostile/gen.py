@@ -320,8 +320,12 @@ def generate(outdir: str) -> list[Case]:
         v = VdkFile(base).blank_other_slot()
         s = v.slot
         pos = s + C.HEADER_FIXED
-        length = (C.HEADER_FIXED + len(tail_name) + len(tail_fmt) + 7) // 8 * 8 + 8
-        v.b[pos:pos + len(tail_name) + len(tail_fmt)] = tail_name + tail_fmt
+        # the base has no backing reference, so its image id (identity feature) follows the fixed part
+        (incompat,) = struct.unpack_from("<Q", v.b, s + 24)
+        iid = bytes(v.b[pos:pos + C.IMAGE_ID_SIZE]) if incompat & C.INCOMPAT_IDENTITY else b""
+        tail = tail_name + tail_fmt + iid
+        length = (C.HEADER_FIXED + len(tail) + 7) // 8 * 8 + 8
+        v.b[pos:pos + length - C.HEADER_FIXED - 8] = tail + bytes(length - C.HEADER_FIXED - 8 - len(tail))
         v.hset("backing_name_length", len(tail_name), resign=False)
         v.hset("backing_format_length", len(tail_fmt), resign=False)
         v.hset("header_length", length, resign=False)

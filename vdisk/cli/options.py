@@ -74,6 +74,17 @@ def progress_option() -> Callable:
     )
 
 
+def split_image_spec(spec: str) -> tuple[str, str | None]:
+    """``IMAGE@SNAP`` -> (IMAGE, SNAP); a path that exists as given names no snapshot.
+    A snapshot is named by name or as ``#ID``."""
+    if "@" not in spec or os.path.lexists(spec):
+        return spec, None
+    path, _, snap = spec.rpartition("@")
+    if not path or not snap:
+        raise UsageError(f"{spec}: expected IMAGE@SNAPSHOT")
+    return path, snap
+
+
 def open_image(
     filename: str,
     *,
@@ -85,11 +96,18 @@ def open_image(
     force_share: bool = False,
 ) -> _block.Image:
     """Open an image (and its chain) the way every command does; errors are VdiskErrors
-    that name the file."""
-    if os.path.isdir(filename):
-        raise VdiskError(f"{filename}: is a directory, not an image file")
+    that name the file.  ``FILENAME@SNAP`` opens that snapshot (read-only)."""
+    path, snap = split_image_spec(filename)
+    if snap is not None:
+        if snapshot is not None and snapshot != snap:
+            raise UsageError(f"{filename}: two snapshots named ({snap!r} and {snapshot!r})")
+        if not read_only:
+            raise UsageError(f"{filename}: a snapshot is read-only; this command writes its image")
+        snapshot = snap
+    if os.path.isdir(path):
+        raise VdiskError(f"{path}: is a directory, not an image file")
     return _block.open(
-        filename,
+        path,
         format=fmt,
         read_only=read_only,
         snapshot=snapshot,

@@ -28,15 +28,17 @@ import os
 import sys
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import zstandard
 
+from .. import budget
 from ..codec import vdk as C
 from ..errors import ChecksumMismatch, CorruptImage, UnsupportedFeature, SnapshotExists, SnapshotNotFound, UsageError, VdiskError
 from ..host import HostStorage
 from . import register
-from .base import BackingRef, BlockDriver, CheckResult, CreateOptions, Extent, SnapshotInfo, Status
+from .base import BackingRef, BlockDriver, CheckResult, CreateOptions, Extent, Holder, SnapshotInfo, Status
 
 MAX_L1_BYTES = 32 << 20  # implementation limit: L1 tables up to 32 MiB (2 Mi entries)
 AUTO_COMMIT_DIRTY_L2 = 1024
@@ -69,12 +71,46 @@ def _rc_bytes(rc: array.array, start: int, count: int) -> bytes:
     return part.tobytes()
 
 
-def validate_snapshot_name(name: str) -> None:
-    raw = name.encode()
+def _shown_name(name: str | bytes) -> str:
+    """A printable, one-line rendering of a snapshot name that may be anything (bytes,
+    surrogate-escaped argv, control characters)."""
+    if isinstance(name, str):
+        try:
+            name = name.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            return ascii(name)
+    more = "..." if len(name) > 64 else ""
+    text = bytes(name[:64]).decode("utf-8", "backslashreplace")  # a byte that is not UTF-8: \xff
+    return "'" + "".join(c if c.isprintable() else repr(c)[1:-1] for c in text) + more + "'"
+
+
+def validate_snapshot_name(name: str | bytes) -> str:
+    """Refuse a name a new snapshot may not have, with a one-line UsageError, before
+    anything is written; return the name as str.  A name is 1 to 255 bytes of valid
+    UTF-8 (a str holding surrogates, as a non-UTF-8 command-line argument decodes to,
+    is not) without '@' (``IMAGE@SNAP`` names a snapshot), '/', control characters
+    (below 0x20, and 0x7f), a leading '#' (``#ID`` selects by id) or leading or
+    trailing white space."""
+    if isinstance(name, (bytes, bytearray)):
+        try:
+            text = bytes(name).decode("utf-8")
+        except UnicodeDecodeError:
+            raise UsageError(f"invalid snapshot name {_shown_name(bytes(name))}: not valid UTF-8") from None
+    elif isinstance(name, str):
+        text = name
+    else:
+        raise UsageError(f"a snapshot name must be a string, not {type(name).__name__}")
+    try:
+        raw = text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"invalid snapshot name {_shown_name(text)}: not valid UTF-8") from None
     if not 0 < len(raw) <= C.MAX_SNAPSHOT_NAME:
-        raise UsageError(f"snapshot name must be 1 to {C.MAX_SNAPSHOT_NAME} bytes long")
-    if "\0" in name or "/" in name or name.startswith("#") or name != name.strip():
-        raise UsageError(f"invalid snapshot name {name!r}: no '/', NUL, leading '#' or surrounding spaces")
+        raise UsageError(f"snapshot name must be 1 to {C.MAX_SNAPSHOT_NAME} bytes long, not {len(raw)}")
+    if any(ch < 0x20 or ch == 0x7F for ch in raw):
+        raise UsageError(f"invalid snapshot name {_shown_name(text)}: no control characters")
+    if "@" in text or "/" in text or text.startswith("#") or text != text.strip():
+        raise UsageError(f"invalid snapshot name {_shown_name(text)}: no '@', '/', leading '#' or surrounding spaces")
+    return text
 
 
 @register
@@ -85,6 +121,13 @@ class VdkDriver(BlockDriver):
     supports_compression = True
     supports_discard = True
     default_cluster_size = 1 << C.DEFAULT_CLUSTER_BITS
+
+    create_options = {
+        "cluster_size": "4K to 2M, a power of two (default 64K)",
+        "compression": "none (default) or zstd: how new clusters are written (compression_type is the same)",
+        "compression_level": "zstd level, -7 to 19 (default 3)",
+        "preallocation": "off only (vdk writes every change to a new cluster)",
+    }
 
     # ================================================================ open / create
     @classmethod
@@ -103,7 +146,14 @@ class VdkDriver(BlockDriver):
         if comp is None:
             raise UsageError(f"unknown compression {opts.compression!r} for vdk (none or zstd)")
         extra = dict(opts.extra)
-        level = int(extra.pop("compression_level", 3))
+        prealloc = extra.pop("preallocation", "off")
+        if prealloc != "off":
+            raise UsageError(f"vdk: preallocation={prealloc} is not supported: vdk writes every change to a "
+                             "new cluster (copy-on-write), so space reserved now would never be written in place")
+        try:
+            level = int(extra.pop("compression_level", 3))
+        except ValueError:
+            raise UsageError("compression_level must be a whole number from -7 to 19") from None
         if not -7 <= level <= 19:
             raise UsageError("compression_level must be from -7 to 19")
         if extra:
@@ -111,7 +161,8 @@ class VdkDriver(BlockDriver):
         cls._check_size(size, cbits)
         ref = opts.backing
         hdr = C.Header(generation=1, cluster_bits=cbits, virtual_size=size, compression_type=comp,
-                       compression_level=level,
+                       compression_level=level, incompatible_features=C.INCOMPAT_IDENTITY,
+                       image_id=bytes.fromhex(opts.image_id) if opts.image_id else uuid.uuid4().bytes,
                        backing_name=ref.filename if ref else "", backing_format=ref.format if ref else "",
                        backing_snapshot=(ref.snapshot or "") if ref else "")
         try:
@@ -124,8 +175,8 @@ class VdkDriver(BlockDriver):
         drv.slot = 1  # the first commit flips to slot 0
         drv.rc = array.array("I", [1] * reserved)
         drv.host_clusters = reserved
-        drv.l1_off = [0] * C.l1_entries_for(size, cbits)
-        drv.l1_sum = [0] * len(drv.l1_off)
+        drv.l1_off = array.array("Q", bytes(8 * C.l1_entries_for(size, cbits)))
+        drv.l1_sum = array.array("Q", drv.l1_off)
         drv.l1_dirty = True
         drv.snap_dirty = True
         drv.rc_dirty = set(range((reserved + drv.rc_per_block - 1) // drv.rc_per_block))
@@ -196,18 +247,19 @@ class VdkDriver(BlockDriver):
         self.snapshots: list[C.SnapshotRecord] = []
         self.viewing: C.SnapshotRecord | None = None
         # in-memory state
-        self.l1_off: list[int] = []
-        self.l1_sum: list[int] = []
+        self.l1_off = array.array("Q")  # compact: 8 bytes an entry (budget.charge counts them)
+        self.l1_sum = array.array("Q")
         self.l2cache: dict[int, bytearray] = {}
         self.l2dirty: set[int] = set()
         self.l1_dirty = False
         self.snap_dirty = False
         self.rc: array.array | None = None
-        self.rt_off: list[int] = []
-        self.rt_sum: list[int] = []
+        self.rt_off = array.array("Q")
+        self.rt_sum = array.array("Q")
         self.rc_dirty: set[int] = set()
         self.rc_placed: dict[int, int] = {}
         self.pending_free: set[int] = set()
+        self.dropped_new: set[int] = set()  # allocated and freed again in a transaction: punched at commit
         self.new_clusters: set[int] = set()
         self.free_heap: list[int] = []
         self._scan_pos = 0  # refcounts below this index have been scanned into free_heap
@@ -280,8 +332,9 @@ class VdkDriver(BlockDriver):
         if n == 0:
             if offset:
                 raise self._corrupt(f"{what} is empty but has an offset")
-            self.l1_off, self.l1_sum = [], []
+            self.l1_off, self.l1_sum = array.array("Q"), array.array("Q")
             return
+        budget.charge(n * C.L1_ENTRY_SIZE * 2, f"{self.name}: {what} ({n} entries)")  # the buffer and the arrays
         buf = self._read_checked(offset, n * C.L1_ENTRY_SIZE, csum, what)
         offs, sums = C.decode_l1(buf, n)
         limit = self.host_clusters * self.cluster_size
@@ -300,9 +353,11 @@ class VdkDriver(BlockDriver):
             if h.snapshot_table_length or h.snapshot_table_offset:
                 raise self._corrupt("empty snapshot table has a length or offset")
             return []
+        budget.charge(h.snapshot_table_length * 3, f"{self.name}: snapshot table")  # the bytes and the records
         buf = self._read_checked(h.snapshot_table_offset, h.snapshot_table_length, h.snapshot_table_checksum,
                                  "snapshot table")
-        recs = C.decode_snapshot_table(buf, h.snapshot_count)
+        recs = C.decode_snapshot_table(buf, h.snapshot_count,
+                                       identity=bool(h.incompatible_features & C.INCOMPAT_IDENTITY))
         for r in recs:
             if r.id >= h.next_snapshot_id:
                 raise self._corrupt(f"snapshot {r.name!r} has id {r.id} >= next id {h.next_snapshot_id}")
@@ -319,6 +374,8 @@ class VdkDriver(BlockDriver):
         if h.refcount_table_entries != nblocks:
             raise self._corrupt(f"refcount table has {h.refcount_table_entries} entries; "
                                 f"{self.host_clusters} clusters need {nblocks}")
+        budget.charge(nblocks * C.RT_ENTRY_SIZE * 2 + self.host_clusters * C.RC_ENTRY_SIZE,
+                      f"{self.name}: refcounts of {self.host_clusters} clusters")
         buf = self._read_checked(h.refcount_table_offset, nblocks * C.RT_ENTRY_SIZE, h.refcount_table_checksum,
                                  "refcount table")
         self.rt_off, self.rt_sum = C.decode_refcount_table(buf, nblocks)
@@ -411,6 +468,7 @@ class VdkDriver(BlockDriver):
             if c in self.new_clusters:
                 self.new_clusters.discard(c)
                 heapq.heappush(self.free_heap, c)
+                self.dropped_new.add(c)
             else:
                 self.pending_free.add(c)
 
@@ -820,20 +878,30 @@ class VdkDriver(BlockDriver):
             ci = l2_end
 
     def resize(self, new_size: int) -> None:
+        """Set the guest size and commit.  Shrinking drops what lies past the new end:
+        whole L2 tables past the last L1 entry kept, and the entries past the end in
+        the one table the new end cuts.  Its cost follows what is allocated (the L1
+        entries that are not zero are found at C speed, and only the allocated entries
+        of existing tables are visited), never the virtual size: shrinking a 256 TiB
+        disk holding a few MiB takes as long as shrinking a 1 GiB one."""
         self._check_writable()
         self._check_size(new_size, self.cbits)
         old = self.size
         cs = self.cluster_size
+        n = C.l1_entries_for(new_size, self.cbits)
         if new_size < old:
             tail = min(old, (new_size + cs - 1) & ~(cs - 1))
             if tail > new_size:
                 self.write(new_size, bytes(tail - new_size))  # keep bytes past the end zero
-            if old > tail:
-                self._drop_range(tail >> self.cbits, (old + cs - 1) >> self.cbits)
-        n = C.l1_entries_for(new_size, self.cbits)
+            # whole clusters past the end inside the L2 tables kept (the tables past
+            # them go below)
+            first = (new_size + cs - 1) >> self.cbits
+            end = min((old + cs - 1) >> self.cbits, n << self.l2_bits)
+            if end > first:
+                self._drop_range(first, end)
         if n != len(self.l1_off):
             self._mark_l1_dirty()
-            for l2i in range(n, len(self.l1_off)):
+            for l2i in self._allocated_l2_indices(n, len(self.l1_off)):
                 self._release_l2_index(l2i)
             del self.l1_off[n:], self.l1_sum[n:]
             self.l1_off.extend([0] * (n - len(self.l1_off)))
@@ -845,15 +913,39 @@ class VdkDriver(BlockDriver):
         self._commit(force=True)
 
     def _drop_range(self, first: int, last: int) -> None:
-        """Unmap guest clusters [first, last): used past the end of the disk."""
-        for ci in range(first, last):
-            l2i = ci >> self.l2_bits
-            if l2i >= len(self.l1_off) or (self.l1_off[l2i] == 0 and l2i not in self.l2cache):
-                continue
+        """Unmap guest clusters [first, last): used past the end of the disk.  Visits
+        only the L2 tables that exist, and copies one (section 13.3) only if it maps
+        something in the range; the cost follows the allocated entries."""
+        l2b = self.l2_bits
+        mask = self.l2_mask
+        if last <= first:
+            return
+        for l2i in self._allocated_l2_indices(first >> l2b, ((last - 1) >> l2b) + 1):
+            lo = max(first, l2i << l2b)
+            hi = min(last, (l2i + 1) << l2b)
+            a, b = (lo & mask) * _ESZ, (((hi - 1) & mask) + 1) * _ESZ
+            tbl = self._l2(l2i)
+            if tbl is None or tbl.count(0, a, b) == b - a:
+                continue  # nothing mapped here: leave the table (and its sharing) alone
             tbl = self._l2_for_write(l2i)
-            pos = (ci & self.l2_mask) * _ESZ
-            self._release_entry(*_unpack_l2(tbl, pos)[:2])
-            _pack_l2(tbl, pos, 0, 0, 0, 0, 0)
+            for pos in range(a, b, _ESZ):
+                desc, slen = _unpack_l2(tbl, pos)[:2]
+                if desc:
+                    self._release_entry(desc, slen)
+            tbl[a:b] = bytes(b - a)
+
+    def _allocated_l2_indices(self, lo: int, hi: int) -> list[int]:
+        """The L2 indices in [lo, hi) that have a table (a non-zero L1 entry, or a table
+        changed in this transaction), ascending.  The L1 entries are scanned at C speed
+        (``itertools.compress``), so even a 2 Mi-entry L1 costs milliseconds."""
+        from itertools import compress
+
+        hi = min(hi, len(self.l1_off))
+        if lo >= hi:
+            return []
+        found = set(compress(range(lo, hi), self.l1_off[lo:hi]))
+        found.update(i for i in self.l2dirty if lo <= i < hi)
+        return sorted(found)
 
     def _release_l2_index(self, l2i: int) -> None:
         if l2i in self.l2dirty:
@@ -959,14 +1051,20 @@ class VdkDriver(BlockDriver):
         for c in freed:
             heapq.heappush(self.free_heap, c)
         self.pending_free.clear()
+        if self.dropped_new:
+            # Written in a transaction that dropped them again: free, but their bytes
+            # would stay in the file (check counts that as leaked space).
+            rc = self.rc
+            freed = sorted(set(freed).union(c for c in self.dropped_new if c < len(rc) and rc[c] == 0))
+            self.dropped_new.clear()
         self._punch(freed)
 
     def _save_state(self) -> dict:
         return {
-            "host_clusters": self.host_clusters, "rc_len": len(self.rc), "l1_off": list(self.l1_off),
-            "l1_sum": list(self.l1_sum), "l2dirty": set(self.l2dirty),
+            "host_clusters": self.host_clusters, "rc_len": len(self.rc), "l1_off": array.array("Q", self.l1_off),
+            "l1_sum": array.array("Q", self.l1_sum), "l2dirty": set(self.l2dirty),
             "l2tables": {i: self.l2cache[i] for i in self.l2dirty}, "l1_dirty": self.l1_dirty,
-            "snap_dirty": self.snap_dirty, "rt_off": list(self.rt_off), "rt_sum": list(self.rt_sum),
+            "snap_dirty": self.snap_dirty, "rt_off": array.array("Q", self.rt_off), "rt_sum": array.array("Q", self.rt_sum),
             "rc_dirty": set(self.rc_dirty), "rc_placed": dict(self.rc_placed),
             "pending_free": set(self.pending_free), "new_clusters": set(self.new_clusters),
             "free_heap": list(self.free_heap), "scan_pos": self._scan_pos, "pack": (self.pack_cluster, self.pack_used), "dirty": self._dirty,
@@ -1164,6 +1262,7 @@ class VdkDriver(BlockDriver):
             "compression": C.COMPRESSION_NAMES[h.compression_type],
             "format_specific": {
                 "version": h.version,
+                "image_id": self.image_id,
                 "generation": h.generation,
                 "host_clusters": h.host_clusters,
                 "snapshot_count": len(snaps),
@@ -1196,17 +1295,23 @@ class VdkDriver(BlockDriver):
                 return r
         raise SnapshotNotFound(f"{self.name}: no snapshot named {name!r}")
 
+    @property
+    def image_id(self) -> str | None:
+        return self.header.image_id.hex() if self.header.image_id else None
+
     def _info_of(self, r: C.SnapshotRecord) -> SnapshotInfo:
         return SnapshotInfo(id=r.id, name=r.name, created=r.create_time_ns / 1e9, size=r.virtual_size,
-                            generation=r.generation, holds=r.holds)
+                            generation=r.generation, holds=r.holds,
+                            holders=tuple(Holder(h.image_id.hex(), h.path) for h in r.holders),
+                            hidden=bool(r.flags & C.SNAP_HIDDEN))
 
-    def snapshot_list(self, *, space: bool = False) -> list[SnapshotInfo]:
-        """Visible snapshots, oldest first; with ``space``, ``unique_bytes`` is filled in
-        (a walk of each snapshot's tables)."""
+    def snapshot_list(self, *, space: bool = False, hidden: bool = False) -> list[SnapshotInfo]:
+        """Visible snapshots (and, with ``hidden``, the hidden ones), oldest first; with
+        ``space``, ``unique_bytes`` is filled in (a walk of each snapshot's tables)."""
         usage = self.space_usage()["snapshots"] if space else {}
         out = []
         for r in self.snapshots:
-            if r.flags & C.SNAP_HIDDEN:
+            if r.flags & C.SNAP_HIDDEN and not hidden:
                 continue
             info = self._info_of(r)
             if space:
@@ -1267,27 +1372,85 @@ class VdkDriver(BlockDriver):
         self.pack_cluster = -1
         self._commit(force=True)
 
-    def snapshot_hold(self, name: str, delta: int) -> SnapshotInfo:
-        """Add (or, with a negative delta, drop) a hold of a linked clone on a snapshot.
-        A hidden snapshot whose last hold goes is freed."""
-        rec = self._find_snapshot(name, include_hidden=True)
+    def snapshot_rename(self, name: str, new_name: str) -> SnapshotInfo:
+        """Give snapshot ``name`` the name ``new_name``; clones name it by id, so they
+        keep reading it."""
+        new_name = validate_snapshot_name(new_name)
+        self._check_writable()
+        rec = self._find_snapshot(name)
+        if any(r.name == new_name and not r.flags & C.SNAP_HIDDEN for r in self.snapshots if r is not rec):
+            raise SnapshotExists(f"{self.name}: a snapshot named {new_name!r} exists already")
         self._commit()
         idx = self.snapshots.index(rec)
-        holds = max(0, rec.holds + delta)
+        new = C.SnapshotRecord(**{**rec.__dict__, "name": new_name})
+        self.snapshots[idx] = new
+        self.snap_dirty = True
+        self._commit(force=True)
+        return self._info_of(new)
+
+    def snapshot_hold(self, name: str, delta: int, holder: Holder | None = None) -> SnapshotInfo:
+        """Add (delta +1) or drop (-1) a linked clone's hold on a snapshot, recorded by
+        the holder's identity (section 11.2 of the spec).  Dropping an identity that
+        holds nothing raises SnapshotNotFound and changes nothing; ``holder`` None drops
+        one hold that vdisk 0.1 counted without an identity.  A hidden snapshot whose
+        last hold goes is freed."""
+        if delta not in (1, -1):
+            raise UsageError("a hold changes by +1 or -1")
+        self._check_writable()
+        rec = self._find_snapshot(name, include_hidden=True)
+        hid = bytes.fromhex(holder.image_id) if holder is not None else None
+        holders = list(rec.holders)
+        mine = [h for h in holders if h.image_id == hid] if hid is not None else []
+        if delta > 0:
+            if hid is None:
+                raise UsageError("a new hold needs the holder's identity")
+            path = holder.path
+            try:
+                new_h = C.HolderRecord(hid, path)
+                new_h.encode()
+            except ValueError as exc:
+                raise UsageError(f"holder {path!r}: {exc}") from None
+            if mine:  # the same image holding again (a retried clone): keep one record
+                holders = [new_h if h.image_id == hid else h for h in holders]
+                holds = rec.holds
+            else:
+                if len(holders) >= C.MAX_HOLDERS:
+                    raise UsageError(f"{self.name}: snapshot {rec.name!r} has {C.MAX_HOLDERS} holders already")
+                holders.append(new_h)
+                holds = rec.holds + 1
+        else:
+            if hid is not None:
+                if not mine:
+                    raise SnapshotNotFound(f"{self.name}: image {holder.image_id} holds no snapshot {name!r}")
+                holders = [h for h in holders if h.image_id != hid]
+            elif rec.holds <= len(holders):
+                raise SnapshotNotFound(f"{self.name}: snapshot {name!r} has no hold without an identity")
+            holds = rec.holds - 1
+        self._commit()
+        if holders and not self.header.incompatible_features & C.INCOMPAT_IDENTITY:
+            # an image made by vdisk 0.1: it gets an identity with its first holder record
+            self.header = self.header.replace(
+                incompatible_features=self.header.incompatible_features | C.INCOMPAT_IDENTITY,
+                image_id=uuid.uuid4().bytes)
+        idx = self.snapshots.index(rec)
         if holds == 0 and rec.flags & C.SNAP_HIDDEN:
             del self.snapshots[idx]
             self._release_l1(rec.l1_offset, rec.l1_entries, rec.l1_checksum)
+            new = C.SnapshotRecord(**{**rec.__dict__, "holds": 0, "holders": ()})
         else:
-            self.snapshots[idx] = C.SnapshotRecord(**{**rec.__dict__, "holds": holds})
+            new = C.SnapshotRecord(**{**rec.__dict__, "holds": holds, "holders": tuple(holders)})
+            self.snapshots[idx] = new
         self.snap_dirty = True
         self._commit(force=True)
-        return self._info_of(self.snapshots[idx]) if holds or not rec.flags & C.SNAP_HIDDEN else self._info_of(rec)
+        return self._info_of(new)
 
     # ================================================================ check
     def check(self, *, repair: str | None = None) -> CheckResult:
         """Walk every table from every root (live state and each snapshot), verify each
         checksum (tables and data), recount references and compare with the stored
-        refcounts.  Fewer stored than found is corruption; more is a leak."""
+        refcounts.  Fewer stored than found is corruption; more is a leak, and so is
+        file space that holds data no cluster in use needs (``_check_file_space``).
+        A repair of leaks also gives that space back."""
         if repair and self.read_only:
             raise UsageError(f"{self.name}: open the image read-write to repair it")
         if not self.read_only:
@@ -1383,7 +1546,118 @@ class VdkDriver(BlockDriver):
                 res.leaked_clusters = 0
                 if repair == "all":
                     res.corruptions = [m for m in res.corruptions if "refcount" not in m]
+        fix = (repair == "all") or (repair == "leaks" and not res.corruptions)
+        self._check_file_space(res, expected, stored, nclusters, fix)
         return res
+
+    def _check_file_space(self, res: CheckResult, expected, stored, nclusters: int, fix: bool) -> None:
+        """Leaked file space, which no refcount shows: bytes of the file past the host
+        area (``host_clusters * cs``), and free clusters past the last cluster in use
+        (stored and counted refcount 0) that still hold data.  Both are what a writer
+        leaves when it dies or fails (ENOSPC) in the middle of a transaction: the data
+        it wrote to clusters that the surviving header does not count.  Each is a leak
+        (exit 3); with ``fix`` the bytes past the area are truncated away and the free
+        clusters punched.  Neither needs a new header: nothing the durable header
+        references is touched (the check committed first), so a crash during the
+        repair leaves the image as it was or with less leaked space.  A free cluster
+        that reads as zeros is not a leak (a file system that cannot punch holes gets
+        zeros written instead), nor is a hole.  The bytes past the area of a block
+        device are not the image's, and are left alone."""
+        cs = self.cluster_size
+        cbits = self.cbits
+        found: list[str] = []
+        # free clusters at the end of the host area that hold data
+        tail_data: list[int] = []
+        if stored is not None and self.host_clusters == nclusters:
+            t0 = nclusters
+            while t0 > 0 and not expected[t0 - 1] and not stored[t0 - 1]:
+                t0 -= 1
+            if t0 < nclusters:
+                tail_data = self._clusters_holding_data(t0, nclusters)
+        if tail_data:
+            found.append(f"{len(tail_data)} free clusters past the last cluster in use (from cluster "
+                         f"{tail_data[0]} to {tail_data[-1]}) still hold data ({len(tail_data) * cs} bytes)")
+        # bytes past the host area
+        area = self.host_clusters * cs
+        size = self.host.size()
+        extra = size - area if size > area and self._host_is_regular_file() else 0
+        if extra:
+            found.append(f"{extra} bytes past the end of the host area ({area} bytes) belong to no cluster")
+        if not found:
+            return
+        if not fix:
+            res.leaks += found
+            res.leaked_clusters += len(tail_data) + ((extra + cs - 1) >> cbits)
+            return
+        if tail_data:
+            self._punch(tail_data)
+        if extra:
+            self.host.truncate(area)
+        self.host.flush()
+        res.repaired += found
+
+    def _clusters_holding_data(self, first: int, last: int) -> list[int]:
+        """Clusters in [first, last) whose bytes in the file are not all zeros.  Holes
+        are skipped without reading them where the host file can say where its data
+        is (SEEK_DATA); the rest is read in large pieces."""
+        cbits = self.cbits
+        cs = self.cluster_size
+        zero = self.zero_cluster
+        out: list[int] = []
+        step = max(cs, 4 << 20)
+        for start, end in self._host_data_ranges(first << cbits, last << cbits):
+            c0 = start >> cbits
+            c1 = min(last, (end + cs - 1) >> cbits)
+            pos = c0 << cbits
+            while pos < c1 << cbits:
+                n = min(step, (c1 << cbits) - pos)
+                buf = self.host.pread(pos, n)
+                for i in range(0, n, cs):
+                    if buf[i:i + cs] != zero:
+                        out.append((pos + i) >> cbits)
+                pos += n
+        return out
+
+    def _host_data_ranges(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The ranges of [start, end) that may hold data in the host file: its data
+        extents (lseek SEEK_DATA / SEEK_HOLE) when the host is a local file descriptor
+        that supports them, else the whole range."""
+        import errno
+
+        fd = getattr(self.host, "fd", None)
+        if not isinstance(fd, int) or fd < 0 or not hasattr(os, "SEEK_DATA"):
+            return [(start, end)]
+        out: list[tuple[int, int]] = []
+        pos = start
+        try:
+            while pos < end:
+                try:
+                    d = os.lseek(fd, pos, os.SEEK_DATA)
+                except OSError as exc:
+                    if exc.errno == errno.ENXIO:  # no data from here to the end of the file
+                        break
+                    raise
+                if d >= end:
+                    break
+                h = min(end, os.lseek(fd, d, os.SEEK_HOLE))
+                out.append((d, h))
+                pos = h
+        except OSError:
+            return [(start, end)]
+        return out
+
+    def _host_is_regular_file(self) -> bool:
+        """Whether the host is a file whose length is the image's (not a block device,
+        whose size is the device's).  Storage other than a local file counts as one."""
+        fd = getattr(self.host, "fd", None)
+        if not isinstance(fd, int) or fd < 0:
+            return True
+        import stat
+
+        try:
+            return stat.S_ISREG(os.fstat(fd).st_mode)
+        except OSError:
+            return False
 
     def _check_l2(self, l2i, off, csum, vsize, what, ref, res) -> None:
         cs = self.cluster_size
