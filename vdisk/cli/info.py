@@ -37,9 +37,10 @@ def info(fmt, output, backing_chain, unsafe_backing, force_share, filename):
       backing-filename (as the image names it), full-backing-filename (its
         resolved path; null if not opened), backing-filename-format,
       snapshots: [{id (a string), name, vm-state-size, date-sec, date-nsec,
-        vm-clock-sec, vm-clock-nsec, icount (null if unknown),
-        vdisk-virtual-size, vdisk-generation, vdisk-unique-bytes (host bytes
-        only this snapshot holds, or null), vdisk-holds (linked clones)}],
+        vm-clock-sec, vm-clock-nsec, icount (0 where vdisk keeps no VM state),
+        vdisk-size (guest bytes), vdisk-generation, vdisk-unique-bytes (host
+        bytes only this snapshot holds, or null), vdisk-holds (linked clones
+        depending on it), vdisk-holders ([{image-id, path}])}],
       format-specific: {type: FORMAT, data: {...}} (qcow2: qemu-img's keys
         compat, compression-type, lazy-refcounts, refcount-bits, corrupt,
         extended-l2, then vdisk-* ones; vdk: its own keys, no prefix)
@@ -50,7 +51,7 @@ def info(fmt, output, backing_chain, unsafe_backing, force_share, filename):
         snapshots: [{name, id, referenced-bytes, unique-bytes}],
         hidden-snapshots-bytes}; else null)
     """
-    from ..ops.mapping import chain_info, image_info, info_to_json, render_info_human
+    from ..ops.mapping import chain_info, chain_to_json, image_info, info_to_json, render_info_human
 
     try:
         img = open_image(filename, fmt=fmt, unsafe_backing=unsafe_backing, force_share=force_share)
@@ -63,7 +64,6 @@ def info(fmt, output, backing_chain, unsafe_backing, force_share, filename):
     with img:
         infos = chain_info(img) if backing_chain else [image_info(img)]
     if output == "json":
-        data = [info_to_json(i) for i in infos]
-        emit_json(data if backing_chain else data[0])
+        emit_json(chain_to_json(infos) if backing_chain else info_to_json(infos[0]))
     else:
         click.echo("\n\n".join(render_info_human(i) for i in infos))

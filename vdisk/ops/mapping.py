@@ -35,7 +35,8 @@ backing_snapshot       the backing snapshot the image names (vdk clones: ``#ID``
 full_backing_filename  the backing file's resolved path, or null (also when not opened)
 backing_snapshot_name  (only for a vdk backing snapshot named by id) its name
 snapshots              list of {id, name, created (seconds since the epoch, float),
-                       size, generation, unique_bytes (or null), holds, extra (dict)}
+                       size, generation, unique_bytes (or null), holds, extra (dict),
+                       holders (list of {image_id, path})}
 =====================  =====================================================================
 
 ``map_extents`` entries, like ``qemu-img map --output=json``, cover the range with no
@@ -62,6 +63,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import os
 from typing import Any
 
 from ..block import Image
@@ -94,6 +96,7 @@ def snapshot_dict(s: SnapshotInfo) -> dict[str, Any]:
         "unique_bytes": s.unique_bytes,
         "holds": s.holds,
         "extra": dict(s.extra),
+        "holders": [{"image_id": h.image_id, "path": h.path} for h in s.holders],
     }
 
 
@@ -304,10 +307,11 @@ SNAPSHOT_JSON_KEYS = (
     "vm-clock-sec",
     "vm-clock-nsec",
     "icount",
-    "vdisk-virtual-size",
+    "vdisk-size",
     "vdisk-generation",
     "vdisk-unique-bytes",
     "vdisk-holds",
+    "vdisk-holders",
 )
 
 #: keys of one ``map --output json`` entry
@@ -392,11 +396,12 @@ def snapshot_json(s: dict[str, Any]) -> dict[str, Any]:
         "date-nsec": date_nsec,
         "vm-clock-sec": clock // 1_000_000_000,
         "vm-clock-nsec": clock % 1_000_000_000,
-        "icount": extra.pop("icount", None),
-        "vdisk-virtual-size": s.get("size"),
+        "icount": int(extra.pop("icount", 0) or 0),
+        "vdisk-size": s.get("size"),
         "vdisk-generation": s.get("generation"),
         "vdisk-unique-bytes": s.get("unique_bytes"),
         "vdisk-holds": s.get("holds", 0),
+        "vdisk-holders": kebab_tree(s.get("holders") or []),
     }
     for k, v in extra.items():
         out[f"vdisk-{_kebab(k)}"] = kebab_tree(v)
@@ -422,6 +427,16 @@ def _format_specific(info: dict[str, Any]) -> dict[str, Any]:
     return {"type": fmt, "data": data}
 
 
+def _qemu_backing_path(info: dict[str, Any]) -> str | None:
+    """The opened backing file's name as qemu-img prints it: the backing name
+    relative to the directory of the overlay's name as given (vdisk opened the same
+    file through the overlay's absolute directory)."""
+    name = info.get("backing_filename")
+    if info.get("full_backing_filename") is None or name is None:
+        return None
+    return name if os.path.isabs(name) else os.path.join(os.path.dirname(info["filename"]), name)
+
+
 def info_to_json(info: dict[str, Any]) -> dict[str, Any]:
     """An ``image_info`` dict as ``info --output json`` prints it (keys: ``INFO_JSON_KEYS``)."""
     out = {
@@ -432,7 +447,7 @@ def info_to_json(info: dict[str, Any]) -> dict[str, Any]:
         "cluster-size": info.get("cluster_size"),
         "dirty-flag": bool(info.get("dirty", False)),
         "backing-filename": info.get("backing_filename"),
-        "full-backing-filename": info.get("full_backing_filename"),
+        "full-backing-filename": _qemu_backing_path(info),
         "backing-filename-format": info.get("backing_format"),
         "snapshots": [snapshot_json(s) for s in info.get("snapshots") or []],
         "format-specific": _format_specific(info),
@@ -450,9 +465,20 @@ def info_json(img: Image) -> dict[str, Any]:
     return info_to_json(image_info(img))
 
 
+def chain_to_json(infos: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``chain_info`` as ``info --backing-chain --output json`` prints it: a list, top
+    image first, each backing image named as its overlay's full-backing-filename
+    (as qemu-img names them)."""
+    out = [info_to_json(i) for i in infos]
+    for over, below in zip(out, out[1:]):
+        if over["full-backing-filename"] is not None:
+            below["filename"] = over["full-backing-filename"]
+    return out
+
+
 def chain_info_json(img: Image) -> list[dict[str, Any]]:
-    """``vdisk info --backing-chain --output json``: a list, top image first."""
-    return [info_to_json(i) for i in chain_info(img)]
+    """``vdisk info --backing-chain --output json`` of an opened chain."""
+    return chain_to_json(chain_info(img))
 
 
 def map_json(extents: list[dict[str, Any]]) -> list[dict[str, Any]]:
