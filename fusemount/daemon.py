@@ -5,8 +5,13 @@ Life of a mount (``vdisk mount IMAGE MNT``):
 1. the CLI spawns ``python -m fusemount --ready-fd N IMAGE MNT`` in a new session,
    stdout/stderr into the log file, and waits on the pipe for one line:
    ``READY`` or ``ERROR <exit_code> <message>``;
-2. the daemon opens the image (taking the write lock for rw), mounts with
-   ``pyfuse3.init``, binds the control socket (rw only), reports READY and serves;
+2. the daemon opens the image (taking the write lock for rw), binds the control socket
+   (rw only), mounts with its engine, reports READY and serves.  Two engines serve the
+   same handlers (fusemount.fs.VdiskFS): ``pyfuse3`` (libfuse + pyfuse3 + trio, the
+   default) and ``kernel`` (fusemount.kernel: the FUSE protocol spoken on /dev/fuse
+   by reader threads); ``vdisk mount --engine`` or $VDISK_FUSE_ENGINE chooses.  The
+   control socket and signals are served by a trio loop in the main thread with
+   either engine, under the engine's lock;
 3. it ends when the file system is unmounted (``vdisk umount``/``fusermount3 -u``: the
    kernel closes the FUSE connection and the session loop returns), or on
    SIGTERM/SIGINT/SIGHUP (it flushes and unmounts itself; if the mount is busy it keeps
@@ -25,6 +30,7 @@ file elsewhere) and O_CLOEXEC.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -151,21 +157,109 @@ def is_mounted(mountpoint: str) -> tuple[str, str] | None:
     return None
 
 
+# ---------------------------------------------------------------- engines
+ENGINES = ("pyfuse3", "kernel")
+#: the engine when none is named: VDISK_FUSE_ENGINE, else pyfuse3 (the kernel engine
+#: becomes the default once it passes the whole FUSE test suite; fusemount/PERFORMANCE.md)
+DEFAULT_ENGINE = "pyfuse3"
+
+
+def engine_name(engine: str | None = None) -> str:
+    """``engine``, else $VDISK_FUSE_ENGINE, else DEFAULT_ENGINE; MountError if unknown."""
+    name = engine or os.environ.get("VDISK_FUSE_ENGINE") or DEFAULT_ENGINE
+    if name not in ENGINES:
+        raise MountError(f"unknown FUSE engine {name!r} (known: {', '.join(ENGINES)})")
+    return name
+
+
+class Pyfuse3Engine:
+    """pyfuse3 + trio: libfuse reads the requests, pyfuse3 runs each handler as a trio
+    task.  Everything (handlers, control requests) runs in the trio thread, so no lock
+    is needed (fusemount/fs.py's concurrency rules)."""
+
+    name = "pyfuse3"
+
+    def __init__(self, fs: VdiskFS):
+        self.fs = fs
+        self.lock = contextlib.nullcontext()
+
+    def mount(self, mountpoint: str, *, read_only: bool, options: list[str] | None = None) -> None:
+        try:
+            pyfuse3.init(self.fs, mountpoint, mount_options(read_only, options))
+        except RuntimeError as exc:
+            raise MountError(f"{mountpoint}: mounting failed ({exc}); is /dev/fuse there and fusermount3 "
+                             "installed?") from None
+
+    def start(self) -> None:
+        pass
+
+    async def serve(self) -> None:
+        await pyfuse3.main(min_tasks=1, max_tasks=MAX_TASKS)
+
+    def terminate(self) -> None:
+        pyfuse3.terminate()
+
+    def invalidate_entry(self, parent: int, name: bytes, deleted: int = 0) -> None:
+        _quiet_inval_entry(parent, name, deleted)
+
+    def invalidate_inode(self, ino: int) -> None:
+        _quiet_inval_inode(ino)
+
+    def close(self) -> None:
+        # Unmount before closing the image, so no request can arrive after the final
+        # flush.  libfuse skips this when the kernel already dropped the connection.
+        pyfuse3.close(unmount=True)
+
+
+def make_engine(name: str, fs: VdiskFS):
+    if name == "kernel":
+        from .kernel import mount as kmount
+        from .kernel.engine import KernelEngine
+
+        class _Kernel(KernelEngine):
+            def mount(self, mountpoint, *, read_only, options=None):
+                try:
+                    super().mount(mountpoint, read_only=read_only, options=options)
+                except (OSError, kmount.MountFailed) as exc:
+                    raise MountError(f"{mountpoint}: mounting failed ({exc.strerror or exc}); is /dev/fuse "
+                                     "there?") from None
+
+            async def serve(self):
+                # The reader threads serve; the trio thread waits for the connection to end.
+                await trio.to_thread.run_sync(self.wait, abandon_on_cancel=True)
+
+        return _Kernel(fs)
+    return Pyfuse3Engine(fs)
+
+
 # ---------------------------------------------------------------- the daemon
 class _Daemon:
-    def __init__(self, fs: VdiskFS, image_path: str, mountpoint: str, listen_sock):
+    def __init__(self, fs: VdiskFS, engine, image_path: str, mountpoint: str, listen_sock):
         self.fs = fs
+        self.engine = engine
         self.image_path = image_path
         self.mountpoint = mountpoint
         self.listen_sock = listen_sock
         self.unmounted = False
 
     async def handle_control(self, req: dict):
-        """Control requests, run in the trio thread between FUSE requests."""
+        """Control requests, run in the trio thread between FUSE requests: under the
+        engine's lock (the kernel engine's readers are other threads), and the kernel
+        caches invalidated afterwards, outside it."""
+        with self.engine.lock:
+            result, invalidations = self._control(req)
+        for fn, *args in invalidations:
+            # In a worker thread: these block until related requests finish, which needs
+            # the engine to keep serving (see pyfuse3.invalidate_entry).
+            await trio.to_thread.run_sync(fn, *args)
+        return result
+
+    def _control(self, req: dict):
         op = req["op"]
         fs = self.fs
+        eng = self.engine
         if op == "ping":
-            return "pong"
+            return "pong", []
         if op == "status":
             return {
                 "pid": os.getpid(),
@@ -174,34 +268,34 @@ class _Daemon:
                 "read_only": fs.read_only or fs.failed is not None,
                 "failed": fs.failed,
                 "snapshots": fs.snapshot_names(),
-            }
+                "engine": eng.name,
+            }, []
         # Every successful reply carries a non-null result, so a client can tell
         # "done" from "no mount owns the image" (None from control.request).
         if op == "flush":
             if fs.failed is not None:
                 # Nothing more can be made durable; let `vdisk umount` go on.
-                return {"flushed": False, "failed": fs.failed}
+                return {"flushed": False, "failed": fs.failed}, []
             fs.image.flush()
-            return {"flushed": True}
+            return {"flushed": True}, []
         if op == "snapshot-list":
             # space=True (unique bytes per snapshot) walks the tables and stalls the
             # FUSE requests meanwhile: only on request.
             infos = fs.image.snapshot_list(space=True) if req.get("space") else fs.image.snapshot_list()
-            return [control.snapshot_to_json(i) for i in infos]
+            return [control.snapshot_to_json(i) for i in infos], []
         name = req.get("name")
         if not isinstance(name, str) or not name:
             raise vdisk.errors.UsageError(f"{op}: a snapshot name is needed")
+        bname = os.fsencode(name)
         if op == "snapshot-create":
             info = fs.snapshot_create(name)
             log.info("snapshot %s created (live)", name)
-            await self._invalidate(name, created=True)
-            return control.snapshot_to_json(info)
+            return control.snapshot_to_json(info), self._snapdir_changed(bname, 0)
         if op == "snapshot-delete":
-            old = fs._snaps.get(os.fsencode(name))
+            old = fs._snaps.get(bname)
             fs.snapshot_delete(name)
             log.info("snapshot %s deleted (live)", name)
-            await self._invalidate(name, created=False, old_ino=old.ino if old else 0)
-            return {"name": name, "deleted": True}
+            return {"name": name, "deleted": True}, self._snapdir_changed(bname, old.ino if old else 0)
         if op == "snapshot-hold":
             # a linked clone (vdisk clone) starts or stops depending on this snapshot
             delta = req.get("delta")
@@ -215,32 +309,17 @@ class _Daemon:
                 holder = Holder(holder["image_id"], holder["path"])
             info = fs.snapshot_hold(name, delta, holder)
             log.info("snapshot %s: hold %+d (linked clone %s)", name, delta, holder.path if holder else "-")
-            return control.snapshot_to_json(info)
-        if op == "snapshot-rename":
-            new_name = req.get("new_name")
-            if not isinstance(new_name, str) or not new_name:
-                raise vdisk.errors.UsageError("snapshot-rename: a new name is needed")
-            old = fs._snaps.get(os.fsencode(name))
-            info = fs.snapshot_rename(name, new_name)
-            log.info("snapshot %s renamed to %s (live)", name, new_name)
-            await self._invalidate(name, created=False, old_ino=old.ino if old else 0)
-            await self._invalidate(new_name, created=True)
-            return control.snapshot_to_json(info)
+            return control.snapshot_to_json(info), []
         if op == "snapshot-revert":
             fs.snapshot_revert(name)
             log.info("disk reverted to snapshot %s", name)
-            await trio.to_thread.run_sync(_quiet_inval_inode, DISK_INO)
-            await self._invalidate(name, created=True)
-            return {"name": name, "reverted": True}
+            return {"name": name, "reverted": True}, \
+                [(eng.invalidate_inode, DISK_INO)] + self._snapdir_changed(bname, 0)
         raise vdisk.errors.UsageError(f"unknown control operation {op!r}")
 
-    async def _invalidate(self, name: str, *, created: bool, old_ino: int = 0) -> None:
-        # In a worker thread: these block until related requests finish, which needs
-        # the trio loop to keep serving (see pyfuse3.invalidate_entry).
-
-        bname = os.fsencode(name)
-        await trio.to_thread.run_sync(_quiet_inval_entry, SNAPDIR_INO, bname, 0 if created else old_ino)
-        await trio.to_thread.run_sync(_quiet_inval_inode, SNAPDIR_INO)
+    def _snapdir_changed(self, bname: bytes, old_ino: int) -> list:
+        eng = self.engine
+        return [(eng.invalidate_entry, SNAPDIR_INO, bname, old_ino), (eng.invalidate_inode, SNAPDIR_INO)]
 
     async def signals(self, nursery) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
@@ -252,7 +331,8 @@ class _Daemon:
                 count += 1
                 log.info("%s: flushing and unmounting", signal.Signals(signum).name)
                 try:
-                    self.fs.image.flush()
+                    with self.engine.lock:
+                        self.fs.image.flush()
                 except Exception:
                     log.exception("flush on %s failed", signal.Signals(signum).name)
                 if count == 1:
@@ -266,7 +346,7 @@ class _Daemon:
                                 "detach it lazily and exit", self.mountpoint, err.strip())
                 else:
                     log.warning("second signal: detaching %s lazily and exiting", self.mountpoint)
-                    pyfuse3.terminate()
+                    self.engine.terminate()
                     return
 
     async def main(self, ready) -> None:
@@ -276,7 +356,7 @@ class _Daemon:
                 await nursery.start(control.serve, self.listen_sock, self.handle_control)
             ready()
             try:
-                await pyfuse3.main(min_tasks=1, max_tasks=MAX_TASKS)
+                await self.engine.serve()
             finally:
                 nursery.cancel_scope.cancel()
 
@@ -316,11 +396,14 @@ def serve(
     log_file: str | None = None,
     ready=lambda: None,
     options: list[str] | None = None,
+    engine: str | None = None,
 ) -> None:
     """Mount and serve until unmounted.  Raises VdiskError if the mount cannot be set
-    up; ``ready()`` is called once the mount is live."""
+    up; ``ready()`` is called once the mount is live.  ``engine``: "pyfuse3" or
+    "kernel" (default: $VDISK_FUSE_ENGINE, else DEFAULT_ENGINE)."""
     image_path = os.path.abspath(image_path)
     mountpoint = os.path.abspath(mountpoint)
+    ename = engine_name(engine)
     check_mountpoint(mountpoint)
     image = vdisk.open(image_path, read_only=read_only, format=fmt)
     listen_sock = None
@@ -334,25 +417,22 @@ def serve(
             listen_sock = control.bind_socket(image_path)
             xattrs["socket"] = control.socket_path(image_path)
         fs = VdiskFS(image, read_only=read_only, direct_io=direct_io, xattrs=xattrs)
+        eng = make_engine(ename, fs)
+        eng.mount(mountpoint, read_only=image.read_only, options=options)
+        log.info("mounted %s (%s, %s) on %s, pid %d, engine %s", image_path, image.format,
+                 "read-only" if image.read_only else "read-write", mountpoint, os.getpid(), ename)
+        d = _Daemon(fs, eng, image_path, mountpoint, listen_sock)
         try:
-            pyfuse3.init(fs, mountpoint, mount_options(image.read_only, options))
-        except RuntimeError as exc:
-            raise MountError(f"{mountpoint}: mounting failed ({exc}); is /dev/fuse there and fusermount3 installed?") from None
-        log.info("mounted %s (%s, %s) on %s, pid %d", image_path, image.format,
-                 "read-only" if image.read_only else "read-write", mountpoint, os.getpid())
-        d = _Daemon(fs, image_path, mountpoint, listen_sock)
-        try:
+            eng.start()
             trio.run(d.main, ready)
         except BaseException:
             log.exception("the FUSE main loop failed")
             raise
         finally:
-            # Unmount before closing the image, so no request can arrive after the final
-            # flush.  libfuse skips this when the kernel already dropped the connection.
             try:
-                pyfuse3.close(unmount=True)
+                eng.close()
             except Exception:
-                log.exception("pyfuse3.close")
+                log.exception("closing the %s engine", ename)
     finally:
         if listen_sock is not None:
             try:
@@ -378,9 +458,13 @@ def spawn(
     log_file: str | None = None,
     direct_io: bool = True,
     timeout: float = READY_TIMEOUT,
+    engine: str | None = None,
 ) -> tuple[int, str]:
     """Start the daemon in the background and wait until the mount is live.
-    Returns (pid, log_file); raises the daemon's error if it could not mount."""
+    Returns (pid, log_file); raises the daemon's error if it could not mount.
+    ``engine`` reaches the daemon as $VDISK_FUSE_ENGINE (default: ours, inherited)."""
+    if engine is not None:
+        engine_name(engine)  # refuse an unknown one here, in the caller
     image_path = os.path.abspath(image_path)
     mountpoint = os.path.abspath(mountpoint)
     if not os.path.exists(image_path):
@@ -408,6 +492,7 @@ def spawn(
         proc = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=logfd, stderr=logfd, pass_fds=(w,),
             start_new_session=True, close_fds=True,
+            env=dict(os.environ, VDISK_FUSE_ENGINE=engine) if engine is not None else None,
             cwd="/",  # a daemon must not keep the caller's directory (and its file system) busy
         )
     except BaseException:

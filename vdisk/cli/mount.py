@@ -33,12 +33,15 @@ def _errors_to_exit(fn):
 @click.option("--format", "fmt", default=None, help="Image format (default: probed; raw only when given).")
 @click.option("--log-file", type=click.Path(dir_okay=False), default=None,
               help="Log of the mount daemon (default: in /run/vdisk, printed on start).")
+@click.option("--engine", type=click.Choice(["pyfuse3", "kernel"]), default=None,
+              help="FUSE engine: pyfuse3 (libfuse + pyfuse3 + trio) or kernel (the FUSE protocol on "
+                   "/dev/fuse in Python, faster). Default: $VDISK_FUSE_ENGINE, else pyfuse3.")
 @click.option("--no-direct-io", is_flag=True, hidden=True,
               help="Let the kernel page-cache the disk file (direct_io is on by default).")
 @click.argument("image", type=click.Path(dir_okay=False))
 @click.argument("mountpoint", type=click.Path(file_okay=False))
 @_errors_to_exit
-def mount_command(read_only, foreground, fmt, log_file, no_direct_io, image, mountpoint):
+def mount_command(read_only, foreground, fmt, log_file, engine, no_direct_io, image, mountpoint):
     """Serve IMAGE through FUSE at MOUNTPOINT.
 
     MOUNTPOINT/disk is the image's current state (read-write unless --read-only),
@@ -48,7 +51,12 @@ def mount_command(read_only, foreground, fmt, log_file, no_direct_io, image, mou
     disk is durable.  Stop with `vdisk umount MOUNTPOINT`.
     """
     if foreground:
+        import os
+
         from fusemount.__main__ import main as daemon_main
+
+        if engine:
+            os.environ["VDISK_FUSE_ENGINE"] = engine  # the daemon's serve() reads it
 
         args = []
         if read_only:
@@ -63,7 +71,7 @@ def mount_command(read_only, foreground, fmt, log_file, no_direct_io, image, mou
     from fusemount.daemon import spawn
 
     pid, log = spawn(image, mountpoint, read_only=read_only, fmt=fmt, log_file=log_file,
-                     direct_io=not no_direct_io)
+                     direct_io=not no_direct_io, engine=engine)
     click.echo(f"mounted {image} on {mountpoint} ({'read-only' if read_only else 'read-write'}); "
                f"daemon pid {pid}, log {log}")
 
