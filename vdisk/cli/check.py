@@ -186,7 +186,9 @@ def _render_check_one(d: dict) -> str:
     total = d["total-clusters"]
     if total:
         alloc, frag, comp = d["allocated-clusters"], d["fragmented-clusters"], d["compressed-clusters"]
-        pct = lambda n, of: 100.0 * n / of if of else 0.0  # noqa: E731
+        def pct(n: int, of: int) -> float:
+            return 100.0 * n / of if of else 0.0
+
         lines.append(f"{alloc}/{total} = {pct(alloc, total):.2f}% allocated, {pct(frag, alloc):.2f}% fragmented, "
                      f"{pct(comp, alloc):.2f}% compressed clusters")
     if d["image-end-offset"]:

@@ -34,8 +34,9 @@ def info(fmt, output, backing_chain, unsafe_backing, force_share, filename):
       virtual-size, filename, format,
       actual-size (host bytes the file occupies), cluster-size,
       dirty-flag (qcow2's dirty bit; false for formats without one),
-      backing-filename (as the image names it), full-backing-filename (its
-        resolved path; null if not opened), backing-filename-format,
+      backing-filename (as the image names it), full-backing-filename (the
+        file opened: that name in the overlay's directory, as qemu-img
+        prints it; null if not opened), backing-filename-format,
       snapshots: [{id (a string), name, vm-state-size, date-sec, date-nsec,
         vm-clock-sec, vm-clock-nsec, icount (0 where vdisk keeps no VM state),
         vdisk-size (guest bytes), vdisk-generation, vdisk-unique-bytes (host

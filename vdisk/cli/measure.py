@@ -19,7 +19,8 @@ from .output import emit
 @click.option("-o", "opts", multiple=True, metavar="OPT=VAL[,...]", help="Target format options, as for create.")
 @click.option("--size", type=SIZE, default=None, help="Measure a new image of this size instead of FILENAME.")
 @format_option(help="Source format (default: probed, raw if no magic).")
-@click.option("-l", "--snapshot", default=None, metavar="NAME", help="Measure this internal snapshot of FILENAME.")
+@click.option("-l", "--snapshot", default=None, metavar="NAME",
+              help="Measure this internal snapshot of FILENAME (also qemu-img's snapshot.name=NAME, snapshot.id=ID).")
 @force_share_option()
 @unsafe_backing_option()
 @click.argument("filename", required=False)
@@ -55,6 +56,12 @@ def measure(output, out_fmt, opts, size, fmt, snapshot, force_share, unsafe_back
                          else "give FILENAME or --size SIZE")
     if size is not None and (fmt or snapshot):
         raise UsageError("-f and -l describe FILENAME; --size measures a new image")
+    if snapshot is not None:  # qemu-img's -l snapshot.name=NAME / snapshot.id=ID
+        key, sep, value = snapshot.partition("=")
+        if sep and key == "snapshot.name":
+            snapshot = value
+        elif sep and key == "snapshot.id":
+            snapshot = f"#{value}"
     if filename is None:
         result = do_measure(out_fmt, size=size, **kw)
     else:

@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import itertools
 import os
 from typing import Any
 
@@ -470,7 +471,7 @@ def chain_to_json(infos: list[dict[str, Any]]) -> list[dict[str, Any]]:
     image first, each backing image named as its overlay's full-backing-filename
     (as qemu-img names them)."""
     out = [info_to_json(i) for i in infos]
-    for over, below in zip(out, out[1:]):
+    for over, below in itertools.pairwise(out):
         if over["full-backing-filename"] is not None:
             below["filename"] = over["full-backing-filename"]
     return out
