@@ -444,3 +444,167 @@ def test_non_utf8_snapshot_name_on_the_command_line_leaks_nothing(tmp_path, requ
     assert "not valid UTF-8" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert _file_bytes(p) == before
     qemu_check_clean(p)
+
+
+# ---------------------------------------------------------------------- 5. qemu-img habits
+def qemu_info(path) -> dict:
+    r = qemu_img("info", "-f", "qcow2", "--output", "json", path)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def qemu_map_data(path) -> list:
+    """Extents of ``path`` that hold data in the image itself (depth 0)."""
+    r = qemu_img("map", "-f", "qcow2", "--output", "json", path)
+    assert r.returncode == 0, r.stderr
+    return [e for e in json.loads(r.stdout) if e["data"] and e["depth"] == 0]
+
+
+@pytest.mark.parametrize("size", [1, 511, 512, 513, 1000001, MiB + 1])
+def test_create_rounds_size_up_to_sectors_as_qemu_img(tmp_path, size, require_qemu):
+    ours, theirs = str(tmp_path / "ours.qcow2"), str(tmp_path / "theirs.qcow2")
+    vdisk.create(ours, size, format="qcow2")
+    assert qemu_img("create", "-f", "qcow2", theirs, str(size)).returncode == 0
+    want = qemu_info(theirs)["virtual-size"]
+    assert want % 512 == 0 and want >= size
+    assert qemu_info(ours)["virtual-size"] == want
+    with vdisk.open(ours, read_only=True) as img:
+        assert img.size == want
+        assert img.read(0, want) == bytes(want)
+    qemu_check_clean(ours)
+
+
+def test_commit_empties_a_qcow2_overlay_as_qemu_img_commit(tmp_path, run_vdisk, require_qemu):
+    base = fresh(tmp_path, "base.qcow2", size=8 * MiB)
+    with vdisk.open(base) as img:
+        img.write(0, b"\x01" * (2 * MiB))
+    top = str(tmp_path / "top.qcow2")
+    vdisk.create(top, format="qcow2", backing_file=base, backing_format="qcow2")
+    with vdisk.open(top) as img:
+        img.write(MiB - 100, b"\x02" * (3 * MiB))
+        img.write_zeroes(5 * MiB, CS)
+        img.write(7 * MiB, os.urandom(CS))
+    qdir = tmp_path / "q"
+    qdir.mkdir()
+    shutil.copy(base, qdir / "base.qcow2")
+    shutil.copy(top, qdir / "top.qcow2")
+    with vdisk.open(top, read_only=True) as img:
+        content = img.read(0, img.size)
+    run_vdisk("commit", top)
+    r = qemu_img("commit", "-f", "qcow2", str(qdir / "top.qcow2"))
+    assert r.returncode == 0, r.stderr
+    for t, b in ((top, base), (str(qdir / "top.qcow2"), str(qdir / "base.qcow2"))):
+        qemu_check_clean(t)
+        qemu_check_clean(b)
+        assert qemu_map_data(t) == []  # nothing left in the overlay
+    assert qemu_img("compare", "-f", "qcow2", "-F", "qcow2", base, str(qdir / "base.qcow2")).returncode == 0
+    with vdisk.open(top, read_only=True) as img:
+        assert img.read(0, img.size) == content
+        assert img.check().exit_code == 0
+
+
+def test_make_empty_keeps_snapshots(tmp_path, require_qemu):
+    base = fresh(tmp_path, "base.qcow2", size=2 * MiB)
+    top = str(tmp_path / "top.qcow2")
+    vdisk.create(top, format="qcow2", backing_file=base, backing_format="qcow2")
+    with vdisk.open(top) as img:
+        img.write(0, b"\x05" * (MiB + 7))
+        img.snapshot_create("s1")
+        img.write(CS, b"\x06" * CS)
+        img.make_empty()
+        assert img.read(0, 2 * MiB) == bytes(2 * MiB)
+        assert img.check().exit_code == 0
+    qemu_check_clean(top)
+    with vdisk.open(top, read_only=True, snapshot="s1") as img:
+        assert img.read(0, MiB + 8) == b"\x05" * (MiB + 7) + b"\0"
+
+
+def test_compressed_writes_default_to_zlib_as_qemu_img(tmp_path, require_qemu):
+    raw = str(tmp_path / "src.raw")
+    with open(raw, "wb") as f:
+        f.write((b"compressible " * 5000)[: 4 * CS] + bytes(4 * CS))
+    theirs = str(tmp_path / "theirs.qcow2")
+    assert qemu_img("convert", "-c", "-f", "raw", "-O", "qcow2", raw, theirs).returncode == 0
+    assert qemu_info(theirs)["format-specific"]["data"]["compression-type"] == "zlib"
+    for comp, opts, want in (("on", {}, "zlib"), ("default", {}, "zlib"), ("on", {"compression_type": "zstd"}, "zstd"),
+                             (None, {"compression_type": "zstd"}, "zstd"), ("zstd", {}, "zstd")):
+        ours = str(tmp_path / f"ours-{comp}-{want}.qcow2")
+        vdisk.create(ours, 8 * CS, format="qcow2", compression=comp, options=opts)
+        with vdisk.open(ours) as img, open(raw, "rb") as f:
+            img.write(0, f.read())
+        assert qemu_info(ours)["format-specific"]["data"]["compression-type"] == want
+        qemu_check_clean(ours)
+        with vdisk.open(ours, read_only=True) as img:
+            assert img.info()["compressed_writes"] is (comp is not None)
+            assert img.check().compressed_clusters == (4 if comp is not None else 0)
+        assert qemu_img("compare", "-f", "raw", "-F", "qcow2", raw, ours).returncode == 0
+
+
+def _filled_with_snapshot(path, *, v2=False):
+    r = qemu_img("create", "-f", "qcow2", "-o", "compat=0.10" if v2 else "compat=1.1", path, "16M")
+    assert r.returncode == 0, r.stderr
+    with vdisk.open(path) as img:
+        img.write(0, b"\x01" * (16 * MiB))
+        img.snapshot_create("s1")
+        img.write(0, b"\x02" * MiB)
+
+
+@pytest.mark.parametrize("new_size", [8 * MiB, 1000448, 3 * CS])
+def test_shrink_under_snapshots_as_qemu_img(tmp_path, run_vdisk, new_size, require_qemu):
+    ours, theirs = str(tmp_path / "ours.qcow2"), str(tmp_path / "theirs.qcow2")
+    _filled_with_snapshot(ours)
+    shutil.copy(ours, theirs)
+    run_vdisk("resize", "--shrink", ours, new_size)
+    r = qemu_img("resize", "-f", "qcow2", "--shrink", theirs, str(new_size))
+    assert r.returncode == 0, r.stderr
+    for p in (ours, theirs):
+        assert qemu_info(p)["virtual-size"] == new_size
+        qemu_check_clean(p)
+    assert qemu_img("compare", "-f", "qcow2", "-F", "qcow2", ours, theirs).returncode == 0
+    with vdisk.open(ours, read_only=True, snapshot="s1") as img:  # the snapshot keeps its size and data
+        assert img.size == 16 * MiB and img.read(0, img.size) == b"\x01" * (16 * MiB)
+    run_vdisk("snapshot", "revert", ours, "s1")
+    with vdisk.open(ours, read_only=True) as img:
+        assert img.size == 16 * MiB and img.read(0, img.size) == b"\x01" * (16 * MiB)
+    qemu_check_clean(ours)
+    with vdisk.open(theirs) as img:  # grows again with zeros past the old end
+        img.resize(16 * MiB)
+        assert img.read(new_size, 16 * MiB - new_size) == bytes(16 * MiB - new_size)
+    qemu_check_clean(theirs)
+
+
+def test_resize_of_v2_image_with_snapshots_refused_as_qemu_img(tmp_path, run_vdisk, require_qemu):
+    ours, theirs = str(tmp_path / "ours.qcow2"), str(tmp_path / "theirs.qcow2")
+    _filled_with_snapshot(ours, v2=True)
+    shutil.copy(ours, theirs)
+    before = _file_bytes(ours)
+    for args in (["--shrink", "8M"], ["32M"]):
+        r = run_vdisk("resize", *args[:-1], ours, args[-1], expect=1)
+        assert "version 2" in r.stderr and "snapshots" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        q = qemu_img("resize", "-f", "qcow2", *args[:-1], theirs, args[-1])
+        assert q.returncode == 1 and "v2 image which has snapshots" in q.stderr
+    assert _file_bytes(ours) == before
+
+
+def test_snapshot_rename_seen_by_qemu(tmp_path, require_qemu):
+    from vdisk.errors import SnapshotExists
+
+    p = _image_with_two_clusters(tmp_path)
+    with vdisk.open(p) as img:
+        img.snapshot_create("s2")
+        before = _file_bytes(p)
+        for bad in ("a@b", "\udcff", ""):
+            with pytest.raises(UsageError):
+                img.snapshot_rename("s1", bad)
+        with pytest.raises(SnapshotExists):
+            img.snapshot_rename("s1", "s2")
+        assert _file_bytes(p) == before
+        info = img.snapshot_rename("s1", "renamed")
+        assert info.name == "renamed"
+        img.snapshot_rename("#2", "second")
+        assert [s.name for s in img.snapshot_list()] == ["renamed", "second"]
+    qemu_check_clean(p)
+    out = qemu_img("snapshot", "-l", p).stdout
+    assert "renamed" in out and "second" in out and "s1" not in out
+    with vdisk.open(p, read_only=True, snapshot="renamed") as img:
+        assert img.read(0, 3 * CS) == b"\x11" * CS + b"\x22" * CS + bytes(CS)

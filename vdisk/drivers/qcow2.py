@@ -9,8 +9,13 @@ What it does
   - writes v3 (and v2) images: allocating writes with copy-on-write of partial
     clusters from the backing image, in-place rewrites of clusters it owns alone
     (refcount 1), copy-on-write of clusters and L2 tables shared with snapshots,
-    zero clusters, discard, resize, internal snapshots, compressed full-cluster
-    writes when the image was created with compression;
+    zero clusters, discard, resize (also shrinking under internal snapshots, as
+    qemu-img 7.2; a version 2 image with snapshots is not resized at all, as
+    qemu-img), internal snapshots (create, delete, revert, rename; names follow
+    ``validate_snapshot_name``, checked before anything is written), emptying the
+    active state (``make_empty``, for ``commit``), compressed full-cluster writes
+    when the image was created with compression;
+  - ``create`` rounds the size up to whole 512-byte sectors, as qemu-img does;
   - ``check`` rebuilds the refcounts from the L1/L2/snapshot tables and compares.
 
 Extended L2 entries (subclusters) are read, never written (read-only open).
@@ -22,9 +27,23 @@ is repaired on a read-write open (refcounts rebuilt from the tables) and read as
 is on a read-only open.  A backing file without a backing-format extension is
 probed, and accepted only if it is qcow2 or vdk (raw is never probed).
 
-Compression: reads zlib (raw deflate) and zstd clusters.  Images created with
-``compression`` carry a vdisk header extension (type 0x76644b31, ignored and kept
-by QEMU) that makes full-cluster writes go compressed when that saves a sector.
+Compression: reads zlib (raw deflate) and zstd clusters, never producing more than
+one cluster whatever the stream claims (zstd through the shared bounded decoder,
+:mod:`vdisk.codec.zstd`).  Images created with ``compression`` carry a vdisk
+header extension (type 0x76644b31, ignored and kept by QEMU) that makes
+full-cluster writes go compressed when that saves a sector.  ``compression`` "on"
+(or "default") compresses with ``compression_type``, zlib unless given, as
+qemu-img; "zlib"/"zstd" name the type.
+
+Metadata is never data: a standard or compressed L2 entry whose host clusters hold
+metadata (header, refcount table or blocks, L1 and L2 tables, snapshot table,
+snapshot L1 tables) is refused with CorruptImage naming the guest offset, on read,
+write, discard and snapshot walks (``_build_meta_index``); allocation refuses to
+hand out metadata whose refcount is 0.
+
+Memory: tables are ``array('Q')`` (8 bytes an entry), read and written in 1 MiB
+pieces; ``metadata_bytes()`` says what the driver holds (for one budget per
+chain), and the L1 and refcount tables are charged to :mod:`vdisk.budget` at open.
 
 ``check`` semantics follow qemu-img: refcount lower than the references, COPIED set
 on a shared cluster, bad offsets or reserved bits are corruptions (exit 2); refcount
@@ -309,8 +328,10 @@ class Qcow2Driver(BlockDriver):
             raise UsageError(f"qcow2: cluster size must be a power of two between 512 and 2M (got {cs})")
         cbits = cs.bit_length() - 1
         comp = opts.compression
-        if comp in (None, "none", "off"):
+        if comp in (None, "none", "off", "false", "no", "0"):
             comp = None
+        elif comp in ("on", "true", "yes", "1", "default"):
+            comp = ""  # compressed writes, of compression_type (zlib, as qemu-img, if not given)
         elif comp not in ("zlib", "zstd"):
             raise UsageError(f"qcow2: compression must be zlib or zstd (got {comp!r})")
         extra = dict(opts.extra)
@@ -327,9 +348,11 @@ class Qcow2Driver(BlockDriver):
         if ctype_opt is not None:
             if ctype_opt not in ("zlib", "zstd"):
                 raise UsageError(f"qcow2: compression_type must be zlib or zstd (got {ctype_opt!r})")
-            if comp is not None and comp != ctype_opt:
+            if comp and comp != ctype_opt:
                 raise UsageError("qcow2: compression and compression_type disagree")
         ctype_name = comp or ctype_opt or "zlib"
+        if comp == "":
+            comp = ctype_name
         compat = str(extra.pop("compat", "1.1"))
         if compat not in ("1.1", "v3", "3"):
             raise UsageError(f"qcow2: only compat=1.1 (version 3) images can be created (got {compat!r})")
@@ -340,6 +363,7 @@ class Qcow2Driver(BlockDriver):
             raise UsageError(f"qcow2: unknown option(s): {', '.join(sorted(extra))}")
         if size < 0 or size > (1 << 62):
             raise UsageError(f"qcow2: size {size} out of range")
+        size = _ceil_div(size, 512) * 512  # as qemu-img: whole sectors (513 -> 1024)
 
         incompat = 0
         ctype = C.COMPRESSION_ZSTD if ctype_name == "zstd" else C.COMPRESSION_ZLIB
@@ -1548,13 +1572,20 @@ class Qcow2Driver(BlockDriver):
 
     # ================================================================== resize
     def resize(self, new_size: int) -> None:
+        """Grow or shrink the active state, as qemu-img 7.2 does: also under internal
+        snapshots (each keeps its own size and L1 table; clusters past the new end
+        lose the active state's reference only), except in a version 2 image,
+        whose snapshots may not record their size (NotSupported, like qemu-img's
+        "Can't resize a v2 image which has snapshots")."""
         self._writable()
-        if self.snapshots and new_size < self.size:
-            raise NotSupported(f"{self.host.name}: cannot shrink a qcow2 image that has internal snapshots")
         cs = self.cluster_size
         old_size = self.size
         if new_size == old_size:
             return
+        if self.snapshots and self.hdr.version < 3:
+            raise NotSupported(
+                f"{self.host.name}: cannot resize a version 2 (compat=0.10) qcow2 image that has internal snapshots"
+            )
         per_l1 = cs * self.l2_entries
         need = _ceil_div(new_size, per_l1)
         if need * 8 > MAX_L1_BYTES:
@@ -1587,8 +1618,7 @@ class Qcow2Driver(BlockDriver):
                     for i, e in enumerate(self._l2(off)):
                         if e:
                             self._release_entry(e, l1i * self.l2_entries + i)
-                    self._free_cluster(off // cs)
-                    self._l2dirty.discard(off)
+                    self._free_cluster(off // cs)  # written if dirty, then freed at the flush
             self._set_l1_size(need)
         else:
             if need > len(self.l1):
@@ -1633,6 +1663,30 @@ class Qcow2Driver(BlockDriver):
             self.hdr = self.hdr.replace(l1_size=need, l1_table_offset=old_off if need else 0)
         self._mark_l1(0, len(self.l1))
         self._hdr_dirty = True
+
+    # ================================================================== chains
+    def make_empty(self) -> None:
+        """Drop every cluster of the active state: its L1 entries become zero, so all
+        of it reads through to the backing image again (``commit`` empties an overlay
+        this way).  Snapshots keep their data: only the active tree's references
+        go.  Durable when this returns; freed clusters are punched out of the file."""
+        self._writable()
+        self.flush()
+        cs = self.cluster_size
+        per = self.l2_entries
+        for l1i, l1e in _nonzero(self.l1):
+            off = l1e & C.OFFSET_MASK
+            if not off:
+                continue
+            for i, e in enumerate(self._l2(off, f" (L1 index {l1i})")):
+                if e:
+                    self._release_entry(e, l1i * per + i)
+            self._free_cluster(off // cs)
+            self.l1[l1i] = 0
+            self._mark_l1(l1i)
+        self._ctail = None
+        self._dcache = None
+        self.flush()
 
     # ================================================================== memory
     def metadata_bytes(self) -> int:
@@ -1889,6 +1943,21 @@ class Qcow2Driver(BlockDriver):
         self._write_snapshot_table(self.snapshots + [snap])
         self.flush()
         return self.snapshot_list()[-1]
+
+    def snapshot_rename(self, name: str, new_name: str) -> SnapshotInfo:
+        """Give snapshot ``name`` (or ``#ID``) the name ``new_name`` (validated as for
+        ``snapshot_create``): a new snapshot table is written elsewhere and the
+        header switched to it at the flush, as for every snapshot table change."""
+        new_name = validate_snapshot_name(new_name)
+        self._writable()
+        snap = self._find_snapshot(name)
+        if any(s.name == new_name for s in self.snapshots if s is not snap):
+            raise SnapshotExists(f"{self.host.name}: snapshot {new_name!r} exists already")
+        self.flush()
+        renamed = C.Snapshot(**{**snap.__dict__, "name": new_name})
+        self._write_snapshot_table([renamed if s is snap else s for s in self.snapshots])
+        self.flush()
+        return next(i for i, s in zip(self.snapshot_list(), self.snapshots) if s is renamed)
 
     def snapshot_delete(self, name: str) -> None:
         self._writable()
