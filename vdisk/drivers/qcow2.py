@@ -1165,9 +1165,16 @@ class Qcow2Driver(BlockDriver):
                     e2 = C.decode_l2_entry(self._entry((pos + n) // cs), self.cluster_bits)
                     if e2.kind != C.NORMAL or e2.host_offset != host + coff + n or e2.reserved:
                         break
-                    if e2.host_offset >= self._eof or (e2.host_offset >> self.cluster_bits) in self._meta:
-                        break  # the next round names the problem
+                    if e2.host_offset >= self._eof:
+                        break
                     n += min(cs, end - pos - n)
+                if n > cs - coff:
+                    # the run must not reach into metadata: one look-up for all of it;
+                    # cut it before the first metadata cluster (the next round names it)
+                    first = (host >> self.cluster_bits) + 1
+                    hit = self._meta.first_in(first, (host + coff + n - 1 >> self.cluster_bits) + 1)
+                    if hit is not None:
+                        n = (hit << self.cluster_bits) - host - coff
                 out += self.host.pread(host + coff, n)
             elif kind == C.UNALLOCATED:
                 while pos + n < end:
