@@ -75,9 +75,9 @@ def test_create_and_info_raw(image_dir):
     assert os.path.getsize(img) == 10 * MiB
     info = json.loads(run("info", "--output", "json", img).stdout)
     assert info["format"] == "raw"
-    assert info["virtual_size"] == 10 * MiB
+    assert info["virtual-size"] == 10 * MiB
     assert info["filename"] == str(img)
-    assert info["backing_filename"] is None and info["snapshots"] == []
+    assert info["backing-filename"] is None and info["snapshots"] == []
     human = run("info", img).stdout
     assert "file format: raw" in human
     assert f"virtual size: 10 MiB ({10 * MiB} bytes)" in human
@@ -89,10 +89,10 @@ def test_create_and_info_vdk_with_options(image_dir):
     r = run("create", img, "1G", "-o", "cluster_size=128K,compression=zstd")
     assert "fmt=vdk" in r.stdout and "cluster_size=131072" in r.stdout
     info = json.loads(run("info", "--output", "json", img).stdout)
-    assert (info["format"], info["virtual_size"], info["cluster_size"], info["compression"]) == (
+    assert (info["format"], info["virtual-size"], info["cluster-size"], info["vdisk-compression"]) == (
         "vdk", 1 << 30, 128 * 1024, "zstd"
     )
-    assert 0 < info["disk_size"] < 4 * MiB
+    assert 0 < info["actual-size"] < 4 * MiB
 
 
 def test_info_backing_chain(image_dir):
@@ -101,16 +101,16 @@ def test_info_backing_chain(image_dir):
     run("create", base, "4M")
     run("create", "-b", base, "-F", "vdk", top)
     chain = json.loads(run("info", "--backing-chain", "--output", "json", top).stdout)
-    assert [c["virtual_size"] for c in chain] == [4 * MiB, 4 * MiB]
-    assert chain[0]["backing_filename"] == "base.vdk" and chain[0]["backing_format"] == "vdk"
-    assert os.path.samefile(chain[0]["full_backing_filename"], base)
-    assert chain[1]["backing_filename"] is None
+    assert [c["virtual-size"] for c in chain] == [4 * MiB, 4 * MiB]
+    assert chain[0]["backing-filename"] == "base.vdk" and chain[0]["backing-filename-format"] == "vdk"
+    assert os.path.samefile(chain[0]["full-backing-filename"], base)
+    assert chain[1]["backing-filename"] is None
     human = run("info", top).stdout
     assert "backing file: base.vdk" in human and "backing file format: vdk" in human
     # a missing backing file: info still describes the overlay, with a warning
     os.unlink(base)
     r = run("info", "--output", "json", top)
-    assert json.loads(r.stdout)["backing_filename"] == "base.vdk"
+    assert json.loads(r.stdout)["backing-filename"] == "base.vdk"
     assert r.stderr.startswith("vdisk: warning:")
     r = run("info", "--backing-chain", top, code=1)
     assert_one_line_error(r.stderr, "base.vdk")
@@ -196,9 +196,9 @@ def test_convert_raw_vdk_raw_round_trip_compressed(image_dir):
     back = image_dir / "back.raw"
     run("convert", "-c", "-O", "vdk", src, mid)
     info = json.loads(run("info", "--output", "json", mid).stdout)
-    assert info["format"] == "vdk" and info["compression"] == "zstd"
-    assert info["disk_size"] < 2 * MiB  # 2.2 MB of repetitive text compresses, zeros are not stored
-    assert any(e["compressed"] for e in json.loads(run("map", "--output", "json", mid).stdout))
+    assert info["format"] == "vdk" and info["vdisk-compression"] == "zstd"
+    assert info["actual-size"] < 2 * MiB  # 2.2 MB of repetitive text compresses, zeros are not stored
+    assert any(e["vdisk-compressed"] for e in json.loads(run("map", "--output", "json", mid).stdout))
     run("convert", "-O", "raw", mid, back)
     assert content(back, "raw") == content(src, "raw")
     assert allocated(back) < 4 * MiB
@@ -269,7 +269,7 @@ def test_resize_grow_shrink_and_relative(image_dir):
     img = write_raw(image_dir / "r.raw", 4 * MiB, [(3 * MiB, b"tail data")])
 
     def size():
-        return json.loads(run("info", "--output", "json", img).stdout)["virtual_size"]
+        return json.loads(run("info", "--output", "json", img).stdout)["virtual-size"]
 
     assert run("resize", img, "6M").stdout == "Image resized.\n"
     assert size() == 6 * MiB
@@ -313,7 +313,7 @@ def test_check_clean_and_corrupt_vdk(image_dir):
         i.flush()
     assert "No errors were found on the image." in run("check", img).stdout
     clean = json.loads(run("check", "--output", "json", img).stdout)
-    assert clean["result"] == "clean" and clean["corruptions"] == 0 and clean["leaks"] == 0
+    assert clean["vdisk-result"] == "clean" and clean["corruptions"] == 0 and clean["leaks"] == 0
     # flip one byte of the data cluster: its checksum no longer matches
     data = [e for e in json.loads(run("map", "--output", "json", img).stdout) if e["data"]]
     assert len(data) == 1 and data[0]["offset"] is not None
@@ -324,7 +324,7 @@ def test_check_clean_and_corrupt_vdk(image_dir):
         f.write(bytes([byte[0] ^ 1]))
     r = run("check", "--output", "json", img, code=2)
     bad = json.loads(r.stdout)
-    assert bad["result"] == "corrupt" and bad["corruptions"] >= 1 and bad["corruption_messages"]
+    assert bad["vdisk-result"] == "corrupt" and bad["corruptions"] >= 1 and bad["vdisk-corruption-messages"]
     r = run("check", img, code=2)
     assert "errors were found on the image" in r.stdout
     r = run("compare", img, img, code=2)  # reading the damaged cluster is an error, not "different"
@@ -384,7 +384,7 @@ def test_console_script_round_trip(image_dir, run_vdisk):
     r = run_vdisk("compare", src, image_dir / "back.raw")
     assert r.stdout == "Images are identical.\n" and "Traceback" not in r.stderr
     info = json.loads(run_vdisk("info", "--output", "json", mid).stdout)
-    assert info["format"] == fmt and info["virtual_size"] == 32 * MiB
+    assert info["format"] == fmt and info["virtual-size"] == 32 * MiB
 
 
 @pytest.mark.usefixtures("require_qemu")
@@ -445,10 +445,10 @@ def test_check_exit_codes_and_output_follow_the_result(image_dir, monkeypatch, f
     r = run("check", img, code=code)
     assert text in r.stdout
     d = json.loads(run("check", "--output", "json", img, code=code).stdout)
-    assert d["result"] == result
+    assert d["vdisk-result"] == result
     assert d["corruptions"] == len(found.get("corruptions", []))
     assert d["leaks"] == len(found.get("leaks", []))
-    assert d["corruption_messages"] == found.get("corruptions", [])
-    assert d["leak_messages"] == found.get("leaks", [])
+    assert d["vdisk-corruption-messages"] == found.get("corruptions", [])
+    assert d["vdisk-leak-messages"] == found.get("leaks", [])
     run("check", "-r", "leaks", img, code=code)
-    assert seen == [(None, True), (None, True), ("leaks", False)]
+    assert seen == [(None, True), (None, True), (None, False), ("leaks", False)]

@@ -172,3 +172,39 @@ def test_bench_reports_as_qemu_img_does(image_dir, run_vdisk, fmt):
     if fmt == "qcow2":
         q = _qemu("bench", "-c", "100", "-U", p)
         assert q.stdout.splitlines()[0] == r.stdout.splitlines()[0]
+
+
+# ------------------------------------------------------------------ IMAGE@SNAP everywhere an image is read
+@pytest.mark.parametrize("fmt", ["vdk", "qcow2"])
+def test_image_at_snapshot_is_read_by_every_reading_command(image_dir, run_vdisk, fmt):
+    p = str(image_dir / f"i.{fmt}")
+    run_vdisk("create", "-f", fmt, p, "1M")
+    with vdisk.open(p) as img:
+        img.write(0, b"snap" * 1024)
+        img.snapshot_create("s1")
+        img.write(0, b"live" * 1024)
+    sid = json.loads(run_vdisk("snapshot", "list", "--output", "json", p).stdout)[0]["id"]
+    for spec in (f"{p}@s1", f"{p}@#{sid}"):
+        assert json.loads(run_vdisk("info", "--output", "json", spec).stdout)["virtual-size"] == MiB
+        run_vdisk("map", spec)
+        run_vdisk("check", spec)
+        out = str(image_dir / "o.raw")
+        run_vdisk("convert", "-O", "raw", spec, out)
+        assert open(out, "rb").read(4096) == b"snap" * 1024
+        os.unlink(out)
+        run_vdisk("compare", spec, f"{p}@s1")
+        assert run_vdisk("compare", spec, p, expect=1).stdout.startswith("Content mismatch")
+    r = run_vdisk("info", f"{p}@nope", expect=1)
+    assert "nope" in r.stderr
+    r = run_vdisk("resize", f"{p}@s1", "2M", expect=1)  # snapshots are read-only
+    assert r.stderr.count("\n") == 1
+
+
+def test_compare_takes_U_and_s_as_qemu_img(image_dir, run_vdisk):
+    a, b = str(image_dir / "a.raw"), str(image_dir / "b.raw")
+    open(a, "wb").write(bytes(MiB))
+    open(b, "wb").write(bytes(2 * MiB))
+    assert run_vdisk("compare", "-U", "-f", "raw", "-F", "raw", a, b).returncode == 0
+    r = run_vdisk("compare", "-s", "-f", "raw", "-F", "raw", a, b, expect=1)
+    q = _qemu("compare", "-s", "-f", "raw", "-F", "raw", a, b, check=False)
+    assert q.returncode == 1 and r.stdout.strip() == q.stdout.strip()

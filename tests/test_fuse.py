@@ -584,7 +584,7 @@ def test_linked_clone_of_a_mounted_image(rig, tmp_path, run_vdisk):
     r = run_vdisk("info", img, expect=None)  # the mount holds the write lock
     assert r.returncode != 0 and "in use" in r.stderr and "--force-share" in r.stderr
     info = json.loads(run_vdisk("info", "-U", "--output", "json", img).stdout)
-    assert info["virtual_size"] == 8 << 20
+    assert info["virtual-size"] == 8 << 20
     clone = str(tmp_path / "clone.vdk")
     run_vdisk("clone", img, clone)
     with vdisk.open(clone) as c:

@@ -104,7 +104,7 @@ def test_check_reports_and_releases_holds_whose_holder_is_gone(image_dir, run_vd
     os.unlink(c)  # deleted by hand, not with vdisk rm
     r = run_vdisk("check", "--output", "json", gold, expect=3)
     d_ = json.loads(r.stdout)
-    assert d_["result"] == "leaks" and any("c.vdk" in m for m in d_["leak_messages"])
+    assert d_["vdisk-result"] == "leaks" and any("c.vdk" in m for m in d_["vdisk-leak-messages"])
     run_vdisk("snapshot", "delete", gold, "s1")
     r = run_vdisk("check", "-r", "leaks", gold)
     assert "released" in r.stdout
