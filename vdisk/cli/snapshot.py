@@ -23,17 +23,14 @@ _QEMU_FLAGS = {"-l": ("list", False), "-c": ("create", True), "-a": ("revert", T
 
 
 def snapshot_json(s: SnapshotInfo) -> dict:
-    """One snapshot as ``qemu-img info --output json`` lists it (id as a string,
-    date-sec/date-nsec, zero VM state), then vdisk's own facts under ``vdisk-`` keys."""
-    sec = int(s.created)
-    return {
-        "id": str(s.id), "name": s.name, "vm-state-size": 0, "date-sec": sec,
-        "date-nsec": int(round((s.created - sec) * 1e9)) % 1_000_000_000, "vm-clock-sec": 0, "vm-clock-nsec": 0,
-        "icount": 0,
-        "vdisk-size": s.size, "vdisk-generation": s.generation, "vdisk-unique-bytes": s.unique_bytes,
-        "vdisk-holds": s.holds,
-        "vdisk-holders": [{"image-id": h.image_id, "path": h.path} for h in s.holders],
-    }
+    """One snapshot as ``qemu-img info --output json`` lists it, with vdisk's own facts
+    under ``vdisk-`` keys (the same as ``vdisk info``'s)."""
+    from vdisk.ops.mapping import snapshot_dict
+    from vdisk.ops.mapping import snapshot_json as to_json
+
+    d = snapshot_dict(s)
+    d["extra"].pop("referenced_bytes", None)  # as info lists snapshots
+    return to_json(d)
 
 
 class _SnapshotGroup(click.Group):
