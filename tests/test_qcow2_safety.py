@@ -608,3 +608,71 @@ def test_snapshot_rename_seen_by_qemu(tmp_path, require_qemu):
     assert "renamed" in out and "second" in out and "s1" not in out
     with vdisk.open(p, read_only=True, snapshot="renamed") as img:
         assert img.read(0, 3 * CS) == b"\x11" * CS + b"\x22" * CS + bytes(CS)
+
+
+def test_metadata_index_is_a_set():
+    """The compact cluster set against a Python set, through random adds, runs,
+    removals and range queries (folds included)."""
+    import random
+
+    from vdisk.drivers.qcow2 import _ClusterSet
+
+    rnd = random.Random(7)
+    model = set(rnd.randrange(5000) for _ in range(300))
+    runs = [(a, a + rnd.randrange(1, 40)) for a in (rnd.randrange(5000) for _ in range(20))]
+    for a, b in runs:
+        model.update(range(a, b))
+    class Small(_ClusterSet):
+        FOLD = 64  # fold often
+
+    cs = Small(iter(sorted(model, reverse=True)), runs)
+    for step in range(20000):
+        op = rnd.random()
+        c = rnd.randrange(5000)
+        if op < 0.35:
+            cs.add(c)
+            model.add(c)
+        elif op < 0.4:
+            n = rnd.randrange(1, 100)
+            cs.add_range(c, n)
+            model.update(range(c, c + n))
+        elif op < 0.8:
+            cs.discard(c)
+            model.discard(c)
+        else:
+            n = rnd.randrange(1, 200)
+            want = min((x for x in model if c <= x < c + n), default=None)
+            assert cs.first_in(c, c + n) == want, (step, c, n)
+        if step % 1000 == 0:
+            assert all((x in cs) == (x in model) for x in range(5100))
+    assert all((x in cs) == (x in model) for x in range(5100))
+
+
+def test_many_big_overlapping_snapshot_l1_tables_open_quickly(tmp_path):
+    """2000 snapshots whose 32 MiB L1 tables overlap: the metadata index holds runs,
+    not 65536 clusters per table, and reads at most MAX_SNAPSHOT_L1_SCAN of them."""
+    import time
+
+    from vdisk.drivers.qcow2 import MAX_SNAPSHOT_L1_SCAN
+
+    p = fresh(tmp_path, size=1 * MiB, cluster_size=512)
+    with vdisk.open(p) as img:
+        img.write(0, b"\x09" * 4096)
+    h = header(p)
+    end = os.path.getsize(p)
+    l1s_at = (end + 511) // 512 * 512  # zeros past the image's clusters
+    table_at = l1s_at + 64 * MiB
+    snaps = [C.Snapshot(l1_table_offset=l1s_at + 512 * i, l1_size=4 << 20, id=str(i + 1), name=f"s{i}",
+                        disk_size=1 * MiB) for i in range(2000)]
+    blob = C.encode_snapshot_table(snaps)
+    with open(p, "r+b") as f:
+        f.seek(table_at)
+        f.write(blob)
+        f.seek(0)
+        f.write(C.encode_header(h.replace(nb_snapshots=len(snaps), snapshots_offset=table_at)))
+    t = time.monotonic()
+    with vdisk.open(p, read_only=True) as img:
+        assert img.read(0, 4096) == b"\x09" * 4096
+        assert img.driver.metadata_bytes() < 2 * MiB
+        assert img.driver._meta_partial and MAX_SNAPSHOT_L1_SCAN < 2000 * (32 * MiB)
+    assert time.monotonic() - t < 20

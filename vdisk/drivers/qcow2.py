@@ -79,7 +79,7 @@ import itertools
 import os
 import sys
 import time
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections import OrderedDict
 
 from .. import budget
@@ -187,27 +187,40 @@ def _extend_zeros(a: array.array, n: int) -> None:
 
 
 class _ClusterSet:
-    """A set of host cluster indices held compactly: a sorted ``array('Q')`` (8 bytes
-    a member) plus small sets of recent additions and removals, folded into the
-    array once they hold ``FOLD`` members.  Membership costs two set look-ups and a
-    bisection."""
+    """A set of host cluster indices held compactly.
+
+    Single clusters (L2 tables, refcount blocks) live in a sorted ``array('Q')`` (8
+    bytes a member) plus small sets of recent additions and removals, folded into
+    the array once they hold ``FOLD`` members.  Runs of clusters (L1 tables, the
+    refcount table, snapshot tables) live as disjoint ``[start, end)`` intervals in
+    two sorted arrays (16 bytes a run, whatever its length).  Membership costs two
+    set look-ups and two bisections."""
 
     FOLD = 4096
-    __slots__ = ("_base", "_added", "_removed")
+    __slots__ = ("_base", "_added", "_removed", "_starts", "_ends")
 
-    def __init__(self, items=()):
+    def __init__(self, items=(), runs=()):
         self._added: set[int] = set()
         self._removed: set[int] = set()
         # sort in chunks, then merge: no list of every member at once
-        runs, chunk = [], []
+        chunks, chunk = [], []
         for c in items:
             chunk.append(c)
             if len(chunk) >= 65536:
-                runs.append(array.array("Q", sorted(chunk)))
+                chunks.append(array.array("Q", sorted(chunk)))
                 chunk = []
         if chunk:
-            runs.append(array.array("Q", sorted(chunk)))
-        self._base = self._dedup(heapq.merge(*runs) if len(runs) > 1 else (runs[0] if runs else ()))
+            chunks.append(array.array("Q", sorted(chunk)))
+        self._base = self._dedup(heapq.merge(*chunks) if len(chunks) > 1 else (chunks[0] if chunks else ()))
+        self._starts = array.array("Q")
+        self._ends = array.array("Q")
+        for a, b in sorted((a, b) for a, b in runs if b > a):
+            if self._ends and a <= self._ends[-1]:
+                if b > self._ends[-1]:
+                    self._ends[-1] = b
+            else:
+                self._starts.append(a)
+                self._ends.append(b)
 
     @staticmethod
     def _dedup(sorted_iter) -> array.array:
@@ -224,15 +237,18 @@ class _ClusterSet:
         i = bisect_left(b, c)
         return i < len(b) and b[i] == c
 
+    def _in_runs(self, c: int) -> bool:
+        i = bisect_right(self._starts, c) - 1
+        return i >= 0 and c < self._ends[i]
+
     def __contains__(self, c: int) -> bool:
         if c in self._added:
+            return True
+        if self._starts and self._in_runs(c):
             return True
         if c in self._removed:
             return False
         return self._in_base(c)
-
-    def __len__(self) -> int:
-        return len(self._base) - len(self._removed) + len(self._added)
 
     def add(self, c: int) -> None:
         if c in self._removed:
@@ -242,13 +258,17 @@ class _ClusterSet:
             self._maybe_fold()
 
     def add_range(self, c: int, n: int) -> None:
-        if n <= 64:
-            for x in range(c, c + n):
-                self.add(x)
+        """Add the run ``[c, c + n)``."""
+        if n <= 0:
             return
-        self._added.update(range(c, c + n))
-        self._removed.difference_update(range(c, c + n))
-        self._fold()
+        e = c + n
+        st, en = self._starts, self._ends
+        i = bisect_left(en, c)  # first run ending at or after c: touches or follows
+        j = bisect_right(st, e)  # runs starting at or before e
+        if i < j:
+            c, e = min(c, st[i]), max(e, en[j - 1])
+        st[i:j] = array.array("Q", [c])
+        en[i:j] = array.array("Q", [e])
 
     def discard(self, c: int) -> None:
         if c in self._added:
@@ -256,6 +276,26 @@ class _ClusterSet:
         elif c not in self._removed and self._in_base(c):
             self._removed.add(c)
             self._maybe_fold()
+        if self._starts and self._in_runs(c):
+            self.discard_range(c, 1)
+
+    def discard_range(self, c: int, n: int) -> None:
+        """Remove ``[c, c + n)`` from the runs (single members: see ``discard``)."""
+        e = c + n
+        st, en = self._starts, self._ends
+        i = bisect_right(en, c)  # first run ending after c
+        j = bisect_left(st, e)  # runs starting before e
+        if i >= j:
+            return
+        ks, ke = array.array("Q"), array.array("Q")
+        if st[i] < c:
+            ks.append(st[i])
+            ke.append(c)
+        if en[j - 1] > e:
+            ks.append(e)
+            ke.append(en[j - 1])
+        st[i:j] = ks
+        en[i:j] = ke
 
     def first_in(self, start: int, end: int) -> int | None:
         """The smallest member in ``[start, end)``, or None."""
@@ -264,38 +304,41 @@ class _ClusterSet:
                 if c in self:
                     return c
             return None
-        best = None
+        cands = []
+        i = bisect_right(self._starts, start) - 1
+        if i >= 0 and start < self._ends[i]:
+            return start
+        if i + 1 < len(self._starts) and self._starts[i + 1] < end:
+            cands.append(self._starts[i + 1])
         b = self._base
-        i = bisect_left(b, start)
-        while i < len(b) and b[i] < end:
-            if b[i] not in self._removed:
-                best = b[i]
+        k = bisect_left(b, start)
+        while k < len(b) and b[k] < end:
+            if b[k] not in self._removed:
+                cands.append(b[k])
                 break
-            i += 1
+            k += 1
         added = self._added
         if len(added) <= end - start:
-            for c in added:
-                if start <= c < end and (best is None or c < best):
-                    best = c
+            cands.extend(c for c in added if start <= c < end)
         else:
-            for c in range(start, end if best is None else best):
+            stop = min(cands, default=end)
+            for c in range(start, stop):
                 if c in added:
-                    return c
-        return best
+                    cands.append(c)
+                    break
+        return min(cands, default=None)
 
     def _maybe_fold(self) -> None:
         if len(self._added) + len(self._removed) >= self.FOLD:
-            self._fold()
-
-    def _fold(self) -> None:
-        rm = self._removed
-        self._base = self._dedup(heapq.merge((c for c in self._base if c not in rm), sorted(self._added)))
-        self._added = set()
-        self._removed = set()
+            rm = self._removed
+            self._base = self._dedup(heapq.merge((c for c in self._base if c not in rm), sorted(self._added)))
+            self._added = set()
+            self._removed = set()
 
     def nbytes(self) -> int:
         n = len(self._added) + len(self._removed)
-        return len(self._base) * 8 + sys.getsizeof(self._added) + sys.getsizeof(self._removed) + 32 * n
+        return (len(self._base) + 2 * len(self._starts)) * 8 + sys.getsizeof(self._added) + sys.getsizeof(
+            self._removed) + 32 * n
 
 
 @register
@@ -576,6 +619,7 @@ class Qcow2Driver(BlockDriver):
             if _ceil_div(self.size, cs * self.l2_entries) > snap.l1_size:
                 raise CorruptImage(f"{name}: snapshot {snap.name!r} L1 table is too small for its disk size")
         self._build_meta_index()
+        budget.charge(self._meta.nbytes(), f"{name}: qcow2 metadata index")
         if not self.read_only:
             changed = False
             if h.autoclear_features:
@@ -722,10 +766,11 @@ class Qcow2Driver(BlockDriver):
         eof = self._eof
         self._meta_partial = False
 
-        def table(off: int, nbytes: int):
+        runs = []
+
+        def table(off: int, nbytes: int) -> None:
             if off and not off % cs and nbytes > 0 and off < eof:
-                return range(off // cs, _ceil_div(min(off + nbytes, eof), cs))
-            return ()
+                runs.append((off // cs, _ceil_div(min(off + nbytes, eof), cs)))
 
         def l2s(l1):
             for _, e in _nonzero(l1):
@@ -733,25 +778,26 @@ class Qcow2Driver(BlockDriver):
                 if off and not off % cs and off < eof:
                     yield off // cs
 
+        table(h.refcount_table_offset, h.refcount_table_clusters * cs)
+        table(h.l1_table_offset, h.l1_size * 8)
+        if h.nb_snapshots:
+            table(h.snapshots_offset, getattr(self, "_snap_table_bytes", 0))
+        roots = [(s.l1_table_offset, s.l1_size) for s in self.snapshots]
+        if self._snapshot_view is not None:
+            roots.insert(0, (h.l1_table_offset, h.l1_size))
+        for off, n in roots:
+            if n and not off % cs and off + n * 8 <= eof:
+                table(off, n * 8)
+
         def members():
-            yield 0
-            yield from table(h.refcount_table_offset, h.refcount_table_clusters * cs)
-            yield from l2s(self.reftable)  # refcount block offsets: same layout
-            yield from table(h.l1_table_offset, h.l1_size * 8)
-            roots = [(s.l1_table_offset, s.l1_size) for s in self.snapshots]
+            yield 0  # the header
+            yield from l2s(self.reftable)  # refcount block offsets: same layout as L1 entries
             if self._snapshot_view is None:
                 yield from l2s(self.l1)
-            else:
-                roots.insert(0, (h.l1_table_offset, h.l1_size))
-            if h.nb_snapshots:
-                yield from table(h.snapshots_offset, getattr(self, "_snap_table_bytes", 0))
             seen = set()
             scanned = 0
             for off, n in roots:
-                if not n or off % cs or off + n * 8 > eof:
-                    continue
-                yield from table(off, n * 8)
-                if (off, n) in seen:
+                if not n or off % cs or off + n * 8 > eof or (off, n) in seen:
                     continue
                 seen.add((off, n))
                 if scanned + n * 8 > MAX_SNAPSHOT_L1_SCAN:
@@ -764,7 +810,7 @@ class Qcow2Driver(BlockDriver):
                     yield from l2s(C.decode_u64_table(self.host.pread(pos, k)))
                     pos += k
 
-        self._meta = _ClusterSet(members())
+        self._meta = _ClusterSet(members(), runs)
 
     def _guard(self, e: int, gci: int) -> None:
         """Refuse the L2 entry ``e`` (guest cluster ``gci``) if the host clusters it
