@@ -14,6 +14,28 @@
 ``@pytest.mark.root``  ``fusermount3`` (``root``: only root).  Such a test FAILS, never skips,
                      when they are missing: ``scripts/setup.sh`` installs all it needs and
                      the suite runs as root.  The fixture ``require_fuse`` does the same.
+
+Hypothesis profiles (chosen here, before any test module builds its ``settings``, so
+that every ``@settings(...)`` and ``TestCase.settings`` inherits from the profile what
+it does not set itself; a test must not set ``derandomize`` or ``database``):
+
+``ci``       derandomized (the same examples on every run), no example database,
+             no deadline and no too_slow health check (both depend on the machine's
+             load), failing examples printed as a blob.  Loaded when ``CI`` is set
+             (``CI=true``), as Hypothesis itself does.
+``dev``      the default elsewhere: random examples, no database, no deadline.
+``explore``  the longer hunt for new bugs: random examples, 10x ``max_examples``
+             (the model tests scale with it), failing examples printed as a blob::
+
+                 VDISK_HYPOTHESIS=explore .venv/bin/python -m pytest -p no:cacheprovider \
+                     --timeout=3600 tests/test_model.py tests/test_chain_model.py
+
+             (a few minutes; ``--timeout`` lifts the 600 s per-test limit of
+             pyproject.toml).  ``--hypothesis-seed=N`` repeats one exploring run
+             exactly; tests with a fixed ``max_examples`` run their usual number.
+
+``VDISK_HYPOTHESIS`` (or ``HYPOTHESIS_PROFILE``) names the profile; pytest's
+``--hypothesis-profile NAME`` overrides both.
 """
 
 from __future__ import annotations
@@ -27,6 +49,26 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# Parent: Hypothesis's own defaults, not the profile loaded when Hypothesis was imported
+# (with CI set, that is its built-in "ci", derandomized, which "dev" and "explore" are not).
+_BASE = settings.get_profile("default")
+settings.register_profile("dev", _BASE, deadline=None, database=None)
+settings.register_profile("ci", _BASE, derandomize=True, database=None, print_blob=True, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("explore", _BASE, max_examples=10 * _BASE.max_examples, deadline=None,
+                          database=None, print_blob=True)
+
+
+def _hypothesis_profile() -> str:
+    name = os.environ.get("VDISK_HYPOTHESIS") or os.environ.get("HYPOTHESIS_PROFILE")
+    if name:
+        return name
+    return "ci" if os.environ.get("CI", "").lower() not in ("", "0", "false", "no") else "dev"
+
+
+settings.load_profile(_hypothesis_profile())
 
 VDISK_TIMEOUT = 120.0  # seconds, default for one ``vdisk`` command
 
