@@ -676,3 +676,29 @@ def test_many_big_overlapping_snapshot_l1_tables_open_quickly(tmp_path):
         assert img.driver.metadata_bytes() < 2 * MiB
         assert img.driver._meta_partial and MAX_SNAPSHOT_L1_SCAN < 2000 * (32 * MiB)
     assert time.monotonic() - t < 20
+
+
+def test_l2_cache_is_bounded_in_bytes_for_big_clusters(tmp_path):
+    """With 2 MiB clusters an L2 table is 2 MiB: 512 cached tables were 1 GiB, which
+    a hostile sparse file of distinct (empty) L2 tables could make a read hold."""
+    big = 2 * MiB
+    span = big * (big // 8)  # guest bytes one L2 table maps: 512 GiB
+    p = fresh(tmp_path, size=64 * span, cluster_size=big)
+    h = header(p)
+    assert h.l1_size == 64
+    first = (os.path.getsize(p) + big - 1) // big * big
+    with open(p, "r+b") as f:
+        for i in range(64):  # 64 distinct L2 tables of zeros in a sparse file
+            f.seek(h.l1_table_offset + 8 * i)
+            f.write(struct.pack(">Q", first + i * big))
+        f.truncate(first + 64 * big)
+    with vdisk.open(p, read_only=True) as img:
+        tracemalloc.start()
+        try:
+            for i in range(64):
+                assert img.read(i * span, 512) == bytes(512)
+            held = tracemalloc.get_traced_memory()[0]
+        finally:
+            tracemalloc.stop()
+        assert held < 40 * MiB, held
+        assert img.driver.metadata_bytes() < 40 * MiB

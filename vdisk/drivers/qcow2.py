@@ -110,9 +110,12 @@ MAX_CHECK_CLUSTERS = 1 << 27  # check keeps one 8-byte counter per host cluster
 MIN_CLUSTER_BITS = 9
 MAX_CLUSTER_BITS = 21
 
-L2_CACHE_TABLES = 512  # clean L2 tables kept in memory
-RB_CACHE_BLOCKS = 256
-DIRTY_FLUSH_THRESHOLD = 256  # metadata tables dirty before an automatic flush
+# clean tables kept in memory: by bytes (a table is one cluster, 512 bytes to 2 MiB),
+# between 16 and 4096 tables -- 512 L2 tables and 256 refcount blocks of 64 KiB
+L2_CACHE_BYTES = 32 << 20
+RB_CACHE_BYTES = 16 << 20
+
+DIRTY_FLUSH_THRESHOLD = 256  # metadata tables dirty before an automatic flush (fewer if they are big)
 #: snapshot L1 bytes read at open to list the L2 tables only snapshots use (beyond
 #: this, such tables are not in the metadata index: see ``_build_meta_index``)
 MAX_SNAPSHOT_L1_SCAN = 64 << 20
@@ -121,6 +124,11 @@ TABLE_READ_CHUNK = 1 << 20  # big tables are read in pieces: no second copy in m
 
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def _cache_tables(nbytes: int, cluster_size: int) -> int:
+    """How many tables of one cluster fit ``nbytes`` (16 to 4096)."""
+    return max(16, min(4096, nbytes // cluster_size))
 
 
 MAX_SNAPSHOT_NAME = 255
@@ -601,6 +609,9 @@ class Qcow2Driver(BlockDriver):
                 opts = dict(kv.split("=", 1) for kv in e.data.decode("ascii", "replace").split(",") if "=" in kv)
                 self.compress_writes = opts.get("compress") in ("zlib", "zstd")
         self._l2cache: OrderedDict[int, array.array] = OrderedDict()
+        self._l2_cache_max = _cache_tables(L2_CACHE_BYTES, cs)
+        self._rb_cache_max = _cache_tables(RB_CACHE_BYTES, cs)
+        self._dirty_max = max(8, min(DIRTY_FLUSH_THRESHOLD, self._l2_cache_max // 2))
         self._l2dirty: set[int] = set()
         self._rbcache: OrderedDict[int, array.array] = OrderedDict()
         self._rbdirty: set[int] = set()
@@ -876,11 +887,11 @@ class Qcow2Driver(BlockDriver):
             raise CorruptImage(f"{self.host.name}: qcow2 L2 table at {offset:#x}{where} lies beyond the end of the file")
         t = C.decode_u64_table(self.host.pread(offset, cs))
         self._l2cache[offset] = t
-        if len(self._l2cache) > L2_CACHE_TABLES:
+        if len(self._l2cache) > self._l2_cache_max:
             # evict clean tables, oldest first -- never the one just loaded: the caller
             # may modify it and mark it dirty (it would be lost, or KeyError at flush)
             for k in list(self._l2cache):
-                if len(self._l2cache) <= L2_CACHE_TABLES:
+                if len(self._l2cache) <= self._l2_cache_max:
                     break
                 if k not in self._l2dirty and k != offset:
                     del self._l2cache[k]
@@ -895,9 +906,9 @@ class Qcow2Driver(BlockDriver):
             raise CorruptImage(f"{self.host.name}: qcow2 refcount block offset {offset:#x} is invalid or past the file end")
         b = C.decode_refblock(self.host.pread(offset, cs), self.order)
         self._rbcache[offset] = b
-        if len(self._rbcache) > RB_CACHE_BLOCKS:
+        if len(self._rbcache) > self._rb_cache_max:
             for k in list(self._rbcache):  # as in _l2: never the block just loaded
-                if len(self._rbcache) <= RB_CACHE_BLOCKS:
+                if len(self._rbcache) <= self._rb_cache_max:
                     break
                 if k not in self._rbdirty and k != offset:
                     del self._rbcache[k]
@@ -1395,7 +1406,7 @@ class Qcow2Driver(BlockDriver):
         return C.encode_compressed(at, n, self.cluster_bits)
 
     def _maybe_flush(self) -> None:
-        if len(self._l2dirty) + len(self._rbdirty) > DIRTY_FLUSH_THRESHOLD or len(self._pending_free) > 65536:
+        if len(self._l2dirty) + len(self._rbdirty) > self._dirty_max or len(self._pending_free) > 65536:
             self.flush()
 
     def _zero_or_discard(self, offset: int, length: int, discard: bool) -> None:
@@ -1756,7 +1767,8 @@ class Qcow2Driver(BlockDriver):
         pending decrements, the dirty sets) are estimated per item.
 
         It changes as the caches fill: clean L2 tables are kept up to
-        ``L2_CACHE_TABLES`` and refcount blocks up to ``RB_CACHE_BLOCKS``; dirty ones
+        ``L2_CACHE_BYTES`` and refcount blocks up to ``RB_CACHE_BYTES`` (at least 16
+        and at most 4096 of each); dirty ones
         stay until the next flush (``write`` flushes past ``DIRTY_FLUSH_THRESHOLD``
         of them).  At open it is about the L1 table plus the refcount table."""
         n = self.l1.itemsize * len(self.l1) + self.reftable.itemsize * len(self.reftable)
