@@ -208,3 +208,94 @@ def test_compare_takes_U_and_s_as_qemu_img(image_dir, run_vdisk):
     r = run_vdisk("compare", "-s", "-f", "raw", "-F", "raw", a, b, expect=1)
     q = _qemu("compare", "-s", "-f", "raw", "-F", "raw", a, b, check=False)
     assert q.returncode == 1 and r.stdout.strip() == q.stdout.strip()
+
+
+# ------------------------------------------------------------------ convert's qemu-img options
+def _mixed_source(d, name="src.raw", size=4 * MiB):
+    p = str(d / name)
+    with open(p, "wb") as f:
+        f.truncate(size)
+        f.seek(0)
+        f.write(b"A" * 65536)
+        f.seek(MiB)
+        f.write(os.urandom(3 * 65536))
+        f.seek(3 * MiB)
+        f.write(bytes(65536))  # a data extent of zeros
+    return p
+
+
+@pytest.mark.parametrize("out_fmt", ["raw", "vdk", "qcow2"])
+def test_convert_n_writes_into_an_existing_image_and_zeroes_the_rest(image_dir, run_vdisk, out_fmt):
+    src = _mixed_source(image_dir)
+    dst = str(image_dir / f"dst.{out_fmt}")
+    run_vdisk("create", "-f", out_fmt, dst, "4M")
+    with vdisk.open(dst, format=out_fmt) as img:  # stale content that the source does not have
+        img.write(2 * MiB, b"stale" * 1000)
+        img.write(0, b"Z" * 100000)
+    run_vdisk("convert", "-n", "-f", "raw", "-O", out_fmt, src, dst)
+    run_vdisk("compare", "-f", "raw", "-F", out_fmt, src, dst)
+    assert _qemu("compare", "-f", "raw", "-F", out_fmt if out_fmt != "vdk" else "raw", src,
+                 dst if out_fmt != "vdk" else src).returncode == 0
+    r = run_vdisk("convert", "-n", "-f", "raw", "-O", out_fmt, src, str(image_dir / "missing"), expect=1)
+    assert "no such file" in r.stderr
+
+
+def test_convert_S_0_allocates_everything_as_qemu_img(image_dir, run_vdisk):
+    src = _mixed_source(image_dir)
+    ours, theirs = str(image_dir / "o.raw"), str(image_dir / "q.raw")
+    run_vdisk("convert", "-S", "0", "-f", "raw", "-O", "raw", src, ours)
+    _qemu("convert", "-S", "0", "-f", "raw", "-O", "raw", src, theirs)
+    assert os.stat(ours).st_blocks == os.stat(theirs).st_blocks >= 4 * MiB // 512
+    run_vdisk("convert", "-f", "raw", "-O", "raw", src, ours)
+    assert os.stat(ours).st_blocks < 4 * MiB // 512 // 2  # sparse by default
+
+
+@pytest.mark.parametrize("out_fmt", ["vdk", "qcow2"])
+def test_convert_B_writes_only_what_differs_from_the_backing_file(image_dir, run_vdisk, out_fmt):
+    base = str(image_dir / "base.qcow2")
+    _qemu("create", "-q", "-f", "qcow2", base, "4M")
+    subprocess.run(["qemu-io", "-c", "write -P 0x41 0 1M", "-c", "write -P 0x42 2M 1M", base],
+                   check=True, capture_output=True)
+    src = str(image_dir / "src.qcow2")
+    _qemu("create", "-q", "-f", "qcow2", src, "4M")
+    subprocess.run(["qemu-io", "-c", "write -P 0x41 0 1M", "-c", "write -P 0x43 64k 64k", src],
+                   check=True, capture_output=True)  # differs from base at 64k, and has zeros at 2M
+    dst = str(image_dir / f"dst.{out_fmt}")
+    run_vdisk("convert", "-O", out_fmt, "-B", "base.qcow2", "-F", "qcow2", src, dst)
+    run_vdisk("compare", src, dst)
+    with vdisk.open(dst, read_only=True) as img:
+        assert img.driver.backing_ref.filename == "base.qcow2"
+        own = [e for e in img.block_status(0, img.size, chain=False) if e.status.name == "DATA"]
+        assert sum(e.length for e in own) <= 128 << 10  # only the differing cluster(s)
+    if out_fmt == "qcow2":
+        assert _qemu("compare", src, dst).returncode == 0
+        _qemu("check", dst)
+
+
+def test_convert_l_and_rate_limit_and_qemu_img_no_op_flags(image_dir, run_vdisk):
+    p = str(image_dir / "s.vdk")
+    vdisk.create(p, MiB)
+    with vdisk.open(p) as img:
+        img.write(0, b"snap" * 1000)
+        img.snapshot_create("s1")
+        img.write(0, b"live" * 1000)
+    out = str(image_dir / "o.raw")
+    for spec in ("s1", "snapshot.name=s1", "snapshot.id=1"):
+        run_vdisk("convert", "-W", "-m", "4", "-U", "-l", spec, "-O", "raw", p, out)
+        assert open(out, "rb").read(4000) == b"snap" * 1000
+    r = run_vdisk("convert", "-l", "bogus=1", "-O", "raw", p, out, expect=1)
+    assert "snapshot.name" in r.stderr
+    import time
+
+    t0 = time.monotonic()
+    run_vdisk("convert", "-r", "8M", "-O", "raw", "-S", "0", p, out)  # 1 MiB at 8 MiB/s: >= 1/8 s
+    assert time.monotonic() - t0 >= 0.12
+
+
+def test_convert_c_to_qcow2_is_zlib_as_qemu_img(image_dir, run_vdisk):
+    src = _mixed_source(image_dir)
+    dst = str(image_dir / "c.qcow2")
+    run_vdisk("convert", "-c", "-f", "raw", "-O", "qcow2", src, dst)
+    info = json.loads(_qemu("info", "--output", "json", dst).stdout)
+    assert info["format-specific"]["data"]["compression-type"] == "zlib"
+    assert _qemu("compare", "-f", "raw", src, dst).returncode == 0

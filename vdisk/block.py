@@ -137,6 +137,14 @@ class Image:
         self.guard_probe = False
         driver.attach_backing(_BackingView(backing) if backing is not None else None)
 
+    def attach_backing_image(self, backing: Image) -> None:
+        """Give an image opened with ``backing=False`` the backing image its reference
+        names, opened by the caller: for a file whose name cannot locate it (convert
+        -B builds its output in an unnamed file).  The caller closes ``backing``."""
+        if self.backing is not None:
+            raise UsageError(f"{self.filename}: has its backing image already")
+        self.driver.attach_backing(_BackingView(backing))
+
     # ---------------------------------------------------------------- properties
     @property
     def format(self) -> str:

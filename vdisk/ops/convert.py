@@ -152,15 +152,25 @@ def copy_content(
     chunk_size: int | None = None,
     granularity: int | None = None,
     read_ahead: int = 2,
+    target_is_zero: bool = True,
+    sparse: bool = True,
+    base: Image | None = None,
+    rate_limit: int | None = None,
 ) -> ConvertStats:
-    """Copy ``src``'s guest content into ``dst``, which must already read as zeros over
-    ``[0, src.size)`` (a freshly created image).  Does not flush ``dst``.
+    """Copy ``src``'s guest content into ``dst``.  Does not flush ``dst``.
+
+    ``dst`` must read as zeros over ``[0, src.size)`` (a freshly created image) unless
+    ``target_is_zero`` is False: then the source's zero ranges are zeroed in ``dst``
+    too (``convert -n`` into an existing image).  ``sparse`` False writes every byte,
+    zeros included, so the destination ends fully allocated (``-S 0``).  ``base``: the
+    destination is an overlay on it (``-B``); only what differs from ``base`` is
+    written, and zero ranges where ``base`` holds data become explicit zeros.
 
     ``granularity`` is the size of the zero pieces left unwritten (default: the
     destination's cluster size, at least 4 KiB).  ``read_ahead`` chunks are read by a
-    helper thread while the previous ones are written (0: no thread).
-    ``progress(n)`` gets guest bytes done since the previous call; the total is
-    ``src.size``."""
+    helper thread while the previous ones are written (0: no thread).  ``rate_limit``
+    caps the rate in guest bytes per second.  ``progress(n)`` gets guest bytes done
+    since the previous call; the total is ``src.size``."""
     if dst.size < src.size:
         raise UsageError(f"{dst.filename}: destination ({dst.size} bytes) is smaller than the source ({src.size} bytes)")
     stats = ConvertStats(size=src.size)
@@ -172,14 +182,99 @@ def copy_content(
         pieces = _read_ahead(src, plan, read_ahead)
     else:
         pieces = ((off, n, src.read(off, n) if has else None) for off, n, has in plan)
+    throttle = _Throttle(rate_limit) if rate_limit else None
     for off, n, data in pieces:
         if data is None:
             stats.bytes_skipped += n
+            _zero_range(dst, off, n, target_is_zero, sparse, base, chunk)
         else:
             stats.bytes_read += n
-            _sparse_write(dst, off, data, gran, stats)
+            if base is not None:
+                _write_differences(dst, base, off, data, gran, stats)
+            elif sparse:
+                if target_is_zero:
+                    _sparse_write(dst, off, data, gran, stats)
+                else:
+                    _dense_or_zero_write(dst, off, data, gran, stats)
+            else:
+                dst.write(off, data)
+                stats.bytes_written += n
+        if throttle:
+            throttle.account(n)
         tick(n)
     return stats
+
+
+def _zero_range(dst: Image, off: int, n: int, target_is_zero: bool, sparse: bool, base: Image | None,
+                chunk: int) -> None:
+    """A range the source reads as zeros: what the destination needs there."""
+    if base is not None:
+        for pos, m in chunks(off, off + n, chunk):
+            if pos < base.size and not is_zero(_read_zero_extended(base, pos, m)):
+                dst.write_zeroes(pos, m)  # an explicit zero hides the base's data
+        return
+    if not sparse:
+        for pos, m in chunks(off, off + n, chunk):
+            dst.write(pos, zeros(m))
+        return
+    if not target_is_zero:
+        dst.write_zeroes(off, n)
+
+
+def _dense_or_zero_write(dst: Image, off: int, data: bytes, gran: int, stats: ConvertStats) -> None:
+    """Into a destination that may hold anything: zero granules become write_zeroes."""
+    for p in range(0, len(data), gran):
+        piece = data[p:p + gran]
+        if is_zero(piece):
+            dst.write_zeroes(off + p, len(piece))
+            stats.zero_bytes_dropped += len(piece)
+        else:
+            dst.write(off + p, piece)
+            stats.bytes_written += len(piece)
+
+
+def _write_differences(dst: Image, base: Image, off: int, data: bytes, gran: int, stats: ConvertStats) -> None:
+    """Into an overlay on ``base``: only the granules where the source differs."""
+    old = _read_zero_extended(base, off, len(data))
+    if old == data:
+        stats.zero_bytes_dropped += len(data)
+        return
+    for p in range(0, len(data), gran):
+        piece = data[p:p + gran]
+        if piece == old[p:p + gran]:
+            continue
+        if is_zero(piece):
+            dst.write_zeroes(off + p, len(piece))
+        else:
+            dst.write(off + p, piece)
+            stats.bytes_written += len(piece)
+
+
+def _read_zero_extended(img: Image, off: int, n: int) -> bytes:
+    if off >= img.size:
+        return zeros(n)
+    m = min(n, img.size - off)
+    data = img.read(off, m)
+    return data if m == n else data + zeros(n - m)
+
+
+class _Throttle:
+    """Sleeps so that at most ``rate`` bytes a second pass (``convert -r``)."""
+
+    def __init__(self, rate: int):
+        import time
+
+        self.rate = rate
+        self.start = time.monotonic()
+        self.done = 0
+
+    def account(self, n: int) -> None:
+        import time
+
+        self.done += n
+        ahead = self.done / self.rate - (time.monotonic() - self.start)
+        if ahead > 0:
+            time.sleep(ahead)
 
 
 def _refuse_if_in_use(path: str) -> None:
@@ -249,7 +344,7 @@ def _open_unnamed(directory: str) -> int | None:
 
 
 def _create_in(path: str, size: int, fmt: str, cluster_size: int | None, compression: str | None,
-               options: dict | None) -> None:
+               options: dict | None, backing=None) -> None:
     """``block.create`` into an existing, empty file (``path`` is ``/proc/self/fd/N``
     of an unnamed one; ``block.create`` insists on making the file itself)."""
     from ..drivers import get_driver
@@ -262,7 +357,7 @@ def _create_in(path: str, size: int, fmt: str, cluster_size: int | None, compres
     host = HostFile(path)
     try:
         cls.create(host, size, CreateOptions(cluster_size=cluster_size, compression=compression,
-                                             extra=dict(options or {})))
+                                             extra=dict(options or {}), backing=backing))
     finally:
         host.close()
 
@@ -306,6 +401,15 @@ def convert(
     progress: ProgressFn | None = None,
     chunk_size: int | None = None,
     durable: bool = False,
+    existing: bool = False,
+    target_is_zero: bool = False,
+    sparse: bool = True,
+    granularity: int | None = None,
+    backing_file: str | None = None,
+    backing_format: str | None = None,
+    rate_limit: int | None = None,
+    read_ahead: int = 2,
+    unsafe_backing: bool = False,
 ) -> ConvertStats:
     """Create ``dst_path`` in ``format`` with ``src``'s guest size and content.
 
@@ -313,8 +417,30 @@ def convert(
     complete; until then it is left as it was.  ``durable`` flushes the destination
     (and its directory) before returning; without it, as ``qemu-img convert``'s
     default ``cache=unsafe``, the data may still sit in the host page cache (a format
-    driver that must flush to close consistently, as vdk does, still does)."""
+    driver that must flush to close consistently, as vdk does, still does).
+
+    qemu-img's options: ``existing`` (-n) writes into the image already at
+    ``dst_path`` (at least as large as ``src``) instead of creating one, zeroing what
+    the source reads as zeros unless ``target_is_zero``; ``sparse`` False (-S 0)
+    allocates every byte, ``granularity`` (-S N) sets the size of zero runs left out;
+    ``backing_file`` (-B; relative to ``dst_path``'s directory, as in qemu-img) makes
+    the destination an overlay on it holding only what differs; ``rate_limit`` (-r)
+    caps bytes per second."""
     dst_path = os.fspath(dst_path)
+    copy_kw = dict(progress=progress, chunk_size=chunk_size, granularity=granularity, sparse=sparse,
+                   rate_limit=rate_limit, read_ahead=read_ahead)
+    if existing:
+        if backing_file is not None:
+            raise UsageError("-n writes into an existing image: it keeps its own backing file (no -B)")
+        if not os.path.exists(dst_path):
+            raise ImageNotFound(f"{dst_path}: no such file (-n writes into an existing image)")
+        if os.path.samefile(dst_path, src.filename):
+            raise UsageError(f"{dst_path}: source and destination are the same file")
+        with block.open(dst_path, format=format, read_only=False, backing=False,
+                        cache="writeback" if durable else "unsafe") as dst:
+            stats = copy_content(src, dst, target_is_zero=target_is_zero, **copy_kw)
+            dst.flush()
+        return stats
     target = os.path.realpath(dst_path) if os.path.islink(dst_path) else dst_path
     if os.path.exists(target):
         if not os.path.isfile(target):
@@ -322,50 +448,85 @@ def convert(
         if os.path.samefile(target, src.filename):
             raise UsageError(f"{dst_path}: source and destination are the same file")
         _refuse_if_in_use(target)
-    directory, base = os.path.split(os.path.abspath(target))
+    directory, base_name = os.path.split(os.path.abspath(target))
     if not os.path.isdir(directory):
         raise ImageNotFound(f"{dst_path}: directory {directory} does not exist")
-    remove_stale_partials(directory)
-    partial = os.path.join(directory, f".{base}{PARTIAL_MARK}{os.getpid()}")
-    if os.path.lexists(partial):
-        os.unlink(partial)
-    unnamed = _open_unnamed(directory)
-    tmp = f"/proc/self/fd/{unnamed}" if unnamed is not None else partial
+    ref, base = None, None
+    if backing_file is not None:
+        ref, base = _open_output_backing(target, backing_file, backing_format, format, unsafe_backing)
     try:
-        if unnamed is None:
-            block.create(tmp, src.size, format=format, cluster_size=cluster_size, compression=compression,
-                         options=options)
-        else:
-            _create_in(tmp, src.size, format, cluster_size, compression, options)
-        dst = block.open(tmp, format=format, read_only=False, backing=False,
-                         cache="writeback" if durable else "unsafe")
+        remove_stale_partials(directory)
+        partial = os.path.join(directory, f".{base_name}{PARTIAL_MARK}{os.getpid()}")
+        if os.path.lexists(partial):
+            os.unlink(partial)
+        unnamed = _open_unnamed(directory)
+        tmp = f"/proc/self/fd/{unnamed}" if unnamed is not None else partial
         try:
-            stats = copy_content(src, dst, progress=progress, chunk_size=chunk_size)
-            if durable:
-                dst.flush()
-        finally:
-            dst.close()
-        if unnamed is None:
-            os.replace(partial, target)
-        else:
-            _link_into_place(tmp, partial, target)
-    except BaseException as exc:
-        if unnamed is None:
+            if unnamed is None and ref is None:
+                block.create(tmp, src.size, format=format, cluster_size=cluster_size, compression=compression,
+                             options=options)
+            else:
+                if unnamed is None:
+                    open(tmp, "xb").close()
+                _create_in(tmp, src.size, format, cluster_size, compression, options, backing=ref)
+            dst = block.open(tmp, format=format, read_only=False, backing=False,
+                             cache="writeback" if durable else "unsafe")
             try:
-                os.unlink(partial)
-            except OSError:
-                pass
-        if isinstance(exc, VdiskError) and tmp in exc.message:
-            # Name the file the user asked for, not our temporary one.
-            exc.message = exc.message.replace(tmp, dst_path)
-            exc.args = (exc.message,) + exc.args[1:]
-        raise
+                if base is not None:
+                    dst.attach_backing_image(base)  # so zeros over the base's data stay explicit
+                stats = copy_content(src, dst, base=base, **copy_kw)
+                if durable:
+                    dst.flush()
+            finally:
+                dst.close()
+            if unnamed is None:
+                os.replace(partial, target)
+            else:
+                _link_into_place(tmp, partial, target)
+        except BaseException as exc:
+            if unnamed is None:
+                try:
+                    os.unlink(partial)
+                except OSError:
+                    pass
+            if isinstance(exc, VdiskError) and tmp in exc.message:
+                # Name the file the user asked for, not our temporary one.
+                exc.message = exc.message.replace(tmp, dst_path)
+                exc.args = (exc.message,) + exc.args[1:]
+            raise
+        finally:
+            if unnamed is not None:
+                os.close(unnamed)  # the last reference: an unnamed inode is freed here
     finally:
-        if unnamed is not None:
-            os.close(unnamed)  # the last reference: an unnamed inode is freed here
+        if base is not None:
+            base.close()
     if durable:
         _fsync_dir(directory)
     return stats
+
+
+def _open_output_backing(target: str, backing_file: str, backing_format: str | None, fmt: str,
+                         unsafe_backing: bool):
+    """``-B``: the backing reference the new image will store, and the backing image
+    opened (as the new image will see it) to compare against."""
+    from ..drivers import get_driver
+    from ..drivers.base import BackingRef
+
+    if not get_driver(fmt).supports_backing:
+        raise UsageError(f"{fmt} images cannot have a backing file (-B)")
+    directory = os.path.dirname(os.path.abspath(target))
+    bpath = os.path.join(directory, backing_file)
+    if not os.path.exists(bpath):
+        raise ImageNotFound(f"backing file {bpath}: no such file (a relative -B is relative to the new image)")
+    if backing_format is None:
+        backing_format = block.detect_format(bpath)
+        if backing_format == "raw":
+            raise UsageError(f"backing file {bpath}: give its format with -F (raw is never probed)")
+    block.check_backing_allowed(target, bpath, unsafe_backing=unsafe_backing)
+    base = block.open(bpath, read_only=True, format=backing_format, unsafe_backing=unsafe_backing,
+                      allow_backing_dirs=[directory])
+    ref = BackingRef(os.path.relpath(os.path.abspath(bpath), directory), backing_format)
+    return ref, base
 
 
 def _fsync_dir(directory: str) -> None:
