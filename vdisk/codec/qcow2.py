@@ -416,7 +416,7 @@ assert _SNAP_FIXED.size == 40
 MAX_SNAPSHOT_EXTRA = 1024
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a table of 65536 records stays small
 class Snapshot:
     l1_table_offset: int
     l1_size: int

@@ -74,6 +74,7 @@ Metadata caching and the write order (crash consistency)
 from __future__ import annotations
 
 import array
+import dataclasses
 import heapq
 import itertools
 import os
@@ -120,6 +121,7 @@ DIRTY_FLUSH_THRESHOLD = 256  # metadata tables dirty before an automatic flush (
 #: this, such tables are not in the metadata index: see ``_build_meta_index``)
 MAX_SNAPSHOT_L1_SCAN = 64 << 20
 TABLE_READ_CHUNK = 1 << 20  # big tables are read in pieces: no second copy in memory
+SNAPSHOT_RECORD_BYTES = 400  # memory of one decoded snapshot table entry, its strings aside
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -585,6 +587,7 @@ class Qcow2Driver(BlockDriver):
         # --- snapshots
         if h.nb_snapshots > MAX_SNAPSHOTS:
             raise CorruptImage(f"{name}: qcow2 image claims {h.nb_snapshots} snapshots (limit {MAX_SNAPSHOTS})")
+        budget.charge(h.nb_snapshots * SNAPSHOT_RECORD_BYTES, f"{name}: qcow2 snapshot table ({h.nb_snapshots} entries)")
         self.snapshots = self._read_snapshot_table(h.snapshots_offset, h.nb_snapshots)
         # --- backing file
         if h.backing_file_offset and h.backing_file_size:
@@ -1777,7 +1780,7 @@ class Qcow2Driver(BlockDriver):
         for b in self._rbcache.values():
             n += b.itemsize * len(b) + 100
         n += self._meta.nbytes()
-        n += sum(200 + len(s.id) + len(s.name) + len(s.extra_tail) for s in self.snapshots)
+        n += sum(SNAPSHOT_RECORD_BYTES + len(s.id) + len(s.name) + len(s.extra_tail) for s in self.snapshots)
         n += len(self._dcache[1]) if self._dcache is not None else 0
         n += 100 * len(self._pending_free) + 60 * (len(self._l2dirty) + len(self._rbdirty))
         return n
@@ -2019,7 +2022,7 @@ class Qcow2Driver(BlockDriver):
         if any(s.name == new_name for s in self.snapshots if s is not snap):
             raise SnapshotExists(f"{self.host.name}: snapshot {new_name!r} exists already")
         self.flush()
-        renamed = C.Snapshot(**{**snap.__dict__, "name": new_name})
+        renamed = dataclasses.replace(snap, name=new_name)
         self._write_snapshot_table([renamed if s is snap else s for s in self.snapshots])
         self.flush()
         return next(i for i, s in zip(self.snapshot_list(), self.snapshots) if s is renamed)
