@@ -39,6 +39,16 @@ Concurrency rules (what may run at once; which lock guards what)
   with EIO and the log names the handler (so a future awaiting handler shows up at
   once rather than hanging the mount).
 
+Negotiated at INIT (what a disk export needs, nothing that would delay a write's
+reply): ATOMIC_O_TRUNC, BIG_WRITES + MAX_PAGES (requests up to 1 MiB), ASYNC_DIO (an
+aio submitter's O_DIRECT requests are all in flight at once, up to max_background 64),
+ASYNC_READ, PARALLEL_DIROPS, DO_READDIRPLUS, AUTO_INVAL_DATA; never WRITEBACK_CACHE.
+Opens with direct_io also get FOPEN_PARALLEL_DIRECT_WRITES (7.38) so the kernel does
+not serialise direct writes on the inode lock (our own lock serialises them anyway;
+measured: no difference either way on this machine).  Knobs for experiments:
+VDISK_FUSE_THREADS (readers, default 2), VDISK_FUSE_ASYNC_READ=0,
+VDISK_FUSE_PARALLEL_DIRECT_WRITES=0.
+
 End of a mount: unmounting (``vdisk umount``, fusermount3 -u, umount) makes the
 kernel end the connection; every reader gets ENODEV and exits, and ``wait()``
 returns.  ``terminate()`` makes ``wait()`` return at once (the daemon's second
@@ -130,7 +140,7 @@ class KernelEngine:
     name = "kernel"
 
     def __init__(self, fs, *, threads: int | None = None, max_write: int = MAX_WRITE,
-                 async_read: bool | None = None, parallel_direct_writes: bool = True):
+                 async_read: bool | None = None, parallel_direct_writes: bool | None = None):
         self.fs = fs
         self.lock = threading.Lock()
         if threads is None:
@@ -140,6 +150,8 @@ class KernelEngine:
         if async_read is None:
             async_read = os.environ.get("VDISK_FUSE_ASYNC_READ", "1") not in ("0", "")
         self.async_read = async_read
+        if parallel_direct_writes is None:
+            parallel_direct_writes = os.environ.get("VDISK_FUSE_PARALLEL_DIRECT_WRITES", "1") not in ("0", "")
         self.parallel_direct_writes = parallel_direct_writes
         self.bufsize = max(proto.MIN_READ_BUFFER, proto.WRITE_DATA_OFFSET + max_write + 4096)
         self.mountpoint: str | None = None
