@@ -299,3 +299,29 @@ def test_convert_c_to_qcow2_is_zlib_as_qemu_img(image_dir, run_vdisk):
     info = json.loads(_qemu("info", "--output", "json", dst).stdout)
     assert info["format-specific"]["data"]["compression-type"] == "zlib"
     assert _qemu("compare", "-f", "raw", src, dst).returncode == 0
+
+
+# ------------------------------------------------------------------ hints name only options the command has
+def test_hints_never_name_an_option_the_command_lacks(tmp_path, run_vdisk):
+    from vdisk.drivers.base import BackingRef
+
+    inside, outside = tmp_path / "in", tmp_path / "out"
+    inside.mkdir()
+    outside.mkdir()
+    (outside / "b.raw").write_bytes(bytes(MiB))
+    top = str(inside / "t.vdk")
+    vdisk.create(top, MiB)
+    with vdisk.open(top, backing=False) as img:
+        img.set_backing(BackingRef("../out/b.raw", "raw"))
+    r = run_vdisk("map", top, expect=1)  # map has --unsafe-backing
+    assert "--unsafe-backing" in r.stderr
+    r = run_vdisk("resize", top, "2M", expect=1)  # resize has not
+    assert "outside" in r.stderr and "--unsafe-backing" not in r.stderr
+    p = str(tmp_path / "w.vdk")
+    vdisk.create(p, MiB)
+    with vdisk.open(p):  # a writer holds it
+        r = run_vdisk("info", p, expect=1)
+        assert "-U/--force-share" in r.stderr
+        r = run_vdisk("clone", "--full", p, str(tmp_path / "c.vdk"), expect=1)
+        assert "in use" in r.stderr and "-U" not in r.stderr
+        r = run_vdisk("snapshot", "-l", "-U", p)  # qemu-img's spelling, with -U

@@ -392,7 +392,7 @@ def check_backing_allowed(overlay_path: str, backing_path: str, *, unsafe_backin
         raise BackingError(
             f"{overlay_path}: backing file {backing_path} lies outside the directories vdisk follows backing "
             f"files into ({', '.join(allowed)}), so the image could not be opened; add its directory to "
-            "VDISK_BACKING_DIRS, or pass --unsafe-backing")
+            "VDISK_BACKING_DIRS", option_hint=("unsafe_backing", "or pass --unsafe-backing"))
 
 
 def resolve_backing_path(overlay_path: str, ref: BackingRef) -> str:
@@ -492,8 +492,8 @@ def _open_node(path, fmt, read_only, snapshot, with_backing, allowed, seen, dept
             if allowed is not None and not _is_under(real, allowed):
                 raise BackingError(
                     f"{path}: backing file {ref.filename!r} lies outside the allowed directories "
-                    f"({', '.join(allowed)}); allow it with VDISK_BACKING_DIRS or --unsafe-backing"
-                )
+                    f"({', '.join(allowed)}); allow it with VDISK_BACKING_DIRS",
+                    option_hint=("unsafe_backing", "or --unsafe-backing"))
             if not os.path.exists(bpath):
                 raise BackingError(f"{path}: backing file {bpath} does not exist")
             rw = writable_depth == depth + 1

@@ -12,10 +12,16 @@ class VdiskError(Exception):
     """Base of every error vdisk raises on purpose."""
 
     exit_code = 1
+    #: a way out that a command-line option gives: (parameter name, text).  The CLI
+    #: appends the text only when the failing command has that option, so a hint
+    #: never names an option the command lacks.
+    option_hint: tuple[str, str] | None = None
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, *, option_hint: tuple[str, str] | None = None):
         super().__init__(message)
         self.message = message
+        if option_hint is not None:
+            self.option_hint = option_hint
 
     def __str__(self) -> str:
         return self.message

@@ -290,13 +290,16 @@ class HostFile(HostStorage):
             what = 'another process declares its content inconsistent (it does not share "consistent read")'
         else:
             what = f'it is being read or written by a process that does not share "{perm}"'
+        option_hint = None
         if mode == "write":
-            hint = "close it there first (readers that let a writer in open with -U/--force-share)"
+            hint = "close it there first"
         elif bit == _CONSISTENT_READ:
             hint = "try again when it is done"
         else:
-            hint = "-U/--force-share reads it anyway (the result may be stale)"
-        return ImageLocked(f"{self.name}: image is in use by another process ({what}); {hint}")
+            hint = "try again when the writer is done"
+            option_hint = ("force_share", "or read it anyway with -U/--force-share (the result may be stale)")
+        return ImageLocked(f"{self.name}: image is in use by another process ({what}); {hint}",
+                           option_hint=option_hint)
 
     def pread(self, offset: int, length: int) -> bytes:
         try:

@@ -61,6 +61,14 @@ ENTRY_POINT_GROUP = "vdisk.commands"
 EXIT_INTERNAL = 70
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+_RUNNING = "vdisk.running-command"
+
+
+def remember_command(ctx: click.Context, cmd: click.Command | None) -> None:
+    """Groups call this as they pick a subcommand (ctx.meta is shared by the whole
+    context tree), so an error's hint can name only the options it really has."""
+    if cmd is not None:
+        ctx.meta[_RUNNING] = cmd
 
 
 def _entry_points() -> dict[str, Any]:
@@ -97,13 +105,28 @@ class VdiskGroup(click.Group):
             raise VdiskError(f"command {cmd_name!r} ({spec or 'entry point'}) is not a click command")
         return cmd
 
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        name, cmd, rest = super().resolve_command(ctx, args)
+        remember_command(ctx, cmd)
+        return name, cmd, rest
+
+    @staticmethod
+    def _failing_params(ctx: click.Context) -> set[str]:
+        """The parameter names of the (sub)command this invocation ran."""
+        cmd = ctx.meta.get(_RUNNING)
+        return {p.name for p in cmd.params} if cmd is not None else set()
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except VdiskError as exc:
-            fail(ctx, getattr(exc, "message", None) or str(exc), exc.exit_code)
+            message = getattr(exc, "message", None) or str(exc)
+            hint = exc.option_hint
+            if hint is not None and hint[0] in self._failing_params(ctx):
+                message = f"{message} {hint[1]}"
+            fail(ctx, message, exc.exit_code)
         except BrokenPipeError:
             # `vdisk map x | head`: the reader went away; not worth a message.
             with contextlib.suppress(OSError):

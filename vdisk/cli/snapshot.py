@@ -37,6 +37,13 @@ class _SnapshotGroup(click.Group):
     """Accepts qemu-img's ``-l | -c NAME | -a NAME | -d NAME`` before FILE, and the
     options of the subcommand after it (``vdisk snapshot -l -U FILE``)."""
 
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        from vdisk.cli import remember_command
+
+        name, cmd, rest = super().resolve_command(ctx, args)
+        remember_command(ctx, cmd)
+        return name, cmd, rest
+
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if args and args[0] in _QEMU_FLAGS:
             sub, named = _QEMU_FLAGS[args[0]]
