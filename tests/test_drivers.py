@@ -51,3 +51,17 @@ def test_driver_suite(name, tmp_path):
                 with vdisk.open(str(tmp_path / f)) as img:
                     res = img.check()
                     assert res.corruptions == [] and res.leaks == [], (f, res)
+
+
+def test_probe_table_agrees_with_every_driver():
+    """vdisk.drivers.probe reads a magic table so that probing imports no driver; each
+    driver's own probe must say the same of every magic and of raw bytes."""
+    from vdisk.drivers import MAGICS, all_drivers, probe
+
+    drivers = all_drivers()
+    for name, magics in MAGICS.items():
+        for off, magic in magics:
+            head = bytes(off) + magic + bytes(8192 - off - len(magic))
+            assert probe(head) == name
+            assert [n for n, cls in drivers.items() if cls.probe(head)] == [name]
+    assert probe(bytes(8192)) is None and not any(cls.probe(bytes(8192)) for cls in drivers.values())

@@ -9,8 +9,21 @@ The Python API::
         img.flush()
 """
 
-from .block import Image, create, detect_format, open  # noqa: A004
 from .errors import VdiskError
 
 __all__ = ["Image", "VdiskError", "create", "detect_format", "open"]
 __version__ = "0.1.0"
+
+_FROM_BLOCK = {"Image", "create", "detect_format", "open"}
+
+
+def __getattr__(name: str):
+    # The block layer loads on first use, so `vdisk --help` and commands that open no
+    # image do not pay for it (command start-up is part of performance).
+    if name in _FROM_BLOCK:
+        from . import block
+
+        value = getattr(block, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'vdisk' has no attribute {name!r}")

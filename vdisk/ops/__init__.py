@@ -4,17 +4,20 @@ Each operation takes opened :class:`vdisk.Image` objects (or paths it creates) a
 returns plain data; rendering and argument parsing belong to :mod:`vdisk.cli`.
 """
 
-from .compare import CompareResult, compare
-from .convert import ConvertStats, convert, copy_content
-from .mapping import chain_info, image_info, map_extents
+import importlib
 
-__all__ = [
-    "CompareResult",
-    "ConvertStats",
-    "chain_info",
-    "compare",
-    "convert",
-    "copy_content",
-    "image_info",
-    "map_extents",
-]
+_WHERE = {
+    "CompareResult": "compare", "compare": "compare",
+    "ConvertStats": "convert", "convert": "convert", "copy_content": "convert",
+    "chain_info": "mapping", "image_info": "mapping", "map_extents": "mapping",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    # each operation's module loads when first used (start-up of the CLI)
+    if name in _WHERE:
+        value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
