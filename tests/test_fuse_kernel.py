@@ -229,10 +229,10 @@ def test_tree_data_and_metadata(tmp_path, served, via, threads):
     s = served(img, via=via, threads=threads)
     mnt = s.mnt
     assert len(s.engine.fds) == threads
-    assert s.engine.minor >= proto.MIN_MINOR
     m = is_mounted(mnt)
     assert m is not None and m[0].startswith("fuse") and m[1] == "vdisk"
     assert os.listdir(mnt) == ["disk", "snapshots"]
+    assert s.engine.minor >= proto.MIN_MINOR  # INIT was answered before the first request
     assert os.listdir(os.path.join(mnt, "snapshots")) == ["s1"]
     st = os.stat(os.path.join(mnt, "disk"))
     assert st.st_size == 8 * MiB and st.st_ino == DISK_INO and oct(st.st_mode)[-3:] == "644"
