@@ -1534,14 +1534,14 @@ class Qcow2Driver(BlockDriver):
         # 4. L1 table and header
         if self._l1_hi > self._l1_lo or self._hdr_dirty:
             lo, hi = self._l1_lo, min(self._l1_hi, len(self.l1))
-            self._l1_lo = self._l1_hi = 0
             if hi > lo:
                 # only the changed entries, in whole 512-byte sectors
                 lo &= ~63
                 hi = min(len(self.l1), (hi + 63) & ~63)
                 self._write_u64_table(self.hdr.l1_table_offset, self.l1, lo, hi)
-                if self._hdr_dirty:
-                    host.flush()
+            self._l1_lo = self._l1_hi = 0  # only once written: a failed write is retried
+            if hi > lo and self._hdr_dirty:
+                host.flush()
             if self._hdr_dirty:
                 self._write_header()
                 self._hdr_dirty = False
@@ -1658,6 +1658,13 @@ class Qcow2Driver(BlockDriver):
         if need * 8 > MAX_L1_BYTES:
             raise UsageError(f"{self.host.name}: qcow2 size {new_size} needs an L1 table beyond {MAX_L1_BYTES} bytes")
         if new_size < old_size:
+            # the new size first, durably: nothing past it is visible from then on, so
+            # a crash in what follows leaves the shrunk image with clusters past its
+            # end still referenced -- never the old size with part of its end dropped
+            self.size = new_size
+            self.hdr = self.hdr.replace(size=new_size)
+            self._hdr_dirty = True
+            self.flush()
             # zero the tail of the new last cluster, so that growing again (here or by
             # another implementation) cannot expose the dropped bytes
             tail = min(old_size, _ceil_div(new_size, cs) * cs)
@@ -1687,6 +1694,8 @@ class Qcow2Driver(BlockDriver):
                             self._release_entry(e, l1i * self.l2_entries + i)
                     self._free_cluster(off // cs)  # written if dirty, then freed at the flush
             self._set_l1_size(need)
+            self.flush()
+            return
         else:
             if need > len(self.l1):
                 self._set_l1_size(need)
