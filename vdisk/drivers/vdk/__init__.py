@@ -33,12 +33,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import zstandard
 
-from .. import budget
-from ..codec import vdk as C
-from ..errors import ChecksumMismatch, CorruptImage, UnsupportedFeature, SnapshotExists, SnapshotNotFound, UsageError, VdiskError
-from ..host import HostStorage
-from . import register
-from .base import BackingRef, BlockDriver, CheckResult, CreateOptions, Extent, Holder, SnapshotInfo, Status
+from ... import budget
+from ...codec import vdk as C
+from ...errors import ChecksumMismatch, CorruptImage, UnsupportedFeature, SnapshotExists, SnapshotNotFound, UsageError, VdiskError
+from ...host import HostStorage
+from .. import register
+from ..base import BackingRef, BlockDriver, CheckResult, CreateOptions, Extent, Holder, SnapshotInfo, Status
 
 MAX_L1_BYTES = 32 << 20  # implementation limit: L1 tables up to 32 MiB (2 Mi entries)
 AUTO_COMMIT_DIRTY_L2 = 1024
