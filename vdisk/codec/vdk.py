@@ -1,10 +1,12 @@
 """Encode and decode the on-disk structures of the vdk format, version 1.
 
 No I/O happens here: bytes in, frozen dataclasses (or plain ints, on the hot path)
-out, and back.  This module is the only code that knows the struct layouts; the
-specification is ``formats/vdk.md`` and ``tests/test_vdk_codec.py`` holds the two
-together.  All integers are little-endian.  All checksums are XXH3-64 (seed 0) of
-the bytes named, stored as a little-endian u64.
+out, and back.  This module is the only code that knows the byte layouts -- the
+header, L1 and L2 tables, refcount tables and blocks, the snapshot table and the
+zstd framing of compressed clusters; the specification is ``formats/vdk.md`` and
+``tests/test_vdk_codec.py`` holds the two together.  All integers are
+little-endian.  All checksums are XXH3-64 (seed 0) of the bytes named, stored as a
+little-endian u64.
 """
 
 from __future__ import annotations
@@ -494,3 +496,46 @@ def decode_l1(buf: bytes, n: int) -> tuple[array.array, array.array]:
 
 encode_refcount_table = encode_l1
 decode_refcount_table = decode_l1
+
+
+def encode_refcount_block(rc: array.array, start: int, count: int) -> bytes:
+    """One refcount block (section 9.1): the ``count`` u32 refcounts ``rc[start:start +
+    count]`` of an ``array('I')``, zeros for the clusters past the end of ``rc``."""
+    part = rc[start:start + count]
+    if len(part) < count:
+        part.extend([0] * (count - len(part)))
+    if sys.byteorder != "little":
+        part.byteswap()
+    return part.tobytes()
+
+
+def decode_refcount_block(buf) -> array.array:
+    """The refcounts of one refcount block, as an ``array('I')`` of ``len(buf) // 4``."""
+    part = array.array("I")
+    part.frombytes(buf)
+    if sys.byteorder != "little":
+        part.byteswap()
+    return part
+
+
+# ----------------------------------------------------------------------------- compressed clusters
+def compress_cluster(data, level: int) -> bytes | None:
+    """The stored bytes of a compressed cluster (section 8): one zstd frame whose header
+    states its content size, or None when that frame would not be shorter than the
+    cluster (``0 < stored_length < cs``; the cluster is then stored as data)."""
+    from .zstd import compress_frame
+
+    comp = compress_frame(data, level)
+    return comp if len(comp) < len(data) else None
+
+
+def decompress_cluster(buf, cluster_size: int) -> bytes:
+    """The ``cluster_size`` bytes of a compressed cluster whose stored bytes are ``buf``:
+    exactly one zstd frame stating a content size of ``cluster_size`` and nothing after
+    it (section 8), decoded by the bounded decoder shared by every format
+    (:func:`vdisk.codec.zstd.decompress_bounded`), which never allocates more than one
+    cluster.  Raises :class:`~vdisk.codec.zstd.CorruptFrame` (a CorruptImage) whose
+    message names no file: the caller prefixes the cluster it decoded."""
+    from .zstd import decompress_bounded
+
+    return decompress_bounded(buf, cluster_size, exact=True)

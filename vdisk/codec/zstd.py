@@ -1,4 +1,5 @@
-"""Bounded zstd decoding of one compressed cluster: bytes -> bytes, no I/O.
+"""Bounded zstd decoding of one compressed cluster: bytes -> bytes, no I/O
+(and :func:`compress_frame`, its encoding counterpart).
 
 A compressed cluster is decoded into a buffer of the size the caller expects
 (one cluster), never more: a hostile frame may claim (or, without a content
@@ -167,3 +168,23 @@ def decompress_bounded(buf, expected: int, *, exact: bool = True) -> bytes:
     else:
         raise CorruptFrame(f"more than {MAX_FRAMES} zstd frames for one cluster")
     raise CorruptFrame(f"decompresses to {have} bytes, not {expected}")
+
+
+def _compressor(level: int):
+    """A compressor per thread (a zstd context is not thread-safe) and level."""
+    import zstandard
+
+    cache = getattr(_local, "cctx", None)
+    if cache is None:
+        cache = _local.cctx = {}
+    c = cache.get(level)
+    if c is None:
+        c = cache[level] = zstandard.ZstdCompressor(level=level, write_content_size=True)
+    return c
+
+
+def compress_frame(data, level: int) -> bytes:
+    """``data`` as one zstd frame at ``level`` whose header states its content size
+    (what both the ``exact`` rules and QEMU's decoder accept).  Safe to call from
+    several threads at once: each thread has its own context."""
+    return _compressor(level).compress(data)

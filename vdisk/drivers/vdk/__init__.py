@@ -25,13 +25,9 @@ from __future__ import annotations
 import array
 import heapq
 import os
-import sys
-import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-
-import zstandard
 
 from ... import budget
 from ...codec import vdk as C
@@ -50,7 +46,6 @@ _ESZ = C.L2_ENTRY_SIZE
 _SHIFT = C.TYPE_SHIFT
 _MASK = C.OFFSET_MASK
 _T_UNALLOC, _T_ZERO, _T_DATA, _T_COMP = C.T_UNALLOCATED, C.T_ZERO, C.T_DATA, C.T_COMPRESSED
-_BIG_ENDIAN = sys.byteorder == "big"
 
 _pool: ThreadPoolExecutor | None = None
 
@@ -60,15 +55,6 @@ def _compress_pool() -> ThreadPoolExecutor:
     if _pool is None:
         _pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="vdk-zstd")
     return _pool
-
-
-def _rc_bytes(rc: array.array, start: int, count: int) -> bytes:
-    part = rc[start:start + count]
-    if len(part) < count:
-        part.extend([0] * (count - len(part)))
-    if _BIG_ENDIAN:
-        part.byteswap()
-    return part.tobytes()
 
 
 def _shown_name(name: str | bytes) -> str:
@@ -241,8 +227,6 @@ class VdkDriver(BlockDriver):
         self.backing_ref = (BackingRef(hdr.backing_name, hdr.backing_format, hdr.backing_snapshot or None)
                             if hdr.backing_name else None)
         self.compression = hdr.compression_type
-        self._tls = threading.local()
-        self._dctx = zstandard.ZstdDecompressor()
         self.host_clusters = hdr.host_clusters
         self.snapshots: list[C.SnapshotRecord] = []
         self.viewing: C.SnapshotRecord | None = None
@@ -381,12 +365,7 @@ class VdkDriver(BlockDriver):
         self.rt_off, self.rt_sum = C.decode_refcount_table(buf, nblocks)
         rc = array.array("I")
         for b, (o, s) in enumerate(zip(self.rt_off, self.rt_sum)):
-            blk = self._read_checked(o, self.cluster_size, s, f"refcount block {b}")
-            part = array.array("I")
-            part.frombytes(blk)
-            if _BIG_ENDIAN:
-                part.byteswap()
-            rc.extend(part)
+            rc.extend(C.decode_refcount_block(self._read_checked(o, self.cluster_size, s, f"refcount block {b}")))
         del rc[self.host_clusters:]
         self.rc = rc
         # Free clusters are found lazily (``_alloc`` scans the refcounts a chunk at a
@@ -647,25 +626,10 @@ class VdkDriver(BlockDriver):
             raise ChecksumMismatch(
                 f"{self.name}: data checksum mismatch in the compressed cluster at guest offset {ci << self.cbits:#x}",
                 ci << self.cbits)
-        where = f"compressed cluster at guest offset {ci << self.cbits:#x}"
         try:
-            # The frame header states its content size; anything but one cluster is refused
-            # before a byte is allocated (a forged header could claim terabytes).
-            claimed = zstandard.frame_content_size(raw)
-        except zstandard.ZstdError as exc:
-            raise self._corrupt(f"{where} is not a zstd frame: {exc}") from None
-        if claimed != self.cluster_size:
-            raise self._corrupt(f"{where} claims a content size of {claimed}, not {self.cluster_size}")
-        dobj = self._dctx.decompressobj()
-        try:
-            data = dobj.decompress(raw)
-        except zstandard.ZstdError as exc:
-            raise self._corrupt(f"{where} does not decompress: {exc}") from None
-        if not dobj.eof or dobj.unused_data:
-            raise self._corrupt(f"{where} is not exactly one zstd frame")
-        if len(data) != self.cluster_size:
-            raise self._corrupt(f"{where} decompresses to {len(data)} bytes, not {self.cluster_size}")
-        return data
+            return C.decompress_cluster(raw, self.cluster_size)
+        except CorruptImage as exc:
+            raise self._corrupt(f"compressed cluster at guest offset {ci << self.cbits:#x}: {exc}") from None
 
     def _read_cluster(self, ci: int) -> bytes:
         start = ci << self.cbits
@@ -752,8 +716,7 @@ class VdkDriver(BlockDriver):
     def _compress(self, content) -> bytes | None:
         if content == self.zero_cluster:
             return None
-        comp = self._compressor().compress(content)
-        return comp if len(comp) < self.cluster_size else None
+        return C.compress_cluster(content, self.header.compression_level)
 
     def _rewrite_part(self, ci: int, merged: bytearray, in_off: int, n: int) -> bool:
         """The fast path of a partial write: a data cluster this transaction allocated
@@ -776,15 +739,6 @@ class VdkDriver(BlockDriver):
         self._wq.append((host + in_off, bytes(merged[in_off:in_off + n])))
         _pack_l2(tbl, pos, desc, self.cluster_size, 0, C.checksum(merged), self.header.generation + 1)
         return True
-
-    def _compressor(self) -> zstandard.ZstdCompressor:
-        """A compressor for the calling thread (they are not thread-safe; _compress
-        runs in a pool)."""
-        local = self._tls
-        c = getattr(local, "cctx", None)
-        if c is None:
-            c = local.cctx = zstandard.ZstdCompressor(level=self.header.compression_level, write_content_size=True)
-        return c
 
     def _store(self, ci: int, content, comp: bytes | None = None) -> None:
         """Make guest cluster ``ci`` hold ``content`` (exactly one cluster of bytes)."""
@@ -1170,7 +1124,7 @@ class VdkDriver(BlockDriver):
         self.rt_off.extend([0] * (nblocks - len(self.rt_off)))
         self.rt_sum.extend([0] * (nblocks - len(self.rt_sum)))
         for b, c in self.rc_placed.items():
-            data = _rc_bytes(self.rc, b * per, per)
+            data = C.encode_refcount_block(self.rc, b * per, per)
             writes.append((c << cbits, data))
             self.rt_off[b] = c << cbits
             self.rt_sum[b] = C.checksum(data)
