@@ -3,8 +3,7 @@ threads) against the real kernel.
 
 * every test of tests/test_fuse.py runs here again with ``VDISK_FUSE_ENGINE=kernel``
   (imported, not copied; a check after each one fails it if any mount it made used
-  another engine), except the kill -9 one, which runs with a wait that suits a
-  multi-threaded daemon (see test_kill9_keeps_fsynced_writes);
+  another engine);
 * what only this engine does: fallocate punch-hole / zero-range on MOUNTPOINT/disk,
   discard from a loop device (blkdiscard, fstrim of an ext4 on it), the second
   signal of a busy mount, mounting through fusermount3, several reader threads;
@@ -64,45 +63,10 @@ def kernel_engine(monkeypatch, tmp_path):
 
 
 # ---------------------------------------------------------------- tests/test_fuse.py, with the kernel engine
-_OWN = {"test_kill9_keeps_fsynced_writes"}
 for _name in dir(_tf):
-    if _name.startswith("test_") and _name not in _OWN and callable(getattr(_tf, _name)):
+    if _name.startswith("test_") and callable(getattr(_tf, _name)):
         # (their marks are test_fuse's module marks: add ours, the same ones)
         globals()[_name] = _fuse(getattr(_tf, _name))
-
-
-def _threads_gone(pid: int) -> bool:
-    """Every thread of ``pid`` has exited (only the zombie leader may be left).  The
-    leader of a multi-threaded process is a zombie as soon as it exits, while its other
-    threads may still be exiting and holding the process's descriptors (the /dev/fuse
-    ones, the image's lock): waiting for the leader's 'Z' alone is not enough."""
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except FileNotFoundError:
-        return True
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                if f.read().rsplit(") ", 1)[1][:1] not in ("Z", "X"):
-                    return False
-        except (FileNotFoundError, ProcessLookupError):
-            pass
-    return True
-
-
-@_fuse
-def test_kill9_keeps_fsynced_writes(rig, tmp_path, monkeypatch):  # noqa: F811
-    """tests/test_fuse.py's kill -9 test, waiting for all the daemon's threads to exit
-    (_threads_gone) where it waits for the leader's zombie state."""
-
-    def wait_dead(pred, timeout=20.0, what="condition"):
-        wait_until(pred, timeout, what)
-        if what == "the daemon to die":
-            for pid in rig.pids:
-                wait_until(lambda pid=pid: _threads_gone(pid), timeout, "every thread of the daemon to exit")
-
-    monkeypatch.setattr(_tf, "wait_until", wait_dead)
-    _tf.test_kill9_keeps_fsynced_writes(rig, tmp_path)
 
 
 # ---------------------------------------------------------------- the protocol's layouts (no I/O)
@@ -550,7 +514,7 @@ def test_second_signal_detaches_a_busy_mount(rig, tmp_path):  # noqa: F811
         f.seek(0)
         assert f.read(5) == b"flush"  # busy: still served
         os.kill(pid, signal.SIGTERM)
-        wait_until(lambda: _threads_gone(pid), 30, "the daemon to exit")
+        wait_until(lambda: _tf._dead(pid), 30, "the daemon to exit")
         assert not is_mounted(mnt)  # detached lazily
         with pytest.raises(OSError) as ei:
             f.read(5)

@@ -363,3 +363,27 @@ def test_vdk_l1_tables_are_compact(image_dir):
     vdisk.create(p, n * (128 << 20))
     with vdisk.open(p, read_only=True) as img:
         assert img.driver.l1_off.itemsize == 8 and len(img.driver.l1_off) == n
+
+
+def test_rebase_of_a_standalone_image_keeps_its_content_and_snapshots(image_dir, run_vdisk):
+    """A safe rebase of a vdk image without a backing file onto another image: the
+    zeros it copies in must stay explicit (a driver may store zeros as holes when
+    there is no backing image), and an image with snapshots is refused, since its
+    snapshots would start reading the new backing image."""
+    d = str(image_dir)
+    other = os.path.join(d, "other.raw")
+    open(other, "wb").write(b"\xee" * MiB)
+    img = os.path.join(d, "img.vdk")
+    vdisk.create(img, MiB)
+    with vdisk.open(img) as i:
+        i.write(4096, b"own" * 100)
+    before = _read(img, MiB)
+    run_vdisk("rebase", "-b", "other.raw", "-F", "raw", img)
+    assert _read(img, MiB) == before
+    snap = os.path.join(d, "snap.vdk")
+    vdisk.create(snap, MiB)
+    with vdisk.open(snap) as i:
+        i.snapshot_create("s")
+    r = run_vdisk("rebase", "-b", "other.raw", "-F", "raw", snap, expect=1)
+    assert "snapshots" in r.stderr
+    assert _read(snap, MiB, snapshot="s") == bytes(MiB)

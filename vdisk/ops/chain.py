@@ -447,9 +447,13 @@ def rebase(path: str, new_backing: str | None, new_format: str | None = None, *,
             _check_no_loop(path, nb)
     with block.open(path, read_only=True, backing=False) as cur:
         image_id = cur.driver.image_id
+        cur_format = cur.format
         old_plan = hold_plan(path, cur.driver.backing_ref, image_id)
     held: Holder | None = None
     if new_path is not None and new_snap and new_format == "vdk":
+        if cur_format != "vdk":
+            raise UsageError(f"{path}: only a vdk image can read from a snapshot of a vdk image (the source "
+                             f"records its holders by image identity, which {cur_format} images lack)")
         if image_id is None:
             raise UsageError(f"{path}: has no identity (made by vdisk 0.1) to hold a snapshot with; "
                              "make a new clone instead (vdisk clone)")
@@ -471,10 +475,11 @@ def rebase(path: str, new_backing: str | None, new_format: str | None = None, *,
 def _rebase(path, new_path, new_format, new_snap, unsafe, progress, unsafe_backing) -> BackingRef | None:
     with block.open(path, unsafe_backing=unsafe_backing, backing=not unsafe) as top:
         old_ref = top.driver.backing_ref
-        if not unsafe and old_ref is not None and top.driver.has_snapshots():
-            # Internal snapshots read through the same backing reference; changing it
-            # would change what they hold, and snapshots do not change.
-            raise UsageError(f"{path}: has snapshots that read through its backing image; "
+        if not unsafe and top.driver.has_snapshots() and (old_ref is not None or new_path is not None):
+            # Internal snapshots read through the same backing reference (what they do
+            # not hold reads from it, or as zeros without one); changing it would
+            # change what they hold, and snapshots do not change.
+            raise UsageError(f"{path}: has snapshots, which read through its backing reference; "
                              "delete them first (or rebase -u if the new backing holds the same data)")
         new_ref = None
         if new_path is not None:
@@ -484,6 +489,10 @@ def _rebase(path, new_path, new_format, new_snap, unsafe, progress, unsafe_backi
                 with block.open(new_path, read_only=True, format=new_format, snapshot=new_snap,
                                 unsafe_backing=unsafe_backing,
                                 allow_backing_dirs=[os.path.dirname(os.path.abspath(path))]) as nb:
+                    if top.backing is None:
+                        # zeros copied in must stay explicit, hiding the new backing's
+                        # data (without a backing image a driver may store them as holes)
+                        top.attach_backing_image(nb)
                     _copy_differences(top, nb, progress)
         elif not unsafe:
             _copy_differences(top, None, progress)
