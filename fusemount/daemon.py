@@ -159,9 +159,10 @@ def is_mounted(mountpoint: str) -> tuple[str, str] | None:
 
 # ---------------------------------------------------------------- engines
 ENGINES = ("pyfuse3", "kernel")
-#: the engine when none is named: VDISK_FUSE_ENGINE, else pyfuse3 (the kernel engine
-#: becomes the default once it passes the whole FUSE test suite; fusemount/PERFORMANCE.md)
-DEFAULT_ENGINE = "pyfuse3"
+#: the engine when none is named: VDISK_FUSE_ENGINE, else the kernel engine (it passes
+#: the whole FUSE test suite, tests/test_fuse.py, and is faster: fusemount/PERFORMANCE.md;
+#: tests/test_fuse_pyfuse3.py runs that suite on pyfuse3 too)
+DEFAULT_ENGINE = "kernel"
 
 
 def engine_name(engine: str | None = None) -> str:

@@ -1,9 +1,8 @@
 """The kernel FUSE engine (fusemount.kernel: the protocol spoken on /dev/fuse by reader
 threads) against the real kernel.
 
-* every test of tests/test_fuse.py runs here again with ``VDISK_FUSE_ENGINE=kernel``
-  (imported, not copied; a check after each one fails it if any mount it made used
-  another engine);
+* tests/test_fuse.py runs on this engine (the default); tests/test_fuse_pyfuse3.py
+  runs it again on pyfuse3;
 * what only this engine does: fallocate punch-hole / zero-range on MOUNTPOINT/disk,
   discard from a loop device (blkdiscard, fstrim of an ext4 on it), the second
   signal of a busy mount, mounting through fusermount3, several reader threads;
@@ -60,13 +59,6 @@ def kernel_engine(monkeypatch, tmp_path):
     for log in tmp_path.rglob("*.log"):
         text = log.read_text(errors="replace")
         assert "engine pyfuse3" not in text, f"{log} shows a pyfuse3 mount"
-
-
-# ---------------------------------------------------------------- tests/test_fuse.py, with the kernel engine
-for _name in dir(_tf):
-    if _name.startswith("test_") and callable(getattr(_tf, _name)):
-        # (their marks are test_fuse's module marks: add ours, the same ones)
-        globals()[_name] = _fuse(getattr(_tf, _name))
 
 
 # ---------------------------------------------------------------- the protocol's layouts (no I/O)

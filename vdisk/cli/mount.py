@@ -35,7 +35,7 @@ def _errors_to_exit(fn):
               help="Log of the mount daemon (default: in /run/vdisk, printed on start).")
 @click.option("--engine", type=click.Choice(["pyfuse3", "kernel"]), default=None,
               help="FUSE engine: pyfuse3 (libfuse + pyfuse3 + trio) or kernel (the FUSE protocol on "
-                   "/dev/fuse in Python, faster). Default: $VDISK_FUSE_ENGINE, else pyfuse3.")
+                   "/dev/fuse in Python, faster). Default: $VDISK_FUSE_ENGINE, else kernel.")
 @click.option("--no-direct-io", is_flag=True, hidden=True,
               help="Let the kernel page-cache the disk file (direct_io is on by default).")
 @click.argument("image", type=click.Path(dir_okay=False))
