@@ -43,6 +43,7 @@ import pyfuse3
 import trio
 
 import vdisk
+import vdisk.block
 from vdisk.drivers.base import Holder
 from vdisk.errors import VdiskError
 
@@ -402,11 +403,13 @@ def serve(
     """Mount and serve until unmounted.  Raises VdiskError if the mount cannot be set
     up; ``ready()`` is called once the mount is live.  ``engine``: "pyfuse3" or
     "kernel" (default: $VDISK_FUSE_ENGINE, else DEFAULT_ENGINE)."""
+    image_path, snapshot = vdisk.block.split_image_spec(image_path)
     image_path = os.path.abspath(image_path)
     mountpoint = os.path.abspath(mountpoint)
     ename = engine_name(engine)
     check_mountpoint(mountpoint)
-    image = vdisk.open(image_path, read_only=read_only, format=fmt)
+    # IMAGE@SNAP serves that snapshot, read-only
+    image = vdisk.open(image_path, read_only=read_only or snapshot is not None, format=fmt, snapshot=snapshot)
     listen_sock = None
     fs = None
     try:
@@ -417,7 +420,7 @@ def serve(
             secure_run_dir()
             listen_sock = control.bind_socket(image_path)
             xattrs["socket"] = control.socket_path(image_path)
-        fs = VdiskFS(image, read_only=read_only, direct_io=direct_io, xattrs=xattrs)
+        fs = VdiskFS(image, read_only=read_only or image.read_only, direct_io=direct_io, xattrs=xattrs)
         eng = make_engine(ename, fs)
         eng.mount(mountpoint, read_only=image.read_only, options=options)
         log.info("mounted %s (%s, %s) on %s, pid %d, engine %s", image_path, image.format,
@@ -466,14 +469,16 @@ def spawn(
     ``engine`` reaches the daemon as $VDISK_FUSE_ENGINE (default: ours, inherited)."""
     if engine is not None:
         engine_name(engine)  # refuse an unknown one here, in the caller
-    image_path = os.path.abspath(image_path)
+    file_path, snapshot = vdisk.block.split_image_spec(image_path)
+    file_path = os.path.abspath(file_path)
+    image_path = file_path + (f"@{snapshot}" if snapshot is not None else "")
     mountpoint = os.path.abspath(mountpoint)
-    if not os.path.exists(image_path):
-        raise vdisk.errors.ImageNotFound(f"{image_path}: no such file")
+    if not os.path.exists(file_path):
+        raise vdisk.errors.ImageNotFound(f"{file_path}: no such file")
     check_mountpoint(mountpoint)
     if log_file is None:
         secure_run_dir()
-        log_file = control.default_log_path(image_path)
+        log_file = control.default_log_path(file_path)
     log_file = os.path.abspath(log_file)
     logfd = open_log(log_file)
     try:

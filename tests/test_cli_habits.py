@@ -325,3 +325,32 @@ def test_hints_never_name_an_option_the_command_lacks(tmp_path, run_vdisk):
         r = run_vdisk("clone", "--full", p, str(tmp_path / "c.vdk"), expect=1)
         assert "in use" in r.stderr and "-U" not in r.stderr
         r = run_vdisk("snapshot", "-l", "-U", p)  # qemu-img's spelling, with -U
+
+
+# ------------------------------------------------------------------ clone -f/-O, rebase -u onto a file to come
+def test_clone_takes_the_format_of_the_clone(image_dir, run_vdisk):
+    base = str(image_dir / "base.qcow2")
+    _qemu("create", "-q", "-f", "qcow2", base, "1M")
+    c = str(image_dir / "c.qcow2")
+    run_vdisk("clone", "-f", "qcow2", base, c)  # a qcow2 overlay, as qemu-img create -b would make
+    info = json.loads(_qemu("info", "--output", "json", c).stdout)
+    assert info["format"] == "qcow2" and info["backing-filename"] == "base.qcow2"
+    full = str(image_dir / "full.qcow2")
+    run_vdisk("clone", "--full", "-O", "qcow2", base, full)
+    assert json.loads(_qemu("info", "--output", "json", full).stdout).get("backing-filename") is None
+    gold = str(image_dir / "g.vdk")
+    vdisk.create(gold, MiB)
+    r = run_vdisk("clone", "-f", "qcow2", gold, str(image_dir / "x.qcow2"), expect=1)
+    assert "snapshot" in r.stderr and "--full" in r.stderr
+
+
+def test_rebase_u_onto_a_backing_file_that_does_not_exist_yet(image_dir, run_vdisk):
+    top = str(image_dir / "t.qcow2")
+    _qemu("create", "-q", "-f", "qcow2", top, "1M")
+    run_vdisk("rebase", "-u", "-b", "later.qcow2", "-F", "qcow2", top)
+    info = json.loads(_qemu("info", "-U", "--output", "json", top).stdout)
+    assert info["backing-filename"] == "later.qcow2"
+    r = run_vdisk("rebase", "-u", "-b", "later2.qcow2", top, expect=1)  # no -F: cannot know its format
+    assert "-F" in r.stderr
+    _qemu("create", "-q", "-f", "qcow2", str(image_dir / "later.qcow2"), "1M")
+    run_vdisk("info", top)  # now it opens, with its chain

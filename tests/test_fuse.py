@@ -613,3 +613,27 @@ def test_linked_clone_of_a_mounted_image(rig, tmp_path, run_vdisk):
     assert [(r["name"], r["vdisk-holds"]) for r in rows] == [("clone-clone.vdk", 0)]
     run_vdisk("umount", mnt)
     rig.fuse_mounts.remove(mnt)
+
+
+def test_mount_image_at_snapshot_serves_the_snapshot_read_only(rig, tmp_path, run_vdisk):
+    img = str(tmp_path / "disk.vdk")
+    vdisk.create(img, 4 * MiB)
+    with vdisk.open(img) as i:
+        i.write(0, b"old" * 1000)
+        i.snapshot_create("s1")
+        i.write(0, b"new" * 1000)
+    mnt = str(tmp_path / "mnt")
+    os.mkdir(mnt)
+    r = run_vdisk("mount", f"{img}@s1", mnt)
+    rig.fuse_mounts.append(mnt)
+    assert "read-only" in r.stdout
+    disk = os.path.join(mnt, "disk")
+    with open(disk, "rb") as f:
+        assert f.read(3000) == b"old" * 1000
+    with pytest.raises(OSError) as ei:
+        open(disk, "r+b")
+    assert ei.value.errno in (errno.EROFS, errno.EACCES)
+    with vdisk.open(img) as i:  # the snapshot mount does not hold the image's write lock
+        assert i.read(0, 3) == b"new"
+    run_vdisk("umount", mnt)
+    rig.fuse_mounts.remove(mnt)

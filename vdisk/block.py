@@ -381,6 +381,18 @@ def _is_under(path: str, dirs: list[str]) -> bool:
     return any(path == d or path.startswith(d.rstrip("/") + "/") for d in dirs)
 
 
+def split_image_spec(spec: str) -> tuple[str, str | None]:
+    """``IMAGE@SNAP`` -> (IMAGE, SNAP); a path that exists as given names no snapshot.
+    A snapshot is named by its name or as ``#ID``."""
+    spec = os.fspath(spec)
+    if "@" not in spec or os.path.lexists(spec):
+        return spec, None
+    path, _, snap = spec.rpartition("@")
+    if not path or not snap:
+        raise UsageError(f"{spec}: expected IMAGE@SNAPSHOT")
+    return path, snap
+
+
 def check_backing_allowed(overlay_path: str, backing_path: str, *, unsafe_backing: bool = False,
                           allow_backing_dirs: list[str] | None = None) -> None:
     """Refuse to make ``overlay_path`` name ``backing_path`` when :func:`open` would

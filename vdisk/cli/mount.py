@@ -42,7 +42,7 @@ def _errors_to_exit(fn):
 @click.argument("mountpoint", type=click.Path(file_okay=False))
 @_errors_to_exit
 def mount_command(read_only, foreground, fmt, log_file, engine, no_direct_io, image, mountpoint):
-    """Serve IMAGE through FUSE at MOUNTPOINT.
+    """Serve IMAGE (or its snapshot, IMAGE@SNAP, read-only) through FUSE at MOUNTPOINT.
 
     MOUNTPOINT/disk is the image's current state (read-write unless --read-only),
     MOUNTPOINT/snapshots/NAME each internal snapshot, read-only.  Attach the disk to a
@@ -72,7 +72,10 @@ def mount_command(read_only, foreground, fmt, log_file, engine, no_direct_io, im
 
     pid, log = spawn(image, mountpoint, read_only=read_only, fmt=fmt, log_file=log_file,
                      direct_io=not no_direct_io, engine=engine)
-    click.echo(f"mounted {image} on {mountpoint} ({'read-only' if read_only else 'read-write'}); "
+    from vdisk.block import split_image_spec
+
+    ro = read_only or split_image_spec(image)[1] is not None
+    click.echo(f"mounted {image} on {mountpoint} ({'read-only' if ro else 'read-write'}); "
                f"daemon pid {pid}, log {log}")
 
 

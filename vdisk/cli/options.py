@@ -74,17 +74,6 @@ def progress_option() -> Callable:
     )
 
 
-def split_image_spec(spec: str) -> tuple[str, str | None]:
-    """``IMAGE@SNAP`` -> (IMAGE, SNAP); a path that exists as given names no snapshot.
-    A snapshot is named by name or as ``#ID``."""
-    if "@" not in spec or os.path.lexists(spec):
-        return spec, None
-    path, _, snap = spec.rpartition("@")
-    if not path or not snap:
-        raise UsageError(f"{spec}: expected IMAGE@SNAPSHOT")
-    return path, snap
-
-
 def open_image(
     filename: str,
     *,
@@ -97,7 +86,7 @@ def open_image(
 ) -> _block.Image:
     """Open an image (and its chain) the way every command does; errors are VdiskErrors
     that name the file.  ``FILENAME@SNAP`` opens that snapshot (read-only)."""
-    path, snap = split_image_spec(filename)
+    path, snap = _block.split_image_spec(filename)
     if snap is not None:
         if snapshot is not None and snapshot != snap:
             raise UsageError(f"{filename}: two snapshots named ({snap!r} and {snapshot!r})")

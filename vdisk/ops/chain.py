@@ -32,14 +32,7 @@ CHUNK = 4 << 20
 
 def split_snapshot_spec(spec: str) -> tuple[str, str | None]:
     """``disk.vdk@snap`` -> (``disk.vdk``, ``snap``); a path that exists as given has no snapshot."""
-    if os.path.exists(spec) or "@" not in spec:
-        return spec, None
-    path, _, snap = spec.rpartition("@")
-    if not snap:
-        raise UsageError(f"{spec}: empty snapshot name after '@'")
-    if not path:
-        raise UsageError(f"{spec}: no image before '@'")
-    return path, snap
+    return block.split_image_spec(spec)
 
 
 def backing_spec(image: str, spec: str) -> tuple[str, str | None]:
