@@ -3,9 +3,6 @@ for a person."""
 
 from __future__ import annotations
 
-import dataclasses
-import enum
-import json
 from typing import Any, Callable
 
 import click
@@ -17,6 +14,9 @@ def one_line(text: str) -> str:
 
 
 def _json_default(obj: Any) -> Any:
+    import dataclasses
+    import enum
+
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return dataclasses.asdict(obj)
     if isinstance(obj, enum.Enum):
@@ -29,6 +29,8 @@ def _json_default(obj: Any) -> Any:
 
 
 def emit_json(obj: Any) -> None:
+    import json  # only commands that print JSON pay for it
+
     click.echo(json.dumps(obj, indent=2, default=_json_default))
 
 
