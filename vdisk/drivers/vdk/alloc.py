@@ -1,0 +1,177 @@
+"""Refcounts and allocation: who may use which host cluster (sections 9 and 13.1).
+
+State owned: the refcount array ``rc`` (one u32 per host cluster, loaded on a
+writable open), ``host_clusters`` (the end of the host area), the free-cluster
+heap (``free_heap`` with ``_scan_pos``), and the transaction's allocation sets:
+``new_clusters`` (allocated in this transaction), ``pending_free`` (dropped here
+but referenced by the durable header), ``dropped_new`` (allocated and dropped
+again) and the packing cluster of compressed frames (``pack_cluster``,
+``pack_used``).  Every refcount change goes through ``_set_rc``, which marks the
+refcount block dirty and, while a commit attempt is open, logs the old value for
+its rollback (:mod:`.txn`).
+
+Guarantees.  ``_alloc`` never returns a cluster the durable header references:
+only refcount-0 clusters that are not pending free, else the next one past the
+end.  A cluster whose refcount drops to 0 becomes reusable at once only if this
+transaction allocated it; otherwise it stays pending until the next header is
+durable (``_release_pending``).  Releasing a table instance recurses into what it
+names only when its own count reaches zero, so deleting a snapshot costs what it
+frees (Rodeh; DESIGN.md property 2).  A refcount that would go below zero or
+overflow marks the image broken (no more writes) and raises ``CorruptImage``.
+"""
+
+from __future__ import annotations
+
+import heapq
+
+from ...codec import vdk as C
+
+_SHIFT, _MASK = C.TYPE_SHIFT, C.OFFSET_MASK
+_T_DATA, _T_COMP = C.T_DATA, C.T_COMPRESSED
+
+
+class AllocMixin:
+    """Refcounts, the free-cluster heap, allocation and the release of table trees."""
+
+    def _set_rc(self, c: int, v: int) -> None:
+        if self._undo is not None:
+            self._undo.append((c, self.rc[c]))
+        self.rc[c] = v
+        self.rc_dirty.add(c // self.rc_per_block)
+
+    def _alloc(self) -> int:
+        """One free cluster, the lowest known free one first, else appended at the end.
+        The heap holds candidates (freed clusters, and those a scan found); an entry is
+        checked when it is popped, so stale or duplicate ones are harmless."""
+        rc = self.rc
+        heap = self.free_heap
+        while True:
+            if heap:
+                c = heapq.heappop(heap)
+                if c < self.host_clusters and rc[c] == 0 and c not in self.pending_free:
+                    break
+                continue
+            if self._scan_pos < self.host_clusters:
+                start = self._scan_pos
+                chunk = rc[start:start + 65536]
+                self._scan_pos = start + len(chunk)
+                for i, v in enumerate(chunk):
+                    if not v:
+                        heap.append(start + i)  # ascending: still a heap
+                continue
+            c = self.host_clusters
+            self.host_clusters += 1
+            rc.append(0)
+            break
+        self._set_rc(c, 1)
+        self.new_clusters.add(c)
+        self._dirty = True
+        return c
+
+    def _alloc_run(self, n: int) -> int:
+        """``n`` contiguous clusters: one comes from the free list, more are appended."""
+        if n == 1:
+            return self._alloc()
+        return self._append(n)
+
+    def _append(self, n: int) -> int:
+        first = self.host_clusters
+        self.host_clusters += n
+        self.rc.extend([0] * n)
+        for c in range(first, first + n):
+            self._set_rc(c, 1)
+            self.new_clusters.add(c)
+        self._dirty = True
+        return first
+
+    def _alloc_piece(self, n: int) -> int:
+        """Room for ``n`` (< cluster size) compressed bytes, packed after the previous
+        piece; a piece may run on into the next cluster when that one is the next
+        to be appended to the file, as it is while a fresh image fills up."""
+        cs = self.cluster_size
+        c = self.pack_cluster
+        if c >= 0 and self.pack_used + n <= cs:
+            self._incref(c)
+            off = (c << self.cbits) + self.pack_used
+            self.pack_used += n
+        elif c >= 0 and self.pack_used < cs and c + 1 == self.host_clusters:
+            off = (c << self.cbits) + self.pack_used
+            self._incref(c)
+            self.pack_cluster = self._append(1)  # c + 1
+            self.pack_used = self.pack_used + n - cs
+        else:
+            self.pack_cluster = self._alloc()
+            off = self.pack_cluster << self.cbits
+            self.pack_used = n
+        return off
+
+    def _incref(self, c: int) -> None:
+        v = self.rc[c]
+        if v >= 0xFFFFFFFF:
+            raise self._corrupt(f"refcount of cluster {c} would overflow")
+        self._set_rc(c, v + 1)
+
+    def _decref(self, c: int) -> None:
+        v = self.rc[c]
+        if v == 0:
+            self._mark_broken(f"refcount of cluster {c} would drop below zero")
+        self._set_rc(c, v - 1)
+        self._dirty = True
+        if v == 1:
+            if c == self.pack_cluster:
+                self.pack_cluster = -1
+            if self._unwritten:
+                lo, hi = c << self.cbits, (c + 1) << self.cbits
+                for off in [o for o in self._unwritten if lo <= o < hi]:
+                    del self._unwritten[off]
+            if c in self.new_clusters:
+                self.new_clusters.discard(c)
+                heapq.heappush(self.free_heap, c)
+                self.dropped_new.add(c)
+            else:
+                self.pending_free.add(c)
+
+    def _mark_broken(self, why: str):
+        self.broken = why
+        raise self._corrupt(why)
+
+    def _entry_clusters(self, desc: int, slen: int) -> tuple[int, ...]:
+        """Host clusters an L2 entry references: one for data, one or two (a compressed
+        cluster may cross one cluster boundary) for compressed, none otherwise."""
+        kind = desc >> _SHIFT
+        if kind == _T_DATA:
+            return ((desc & _MASK) >> self.cbits,)
+        if kind == _T_COMP:
+            off = desc & _MASK
+            first, last = off >> self.cbits, (off + slen - 1) >> self.cbits
+            return (first,) if first == last else (first, last)
+        return ()
+
+    def _release_entry(self, desc: int, slen: int) -> None:
+        kind = desc >> _SHIFT
+        if kind == _T_DATA:
+            self._decref((desc & _MASK) >> self.cbits)
+        elif kind == _T_COMP:
+            for c in self._entry_clusters(desc, slen):
+                self._decref(c)
+
+    def _release_l2(self, off: int, csum: int) -> None:
+        c = off >> self.cbits
+        if self.rc[c] == 1:
+            tbl = self._read_checked(off, self.cluster_size, csum, "L2 table")
+            for (desc, slen, *_rest) in C.L2_ENTRY.iter_unpack(tbl):
+                self._release_entry(desc, slen)
+        self._decref(c)
+
+    def _release_l1(self, off: int, n: int, csum: int) -> None:
+        if not off:
+            return
+        first = off >> self.cbits
+        ncl = (n * C.L1_ENTRY_SIZE + self.cluster_size - 1) >> self.cbits
+        if self.rc[first] == 1:
+            offs, sums = C.decode_l1(self._read_checked(off, n * C.L1_ENTRY_SIZE, csum, "L1 table"), n)
+            for o, s in zip(offs, sums):
+                if o:
+                    self._release_l2(o, s)
+        for c in range(first, first + ncl):
+            self._decref(c)
