@@ -73,9 +73,46 @@ settings.load_profile(_hypothesis_profile())
 VDISK_TIMEOUT = 120.0  # seconds, default for one ``vdisk`` command
 
 
+#: test tiers, run in order by a developer (`bash scripts/test -m tier1`, ...; README):
+#: 1 codec and spec, no I/O beyond small files; 2 drivers, operations and the CLI on
+#: files; 3 the kernel: FUSE mounts, loop devices, QEMU's tools and daemons; 4 long
+#: runs: crash states, fault injection, hostile images, fuzzing.  Every test module
+#: is in exactly one tier (a new module must be added here, or collection fails).
+TIERS = {
+    "tier1": ["test_vdk_codec", "test_spec", "test_drivers", "test_fuse_ops"],
+    "tier2": ["test_chain", "test_chain_model", "test_cli", "test_cli_habits", "test_cli_json", "test_matrix",
+              "test_model", "test_ops", "test_qcow2", "test_qcow2_safety", "test_safety", "test_vdk_safety",
+              "test_rundir", "test_found_bugs"],
+    "tier3": ["test_fuse", "test_fuse_kernel", "test_fuse_pyfuse3", "test_locks_qemu", "test_qcow2_qemu",
+              "test_mount_powercut", "test_locking"],
+    "tier4": ["test_crash", "test_faults", "test_flush_failure", "test_hostile", "test_fuzz"],
+}
+_TIER_OF = {mod: tier for tier, mods in TIERS.items() for mod in mods}
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "root: needs root; fails (never skips) without it")
     config.addinivalue_line("markers", "fuse: mounts a FUSE file system; needs root, /dev/fuse and fusermount3")
+    for tier in TIERS:
+        config.addinivalue_line("markers", f"{tier}: test tier {tier[-1]} (tests/conftest.py TIERS)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    missing = set()
+    for item in items:
+        mod = item.module.__name__.rpartition(".")[2] if item.module is not None else ""
+        tier = _TIER_OF.get(mod)
+        if tier is None:
+            missing.add(mod)
+            continue
+        item.add_marker(getattr(pytest.mark, tier))
+    if missing:
+        raise pytest.UsageError(f"test modules in no tier (add them to TIERS in tests/conftest.py): "
+                                f"{', '.join(sorted(missing))}")
+    # the whole suite runs tier by tier, fastest first (a stable sort keeps each
+    # module's own order)
+    order = {tier: i for i, tier in enumerate(TIERS)}
+    items.sort(key=lambda it: order.get(_TIER_OF.get(it.module.__name__.rpartition(".")[2], ""), len(order)))
 
 
 def _fuse_problem(need_fuse: bool) -> str | None:
