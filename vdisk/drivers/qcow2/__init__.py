@@ -83,9 +83,9 @@ import time
 from bisect import bisect_left, bisect_right
 from collections import OrderedDict
 
-from .. import budget
-from ..codec import qcow2 as C
-from ..errors import (
+from ... import budget
+from ...codec import qcow2 as C
+from ...errors import (
     BackingError,
     CorruptImage,
     NotSupported,
@@ -95,9 +95,9 @@ from ..errors import (
     UsageError,
     VdiskError,
 )
-from ..host import HostStorage
-from . import register
-from .base import BackingRef, BlockDriver, CheckResult, CreateOptions, Extent, SnapshotInfo, Status
+from ...host import HostStorage
+from .. import register
+from ..base import BackingRef, BlockDriver, CheckResult, CreateOptions, Extent, SnapshotInfo, Status
 
 # Implementation limits (bounded allocation: sizes read from a file are checked
 # against these before anything is allocated).
@@ -662,7 +662,7 @@ class Qcow2Driver(BlockDriver):
         return ", ".join(names)
 
     def _probe_backing_format(self, bname: str) -> str:
-        from . import probe
+        from .. import probe
 
         base = os.path.dirname(os.path.abspath(self.host.name))
         path = bname if os.path.isabs(bname) else os.path.join(base, bname)
