@@ -19,7 +19,7 @@ only into tables whose count reaches zero: it costs what it frees.
 The driver is one class, :class:`VdkDriver`, assembled from one mixin per concern
 (as QEMU splits ``block/qcow2*.c``); each module's docstring states its contract
 and the state it owns, and ``VdkDriver.__init__`` creates every attribute, in one
-place:
+place (the transaction-scoped ones are the fields of :class:`txn.TxnState`):
 
 ==============  =============================================================
 ``load``        open and create; the header choice; loading and validating tables
@@ -57,7 +57,7 @@ from .resize import ResizeMixin
 from .snapshots import SnapshotMixin, validate_snapshot_name
 from .space import SpaceMixin
 from .tables import TablesMixin
-from .txn import AUTO_COMMIT_DIRTY_L2, AUTO_COMMIT_PENDING_FREE, TxnMixin
+from .txn import AUTO_COMMIT_DIRTY_L2, AUTO_COMMIT_PENDING_FREE, TxnMixin, TxnState
 
 __all__ = ["VdkDriver", "validate_snapshot_name", "MAX_L1_BYTES", "AUTO_COMMIT_DIRTY_L2", "AUTO_COMMIT_PENDING_FREE"]
 
@@ -108,38 +108,33 @@ class VdkDriver(LoadMixin, AllocMixin, TablesMixin, IoMixin, TxnMixin, SnapshotM
         self.size = hdr.virtual_size
         self.snapshots: list[C.SnapshotRecord] = []
         self.viewing: C.SnapshotRecord | None = None  # the snapshot a snapshot-opened image shows
-        # -- mapping (tables)
-        self.l1_off = array.array("Q")  # compact: 8 bytes an entry (budget.charge counts them)
-        self.l1_sum = array.array("Q")
+        # -- the transaction-scoped state: allocation, refcounts, the L1 arrays, what the
+        #    open transaction changed (one object, rolled back as a unit: txn.TxnState)
+        self.txn = TxnState(host_clusters=hdr.host_clusters)
+        # -- the L2 cache (tables): L2 index -> table; dirty ones are txn.l2dirty
         self.l2cache: dict[int, bytearray] = {}
-        self.l2dirty: set[int] = set()
-        self.l1_dirty = False
-        self.snap_dirty = False  # (snapshots)
-        # -- refcounts and allocation (alloc)
-        self.host_clusters = hdr.host_clusters
-        self.rc: array.array | None = None  # loaded on a writable open, or on demand
-        self.rt_off = array.array("Q")
-        self.rt_sum = array.array("Q")
-        self.rc_dirty: set[int] = set()
-        self.rc_placed: dict[int, int] = {}
-        self.pending_free: set[int] = set()
-        self.dropped_new: set[int] = set()  # allocated and freed again in a transaction: punched at commit
-        self.new_clusters: set[int] = set()
-        self.free_heap: list[int] = []
-        self._scan_pos = 0  # refcounts below this index have been scanned into free_heap
-        self.pack_cluster = -1
-        self.pack_used = 0
         # -- the request path (io)
         self._wq: list[tuple[int, object]] = []  # data writes queued by _store (see _write_queued)
         self._unwritten: dict[int, bytes] = {}  # host offset -> data whose write failed (retried at commit)
         # -- the commit (txn)
-        self._undo: list[tuple[int, int]] | None = None  # refcount changes of a commit in progress
         self._header_unsure = False  # a header write failed: it may or may not be durable
         self.slot = 0  # index of the header slot holding the current header
         self._slot_gen = hdr.generation
-        self._dirty = False
         self._closed = False
         self.broken: str | None = None  # why the image was found corrupt while writing: no more writes
+
+    # read-only views of the transaction state, for tests and tools
+    @property
+    def rc(self) -> array.array | None:
+        return self.txn.rc
+
+    @property
+    def l1_off(self) -> array.array:
+        return self.txn.l1_off
+
+    @property
+    def host_clusters(self) -> int:
+        return self.txn.host_clusters
 
     @property
     def image_id(self) -> str | None:

@@ -1,14 +1,14 @@
 """Refcounts and allocation: who may use which host cluster (sections 9 and 13.1).
 
-State owned: the refcount array ``rc`` (one u32 per host cluster, loaded on a
-writable open), ``host_clusters`` (the end of the host area), the free-cluster
-heap (``free_heap`` with ``_scan_pos``), and the transaction's allocation sets:
-``new_clusters`` (allocated in this transaction), ``pending_free`` (dropped here
-but referenced by the durable header), ``dropped_new`` (allocated and dropped
-again) and the packing cluster of compressed frames (``pack_cluster``,
-``pack_used``).  Every refcount change goes through ``_set_rc``, which marks the
-refcount block dirty and, while a commit attempt is open, logs the old value for
-its rollback (:mod:`.txn`).
+State owned (fields of :class:`.txn.TxnState`, ``self.txn``): the refcount array
+``rc`` (one u32 per host cluster, loaded on a writable open), ``host_clusters``
+(the end of the host area), the free-cluster heap (``free_heap`` with
+``scan_pos``), and the transaction's allocation sets: ``new_clusters``
+(allocated in this transaction), ``pending_free`` (dropped here but referenced by
+the durable header), ``dropped_new`` (allocated and dropped again) and the
+packing cluster of compressed frames (``pack_cluster``, ``pack_used``).  Every
+refcount change goes through ``_set_rc``, which marks the refcount block dirty
+and, while a commit attempt is open, logs the old value for its rollback.
 
 Guarantees.  ``_alloc`` never returns a cluster the durable header references:
 only refcount-0 clusters that are not pending free, else the next one past the
@@ -28,44 +28,49 @@ from ...codec import vdk as C
 
 _SHIFT, _MASK = C.TYPE_SHIFT, C.OFFSET_MASK
 _T_DATA, _T_COMP = C.T_DATA, C.T_COMPRESSED
+SCAN_CHUNK = 65536  # refcounts scanned for free clusters at a time, when the heap runs dry
 
 
 class AllocMixin:
     """Refcounts, the free-cluster heap, allocation and the release of table trees."""
 
     def _set_rc(self, c: int, v: int) -> None:
-        if self._undo is not None:
-            self._undo.append((c, self.rc[c]))
-        self.rc[c] = v
-        self.rc_dirty.add(c // self.rc_per_block)
+        """The one way a refcount changes (logged for the rollback of an open commit attempt)."""
+        t = self.txn
+        rc = t.rc
+        if t.undo is not None:
+            t.undo.append((c, rc[c]))
+        rc[c] = v
+        t.rc_dirty.add(c // self.rc_per_block)
 
     def _alloc(self) -> int:
         """One free cluster, the lowest known free one first, else appended at the end.
         The heap holds candidates (freed clusters, and those a scan found); an entry is
         checked when it is popped, so stale or duplicate ones are harmless."""
-        rc = self.rc
-        heap = self.free_heap
+        t = self.txn
+        rc = t.rc
+        heap = t.free_heap
         while True:
             if heap:
                 c = heapq.heappop(heap)
-                if c < self.host_clusters and rc[c] == 0 and c not in self.pending_free:
+                if c < t.host_clusters and rc[c] == 0 and c not in t.pending_free:
                     break
                 continue
-            if self._scan_pos < self.host_clusters:
-                start = self._scan_pos
-                chunk = rc[start:start + 65536]
-                self._scan_pos = start + len(chunk)
+            if t.scan_pos < t.host_clusters:
+                start = t.scan_pos
+                chunk = rc[start:start + SCAN_CHUNK]
+                t.scan_pos = start + len(chunk)
                 for i, v in enumerate(chunk):
                     if not v:
                         heap.append(start + i)  # ascending: still a heap
                 continue
-            c = self.host_clusters
-            self.host_clusters += 1
+            c = t.host_clusters
+            t.host_clusters += 1
             rc.append(0)
             break
         self._set_rc(c, 1)
-        self.new_clusters.add(c)
-        self._dirty = True
+        t.new_clusters.add(c)
+        t.dirty = True
         return c
 
     def _alloc_run(self, n: int) -> int:
@@ -75,61 +80,67 @@ class AllocMixin:
         return self._append(n)
 
     def _append(self, n: int) -> int:
-        first = self.host_clusters
-        self.host_clusters += n
-        self.rc.extend([0] * n)
+        """``n`` new clusters at the end of the host area; the first one's index."""
+        t = self.txn
+        first = t.host_clusters
+        t.host_clusters += n
+        t.rc.extend([0] * n)
         for c in range(first, first + n):
             self._set_rc(c, 1)
-            self.new_clusters.add(c)
-        self._dirty = True
+            t.new_clusters.add(c)
+        t.dirty = True
         return first
 
     def _alloc_piece(self, n: int) -> int:
         """Room for ``n`` (< cluster size) compressed bytes, packed after the previous
         piece; a piece may run on into the next cluster when that one is the next
         to be appended to the file, as it is while a fresh image fills up."""
+        t = self.txn
         cs = self.cluster_size
-        c = self.pack_cluster
-        if c >= 0 and self.pack_used + n <= cs:
+        c = t.pack_cluster
+        if c >= 0 and t.pack_used + n <= cs:
             self._incref(c)
-            off = (c << self.cbits) + self.pack_used
-            self.pack_used += n
-        elif c >= 0 and self.pack_used < cs and c + 1 == self.host_clusters:
-            off = (c << self.cbits) + self.pack_used
+            off = (c << self.cbits) + t.pack_used
+            t.pack_used += n
+        elif c >= 0 and t.pack_used < cs and c + 1 == t.host_clusters:
+            off = (c << self.cbits) + t.pack_used
             self._incref(c)
-            self.pack_cluster = self._append(1)  # c + 1
-            self.pack_used = self.pack_used + n - cs
+            t.pack_cluster = self._append(1)  # c + 1
+            t.pack_used = t.pack_used + n - cs
         else:
-            self.pack_cluster = self._alloc()
-            off = self.pack_cluster << self.cbits
-            self.pack_used = n
+            t.pack_cluster = self._alloc()
+            off = t.pack_cluster << self.cbits
+            t.pack_used = n
         return off
 
     def _incref(self, c: int) -> None:
-        v = self.rc[c]
+        v = self.txn.rc[c]
         if v >= 0xFFFFFFFF:
             raise self._corrupt(f"refcount of cluster {c} would overflow")
         self._set_rc(c, v + 1)
 
     def _decref(self, c: int) -> None:
-        v = self.rc[c]
+        """Drop one reference; at zero the cluster is free again at once if this
+        transaction allocated it, else pending free until the next header is durable."""
+        t = self.txn
+        v = t.rc[c]
         if v == 0:
             self._mark_broken(f"refcount of cluster {c} would drop below zero")
         self._set_rc(c, v - 1)
-        self._dirty = True
+        t.dirty = True
         if v == 1:
-            if c == self.pack_cluster:
-                self.pack_cluster = -1
+            if c == t.pack_cluster:
+                t.pack_cluster = -1
             if self._unwritten:
                 lo, hi = c << self.cbits, (c + 1) << self.cbits
                 for off in [o for o in self._unwritten if lo <= o < hi]:
                     del self._unwritten[off]
-            if c in self.new_clusters:
-                self.new_clusters.discard(c)
-                heapq.heappush(self.free_heap, c)
-                self.dropped_new.add(c)
+            if c in t.new_clusters:
+                t.new_clusters.discard(c)
+                heapq.heappush(t.free_heap, c)
+                t.dropped_new.add(c)
             else:
-                self.pending_free.add(c)
+                t.pending_free.add(c)
 
     def _mark_broken(self, why: str):
         self.broken = why
@@ -157,7 +168,7 @@ class AllocMixin:
 
     def _release_l2(self, off: int, csum: int) -> None:
         c = off >> self.cbits
-        if self.rc[c] == 1:
+        if self.txn.rc[c] == 1:
             tbl = self._read_checked(off, self.cluster_size, csum, "L2 table")
             for (desc, slen, *_rest) in C.L2_ENTRY.iter_unpack(tbl):
                 self._release_entry(desc, slen)
@@ -168,7 +179,7 @@ class AllocMixin:
             return
         first = off >> self.cbits
         ncl = (n * C.L1_ENTRY_SIZE + self.cluster_size - 1) >> self.cbits
-        if self.rc[first] == 1:
+        if self.txn.rc[first] == 1:
             offs, sums = C.decode_l1(self._read_checked(off, n * C.L1_ENTRY_SIZE, csum, "L1 table"), n)
             for o, s in zip(offs, sums):
                 if o:

@@ -46,11 +46,11 @@ class CheckMixin:
         h = self.header
         nclusters = h.host_clusters
         expected = array.array("I", bytes(4 * nclusters))
-        stored = self.rc
+        stored = self.txn.rc
         if stored is None:
             try:
                 self._load_refcounts()
-                stored = self.rc
+                stored = self.txn.rc
             except CorruptImage as exc:
                 res.corruptions.append(str(exc))
         reserved = (C.HEADER_AREA + cs - 1) // cs
@@ -69,7 +69,7 @@ class CheckMixin:
             ref(c, "header")
         if stored is not None:
             ref_run(h.refcount_table_offset, h.refcount_table_entries * C.RT_ENTRY_SIZE, "refcount table")
-            for o in self.rt_off[:h.refcount_table_entries]:
+            for o in self.txn.rt_off[:h.refcount_table_entries]:
                 ref(o >> cbits, "refcount table")
         if h.snapshot_table_offset:
             ref_run(h.snapshot_table_offset, h.snapshot_table_length, "snapshot table")
@@ -123,8 +123,8 @@ class CheckMixin:
                     if stored[c] != expected[c] and (repair == "all" or stored[c] > expected[c]):
                         self._set_rc(c, expected[c])
                         if expected[c] == 0:
-                            self.pending_free.add(c)
-                self._dirty = True
+                            self.txn.pending_free.add(c)
+                self.txn.dirty = True
                 self._commit()
                 res.repaired = res.leaks + ([m for m in res.corruptions if "refcount" in m] if repair == "all" else [])
                 res.leaks = []
@@ -191,7 +191,7 @@ class CheckMixin:
         found: list[str] = []
         # free clusters at the end of the host area that hold data
         tail_data: list[int] = []
-        if stored is not None and self.host_clusters == nclusters:
+        if stored is not None and self.txn.host_clusters == nclusters:
             t0 = nclusters
             while t0 > 0 and not expected[t0 - 1] and not stored[t0 - 1]:
                 t0 -= 1
@@ -201,7 +201,7 @@ class CheckMixin:
             found.append(f"{len(tail_data)} free clusters past the last cluster in use (from cluster "
                          f"{tail_data[0]} to {tail_data[-1]}) still hold data ({len(tail_data) * cs} bytes)")
         # bytes past the host area
-        area = self.host_clusters * cs
+        area = self.txn.host_clusters * cs
         size = self.host.size()
         extra = size - area if size > area and self._host_is_regular_file() else 0
         if extra:

@@ -218,8 +218,9 @@ class IoMixin:
         """The fast path of a partial write: a data cluster this transaction allocated
         and nothing else references is rewritten in place, and only the ``n`` changed
         bytes go to the host.  False if the cluster does not qualify."""
+        t = self.txn
         l2i = ci >> self.l2_bits
-        if l2i not in self.l2dirty or self.compression:
+        if l2i not in t.l2dirty or self.compression:
             return False
         tbl = self.l2cache[l2i]
         pos = (ci & self.l2_mask) * _ESZ
@@ -228,7 +229,7 @@ class IoMixin:
             return False
         host = desc & _MASK
         c = host >> self.cbits
-        if c not in self.new_clusters or self.rc[c] != 1 or host in self._unwritten:
+        if c not in t.new_clusters or t.rc[c] != 1 or host in self._unwritten:
             return False
         if merged == self.zero_cluster:
             return False  # let _store turn it into a zero entry
@@ -260,7 +261,7 @@ class IoMixin:
         csum = C.checksum(content)
         if kind == _T_DATA:
             c = (desc & _MASK) >> self.cbits
-            if c in self.new_clusters and self.rc[c] == 1:  # ours alone and not yet committed: rewrite in place
+            if c in self.txn.new_clusters and self.txn.rc[c] == 1:  # ours alone and not yet committed: rewrite in place
                 self._wq.append((desc & _MASK, content))
                 _pack_l2(tbl, pos, desc, self.cluster_size, 0, csum, birth)
                 return
@@ -293,7 +294,7 @@ class IoMixin:
         while ci < last:
             l2i = ci >> self.l2_bits
             l2_end = min(last, (l2i + 1) << self.l2_bits)
-            if self.backing is None and self.l1_off[l2i] == 0 and l2i not in self.l2cache:
+            if self.backing is None and self.txn.l1_off[l2i] == 0 and l2i not in self.l2cache:
                 ci = l2_end  # nothing here and nothing below
                 continue
             tbl = self._l2_for_write(l2i)

@@ -75,13 +75,13 @@ class LoadMixin:
         host.truncate(reserved * cs)
         drv = cls(host, hdr, read_only=False)
         drv.slot = 1  # the first commit flips to slot 0
-        drv.rc = array.array("I", [1] * reserved)
-        drv.host_clusters = reserved
-        drv.l1_off = array.array("Q", bytes(8 * C.l1_entries_for(size, cbits)))
-        drv.l1_sum = array.array("Q", drv.l1_off)
-        drv.l1_dirty = True
-        drv.snap_dirty = True
-        drv.rc_dirty = set(range((reserved + drv.rc_per_block - 1) // drv.rc_per_block))
+        drv.txn.rc = array.array("I", [1] * reserved)
+        drv.txn.host_clusters = reserved
+        drv.txn.l1_off = array.array("Q", bytes(8 * C.l1_entries_for(size, cbits)))
+        drv.txn.l1_sum = array.array("Q", drv.txn.l1_off)
+        drv.txn.l1_dirty = True
+        drv.txn.snap_dirty = True
+        drv.txn.rc_dirty = set(range((reserved + drv.rc_per_block - 1) // drv.rc_per_block))
         drv._commit(force=True)
 
     @staticmethod
@@ -164,7 +164,7 @@ class LoadMixin:
         cs = self.cluster_size
         if offset % cs or offset < C.HEADER_AREA:
             raise self._corrupt(f"{what} offset {offset:#x} is not cluster-aligned past the header")
-        if offset + nbytes > self.host_clusters * cs:
+        if offset + nbytes > self.txn.host_clusters * cs:
             raise self._corrupt(f"{what} at {offset:#x}+{nbytes} lies past the end of the image")
 
     def _read_checked(self, offset: int, nbytes: int, csum: int, what: str) -> bytes:
@@ -180,16 +180,16 @@ class LoadMixin:
         if n == 0:
             if offset:
                 raise self._corrupt(f"{what} is empty but has an offset")
-            self.l1_off, self.l1_sum = array.array("Q"), array.array("Q")
+            self.txn.l1_off, self.txn.l1_sum = array.array("Q"), array.array("Q")
             return
         budget.charge(n * C.L1_ENTRY_SIZE * 2, f"{self.name}: {what} ({n} entries)")  # the buffer and the arrays
         buf = self._read_checked(offset, n * C.L1_ENTRY_SIZE, csum, what)
         offs, sums = C.decode_l1(buf, n)
-        limit = self.host_clusters * self.cluster_size
+        limit = self.txn.host_clusters * self.cluster_size
         for i, o in enumerate(offs):
             if o and (o % self.cluster_size or o < C.HEADER_AREA or o + self.cluster_size > limit):
                 raise self._corrupt(f"{what} entry {i} points at {o:#x}, outside the image or unaligned")
-        self.l1_off, self.l1_sum = offs, sums
+        self.txn.l1_off, self.txn.l1_sum = offs, sums
 
     def _load_snapshot_table(self) -> list[C.SnapshotRecord]:
         h = self.header
@@ -214,25 +214,25 @@ class LoadMixin:
         return recs
 
     def _load_refcounts(self) -> None:
-        if self.rc is not None:
+        if self.txn.rc is not None:
             return
         h = self.header
         per = self.rc_per_block
-        nblocks = (self.host_clusters + per - 1) // per
+        nblocks = (self.txn.host_clusters + per - 1) // per
         if h.refcount_table_entries != nblocks:
             raise self._corrupt(f"refcount table has {h.refcount_table_entries} entries; "
-                                f"{self.host_clusters} clusters need {nblocks}")
-        budget.charge(nblocks * C.RT_ENTRY_SIZE * 2 + self.host_clusters * C.RC_ENTRY_SIZE,
-                      f"{self.name}: refcounts of {self.host_clusters} clusters")
+                                f"{self.txn.host_clusters} clusters need {nblocks}")
+        budget.charge(nblocks * C.RT_ENTRY_SIZE * 2 + self.txn.host_clusters * C.RC_ENTRY_SIZE,
+                      f"{self.name}: refcounts of {self.txn.host_clusters} clusters")
         buf = self._read_checked(h.refcount_table_offset, nblocks * C.RT_ENTRY_SIZE, h.refcount_table_checksum,
                                  "refcount table")
-        self.rt_off, self.rt_sum = C.decode_refcount_table(buf, nblocks)
+        self.txn.rt_off, self.txn.rt_sum = C.decode_refcount_table(buf, nblocks)
         rc = array.array("I")
-        for b, (o, s) in enumerate(zip(self.rt_off, self.rt_sum)):
+        for b, (o, s) in enumerate(zip(self.txn.rt_off, self.txn.rt_sum)):
             rc.extend(C.decode_refcount_block(self._read_checked(o, self.cluster_size, s, f"refcount block {b}")))
-        del rc[self.host_clusters:]
-        self.rc = rc
+        del rc[self.txn.host_clusters:]
+        self.txn.rc = rc
         # Free clusters are found lazily (``_alloc`` scans the refcounts a chunk at a
         # time when the heap runs dry), so opening a large image costs no scan.
-        self.free_heap = []
-        self._scan_pos = 0
+        self.txn.free_heap = []
+        self.txn.scan_pos = 0

@@ -27,6 +27,7 @@ class ResizeMixin:
         entries that are not zero are found at C speed, and only the allocated entries
         of existing tables are visited), never the virtual size: shrinking a 256 TiB
         disk holding a few MiB takes as long as shrinking a 1 GiB one."""
+        t = self.txn
         self._check_writable()
         self._check_size(new_size, self.cbits)
         old = self.size
@@ -42,15 +43,15 @@ class ResizeMixin:
             end = min((old + cs - 1) >> self.cbits, n << self.l2_bits)
             if end > first:
                 self._drop_range(first, end)
-        if n != len(self.l1_off):
+        if n != len(t.l1_off):
             self._mark_l1_dirty()
-            for l2i in self._allocated_l2_indices(n, len(self.l1_off)):
+            for l2i in self._allocated_l2_indices(n, len(t.l1_off)):
                 self._release_l2_index(l2i)
-            del self.l1_off[n:], self.l1_sum[n:]
-            self.l1_off.extend([0] * (n - len(self.l1_off)))
-            self.l1_sum.extend([0] * (n - len(self.l1_sum)))
+            del t.l1_off[n:], t.l1_sum[n:]
+            t.l1_off.extend([0] * (n - len(t.l1_off)))
+            t.l1_sum.extend([0] * (n - len(t.l1_sum)))
         self.size = new_size
-        self._dirty = True
+        t.dirty = True
         if new_size > old and self.backing is not None and self.backing.size > old:
             self._zero_range(old, min(new_size, self.backing.size) - old)
         self._commit(force=True)
@@ -80,9 +81,10 @@ class ResizeMixin:
     def make_empty(self) -> None:
         """Drop every cluster of the live state: reads fall through to the backing
         image again (``commit`` empties the overlay this way)."""
+        t = self.txn
         self._check_writable()
         self._mark_l1_dirty()
-        for l2i in range(len(self.l1_off)):
+        for l2i in range(len(t.l1_off)):
             self._release_l2_index(l2i)
-            self.l1_off[l2i] = self.l1_sum[l2i] = 0
+            t.l1_off[l2i] = t.l1_sum[l2i] = 0
         self._commit(force=True)

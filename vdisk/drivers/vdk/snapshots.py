@@ -10,8 +10,8 @@ previous generation.  Names are validated (``validate_snapshot_name``) before
 anything is written.
 
 State owned: ``snapshots`` (the snapshot records, in table order, hidden ones
-included), ``snap_dirty`` (the table must be rewritten at the next commit) and
-``viewing`` (the record a snapshot-opened image shows, else None).
+included), ``viewing`` (the record a snapshot-opened image shows, else None) and
+``txn.snap_dirty`` (the table must be rewritten at the next commit).
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ class SnapshotMixin:
                                l1_entries=h.l1_entries, l1_checksum=h.l1_checksum)
         self.snapshots.append(rec)
         self.header = h.replace(next_snapshot_id=h.next_snapshot_id + 1)
-        self.snap_dirty = True
+        self.txn.snap_dirty = True
         self._commit(force=True)
         return self._info_of(rec)
 
@@ -133,7 +133,7 @@ class SnapshotMixin:
         else:
             del self.snapshots[idx]
             self._release_l1(rec.l1_offset, rec.l1_entries, rec.l1_checksum)
-        self.snap_dirty = True
+        self.txn.snap_dirty = True
         self._commit(force=True)
 
     def snapshot_revert(self, name: str) -> None:
@@ -149,7 +149,7 @@ class SnapshotMixin:
         self.l2cache.clear()
         self.size = rec.virtual_size
         self._load_l1(rec.l1_offset, rec.l1_entries, rec.l1_checksum, rec.virtual_size, "L1 table")
-        self.pack_cluster = -1
+        self.txn.pack_cluster = -1
         self._commit(force=True)
 
     def snapshot_rename(self, name: str, new_name: str) -> SnapshotInfo:
@@ -164,7 +164,7 @@ class SnapshotMixin:
         idx = self.snapshots.index(rec)
         new = C.SnapshotRecord(**{**rec.__dict__, "name": new_name})
         self.snapshots[idx] = new
-        self.snap_dirty = True
+        self.txn.snap_dirty = True
         self._commit(force=True)
         return self._info_of(new)
 
@@ -220,6 +220,6 @@ class SnapshotMixin:
         else:
             new = C.SnapshotRecord(**{**rec.__dict__, "holds": holds, "holders": tuple(holders)})
             self.snapshots[idx] = new
-        self.snap_dirty = True
+        self.txn.snap_dirty = True
         self._commit(force=True)
         return self._info_of(new)

@@ -20,7 +20,7 @@ class SpaceMixin:
         tables), and bytes only it refers to -- what deleting it would free (ZFS
         ``refer`` and ``used``)."""
         self._commit()
-        if self.rc is None:
+        if self.txn.rc is None:
             self._load_refcounts()
         h = self.header
         roots = [("live", h.l1_offset, h.l1_entries, h.l1_checksum)]
@@ -45,7 +45,7 @@ class SpaceMixin:
         scratch: dict[int, int] = {}
 
         def dec(c: int) -> bool:
-            v = scratch.get(c, self.rc[c]) - 1
+            v = scratch.get(c, self.txn.rc[c]) - 1
             scratch[c] = v
             return v == 0
 
@@ -53,7 +53,7 @@ class SpaceMixin:
         l1_clusters = (n * C.L1_ENTRY_SIZE + self.cluster_size - 1) >> cbits
         referenced: set[int] = set()
         freed = 0
-        l1_private = self.rc[off >> cbits] == 1
+        l1_private = self.txn.rc[off >> cbits] == 1
         for o, s in zip(offs, sums):
             if not o:
                 continue

@@ -1,11 +1,12 @@
 """The mapping tables: L1 entries, the L2 cache, and copy-on-write of shared tables
 (sections 6, 7 and 13.3).
 
-State owned: ``l1_off``/``l1_sum`` (the live or viewed root's L1: offsets and
-checksums of its L2 tables, compact ``array('Q')``), ``l2cache`` (L2 index ->
-bytearray, clean tables as read and the transaction's dirty ones), ``l2dirty``
-(indices whose table was changed in this transaction; their L1 entry is 0 until
-the commit places them) and ``l1_dirty``.
+State owned: ``l2cache`` (L2 index -> bytearray: clean tables as read, and the
+transaction's dirty ones), and these fields of :class:`.txn.TxnState`:
+``l1_off``/``l1_sum`` (the live or viewed root's L1: offsets and checksums of its
+L2 tables, compact ``array('Q')``), ``l2dirty`` (indices whose table was changed
+in this transaction; their L1 entry is 0 until the commit places them) and
+``l1_dirty``.
 
 Contract.  ``_l2`` returns a table only after its checksum and every entry have
 been validated against the image bounds; clean tables may be evicted at any time,
@@ -32,22 +33,22 @@ class TablesMixin:
         tbl = self.l2cache.get(l2i)
         if tbl is not None:
             return tbl
-        off = self.l1_off[l2i]
+        off = self.txn.l1_off[l2i]
         if off == 0:
             return None
-        buf = self._read_checked(off, self.cluster_size, self.l1_sum[l2i],
+        buf = self._read_checked(off, self.cluster_size, self.txn.l1_sum[l2i],
                                  f"L2 table for guest offset {l2i << (self.l2_bits + self.cbits):#x}")
         tbl = bytearray(buf)
         self._validate_l2(tbl, l2i)
         if len(self.l2cache) >= L2_CACHE_MAX:
-            for k in [k for k in self.l2cache if k not in self.l2dirty][:L2_CACHE_MAX // 2]:
+            for k in [k for k in self.l2cache if k not in self.txn.l2dirty][:L2_CACHE_MAX // 2]:
                 del self.l2cache[k]
         self.l2cache[l2i] = tbl
         return tbl
 
     def _validate_l2(self, tbl, l2i: int) -> None:
         cs = self.cluster_size
-        limit = self.host_clusters * cs
+        limit = self.txn.host_clusters * cs
         base = l2i << self.l2_bits
         n_valid = max(0, min(1 << self.l2_bits, ((self.size + cs - 1) >> self.cbits) - base))
         for j, (desc, length, codec, _csum, _birth) in enumerate(C.L2_ENTRY.iter_unpack(tbl)):
@@ -60,40 +61,42 @@ class TablesMixin:
                 raise self._corrupt(f"L2 entry for guest offset {(base + j) << self.cbits:#x}: {why}")
 
     def _mark_l1_dirty(self) -> None:
-        if self.l1_dirty:
+        t = self.txn
+        if t.l1_dirty:
             return
         h = self.header
         if h.l1_offset:
             first = h.l1_offset >> self.cbits
             ncl = (h.l1_entries * C.L1_ENTRY_SIZE + self.cluster_size - 1) >> self.cbits
-            if self.rc[first] > 1:  # shared with a snapshot: our copy references every L2 too
-                for o in self.l1_off:
+            if t.rc[first] > 1:  # shared with a snapshot: our copy references every L2 too
+                for o in t.l1_off:
                     if o:
                         self._incref(o >> self.cbits)
             for c in range(first, first + ncl):
                 self._decref(c)
-        self.l1_dirty = True
-        self._dirty = True
+        t.l1_dirty = True
+        t.dirty = True
 
     def _l2_for_write(self, l2i: int) -> bytearray:
-        if l2i in self.l2dirty:
+        t = self.txn
+        if l2i in t.l2dirty:
             return self.l2cache[l2i]
         self._mark_l1_dirty()
         tbl = self._l2(l2i)
         if tbl is None:
             tbl = bytearray(self.cluster_size)
         else:
-            c = self.l1_off[l2i] >> self.cbits
-            if self.rc[c] > 1:  # shared: the copy references every data cluster too
+            c = t.l1_off[l2i] >> self.cbits
+            if t.rc[c] > 1:  # shared: the copy references every data cluster too
                 for (desc, slen, _c, _s, _b) in C.L2_ENTRY.iter_unpack(tbl):
                     for hc in self._entry_clusters(desc, slen):
                         self._incref(hc)
             self._decref(c)
-        self.l1_off[l2i] = 0
-        self.l1_sum[l2i] = 0
+        t.l1_off[l2i] = 0
+        t.l1_sum[l2i] = 0
         self.l2cache[l2i] = tbl
-        self.l2dirty.add(l2i)
-        self._dirty = True
+        t.l2dirty.add(l2i)
+        t.dirty = True
         return tbl
 
     def _allocated_l2_indices(self, lo: int, hi: int) -> list[int]:
@@ -102,19 +105,21 @@ class TablesMixin:
         (``itertools.compress``), so even a 2 Mi-entry L1 costs milliseconds."""
         from itertools import compress
 
-        hi = min(hi, len(self.l1_off))
+        t = self.txn
+        hi = min(hi, len(t.l1_off))
         if lo >= hi:
             return []
-        found = set(compress(range(lo, hi), self.l1_off[lo:hi]))
-        found.update(i for i in self.l2dirty if lo <= i < hi)
+        found = set(compress(range(lo, hi), t.l1_off[lo:hi]))
+        found.update(i for i in t.l2dirty if lo <= i < hi)
         return sorted(found)
 
     def _release_l2_index(self, l2i: int) -> None:
-        if l2i in self.l2dirty:
+        t = self.txn
+        if l2i in t.l2dirty:
             tbl = self.l2cache[l2i]
             for (desc, slen, *_rest) in C.L2_ENTRY.iter_unpack(tbl):
                 self._release_entry(desc, slen)
-            self.l2dirty.discard(l2i)
-        elif self.l1_off[l2i]:
-            self._release_l2(self.l1_off[l2i], self.l1_sum[l2i])
+            t.l2dirty.discard(l2i)
+        elif t.l1_off[l2i]:
+            self._release_l2(t.l1_off[l2i], t.l1_sum[l2i])
         self.l2cache.pop(l2i, None)

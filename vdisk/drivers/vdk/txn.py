@@ -1,28 +1,166 @@
-"""The transaction: the commit protocol of section 13.2.
+"""The transaction: the state a commit turns into a new generation, and the commit
+protocol of section 13.2.
 
-A transaction is everything changed since the current header was written; it
-ends with ``_commit``: place every dirty table in new clusters (``_place_tables``),
-write them and fdatasync, write the header to the other slot and fdatasync, then
-free what the new generation no longer references (``_release_pending``).
+A transaction is everything changed since the current header was written.
+``_commit`` ends it:
 
-Contract.  A failure before the header write leaves the durable image as it was
-and rolls the in-memory state back to what it was before the attempt, so a later
-flush can retry.  A failure while writing or syncing the header leaves it unknown
-whether that generation is durable: what either generation references stays
-reserved, and the next commit first writes that same header again, to the same
-slot.
+1. ``TxnState.begin`` opens a commit attempt;
+2. ``_place_tables`` gives every dirty L2 table, the L1 table, the snapshot table,
+   the changed refcount blocks and a new refcount table newly allocated clusters
+   (allocating them changes refcounts, so it iterates to a fixed point);
+3. they are written, the file is grown to the host area, fdatasync;
+4. ``TxnState.commit``: the attempt stands, and a new transaction begins;
+5. the header goes to the slot that does not hold the current one, fdatasync;
+6. ``_release_pending``: clusters the new generation no longer references may be
+   reused, and holes are punched in them.
+
+Contract.  A failure in steps 2-3 changes nothing durable, and
+``TxnState.abort`` puts the in-memory state back exactly as it was before step 1,
+so a later flush retries the same transaction.  A failure in step 5 leaves it
+unknown whether that generation is durable: what either generation references
+stays reserved (``pending_free`` is released only in step 6), and the next commit
+first writes that same header again, to the same slot (``_header_unsure``).
+
+State owned: ``txn`` (a :class:`TxnState`), ``slot``/``_slot_gen`` (the slot of the
+current header) and ``_header_unsure``; ``header`` becomes the new generation's in
+step 4.
 """
 
 from __future__ import annotations
 
 import array
 import heapq
+from dataclasses import MISSING, dataclass, field, fields
 
 from ...codec import vdk as C
 from ...errors import VdiskError
 
 AUTO_COMMIT_DIRTY_L2 = 1024
 AUTO_COMMIT_PENDING_FREE = 1 << 16
+
+# The scope of each TxnState field: what happens to it when its transaction commits.
+_IMAGE = {"scope": "image"}  # describes the image: kept across transactions
+_TXN = {"scope": "txn"}  # this transaction's own: a new transaction starts from the default
+_HELD = {"scope": "held"}  # kept until the header that no longer needs it is durable (_release_pending)
+#: the refcount array: kept across transactions, rolled back by an undo log instead of a copy
+_UNDO = {"scope": "image", "rollback": "undo"}
+
+
+def _array_q() -> array.array:
+    return array.array("Q")
+
+
+def _copy(value):
+    """A copy of a field's value that no change to the original can reach.  The
+    containers of TxnState hold ints only, so a shallow copy is a complete one; any
+    other type is refused, so that a new kind of field gets a rollback rule."""
+    if value is None or type(value) in (int, bool):
+        return value
+    if type(value) in (list, set, dict):
+        return value.copy()
+    if type(value) is array.array:
+        return value[:]
+    raise TypeError(f"TxnState cannot copy a {type(value).__name__} field: give it a rollback rule")
+
+
+@dataclass(eq=False)
+class TxnState:
+    """Everything a commit attempt may change, in one object; ``begin``, ``commit`` and
+    ``abort`` delimit the attempt.
+
+    Transaction-scoped (reset to their defaults by ``commit``): ``dirty``, the flags
+    and sets saying what the transaction changed, and its packing cluster.
+    ``pending_free`` and ``dropped_new`` are held until the header that no longer
+    references them is durable.  The rest describes the image and is kept.  All of
+    it is transaction *state* in the sense that matters for rollback: placing the
+    tables in a commit attempt allocates clusters (``host_clusters``, ``rc``,
+    ``free_heap``, ``scan_pos``, ``new_clusters``), drops the old tables
+    (``pending_free``, ``dropped_new``, ``pack_cluster``), rewrites the L1 and
+    refcount table entries (``l1_off``/``l1_sum``, ``rt_off``/``rt_sum``) and
+    clears what it placed.
+
+    Why rollback is complete:
+
+    * ``begin`` copies every field, iterating :func:`dataclasses.fields`, and
+      ``abort`` restores every field from that copy: a field added later is covered
+      without touching either method.  ``_copy`` refuses a type it cannot copy
+      completely.
+    * The refcount array (``rc``, 4 bytes per host cluster) is not copied: every
+      change to it goes through ``AllocMixin._set_rc``, which logs the old value
+      while an attempt is open (``undo``); ``abort`` replays the log backwards and
+      cuts the array back to its length at ``begin``.
+    * Nothing outside this object changes during an attempt: ``_place_tables``
+      only reads ``header``, ``size``, ``snapshots`` and the dirty L2 tables;
+      emptied L2 tables leave the cache and ``header`` is replaced only after
+      ``commit``; ``_unwritten`` is empty (it is written before ``begin``).  The one
+      exception is deliberate: ``broken``, set when a refcount would go below zero,
+      stays set (the image is corrupt whether or not the attempt fails).
+    * The bytes an aborted attempt wrote lie in clusters that are free in the
+      durable state, or past its host area: nothing references them (``check``
+      reports them as leaked space, a repair reclaims it).
+    """
+
+    # -- the allocator (alloc): the host area and its refcounts
+    host_clusters: int = field(metadata=_IMAGE)
+    rc: array.array | None = field(default=None, metadata=_UNDO)  # loaded on a writable open, or on demand
+    free_heap: list[int] = field(default_factory=list, metadata=_IMAGE)  # candidates; checked when popped
+    scan_pos: int = field(default=0, metadata=_IMAGE)  # refcounts below this were scanned into free_heap
+    rt_off: array.array = field(default_factory=_array_q, metadata=_IMAGE)  # the refcount table
+    rt_sum: array.array = field(default_factory=_array_q, metadata=_IMAGE)
+    # -- the L1 of the live (or viewed) root (tables); compact: 8 bytes an entry
+    l1_off: array.array = field(default_factory=_array_q, metadata=_IMAGE)
+    l1_sum: array.array = field(default_factory=_array_q, metadata=_IMAGE)
+    # -- what this transaction changed
+    dirty: bool = field(default=False, metadata=_TXN)  # anything at all: the next flush commits
+    l1_dirty: bool = field(default=False, metadata=_TXN)  # the live L1 is this transaction's copy
+    snap_dirty: bool = field(default=False, metadata=_TXN)  # the snapshot table must be rewritten
+    l2dirty: set[int] = field(default_factory=set, metadata=_TXN)  # L2 indices whose table changed
+    rc_dirty: set[int] = field(default_factory=set, metadata=_TXN)  # refcount blocks that changed
+    new_clusters: set[int] = field(default_factory=set, metadata=_TXN)  # allocated in this transaction
+    pack_cluster: int = field(default=-1, metadata=_TXN)  # where compressed frames are packed, or -1
+    pack_used: int = field(default=0, metadata=_TXN)  # bytes of it in use
+    # -- held until released
+    pending_free: set[int] = field(default_factory=set, metadata=_HELD)  # refcount 0, durably referenced
+    dropped_new: set[int] = field(default_factory=set, metadata=_HELD)  # allocated, dropped again: punch
+
+    def __post_init__(self) -> None:
+        #: (cluster, old refcount) of every refcount change of the open attempt, else None
+        self.undo: list[tuple[int, int]] | None = None
+        self._saved: dict | None = None
+        self._rc_len = 0
+
+    def begin(self) -> None:
+        """Open a commit attempt: remember every field, start logging refcount changes."""
+        if self._saved is not None:
+            raise RuntimeError("a commit attempt is open already")
+        self._saved = {f.name: getattr(self, f.name) if f.metadata.get("rollback") == "undo"
+                       else _copy(getattr(self, f.name)) for f in fields(self)}
+        self._rc_len = len(self.rc) if self.rc is not None else 0
+        self.undo = []
+
+    def commit(self) -> None:
+        """The attempt succeeded (its tables are durable): keep what it changed, and
+        start the next transaction (transaction-scoped fields back to their defaults)."""
+        self._saved = self.undo = None
+        for f in fields(self):
+            if f.metadata["scope"] == "txn":
+                setattr(self, f.name, f.default_factory() if f.default_factory is not MISSING else f.default)
+
+    def abort(self) -> None:
+        """The attempt failed: every field, and every refcount, as at ``begin``."""
+        saved, undo = self._saved, self.undo
+        if saved is None:
+            raise RuntimeError("no commit attempt is open")
+        self._saved = self.undo = None
+        rc = self.rc
+        if rc is not None:
+            n = self._rc_len
+            for c, v in reversed(undo):
+                if c < n:
+                    rc[c] = v
+            del rc[n:]
+        for name, value in saved.items():
+            setattr(self, name, value)
 
 
 class TxnMixin:
@@ -44,48 +182,41 @@ class TxnMixin:
             self.host.close()
 
     def _maybe_commit(self) -> None:
-        if len(self.l2dirty) > AUTO_COMMIT_DIRTY_L2 or len(self.pending_free) > AUTO_COMMIT_PENDING_FREE:
+        t = self.txn
+        if len(t.l2dirty) > AUTO_COMMIT_DIRTY_L2 or len(t.pending_free) > AUTO_COMMIT_PENDING_FREE:
             self._commit()
 
     def _commit(self, force: bool = False) -> None:
-        """Write a new generation: tables to new clusters, sync, header, sync.
-
-        If the host fails before the header is written, the in-memory state is rolled
-        back to what it was before the attempt (the durable image never saw it), so a
-        later flush can retry.  If it fails while writing or syncing the header, that
-        generation may or may not be durable: its clusters and the previous one's stay
-        reserved, and the next commit first writes that same header again."""
-        if self.read_only or not (self._dirty or force or self._header_unsure):
+        """End the transaction: write a new generation (the steps of the module
+        docstring).  Nothing to do if nothing changed, unless ``force`` (the header
+        itself changed)."""
+        t = self.txn
+        if self.read_only or not (t.dirty or force or self._header_unsure):
             return
         self._check_writable()
         if self._header_unsure:
             self._write_header(self.header)
             self._header_unsure = False
             self._release_pending()
-            if not (self._dirty or force):
+            if not (t.dirty or force):
                 return
         if self._unwritten:
             self._rewrite_unwritten()
-        saved = self._save_state()
-        self._undo = []
+        t.begin()
         try:
-            new, writes = self._place_tables()
+            new, writes, emptied = self._place_tables()
             for off, data in writes:
                 self.host.pwrite(off, data)
-            if self.host.size() < self.host_clusters * self.cluster_size:
-                self.host.truncate(self.host_clusters * self.cluster_size)
+            if self.host.size() < t.host_clusters * self.cluster_size:
+                self.host.truncate(t.host_clusters * self.cluster_size)
             self.host.flush()
         except BaseException:
-            self._restore_state(saved)
+            t.abort()
             raise
-        finally:
-            self._undo = None
+        t.commit()
         self.header = new
-        self.new_clusters.clear()
-        self.rc_dirty.clear()
-        self.rc_placed.clear()
-        self.l1_dirty = self.snap_dirty = self._dirty = False
-        self.pack_cluster = -1
+        for l2i in emptied:
+            self.l2cache.pop(l2i, None)
         try:
             self._write_header(new)
         except BaseException:
@@ -104,76 +235,49 @@ class TxnMixin:
         self.host.flush()
 
     def _release_pending(self) -> None:
-        """The newest generation is durable: what it no longer references may be reused."""
-        freed = sorted(self.pending_free)
+        """Step 6: the newest generation is durable, so what it no longer references
+        may be reused."""
+        t = self.txn
+        freed = sorted(t.pending_free)
         for c in freed:
-            heapq.heappush(self.free_heap, c)
-        self.pending_free.clear()
-        if self.dropped_new:
+            heapq.heappush(t.free_heap, c)
+        t.pending_free.clear()
+        if t.dropped_new:
             # Written in a transaction that dropped them again: free, but their bytes
             # would stay in the file (check counts that as leaked space).
-            rc = self.rc
-            freed = sorted(set(freed).union(c for c in self.dropped_new if c < len(rc) and rc[c] == 0))
-            self.dropped_new.clear()
+            rc = t.rc
+            freed = sorted(set(freed).union(c for c in t.dropped_new if c < len(rc) and rc[c] == 0))
+            t.dropped_new.clear()
         self._punch(freed)
 
-    def _save_state(self) -> dict:
-        return {
-            "host_clusters": self.host_clusters, "rc_len": len(self.rc), "l1_off": array.array("Q", self.l1_off),
-            "l1_sum": array.array("Q", self.l1_sum), "l2dirty": set(self.l2dirty),
-            "l2tables": {i: self.l2cache[i] for i in self.l2dirty}, "l1_dirty": self.l1_dirty,
-            "snap_dirty": self.snap_dirty, "rt_off": array.array("Q", self.rt_off), "rt_sum": array.array("Q", self.rt_sum),
-            "rc_dirty": set(self.rc_dirty), "rc_placed": dict(self.rc_placed),
-            "pending_free": set(self.pending_free), "new_clusters": set(self.new_clusters),
-            "free_heap": list(self.free_heap), "scan_pos": self._scan_pos, "pack": (self.pack_cluster, self.pack_used), "dirty": self._dirty,
-        }
-
-    def _restore_state(self, st: dict) -> None:
-        rc = self.rc
-        n = st["rc_len"]
-        for c, v in reversed(self._undo):
-            if c < n:
-                rc[c] = v
-        del rc[n:]
-        self.host_clusters = st["host_clusters"]
-        self.l1_off, self.l1_sum = st["l1_off"], st["l1_sum"]
-        self.l2dirty = st["l2dirty"]
-        self.l2cache.update(st["l2tables"])
-        self.l1_dirty, self.snap_dirty = st["l1_dirty"], st["snap_dirty"]
-        self.rt_off, self.rt_sum = st["rt_off"], st["rt_sum"]
-        self.rc_dirty, self.rc_placed = st["rc_dirty"], st["rc_placed"]
-        self.pending_free, self.new_clusters = st["pending_free"], st["new_clusters"]
-        self.free_heap = st["free_heap"]
-        self._scan_pos = st["scan_pos"]
-        self.pack_cluster, self.pack_used = st["pack"]
-        self._dirty = st["dirty"]
-
-    def _place_tables(self) -> tuple[C.Header, list[tuple[int, bytes]]]:
-        """Steps 1-4 of a commit: give every dirty table a new home; return the new
-        header and the writes to issue."""
+    def _place_tables(self) -> tuple[C.Header, list[tuple[int, bytes]], list[int]]:
+        """Section 13.2, steps 2-5: give every dirty table a new home.  Returns the new
+        header, the writes to issue, and the L2 indices whose table became empty (to
+        leave the cache once the attempt stands).  Changes nothing but ``self.txn``."""
+        t = self.txn
         cs = self.cluster_size
         cbits = self.cbits
         writes: list[tuple[int, bytes]] = []
         h = self.header
         # 1. L2 tables
-        for l2i in sorted(self.l2dirty):
+        emptied: list[int] = []
+        for l2i in sorted(t.l2dirty):
             tbl = self.l2cache[l2i]
             if tbl == self.zero_cluster:
-                self.l1_off[l2i] = self.l1_sum[l2i] = 0
-                del self.l2cache[l2i]
+                t.l1_off[l2i] = t.l1_sum[l2i] = 0
+                emptied.append(l2i)
                 continue
             c = self._alloc()
             data = bytes(tbl)
             writes.append((c << cbits, data))
-            self.l1_off[l2i] = c << cbits
-            self.l1_sum[l2i] = C.checksum(data)
-        self.l2dirty.clear()
+            t.l1_off[l2i] = c << cbits
+            t.l1_sum[l2i] = C.checksum(data)
         # 2. L1 table
         l1_offset, l1_n, l1_sum = h.l1_offset, h.l1_entries, h.l1_checksum
-        if self.l1_dirty:
-            l1_n = len(self.l1_off)
+        if t.l1_dirty:
+            l1_n = len(t.l1_off)
             if l1_n:
-                data = C.encode_l1(self.l1_off, self.l1_sum)
+                data = C.encode_l1(t.l1_off, t.l1_sum)
                 ncl = (len(data) + cs - 1) >> cbits
                 l1_offset = self._alloc_run(ncl) << cbits
                 writes.append((l1_offset, data + bytes(ncl * cs - len(data))))
@@ -182,7 +286,7 @@ class TxnMixin:
                 l1_offset, l1_sum = 0, 0
         # 3. snapshot table
         st_off, st_len, st_sum = h.snapshot_table_offset, h.snapshot_table_length, h.snapshot_table_checksum
-        if self.snap_dirty:
+        if t.snap_dirty:
             if st_off:
                 for c in range(st_off >> cbits, (st_off + st_len + cs - 1) >> cbits):
                     self._decref(c)
@@ -199,14 +303,15 @@ class TxnMixin:
         rt_first, rt_ncl = -1, 0
         old_rt = (h.refcount_table_offset, h.refcount_table_entries)
         released_old_rt = False
+        rc_placed: dict[int, int] = {}  # refcount block -> its new cluster
         while True:
-            todo = [b for b in self.rc_dirty if b not in self.rc_placed]
+            todo = [b for b in t.rc_dirty if b not in rc_placed]
             if todo:
                 for b in sorted(todo):
-                    self.rc_placed[b] = -1
-                    if b < len(self.rt_off) and self.rt_off[b]:
-                        self._decref(self.rt_off[b] >> cbits)
-                    self.rc_placed[b] = self._alloc()
+                    rc_placed[b] = -1
+                    if b < len(t.rt_off) and t.rt_off[b]:
+                        self._decref(t.rt_off[b] >> cbits)
+                    rc_placed[b] = self._alloc()
                 continue
             if not released_old_rt:
                 released_old_rt = True
@@ -214,7 +319,7 @@ class TxnMixin:
                     for c in range(old_rt[0] >> cbits, (old_rt[0] + old_rt[1] * C.RT_ENTRY_SIZE + cs - 1) >> cbits):
                         self._decref(c)
                 continue
-            nblocks = (self.host_clusters + per - 1) // per
+            nblocks = (t.host_clusters + per - 1) // per
             need = (nblocks * C.RT_ENTRY_SIZE + cs - 1) >> cbits
             if rt_first < 0 or need > rt_ncl:
                 if rt_first >= 0:
@@ -224,24 +329,24 @@ class TxnMixin:
                 rt_first = self._alloc_run(rt_ncl)
                 continue
             break
-        nblocks = (self.host_clusters + per - 1) // per
-        self.rt_off.extend([0] * (nblocks - len(self.rt_off)))
-        self.rt_sum.extend([0] * (nblocks - len(self.rt_sum)))
-        for b, c in self.rc_placed.items():
-            data = C.encode_refcount_block(self.rc, b * per, per)
+        nblocks = (t.host_clusters + per - 1) // per
+        t.rt_off.extend([0] * (nblocks - len(t.rt_off)))
+        t.rt_sum.extend([0] * (nblocks - len(t.rt_sum)))
+        for b, c in rc_placed.items():
+            data = C.encode_refcount_block(t.rc, b * per, per)
             writes.append((c << cbits, data))
-            self.rt_off[b] = c << cbits
-            self.rt_sum[b] = C.checksum(data)
-        rt_data = C.encode_refcount_table(self.rt_off[:nblocks], self.rt_sum[:nblocks])
+            t.rt_off[b] = c << cbits
+            t.rt_sum[b] = C.checksum(data)
+        rt_data = C.encode_refcount_table(t.rt_off[:nblocks], t.rt_sum[:nblocks])
         writes.append((rt_first << cbits, rt_data + bytes(rt_ncl * cs - len(rt_data))))
         new = h.replace(
             generation=h.generation + 1, virtual_size=self.size, l1_offset=l1_offset, l1_entries=l1_n,
             l1_checksum=l1_sum, refcount_table_offset=rt_first << cbits, refcount_table_entries=nblocks,
             refcount_table_checksum=C.checksum(rt_data), snapshot_table_offset=st_off,
             snapshot_count=len(self.snapshots), snapshot_table_length=st_len, snapshot_table_checksum=st_sum,
-            host_clusters=self.host_clusters,
+            host_clusters=t.host_clusters,
         )
-        return new, writes
+        return new, writes, emptied
 
     def _punch(self, clusters: list[int]) -> None:
         i = 0
