@@ -66,10 +66,7 @@ __all__ = ["VdkDriver", "validate_snapshot_name", "MAX_L1_BYTES", "AUTO_COMMIT_D
 class VdkDriver(LoadMixin, AllocMixin, TablesMixin, IoMixin, TxnMixin, SnapshotMixin, ResizeMixin, CheckMixin,
                 SpaceMixin, BlockDriver):
     format_name = "vdk"
-    supports_backing = True
-    supports_snapshots = True
-    supports_compression = True
-    supports_discard = True
+    supports_backing = True  # read by create, convert and the block layer
     default_cluster_size = 1 << C.DEFAULT_CLUSTER_BITS
 
     create_options = {
