@@ -79,6 +79,7 @@ def check(ctx, fmt, output, repair, unsafe_backing, force_share, filename):
     if repair and force_share:
         raise UsageError("-r repairs the image and -U shares it with a writer: not both")
     from ..ops.chain import release_stale_holds, stale_holds
+    from ..session import writable
     from ..ops.mapping import cluster_stats, json_safe
 
     results = []
@@ -105,7 +106,7 @@ def check(ctx, fmt, output, repair, unsafe_backing, force_share, filename):
         released = []
         if img.format == "vdk" and img.snapshot is None:
             if repaired_here:
-                released = release_stale_holds(img.filename)
+                released = release_stale_holds(img.filename, writable)
                 repaired += released
             leaks += [f"a hold that nothing uses: {h.reason}" for h in stale_holds(img.filename)]
         code = 2 if res.corruptions else 3 if leaks else 0

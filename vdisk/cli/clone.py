@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from vdisk.session import writable
+
 from vdisk.cli.options import progress_option, unsafe_backing_option
 from vdisk.cli.progress import progress_bar
 from vdisk.ops.chain import clone as _clone
@@ -47,6 +49,6 @@ def clone(full, compress, fmt, unsafe_backing, progress, source, dest):
             comp = "zlib" if fmt == "qcow2" else "zstd"
         with progress_bar(size, "clone", force=progress) as bar:
             _clone(source, dest, full=True, compression=comp, progress=bar.update, fmt=fmt,
-                   unsafe_backing=unsafe_backing)
+                   unsafe_backing=unsafe_backing, writable=writable)
     else:
-        _clone(source, dest, fmt=fmt, unsafe_backing=unsafe_backing)
+        _clone(source, dest, fmt=fmt, unsafe_backing=unsafe_backing, writable=writable)

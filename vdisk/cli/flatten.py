@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from vdisk.session import writable
+
 from vdisk import block
 from vdisk.cli.options import progress_option, unsafe_backing_option
 from vdisk.cli.progress import progress_bar
@@ -19,4 +21,4 @@ def flatten(unsafe_backing, progress, filename):
     with block.open(filename, read_only=True, backing=False) as img:
         size = img.size
     with progress_bar(size, "flatten", force=progress) as bar:
-        _flatten(filename, progress=bar.update, unsafe_backing=unsafe_backing)
+        _flatten(filename, progress=bar.update, unsafe_backing=unsafe_backing, writable=writable)

@@ -6,6 +6,8 @@ import os
 
 import click
 
+from vdisk.session import writable
+
 from vdisk import block
 from vdisk.cli.options import progress_option, unsafe_backing_option
 from vdisk.cli.progress import progress_bar
@@ -33,4 +35,5 @@ def rebase(backing, backing_format, unsafe, unsafe_backing, progress, filename):
     with block.open(filename, read_only=True, backing=False) as img:
         size = img.size
     with progress_bar(size, "rebase", force=progress and not unsafe) as bar:
-        _rebase(filename, new, backing_format, unsafe=unsafe, progress=bar.update, unsafe_backing=unsafe_backing)
+        _rebase(filename, new, backing_format, unsafe=unsafe, progress=bar.update, unsafe_backing=unsafe_backing,
+                writable=writable)

@@ -15,7 +15,7 @@ from vdisk.cli.options import force_share_option, format_option, output_option
 from vdisk.cli.output import emit, table
 from vdisk.drivers.base import SnapshotInfo
 from vdisk.errors import ImageLocked
-from vdisk.ops.chain import _snapshot_from, with_writable
+from vdisk.session import writable
 from vdisk.sizes import format_size
 
 #: qemu-img snapshot's flags -> (subcommand, takes a snapshot name)
@@ -77,7 +77,8 @@ def snapshot() -> None:
 @click.argument("name")
 def snapshot_create(fmt, filename, name):
     """Take snapshot NAME of FILENAME's current state (O(1) for vdk)."""
-    with_writable(filename, lambda img: img.snapshot_create(name), ("snapshot-create", {"name": name}), fmt=fmt)
+    with writable(filename, fmt) as img:
+        img.snapshot_create(name)
 
 
 @snapshot.command("delete")
@@ -88,7 +89,8 @@ def snapshot_delete(fmt, filename, name):
     """Delete snapshot NAME, freeing what nothing else references.  A snapshot that
     linked clones depend on disappears from the list but keeps its data until the
     last clone is flattened, rebased or removed."""
-    with_writable(filename, lambda img: img.snapshot_delete(name), ("snapshot-delete", {"name": name}), fmt=fmt)
+    with writable(filename, fmt) as img:
+        img.snapshot_delete(name)
 
 
 @snapshot.command("revert")
@@ -97,7 +99,8 @@ def snapshot_delete(fmt, filename, name):
 @click.argument("name")
 def snapshot_revert(fmt, filename, name):
     """Make FILENAME's current state equal to snapshot NAME (later snapshots stay)."""
-    with_writable(filename, lambda img: img.snapshot_revert(name), ("snapshot-revert", {"name": name}), fmt=fmt)
+    with writable(filename, fmt) as img:
+        img.snapshot_revert(name)
 
 
 @snapshot.command("rename")
@@ -108,8 +111,8 @@ def snapshot_revert(fmt, filename, name):
 def snapshot_rename(fmt, filename, name, new_name):
     """Rename snapshot NAME of FILENAME to NEW_NAME.  Linked clones name their
     snapshot by id, so they go on reading it."""
-    with_writable(filename, lambda img: img.snapshot_rename(name, new_name),
-                  ("snapshot-rename", {"name": name, "new_name": new_name}), fmt=fmt)
+    with writable(filename, fmt) as img:
+        img.snapshot_rename(name, new_name)
 
 
 @snapshot.command("list")
@@ -133,8 +136,8 @@ def snapshot_list(fmt, output, force_share, filename):
         with block.open(filename, format=fmt, read_only=True, backing=False, force_share=force_share) as img:
             snaps = img.snapshot_list(space=True)
     except ImageLocked:
-        res = with_writable(filename, lambda img: None, ("snapshot-list", {}), fmt=fmt)
-        snaps = [_snapshot_from(s) for s in res]
+        with writable(filename, fmt) as img:  # a mount holds it: ask the mount
+            snaps = img.snapshot_list()
     rows = [snapshot_json(s) for s in snaps]
 
     def human(rows):

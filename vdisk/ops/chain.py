@@ -13,10 +13,16 @@ flattened, rebased elsewhere or removed with ``vdisk rm``.  A file copied with
 ``cp`` keeps the identity of its original; ``rm`` of such a copy releases nothing
 while the original is still at its recorded place.  Formats that cannot record a
 holder (raw, qcow2) cannot be the source of a clone of a snapshot.
+
+Operations that change another image's snapshots (holds, the snapshot a clone of a
+live image takes) open it with the ``writable`` opener they are given: the default
+opens the file here; the CLI passes :func:`vdisk.session.writable`, which hands the
+request to the mount that holds the image.  No operation talks to a mount itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from dataclasses import dataclass
@@ -24,7 +30,7 @@ from typing import Callable
 
 from .. import block
 from ..drivers.base import BackingRef, Holder, SnapshotInfo, Status
-from ..errors import BackingError, ImageLocked, ImageNotFound, SnapshotNotFound, UsageError, VdiskError
+from ..errors import BackingError, ImageNotFound, SnapshotNotFound, UsageError, VdiskError
 
 ProgressFn = Callable[[int], None]
 CHUNK = 4 << 20
@@ -47,51 +53,20 @@ def backing_spec(image: str, spec: str) -> tuple[str, str | None]:
     return spec, None
 
 
-_NO_MOUNT = object()
+Opener = Callable[..., "contextlib.AbstractContextManager"]
 
 
-def _remote(path: str, op: str, **args):
-    """Ask the mount daemon that owns ``path`` to do ``op``; ``_NO_MOUNT`` if none does."""
-    from fusemount import control
-
-    reply = control.request(path, {"op": op, **args})
-    if reply is None:
-        return _NO_MOUNT
-    return control.result(reply)
+@contextlib.contextmanager
+def open_writable(path: str, fmt: str | None = None):
+    """The default opener of the operations below: ``path`` opened read-write here
+    (the CLI passes :func:`vdisk.session.writable`, which also reaches a mount)."""
+    with block.open(path, format=fmt, backing=False) as img:
+        yield img
 
 
-def with_writable(path: str, fn: Callable[[block.Image], object], remote: tuple[str, dict] | None = None,
-                  fmt: str | None = None):
-    """Run ``fn(image)`` on ``path`` opened read-write; if a mount holds the image,
-    send ``remote`` (op, args) to it over its control socket instead."""
-    try:
-        img = block.open(path, format=fmt, backing=False)
-    except ImageLocked:
-        if remote is None:
-            raise
-        res = _remote(path, remote[0], **remote[1])
-        if res is _NO_MOUNT:
-            raise
-        return res
-    with img:
-        return fn(img)
-
-
-def _snapshot_from(res) -> SnapshotInfo:
-    if isinstance(res, SnapshotInfo):
-        return res
-    return SnapshotInfo(id=res["id"], name=res["name"], created=res["created"], size=res["size"],
-                        generation=res.get("generation", 0), holds=res.get("holds", 0),
-                        holders=tuple(Holder(h["image_id"], h["path"]) for h in res.get("holders", ())),
-                        hidden=bool(res.get("hidden", False)))
-
-
-def _hold(base: str, snap: str, holder: Holder | None, delta: int) -> SnapshotInfo:
-    args = {"name": snap, "delta": delta}
-    if holder is not None:
-        args["holder"] = {"image_id": holder.image_id, "path": holder.path}
-    return _snapshot_from(with_writable(base, lambda img: img.snapshot_hold(snap, delta, holder),
-                                        ("snapshot-hold", args), fmt="vdk"))
+def _hold(base: str, snap: str, holder: Holder | None, delta: int, writable: Opener) -> SnapshotInfo:
+    with writable(base, "vdk") as img:
+        return img.snapshot_hold(snap, delta, holder)
 
 
 def _holder_path(base: str, holder_file: str) -> str:
@@ -117,7 +92,8 @@ class CloneResult:
 
 
 def clone(src_spec: str, dst: str, *, full: bool = False, compression: str | None = None,
-          progress: ProgressFn | None = None, fmt: str = "vdk", unsafe_backing: bool = False) -> CloneResult:
+          progress: ProgressFn | None = None, fmt: str = "vdk", unsafe_backing: bool = False,
+          writable: Opener = open_writable) -> CloneResult:
     """``vdisk clone SRC[@SNAP] DST``: a linked clone (O(1), shares data with SRC's
     snapshot) or, with ``full``, an independent copy, in format ``fmt``."""
     src, snap = split_snapshot_spec(src_spec)
@@ -148,12 +124,12 @@ def clone(src_spec: str, dst: str, *, full: bool = False, compression: str | Non
     # Refuse what block.create would refuse before anything is written into the source.
     block.check_backing_allowed(dst, abs_src, unsafe_backing=unsafe_backing)
     if snap is None:
-        snap = _auto_snapshot(src, dst)
+        snap = _auto_snapshot(src, dst, writable)
     holder = Holder(uuid.uuid4().hex, _holder_path(src, dst))
     # The hold is committed before the clone exists: a crash in between leaves a hold
     # whose holder is missing (found and released by `vdisk check -r leaks`), never a
     # clone whose snapshot can vanish.
-    info = _hold(src, snap, holder, +1)
+    info = _hold(src, snap, holder, +1, writable)
     try:
         with block.open(src, read_only=True, format="vdk", snapshot=f"#{info.id}") as view:
             cluster = view.cluster_size
@@ -161,12 +137,12 @@ def clone(src_spec: str, dst: str, *, full: bool = False, compression: str | Non
                      backing_format="vdk", backing_snapshot=f"#{info.id}", unsafe_backing=unsafe_backing,
                      image_id=holder.image_id)
     except BaseException:
-        _hold(src, f"#{info.id}", holder, -1)
+        _hold(src, f"#{info.id}", holder, -1, writable)
         raise
     return CloneResult(dst, True, src, info.name, info.size)
 
 
-def _auto_snapshot(src: str, dst: str) -> str:
+def _auto_snapshot(src: str, dst: str, writable: Opener) -> str:
     """Cloning the live state of a vdk image: snapshot it first, so the source stays writable."""
     base = "clone-" + os.path.basename(dst).replace("/", "_").replace("@", "_").lstrip("#") or "clone"
     base = base.encode()[:200].decode(errors="ignore")
@@ -180,8 +156,8 @@ def _auto_snapshot(src: str, dst: str) -> str:
         img.snapshot_create(name)
         return name
 
-    res = with_writable(src, make, ("snapshot-create", {"name": base}), fmt="vdk")
-    return res if isinstance(res, str) else _snapshot_from(res).name
+    with writable(src, "vdk") as img:
+        return make(img)
 
 
 # ------------------------------------------------------------------------------ holds
@@ -237,16 +213,16 @@ def hold_plan(overlay_path: str, ref: BackingRef | None, image_id: str | None) -
     return HoldPlan(base, ref.snapshot, mine[0])
 
 
-def release(plan: HoldPlan | None, what: str) -> None:
+def release(plan: HoldPlan | None, what: str, writable: Opener = open_writable) -> None:
     """Carry out ``plan`` after the overlay let go of its base.  A release that fails
     is an error naming what is left held, never silence."""
     if plan is None or plan.copy_of is not None:
         return
     try:
         if plan.holder is None:
-            _hold(plan.base, plan.snapshot, None, -1)
+            _hold(plan.base, plan.snapshot, None, -1, writable)
         else:
-            _hold(plan.base, plan.snapshot, Holder(plan.holder.image_id, plan.holder.path), -1)
+            _hold(plan.base, plan.snapshot, Holder(plan.holder.image_id, plan.holder.path), -1, writable)
     except SnapshotNotFound:
         return  # released already (by check -r, or a retried command)
     except VdiskError as exc:
@@ -330,12 +306,12 @@ def stale_holds(path: str) -> list[StaleHold]:
     return out
 
 
-def release_stale_holds(path: str) -> list[str]:
+def release_stale_holds(path: str, writable: Opener = open_writable) -> list[str]:
     """Release every hold :func:`stale_holds` finds; returns what was released."""
     done = []
     for st in stale_holds(path):
         try:
-            _hold(path, st.snapshot, st.holder, -1)
+            _hold(path, st.snapshot, st.holder, -1, writable)
         except SnapshotNotFound:
             continue
         done.append(f"released a hold whose holder is gone ({st.reason})")
@@ -411,7 +387,8 @@ def _check_no_loop(path: str, new_base: block.Image) -> None:
 
 
 def rebase(path: str, new_backing: str | None, new_format: str | None = None, *, unsafe: bool = False,
-           progress: ProgressFn | None = None, unsafe_backing: bool = False) -> None:
+           progress: ProgressFn | None = None, unsafe_backing: bool = False,
+           writable: Opener = open_writable) -> None:
     """Point ``path`` at ``new_backing`` (``None``: no backing; a path as the caller
     sees it, optionally ``@SNAP``).  Safe mode first copies into the overlay every
     range where the old and the new backing differ, so the guest content does not
@@ -451,18 +428,18 @@ def rebase(path: str, new_backing: str | None, new_format: str | None = None, *,
             raise UsageError(f"{path}: has no identity (made by vdisk 0.1) to hold a snapshot with; "
                              "make a new clone instead (vdisk clone)")
         held = Holder(image_id, _holder_path(new_path, path))
-        info = _hold(new_path, new_snap, held, +1)
+        info = _hold(new_path, new_snap, held, +1, writable)
         new_snap = f"#{info.id}"
     try:
         _rebase(path, new_path, new_format, new_snap, unsafe, progress, unsafe_backing)
     except BaseException:
         if held is not None:
-            _hold(new_path, new_snap, held, -1)
+            _hold(new_path, new_snap, held, -1, writable)
         raise
     if old_plan is not None and held is not None and _same_file(old_plan.base, new_path) \
             and old_plan.snapshot == new_snap:
         return  # onto the same snapshot again: the one record was refreshed, keep it
-    release(old_plan, f"rebased {path}")
+    release(old_plan, f"rebased {path}", writable)
 
 
 def _rebase(path, new_path, new_format, new_snap, unsafe, progress, unsafe_backing) -> BackingRef | None:
@@ -522,9 +499,10 @@ def _read_zero_extended(img: block.Image | None, off: int, n: int) -> bytes:
     return data if m == n else data + bytes(n - m)
 
 
-def flatten(path: str, *, progress: ProgressFn | None = None, unsafe_backing: bool = False) -> None:
+def flatten(path: str, *, progress: ProgressFn | None = None, unsafe_backing: bool = False,
+            writable: Opener = open_writable) -> None:
     """Pull all data the backing chain provides into ``path`` and drop the reference."""
-    rebase(path, None, unsafe=False, progress=progress, unsafe_backing=unsafe_backing)
+    rebase(path, None, unsafe=False, progress=progress, unsafe_backing=unsafe_backing, writable=writable)
 
 
 # ------------------------------------------------------------------------------ remove
@@ -540,7 +518,7 @@ def _describe(deps: list[Dependant]) -> str:
 
 
 def remove(path: str, *, recursive: bool = False, dry_run: bool = False,
-           removed: Callable[[str], None] | None = None) -> list[str]:
+           removed: Callable[[str], None] | None = None, writable: Opener = open_writable) -> list[str]:
     """Delete an image file, releasing the hold its backing reference has on a snapshot.
 
     An image that others depend on (holders of its snapshots, overlays next to it) is
@@ -556,7 +534,7 @@ def remove(path: str, *, recursive: bool = False, dry_run: bool = False,
                 removed(p)
         return order
     for p in order:
-        _remove_one(p)
+        _remove_one(p, writable)
         if removed:
             removed(p)
     return order
@@ -583,9 +561,9 @@ def _plan_remove(path: str, recursive: bool, order: list[str], visiting: set[str
     order.append(path)
 
 
-def _remove_one(path: str) -> None:
+def _remove_one(path: str, writable: Opener) -> None:
     fmt = block.detect_format(path)
     with block.open(path, format=fmt, backing=False) as img:  # read-write: refuses an image in use
         plan = hold_plan(path, img.driver.backing_ref, img.driver.image_id)
     os.unlink(path)
-    release(plan, f"removed {path}")
+    release(plan, f"removed {path}", writable)
