@@ -5,14 +5,15 @@ State owned (fields of :class:`.txn.TxnState`, ``self.txn``): the refcount array
 (the end of the host area), the free-cluster heap (``free_heap`` with
 ``scan_pos``), and the transaction's allocation sets: ``new_clusters``
 (allocated in this transaction), ``pending_free`` (dropped here but referenced by
-the durable header), ``dropped_new`` (allocated and dropped again) and the
-packing cluster of compressed frames (``pack_cluster``, ``pack_used``).  Every
+the durable header; with ``held_free``, those of the last committed transaction
+until its header is durable), ``dropped_new`` (allocated and dropped again) and
+the packing cluster of compressed frames (``pack_cluster``, ``pack_used``).  Every
 refcount change goes through ``_set_rc``, which marks the refcount block dirty
 and, while a commit attempt is open, logs the old value for its rollback.
 
 Guarantees.  ``_alloc`` never returns a cluster the durable header references:
-only refcount-0 clusters that are not pending free, else the next one past the
-end.  A cluster whose refcount drops to 0 becomes reusable at once only if this
+only refcount-0 clusters that are not pending free (or held), else the next one
+past the end.  A cluster whose refcount drops to 0 becomes reusable at once only if this
 transaction allocated it; otherwise it stays pending until the next header is
 durable (``_release_pending``).  Releasing a table instance recurses into what it
 names only when its own count reaches zero, so deleting a snapshot costs what it
@@ -53,7 +54,7 @@ class AllocMixin:
         while True:
             if heap:
                 c = heapq.heappop(heap)
-                if c < t.host_clusters and rc[c] == 0 and c not in t.pending_free:
+                if c < t.host_clusters and rc[c] == 0 and c not in t.pending_free and c not in t.held_free:
                     break
                 continue
             if t.scan_pos < t.host_clusters:

@@ -18,8 +18,10 @@ Contract.  A failure in steps 2-3 changes nothing durable, and
 ``TxnState.abort`` puts the in-memory state back exactly as it was before step 1,
 so a later flush retries the same transaction.  A failure in step 5 leaves it
 unknown whether that generation is durable: what either generation references
-stays reserved (``pending_free`` is released only in step 6), and the next commit
-first writes that same header again, to the same slot (``_header_unsure``).
+stays reserved (the committed transaction's frees wait in ``held_free`` for its
+header; those of the transaction after it wait for the next header), and the next
+commit first writes that same header again, to the same slot (``_header_unsure``),
+before step 6 releases them.
 
 State owned: ``txn`` (a :class:`TxnState`), ``slot``/``_slot_gen`` (the slot of the
 current header) and ``_header_unsure``; ``header`` becomes the new generation's in
@@ -41,7 +43,6 @@ AUTO_COMMIT_PENDING_FREE = 1 << 16
 # The scope of each TxnState field: what happens to it when its transaction commits.
 _IMAGE = {"scope": "image"}  # describes the image: kept across transactions
 _TXN = {"scope": "txn"}  # this transaction's own: a new transaction starts from the default
-_HELD = {"scope": "held"}  # kept until the header that no longer needs it is durable (_release_pending)
 #: the refcount array: kept across transactions, rolled back by an undo log instead of a copy
 _UNDO = {"scope": "image", "rollback": "undo"}
 
@@ -69,15 +70,16 @@ class TxnState:
     ``abort`` delimit the attempt.
 
     Transaction-scoped (reset to their defaults by ``commit``): ``dirty``, the flags
-    and sets saying what the transaction changed, and its packing cluster.
-    ``pending_free`` and ``dropped_new`` are held until the header that no longer
-    references them is durable.  The rest describes the image and is kept.  All of
-    it is transaction *state* in the sense that matters for rollback: placing the
-    tables in a commit attempt allocates clusters (``host_clusters``, ``rc``,
-    ``free_heap``, ``scan_pos``, ``new_clusters``), drops the old tables
-    (``pending_free``, ``dropped_new``, ``pack_cluster``), rewrites the L1 and
-    refcount table entries (``l1_off``/``l1_sum``, ``rt_off``/``rt_sum``) and
-    clears what it placed.
+    and sets saying what the transaction changed, its packing cluster, and the
+    clusters it freed (``pending_free``, ``dropped_new``), which ``commit`` hands
+    to ``held_free``/``held_dropped``: they stay reserved until the header of
+    *their* transaction is durable (``_release_pending``), also when that header's
+    write fails and the next transaction frees more meanwhile.  The rest describes
+    the image and is kept.  All of it is state a commit attempt changes: placing
+    the tables allocates clusters (``host_clusters``, ``rc``, ``free_heap``,
+    ``scan_pos``, ``new_clusters``), drops the old tables (``pending_free``,
+    ``dropped_new``, ``pack_cluster``) and rewrites the L1 and refcount table
+    entries (``l1_off``/``l1_sum``, ``rt_off``/``rt_sum``).
 
     Why rollback is complete:
 
@@ -119,9 +121,11 @@ class TxnState:
     new_clusters: set[int] = field(default_factory=set, metadata=_TXN)  # allocated in this transaction
     pack_cluster: int = field(default=-1, metadata=_TXN)  # where compressed frames are packed, or -1
     pack_used: int = field(default=0, metadata=_TXN)  # bytes of it in use
-    # -- held until released
-    pending_free: set[int] = field(default_factory=set, metadata=_HELD)  # refcount 0, durably referenced
-    dropped_new: set[int] = field(default_factory=set, metadata=_HELD)  # allocated, dropped again: punch
+    pending_free: set[int] = field(default_factory=set, metadata=_TXN)  # refcount 0, durably referenced
+    dropped_new: set[int] = field(default_factory=set, metadata=_TXN)  # allocated, dropped again: punch
+    # -- the frees of the last committed transaction, until its header is durable
+    held_free: set[int] = field(default_factory=set, metadata=_IMAGE)  # as pending_free: not reusable
+    held_dropped: set[int] = field(default_factory=set, metadata=_IMAGE)  # free; punched on release
 
     def __post_init__(self) -> None:
         #: (cluster, old refcount) of every refcount change of the open attempt, else None
@@ -139,9 +143,12 @@ class TxnState:
         self.undo = []
 
     def commit(self) -> None:
-        """The attempt succeeded (its tables are durable): keep what it changed, and
-        start the next transaction (transaction-scoped fields back to their defaults)."""
+        """The attempt succeeded (its tables are durable): keep what it changed, hold
+        the clusters it freed until its header is durable, and start the next
+        transaction (transaction-scoped fields back to their defaults)."""
         self._saved = self.undo = None
+        self.held_free |= self.pending_free
+        self.held_dropped |= self.dropped_new
         for f in fields(self):
             if f.metadata["scope"] == "txn":
                 setattr(self, f.name, f.default_factory() if f.default_factory is not MISSING else f.default)
@@ -235,19 +242,20 @@ class TxnMixin:
         self.host.flush()
 
     def _release_pending(self) -> None:
-        """Step 6: the newest generation is durable, so what it no longer references
-        may be reused."""
+        """Step 6: the newest generation is durable, so what its transaction freed
+        (``held_free``) may be reused.  The frees of the transaction open now are not
+        touched: the durable header may still reference them."""
         t = self.txn
-        freed = sorted(t.pending_free)
+        freed = sorted(t.held_free)
         for c in freed:
             heapq.heappush(t.free_heap, c)
-        t.pending_free.clear()
-        if t.dropped_new:
+        t.held_free.clear()
+        if t.held_dropped:
             # Written in a transaction that dropped them again: free, but their bytes
             # would stay in the file (check counts that as leaked space).
             rc = t.rc
-            freed = sorted(set(freed).union(c for c in t.dropped_new if c < len(rc) and rc[c] == 0))
-            t.dropped_new.clear()
+            freed = sorted(set(freed).union(c for c in t.held_dropped if c < len(rc) and rc[c] == 0))
+            t.held_dropped.clear()
         self._punch(freed)
 
     def _place_tables(self) -> tuple[C.Header, list[tuple[int, bytes]], list[int]]:
