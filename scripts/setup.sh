@@ -97,4 +97,4 @@ fi
 
 # Byte-compile the sources: a command that compiles its modules at every start (as
 # with PYTHONDONTWRITEBYTECODE) pays tens of milliseconds for it.  Quick when current.
-.venv/bin/python -m compileall -q vdisk fusemount >/dev/null || true
+.venv/bin/python -m compileall -q vdisk >/dev/null || true

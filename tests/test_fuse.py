@@ -2,7 +2,7 @@
 snapshots through the control socket, fio verify, kill -9 recovery, locking, read-only.
 
 Every test cleans up its ext4 mounts, loop devices, FUSE mounts and daemons through
-``fusemount.testing.Rig`` even when it fails, and is bounded in time.
+``vdisk.export.fuse.testing.Rig`` even when it fails, and is bounded in time.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import pytest
 
 import vdisk
 from imagetools import flip_byte
-from fusemount import control
-from fusemount.testing import Rig, need_loop, run, wait_until
+from vdisk.export.fuse import control
+from vdisk.export.fuse.testing import Rig, need_loop, run, wait_until
 from vdisk.errors import VdiskError
 
 pytestmark = [pytest.mark.fuse, pytest.mark.timeout(180)]
@@ -352,7 +352,7 @@ def test_sigterm_flushes_and_unmounts(rig, tmp_path):
     with open(os.path.join(mnt, "disk"), "r+b", buffering=0) as f:
         f.write(b"survives SIGTERM")
     os.kill(pid, signal.SIGTERM)
-    from fusemount.daemon import is_mounted
+    from vdisk.export.fuse.daemon import is_mounted
     wait_until(lambda: not is_mounted(mnt), 30, "the mount to go away")
     wait_until(lambda: not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split(") ")[1][0] == "Z",
                30, "the daemon to exit")

@@ -1,4 +1,4 @@
-"""The kernel FUSE engine (fusemount.kernel: the protocol spoken on /dev/fuse by reader
+"""The kernel FUSE engine (vdisk.export.fuse.kernel: the protocol spoken on /dev/fuse by reader
 threads) against the real kernel.
 
 * tests/test_fuse.py runs on this engine (the default); tests/test_fuse_pyfuse3.py
@@ -10,7 +10,7 @@ threads) against the real kernel.
   (no I/O), and the engine in-process on a real mount (tree, xattrs, readdir paging,
   refused operations, invalidation).
 
-Everything a test sets up is torn down by fusemount.testing.Rig (or the ``served``
+Everything a test sets up is torn down by vdisk.export.fuse.testing.Rig (or the ``served``
 fixture) even when it fails.
 """
 
@@ -31,13 +31,13 @@ import test_fuse as _tf
 from test_fuse import rig  # noqa: F401  (the fixture, for the imported tests and ours)
 
 import vdisk
-from fusemount import control
-from fusemount.daemon import is_mounted
-from fusemount.fs import DISK_INO, ROOT_INO, SNAPDIR_INO, VdiskFS
-from fusemount.kernel import mount as kmount
-from fusemount.kernel import proto
-from fusemount.kernel.engine import KernelEngine
-from fusemount.testing import need_loop, run, wait_until
+from vdisk.export.fuse import control
+from vdisk.export.fuse.daemon import is_mounted
+from vdisk.export.fuse.fs import DISK_INO, ROOT_INO, SNAPDIR_INO, VdiskFS
+from vdisk.export.fuse.kernel import mount as kmount
+from vdisk.export.fuse.kernel import proto
+from vdisk.export.fuse.kernel.engine import KernelEngine
+from vdisk.export.fuse.testing import need_loop, run, wait_until
 
 MiB = 1 << 20
 
@@ -52,7 +52,7 @@ def _fuse(fn):
 
 @pytest.fixture(autouse=True)
 def kernel_engine(monkeypatch, tmp_path):
-    """Every mount a test makes through fusemount.daemon uses the kernel engine; after
+    """Every mount a test makes through vdisk.export.fuse.daemon uses the kernel engine; after
     the test, no daemon log under its directory may name another one."""
     monkeypatch.setenv("VDISK_FUSE_ENGINE", "kernel")
     yield

@@ -12,7 +12,7 @@ import pytest
 import trio
 
 import vdisk
-from fusemount.fs import DISK_INO, ROOT_INO, SNAPDIR_INO, VdiskFS
+from vdisk.export.fuse.fs import DISK_INO, ROOT_INO, SNAPDIR_INO, VdiskFS
 from vdisk.errors import ChecksumMismatch, CorruptImage, HostIOError, VdiskError
 
 MiB = 1 << 20
@@ -67,7 +67,7 @@ def test_checksum_mismatch_is_eio_for_that_request_only(fs, caplog):
         raise ChecksumMismatch("data checksum mismatch at 0x10000", 0x10000)
 
     fs.image.read = bad
-    with caplog.at_level(logging.ERROR, logger="fusemount"):
+    with caplog.at_level(logging.ERROR, logger="vdisk.export.fuse"):
         assert errno_of(fs.read, DISK_INO, 0x10000, 4096) == errno.EIO
     assert "guest offset 65536" in caplog.text
     fs.image.read = real
@@ -80,7 +80,7 @@ def test_corrupt_image_turns_mount_read_only(fs, caplog):
         raise CorruptImage("L2 table at 0x30000 fails its checksum")
 
     fs.image.write = bad
-    with caplog.at_level(logging.ERROR, logger="fusemount"):
+    with caplog.at_level(logging.ERROR, logger="vdisk.export.fuse"):
         assert errno_of(fs.write, DISK_INO, 0, b"x") == errno.EIO
     assert "read-only from now on" in caplog.text and "L2 table" in caplog.text
     assert errno_of(fs.write, DISK_INO, 0, b"x") == errno.EROFS
@@ -112,7 +112,7 @@ def test_unexpected_exception_is_eio_with_traceback(fs, caplog):
         raise ZeroDivisionError("boom")
 
     fs.image.read = boom
-    with caplog.at_level(logging.ERROR, logger="fusemount"):
+    with caplog.at_level(logging.ERROR, logger="vdisk.export.fuse"):
         assert errno_of(fs.read, DISK_INO, 0, 512) == errno.EIO
     assert "Traceback" in caplog.text and "ZeroDivisionError" in caplog.text
 

@@ -270,7 +270,7 @@ def test_locks_released_when_the_daemon_is_killed(tmp_path, storage_daemon):
 def test_vdisk_mount_keeps_qemu_out(tmp_path, monkeypatch):
     """The reported case: while `vdisk mount` serves a qcow2 read-write, qemu-img info and
     qemu-io writes used to work (and leak clusters)."""
-    from fusemount.testing import Rig
+    from vdisk.export.fuse.testing import Rig
 
     monkeypatch.setenv("VDISK_RUN_DIR", str(tmp_path / "run"))
     path = make_image(tmp_path, "qcow2")

@@ -1,4 +1,4 @@
-"""The run directory and log files of mount daemons (fusemount/daemon.py, __main__.py).
+"""The run directory and log files of mount daemons (vdisk/export/fuse/daemon.py, __main__.py).
 
 The run directory (control sockets, default logs) is created mode 0700, and one that is
 a symlink, is not owned by the current uid or is writable by group or others is refused
@@ -17,7 +17,7 @@ import sys
 import pytest
 
 import vdisk
-from fusemount.daemon import MountError, open_log, secure_run_dir, spawn
+from vdisk.export.fuse.daemon import MountError, open_log, secure_run_dir, spawn
 
 OTHER_UID = 54321
 
@@ -127,7 +127,7 @@ def test_vdisk_mount_says_why_in_one_line(tmp_path, run_vdisk, image, mountpoint
 
 
 def _daemon(args: list[str], env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fusemount", *args], capture_output=True, text=True, timeout=60,
+    return subprocess.run([sys.executable, "-m", "vdisk.export.fuse", *args], capture_output=True, text=True, timeout=60,
                           env=dict(os.environ, **env), cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -160,7 +160,7 @@ def test_clients_never_talk_to_a_socket_in_a_run_directory_others_control(tmp_pa
     """A planted socket in a directory another user could write would answer vdisk's
     control requests (snapshot-hold, flush...): the client refuses to connect."""
     import vdisk
-    from fusemount import control
+    from vdisk.export.fuse import control
     from vdisk.errors import VdiskError
 
     d = tmp_path / "run"

@@ -39,7 +39,7 @@ class MountedImage:
         self.filename = path
 
     def _ask(self, op: str, **args):
-        from fusemount import control
+        from vdisk.export.fuse import control
 
         reply = control.request(self.filename, {"op": op, **args})
         if reply is None:
@@ -71,7 +71,7 @@ class MountedImage:
 
 
 def _mount_owns(path: str) -> bool:
-    from fusemount import control
+    from vdisk.export.fuse import control
 
     return control.request(path, {"op": "ping"}) is not None
 

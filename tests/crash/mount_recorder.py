@@ -5,7 +5,7 @@
 A power cut cannot be simulated with the mount daemon itself: ``kill -9`` leaves the
 host file's page cache intact, so every write that reached the daemon survives, and
 there is no device-mapper (dm-flakey, dm-log-writes) on every test machine.  So this
-program does what the daemon does (``fusemount.daemon.serve``: ``VdiskFS`` over the
+program does what the daemon does (``vdisk.export.fuse.daemon.serve``: ``VdiskFS`` over the
 image, the same mount options, ``direct_io`` as ``vdisk mount`` uses by default,
 pyfuse3's main loop in trio with one worker), except that the image lives in a
 :class:`~tests.crash.storage.RecordingStorage` loaded from IMAGE.  Every pwrite,
@@ -43,8 +43,8 @@ import pyfuse3
 import trio
 
 import vdisk
-from fusemount.daemon import mount_options
-from fusemount.fs import ROOT_INO, VdiskFS
+from vdisk.export.fuse.daemon import mount_options
+from vdisk.export.fuse.fs import ROOT_INO, VdiskFS
 from vdisk.block import Image
 from vdisk.drivers import get_driver
 

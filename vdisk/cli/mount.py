@@ -53,7 +53,7 @@ def mount_command(read_only, foreground, fmt, log_file, engine, no_direct_io, im
     if foreground:
         import os
 
-        from fusemount.__main__ import main as daemon_main
+        from vdisk.export.fuse.__main__ import main as daemon_main
 
         if engine:
             os.environ["VDISK_FUSE_ENGINE"] = engine  # the daemon's serve() reads it
@@ -68,7 +68,7 @@ def mount_command(read_only, foreground, fmt, log_file, engine, no_direct_io, im
         if no_direct_io:
             args.append("--no-direct-io")
         sys.exit(daemon_main(args + [image, mountpoint]))
-    from fusemount.daemon import spawn
+    from vdisk.export.fuse.daemon import spawn
 
     pid, log = spawn(image, mountpoint, read_only=read_only, fmt=fmt, log_file=log_file,
                      direct_io=not no_direct_io, engine=engine)
@@ -87,6 +87,6 @@ def mount_command(read_only, foreground, fmt, log_file, engine, no_direct_io, im
 @_errors_to_exit
 def umount_command(lazy, timeout, mountpoint):
     """Flush the image served at MOUNTPOINT, unmount it and wait for the daemon to exit."""
-    from fusemount.daemon import unmount
+    from vdisk.export.fuse.daemon import unmount
 
     unmount(mountpoint, lazy=lazy, timeout=timeout)

@@ -1,7 +1,7 @@
 """The FUSE kernel protocol (``include/uapi/linux/fuse.h``, major 7) as pure encode/decode.
 
 No I/O here: bytes in, values out, and back (as h11 does for HTTP).  The engine
-(:mod:`fusemount.kernel.engine`) reads requests from /dev/fuse into a buffer, decodes
+(:mod:`vdisk.export.fuse.kernel.engine`) reads requests from /dev/fuse into a buffer, decodes
 them with the ``Struct`` objects below and writes the replies these functions build.
 
 Conventions (from the header)

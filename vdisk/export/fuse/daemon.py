@@ -2,13 +2,13 @@
 
 Life of a mount (``vdisk mount IMAGE MNT``):
 
-1. the CLI spawns ``python -m fusemount --ready-fd N IMAGE MNT`` in a new session,
+1. the CLI spawns ``python -m vdisk.export.fuse --ready-fd N IMAGE MNT`` in a new session,
    stdout/stderr into the log file, and waits on the pipe for one line:
    ``READY`` or ``ERROR <exit_code> <message>``;
 2. the daemon opens the image (taking the write lock for rw), binds the control socket
    (rw only), mounts with its engine, reports READY and serves.  Two engines serve the
-   same handlers (fusemount.fs.VdiskFS): ``pyfuse3`` (libfuse + pyfuse3 + trio, the
-   default) and ``kernel`` (fusemount.kernel: the FUSE protocol spoken on /dev/fuse
+   same handlers (vdisk.export.fuse.fs.VdiskFS): ``pyfuse3`` (libfuse + pyfuse3 + trio, the
+   default) and ``kernel`` (vdisk.export.fuse.kernel: the FUSE protocol spoken on /dev/fuse
    by reader threads); ``vdisk mount --engine`` or $VDISK_FUSE_ENGINE chooses.  The
    control socket and signals are served by a trio loop in the main thread with
    either engine, under the engine's lock;
@@ -50,13 +50,13 @@ from vdisk.errors import VdiskError
 from . import control
 from .fs import DISK_INO, SNAPDIR_INO, VdiskFS
 
-log = logging.getLogger("fusemount")
+log = logging.getLogger("vdisk.export.fuse")
 
 READY_TIMEOUT = 120.0
 
 #: pyfuse3 worker tasks.  The data handlers never await, so a second worker could only
 #: wait on pyfuse3's read lock: measured, one worker costs less CPU per request than
-#: four (fusemount/PERFORMANCE.md).  VDISK_FUSE_MAX_TASKS overrides it for experiments.
+#: four (vdisk/export/fuse/PERFORMANCE.md).  VDISK_FUSE_MAX_TASKS overrides it for experiments.
 MAX_TASKS = int(os.environ.get("VDISK_FUSE_MAX_TASKS", "1"))
 
 
@@ -161,7 +161,7 @@ def is_mounted(mountpoint: str) -> tuple[str, str] | None:
 # ---------------------------------------------------------------- engines
 ENGINES = ("pyfuse3", "kernel")
 #: the engine when none is named: VDISK_FUSE_ENGINE, else the kernel engine (it passes
-#: the whole FUSE test suite, tests/test_fuse.py, and is faster: fusemount/PERFORMANCE.md;
+#: the whole FUSE test suite, tests/test_fuse.py, and is faster: vdisk/export/fuse/PERFORMANCE.md;
 #: tests/test_fuse_pyfuse3.py runs that suite on pyfuse3 too)
 DEFAULT_ENGINE = "kernel"
 
@@ -177,7 +177,7 @@ def engine_name(engine: str | None = None) -> str:
 class Pyfuse3Engine:
     """pyfuse3 + trio: libfuse reads the requests, pyfuse3 runs each handler as a trio
     task.  Everything (handlers, control requests) runs in the trio thread, so no lock
-    is needed (fusemount/fs.py's concurrency rules)."""
+    is needed (vdisk/export/fuse/fs.py's concurrency rules)."""
 
     name = "pyfuse3"
 
@@ -232,6 +232,9 @@ def make_engine(name: str, fs: VdiskFS):
 
         return _Kernel(fs)
     return Pyfuse3Engine(fs)
+
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 # ---------------------------------------------------------------- the daemon
@@ -324,7 +327,10 @@ class _Daemon:
         return [(eng.invalidate_entry, SNAPDIR_INO, bname, old_ino), (eng.invalidate_inode, SNAPDIR_INO)]
 
     async def signals(self, nursery) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+        with trio.open_signal_receiver(*_STOP_SIGNALS) as sigs:
+            # serve() blocked these before the mount became visible; one that came since
+            # is delivered now, to this receiver
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
             count = 0
             async for signum in sigs:
                 if signum == signal.SIGHUP:
@@ -422,6 +428,10 @@ def serve(
             xattrs["socket"] = control.socket_path(image_path)
         fs = VdiskFS(image, read_only=read_only or image.read_only, direct_io=direct_io, xattrs=xattrs)
         eng = make_engine(ename, fs)
+        # A stop signal that arrives once the mount is visible but before the daemon
+        # listens for it must not kill the daemon unflushed: block them until then
+        # (reader threads started meanwhile inherit the mask).
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         eng.mount(mountpoint, read_only=image.read_only, options=options)
         log.info("mounted %s (%s, %s) on %s, pid %d, engine %s", image_path, image.format,
                  "read-only" if image.read_only else "read-write", mountpoint, os.getpid(), ename)
@@ -438,6 +448,7 @@ def serve(
             except Exception:
                 log.exception("closing the %s engine", ename)
     finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
         if listen_sock is not None:
             try:
                 os.unlink(control.socket_path(image_path))
@@ -486,7 +497,7 @@ def spawn(
     except OSError:
         os.close(logfd)
         raise
-    cmd = [sys.executable, "-m", "fusemount", "--ready-fd", str(w), "--log-file", log_file]
+    cmd = [sys.executable, "-m", "vdisk.export.fuse", "--ready-fd", str(w), "--log-file", log_file]
     if read_only:
         cmd.append("--read-only")
     if fmt:

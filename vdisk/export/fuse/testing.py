@@ -47,7 +47,7 @@ class Rig:
 
     # -------------------------------------------------------------- FUSE
     def mount(self, image: str, mnt: str, *, read_only: bool = False, fmt: str | None = None, **kw) -> int:
-        from fusemount.daemon import spawn
+        from vdisk.export.fuse.daemon import spawn
 
         os.makedirs(mnt, exist_ok=True)
         self.fuse_mounts.append(mnt)
@@ -56,7 +56,7 @@ class Rig:
         return pid
 
     def umount(self, mnt: str) -> None:
-        from fusemount.daemon import unmount
+        from vdisk.export.fuse.daemon import unmount
 
         unmount(mnt, timeout=60)
         if mnt in self.fuse_mounts:

@@ -16,7 +16,7 @@ Concurrency rules (what may run at once; which lock guards what)
 * ``KernelEngine.lock`` (one ``threading.Lock``) guards the VdiskFS object, the image
   and its driver, and every snapshot view: every handler call runs under it, from
   start to finish, and so does every control request (snapshot create/delete/hold/
-  revert, flush, status; fusemount.daemon) and the flush on a signal.  Drivers
+  revert, flush, status; vdisk.export.fuse.daemon) and the flush on a signal.  Drivers
   therefore never see two calls at once and need not be thread-safe.
 * Outside the lock, and so in parallel with one handler: reading a request from
   /dev/fuse and decoding it, encoding the reply and writing it to /dev/fuse, and
@@ -70,7 +70,7 @@ from ..fs import DISK_INO, DISK_NAME, ROOT_INO, SNAPDIR_INO, SNAPDIR_NAME
 from . import mount as kmount
 from . import proto
 
-log = logging.getLogger("fusemount.kernel")
+log = logging.getLogger("vdisk.export.fuse.kernel")
 
 DEFAULT_THREADS = 2
 #: requests up to 1 MiB (max_pages 256, the kernel's default fuse.max_pages_limit)
@@ -135,7 +135,7 @@ class _SetattrAttr:
 
 
 class KernelEngine:
-    """Serve a :class:`fusemount.fs.VdiskFS` on a FUSE mount, speaking the protocol itself."""
+    """Serve a :class:`vdisk.export.fuse.fs.VdiskFS` on a FUSE mount, speaking the protocol itself."""
 
     name = "kernel"
 
@@ -201,7 +201,7 @@ class KernelEngine:
     def mount(self, mountpoint: str, *, read_only: bool, options: list[str] | None = None,
               via: str | None = None) -> None:
         """Mount on ``mountpoint`` and clone one descriptor per extra thread (``via``:
-        see :func:`fusemount.kernel.mount.mount`)."""
+        see :func:`vdisk.export.fuse.kernel.mount.mount`)."""
         fd = kmount.mount(mountpoint, fsname="vdisk", subtype="vdisk", read_only=read_only,
                           allow_other=os.geteuid() == 0, extra=options, via=via)
         self.mountpoint = mountpoint

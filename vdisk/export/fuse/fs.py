@@ -12,7 +12,7 @@ Concurrency rules (what may interleave at an ``await``)
 pyfuse3 runs each request handler as a trio coroutine.  The data-path handlers here
 (read, write, fsync) never ``await``: every call into the image runs to completion
 inside one step of the trio loop.  Control requests (snapshot create/delete, flush;
-see :mod:`fusemount.control`) run in another trio task but also call the image
+see :mod:`vdisk.export.fuse.control`) run in another trio task but also call the image
 without awaiting.  Hence:
 
 * the image and its driver are only ever used from the trio thread, one call at a
@@ -55,7 +55,7 @@ from vdisk.errors import (
     VdiskError,
 )
 
-log = logging.getLogger("fusemount")
+log = logging.getLogger("vdisk.export.fuse")
 
 ROOT_INO = pyfuse3.ROOT_INODE
 DISK_INO = ROOT_INO + 1

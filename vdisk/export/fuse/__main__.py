@@ -1,9 +1,9 @@
-"""The mount daemon: ``python -m fusemount [--read-only] [--ready-fd N] [--log-file F] IMAGE MOUNTPOINT``.
+"""The mount daemon: ``python -m vdisk.export.fuse [--read-only] [--ready-fd N] [--log-file F] IMAGE MOUNTPOINT``.
 
 ``vdisk mount`` starts this in the background and waits on ``--ready-fd`` for one
 line, ``READY`` or ``ERROR <exit_code> <message>``.  Without ``--ready-fd`` it runs
 in the foreground and logs to stderr (and to ``--log-file`` if given).  The log file is
-opened with O_NOFOLLOW and O_CLOEXEC (``fusemount.daemon.open_log``): a symlink there
+opened with O_NOFOLLOW and O_CLOEXEC (``vdisk.export.fuse.daemon.open_log``): a symlink there
 is refused, never followed.
 """
 
@@ -36,7 +36,7 @@ def setup_logging(log_file: str | None, foreground: bool, debug: bool = False) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fusemount")
+    p = argparse.ArgumentParser(prog="python -m vdisk.export.fuse")
     p.add_argument("--read-only", action="store_true")
     p.add_argument("--format", default=None)
     p.add_argument("--ready-fd", type=int, default=None)
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vdisk: {exc.message}", file=sys.stderr)
         tell(f"ERROR {exc.exit_code} {exc.message}")
         return exc.exit_code
-    log = logging.getLogger("fusemount")
+    log = logging.getLogger("vdisk.export.fuse")
 
     from .daemon import serve
 

@@ -34,7 +34,7 @@ mode 0600, and the server also checks the peer's uid (root or the daemon's own).
 Client use (the CLI's ``snapshot`` commands, when opening the image fails with
 ImageLocked)::
 
-    from fusemount import control
+    from vdisk.export.fuse import control
     reply = control.request(path, {"op": "snapshot-create", "name": "before-upgrade"})
     if reply is None: ...             # no mount owns the image: report ImageLocked as is
     result = control.result(reply)    # raises the VdiskError the daemon reported
@@ -53,7 +53,7 @@ from dataclasses import asdict
 from vdisk import errors as _errors
 from vdisk.errors import VdiskError
 
-log = logging.getLogger("fusemount.control")
+log = logging.getLogger("vdisk.export.fuse.control")
 
 MAX_REQUEST = 64 * 1024
 DEFAULT_TIMEOUT = 120.0
