@@ -12,7 +12,8 @@ What it does
     zero clusters, discard, resize (also shrinking under internal snapshots, as
     qemu-img 7.2; a version 2 image with snapshots is not resized at all, as
     qemu-img), internal snapshots (create, delete, revert, rename; names follow
-    ``validate_snapshot_name``, checked before anything is written), emptying the
+    ``vdisk.drivers.names.validate_snapshot_name``, checked before anything is
+    written), emptying the
     active state (``make_empty``, for ``commit``), compressed full-cluster writes
     when the image was created with compression;
   - ``create`` rounds the size up to whole 512-byte sectors, as qemu-img does;
@@ -98,6 +99,7 @@ from ...errors import (
 from ...host import HostStorage
 from .. import register
 from ..base import BackingRef, BlockDriver, CheckResult, CreateOptions, Extent, SnapshotInfo, Status
+from ..names import validate_snapshot_name
 
 # Implementation limits (bounded allocation: sizes read from a file are checked
 # against these before anything is allocated).
@@ -131,47 +133,6 @@ def _ceil_div(a: int, b: int) -> int:
 def _cache_tables(nbytes: int, cluster_size: int) -> int:
     """How many tables of one cluster fit ``nbytes`` (16 to 4096)."""
     return max(16, min(4096, nbytes // cluster_size))
-
-
-MAX_SNAPSHOT_NAME = 255
-
-
-def _shown(name) -> str:
-    """A printable one-line rendering of any would-be snapshot name."""
-    if isinstance(name, str):
-        try:
-            name = name.encode("utf-8", "surrogateescape")
-        except UnicodeEncodeError:  # a surrogate that no byte escapes to
-            return ascii(name)
-    text = bytes(name[:64]).decode("utf-8", "backslashreplace")
-    return "'" + "".join(c if c.isprintable() else repr(c)[1:-1] for c in text) + ("..." if len(name) > 64 else "") + "'"
-
-
-def validate_snapshot_name(name) -> str:
-    """The name of a new snapshot, or a one-line UsageError before anything is
-    written: 1 to 255 bytes of valid UTF-8 (a str holding surrogates, as a
-    non-UTF-8 command-line argument decodes to, is not), no control characters
-    (below 0x20, 0x7f, and the C1 range), no '@' (``IMAGE@SNAP`` names a
-    snapshot) or '/', no leading '#' (``#ID`` selects by id), no surrounding white
-    space -- the rules of vdk's snapshots, so both formats take the same names."""
-    if isinstance(name, (bytes, bytearray)):
-        try:
-            name = bytes(name).decode("utf-8")
-        except UnicodeDecodeError:
-            raise UsageError(f"invalid snapshot name {_shown(bytes(name))}: not valid UTF-8") from None
-    if not isinstance(name, str):
-        raise UsageError(f"a snapshot name must be a string, not {type(name).__name__}")
-    try:
-        raw = name.encode("utf-8")
-    except UnicodeEncodeError:
-        raise UsageError(f"invalid snapshot name {_shown(name)}: not valid UTF-8") from None
-    if not 0 < len(raw) <= MAX_SNAPSHOT_NAME:
-        raise UsageError(f"snapshot name must be 1 to {MAX_SNAPSHOT_NAME} bytes long, not {len(raw)}")
-    if any(ord(ch) < 0x20 or 0x7F <= ord(ch) < 0xA0 for ch in name):
-        raise UsageError(f"invalid snapshot name {_shown(name)}: no control characters")
-    if "@" in name or "/" in name or name.startswith("#") or name != name.strip():
-        raise UsageError(f"invalid snapshot name {_shown(name)}: no '@', '/', leading '#' or surrounding spaces")
-    return name
 
 
 def _nonzero(a: array.array):
