@@ -3,7 +3,8 @@
 Written from the public specification (QEMU ``docs/interop/qcow2.txt``).  All
 numbers in qcow2 are big-endian.  This module is the only place that knows the
 byte layout of the header, header extensions, L1/L2 entries, refcount entries and
-the snapshot table; the driver (:mod:`vdisk.drivers.qcow2`) works with the values.
+the snapshot table (and of the header cluster, extended L2 entries and vdisk's own
+header extension); the driver (:mod:`vdisk.drivers.qcow2`) works with the values.
 
 Decoders check only what the bytes themselves can tell (lengths, magic, padding
 bounds); semantic checks against the file (offsets inside it, table sizes against
@@ -255,6 +256,45 @@ def default_feature_table() -> list[FeatureName]:
     return [FeatureName(k, b, n) for (k, b), n in sorted(FEATURE_NAMES.items())]
 
 
+def backing_format_extension(fmt: str) -> HeaderExtension:
+    """The backing-format extension naming ``fmt`` (the name's bytes, no terminator)."""
+    return HeaderExtension(EXT_BACKING_FORMAT, fmt.encode())
+
+
+def backing_format(exts: list[HeaderExtension]) -> str | None:
+    """The backing format the extensions record (the last such extension), or None."""
+    fmt = None
+    for e in exts:
+        if e.type == EXT_BACKING_FORMAT:
+            fmt = e.data.decode("utf-8", "replace")
+    return fmt
+
+
+def encode_vdisk_options(options: dict[str, str]) -> HeaderExtension:
+    """vdisk's own extension: ASCII ``key=value`` pairs separated by commas."""
+    return HeaderExtension(EXT_VDISK_OPTIONS, ",".join(f"{k}={v}" for k, v in options.items()).encode("ascii"))
+
+
+def decode_vdisk_options(data: bytes) -> dict[str, str]:
+    """The ``key=value`` pairs of vdisk's extension (pairs without '=' are ignored)."""
+    return dict(kv.split("=", 1) for kv in data.decode("ascii", "replace").split(",") if "=" in kv)
+
+
+def encode_header_area(
+    hdr: Header, exts: list[HeaderExtension], backing_name: bytes, cluster_size: int
+) -> bytes | None:
+    """The start of the first cluster: header, extensions (with the end marker), then the
+    backing file name right after them -- ``backing_file_offset``/``_size`` set to
+    where it lands (0 without a name).  None if that does not fit in one cluster."""
+    base = encode_header(hdr)
+    ext = encode_extensions(exts)
+    bfo = len(base) + len(ext) if backing_name else 0
+    if len(base) + len(ext) + len(backing_name) > cluster_size:
+        return None
+    hdr = hdr.replace(backing_file_offset=bfo, backing_file_size=len(backing_name))
+    return encode_header(hdr) + ext + backing_name
+
+
 # ---------------------------------------------------------------------- L1 / L2 entries
 @dataclass(frozen=True)
 class L1Entry:
@@ -330,6 +370,27 @@ def compressed_host_range(e: L2Entry) -> tuple[int, int]:
     return e.host_offset, e.host_offset + e.compressed_size
 
 
+def l2_entries(cluster_size: int, extended: bool) -> int:
+    """Entries of one L2 table: 8 bytes each, 16 with extended L2 entries."""
+    return cluster_size // 16 if extended else cluster_size // 8
+
+
+# extended L2 entries: two u64 words per entry, the standard descriptor then a
+# bitmap of 32 subclusters (low half: allocated, high half: reads as zeros)
+SUBCLUSTERS = 32
+
+
+def ext_l2_descriptor(e: int) -> int:
+    """The first word of an extended L2 entry as a standard descriptor: bit 0 is not
+    a zero flag there (the bitmap says), so it is cleared unless compressed."""
+    return e if e & FLAG_COMPRESSED else e & ~FLAG_ZERO
+
+
+def decode_subcluster_bitmap(bm: int) -> tuple[int, int]:
+    """(allocated bits, zero bits) of an extended L2 entry's bitmap, bit i = subcluster i."""
+    return bm & 0xFFFFFFFF, bm >> 32
+
+
 # ---------------------------------------------------------------------- tables of u64
 def decode_u64_table(buf: bytes) -> array.array:
     """Big-endian u64 table (L1, L2, refcount table) -> array('Q') of host-order ints
@@ -368,6 +429,11 @@ def _typecode(order: int) -> str:
 
 def refcount_max(order: int) -> int:
     return (1 << (1 << order)) - 1
+
+
+def refblock_entries(cluster_size: int, order: int) -> int:
+    """Refcounts in one refcount block of ``1 << order`` bits each."""
+    return (cluster_size * 8) >> order
 
 
 def decode_refblock(buf: bytes, order: int) -> array.array:
@@ -414,6 +480,15 @@ def encode_refblock(a: array.array, order: int) -> bytes:
 _SNAP_FIXED = struct.Struct(">QIHHIIQII")  # 40 bytes
 assert _SNAP_FIXED.size == 40
 MAX_SNAPSHOT_EXTRA = 1024
+SNAPSHOT_FIXED_SIZE = 40
+
+
+def snapshot_entry_lengths(fixed: bytes) -> tuple[int, int]:
+    """From the first 40 bytes of a snapshot table entry: (size of its extra data,
+    bytes of the entry without the padding to 8 that follows it).  Lets a reader
+    bound an entry before reading it whole."""
+    _, _, id_len, name_len, _, _, _, _, extra = _SNAP_FIXED.unpack_from(fixed, 0)
+    return extra, SNAPSHOT_FIXED_SIZE + extra + id_len + name_len
 
 
 @dataclass(frozen=True, slots=True)  # slots: a table of 65536 records stays small

@@ -403,18 +403,18 @@ class Qcow2Driver(BlockDriver):
         )
         exts = []
         if opts.backing is not None:
-            exts.append(C.HeaderExtension(C.EXT_BACKING_FORMAT, opts.backing.format.encode()))
+            exts.append(C.backing_format_extension(opts.backing.format))
         if comp is not None:
-            exts.append(C.HeaderExtension(C.EXT_VDISK_OPTIONS, f"compress={comp}".encode()))
+            exts.append(C.encode_vdisk_options({"compress": comp}))
         ft = C.HeaderExtension(C.EXT_FEATURE_TABLE, C.encode_feature_table(C.default_feature_table()))
         name = opts.backing.filename.encode() if opts.backing is not None else b""
         if len(name) > MAX_BACKING_NAME:
             raise UsageError(f"qcow2: backing file name longer than {MAX_BACKING_NAME} bytes")
         if opts.backing is not None and opts.backing.snapshot:
             raise UsageError("qcow2: a backing file cannot name a snapshot")
-        head = _build_header_area(hdr, exts + [ft], name, cs)
+        head = C.encode_header_area(hdr, exts + [ft], name, cs)
         if head is None:
-            head = _build_header_area(hdr, exts, name, cs)
+            head = C.encode_header_area(hdr, exts, name, cs)
         if head is None:
             raise UsageError("qcow2: header, extensions and backing file name do not fit in one cluster")
         reftable = C.encode_u64_table([2 * cs]) + bytes(cs - 8)
@@ -516,8 +516,8 @@ class Qcow2Driver(BlockDriver):
             raise UnsupportedFeature(f"{name}: qcow2 image has persistent dirty bitmaps; vdisk opens it read-only only")
         self.order = h.refcount_order
         self.rc_max = C.refcount_max(self.order)
-        self.l2_entries = cs // 16 if self.extl2 else cs // 8
-        self.rb_entries = (cs * 8) >> self.order
+        self.l2_entries = C.l2_entries(cs, self.extl2)
+        self.rb_entries = C.refblock_entries(cs, self.order)
         # --- size and L1
         if h.size > (1 << 63) - 1:
             raise CorruptImage(f"{name}: qcow2 virtual size {h.size} is too large")
@@ -557,10 +557,7 @@ class Qcow2Driver(BlockDriver):
                 bname = bytes(raw_name).decode("utf-8")
             except UnicodeDecodeError:
                 raise CorruptImage(f"{name}: qcow2 backing file name is not valid UTF-8") from None
-            fmt = None
-            for e in self.exts:
-                if e.type == C.EXT_BACKING_FORMAT:
-                    fmt = e.data.decode("utf-8", "replace")
+            fmt = C.backing_format(self.exts)
             if fmt is None:
                 fmt = self._probe_backing_format(bname)
             self.backing_ref = BackingRef(bname, fmt)
@@ -570,7 +567,7 @@ class Qcow2Driver(BlockDriver):
         self.compress_writes = False
         for e in self.exts:
             if e.type == C.EXT_VDISK_OPTIONS:
-                opts = dict(kv.split("=", 1) for kv in e.data.decode("ascii", "replace").split(",") if "=" in kv)
+                opts = C.decode_vdisk_options(e.data)
                 self.compress_writes = opts.get("compress") in ("zlib", "zstd")
         self._l2cache: OrderedDict[int, array.array] = OrderedDict()
         self._l2_cache_max = _cache_tables(L2_CACHE_BYTES, cs)
@@ -701,17 +698,14 @@ class Qcow2Driver(BlockDriver):
         pos = offset
         limit = min(self._eof, offset + MAX_SNAPSHOT_TABLE_BYTES)
         for i in range(count):
-            if pos + 40 > limit:
+            if pos + C.SNAPSHOT_FIXED_SIZE > limit:
                 raise CorruptImage(f"{self.host.name}: qcow2 snapshot table entry {i} lies past the end of the file")
-            fixed = self.host.pread(pos, 40)
-            id_len = int.from_bytes(fixed[12:14], "big")
-            name_len = int.from_bytes(fixed[14:16], "big")
-            extra = int.from_bytes(fixed[36:40], "big")
+            extra, length = C.snapshot_entry_lengths(self.host.pread(pos, C.SNAPSHOT_FIXED_SIZE))
             if extra > C.MAX_SNAPSHOT_EXTRA:
                 raise CorruptImage(f"{self.host.name}: qcow2 snapshot {i} has {extra} bytes of extra data (too many)")
-            total = (40 + extra + id_len + name_len + 7) & ~7
+            total = (length + 7) & ~7
             # the padding of the last entry need not exist in the file
-            if pos + 40 + extra + id_len + name_len > limit:
+            if pos + length > limit:
                 raise CorruptImage(f"{self.host.name}: qcow2 snapshot table entry {i} runs past the end of the file")
             snap, _ = C.decode_snapshot(self.host.pread(pos, total), 0)
             if snap.l1_size * 8 > MAX_L1_BYTES:
@@ -1059,20 +1053,19 @@ class Qcow2Driver(BlockDriver):
             return 0
         if self.extl2:
             # bit 0 is not a zero flag with extended entries: the bitmap says
-            e = self._l2(off, f" (L1 index {l1i})")[2 * l2i]
-            return e if e & C.FLAG_COMPRESSED else e & ~C.FLAG_ZERO
+            return C.ext_l2_descriptor(self._l2(off, f" (L1 index {l1i})")[2 * l2i])
         return self._l2(off, f" (L1 index {l1i})")[l2i]
 
     def _ext_bitmap(self, gci: int) -> int:
         l1i, l2i = divmod(gci, self.l2_entries)
         if l1i >= len(self.l1) or not self.l1[l1i] & C.OFFSET_MASK:
             return 0
-        return self._l2(self.l1[l1i] & C.OFFSET_MASK)[2 * l2i + 1]
+        return self._l2(self.l1[l1i] & C.OFFSET_MASK)[2 * l2i + 1]  # the second word: the bitmap
 
     def _ext_pieces(self, offset: int, length: int):
         """Extended L2 entries: (guest pos, length, kind, host offset or entry) per subcluster run."""
         cs = self.cluster_size
-        scs = cs // 32
+        scs = cs // C.SUBCLUSTERS
         pos = offset
         end = offset + length
         while pos < end:
@@ -1084,7 +1077,7 @@ class Qcow2Driver(BlockDriver):
                 pos += n
                 continue
             bm = self._ext_bitmap(gci)
-            alloc, zero = bm & 0xFFFFFFFF, bm >> 32
+            alloc, zero = C.decode_subcluster_bitmap(bm)
             host = e & C.OFFSET_MASK
             sc = coff // scs
             n = min(scs - coff % scs, end - pos)
@@ -1783,13 +1776,13 @@ class Qcow2Driver(BlockDriver):
         if ref is not None:
             if ref.snapshot:
                 raise UsageError("qcow2: a backing file cannot name a snapshot")
-            exts.insert(0, C.HeaderExtension(C.EXT_BACKING_FORMAT, ref.format.encode()))
+            exts.insert(0, C.backing_format_extension(ref.format))
             name = ref.filename.encode()
             if len(name) > MAX_BACKING_NAME:
                 raise UsageError(f"qcow2: backing file name longer than {MAX_BACKING_NAME} bytes")
         self.flush()
         hdr = self.hdr
-        head = _build_header_area(hdr, exts, name, cs)
+        head = C.encode_header_area(hdr, exts, name, cs)
         if head is None:
             raise UsageError("qcow2: header, extensions and backing file name do not fit in one cluster")
         self.hdr = C.decode_header(head.ljust(cs, b"\0"))
@@ -2107,7 +2100,7 @@ class Qcow2Driver(BlockDriver):
                 except CorruptImage as exc:
                     res.corruptions.append(str(exc))
                     continue
-                entries = enumerate(t) if not self.extl2 else enumerate(x if x & C.FLAG_COMPRESSED else x & ~C.FLAG_ZERO for x in t[0::2])
+                entries = enumerate(t) if not self.extl2 else enumerate(map(C.ext_l2_descriptor, t[0::2]))
                 for l2i, e in entries:
                     if not e:
                         continue
@@ -2318,13 +2311,3 @@ def _copied_check(res: CheckResult, what: str, copied: bool, rc: int) -> None:
     elif not copied and rc == 1:
         res.leaks.append(f"{what}: COPIED flag 0 but refcount 1 (harmless; fixed by repairing leaks)")
 
-
-def _build_header_area(hdr: C.Header, exts: list[C.HeaderExtension], backing_name: bytes, cs: int) -> bytes | None:
-    """Header + extensions + backing file name, or None if that exceeds one cluster."""
-    base = C.encode_header(hdr)
-    ext = C.encode_extensions(exts)
-    bfo = len(base) + len(ext) if backing_name else 0
-    if len(base) + len(ext) + len(backing_name) > cs:
-        return None
-    hdr = hdr.replace(backing_file_offset=bfo, backing_file_size=len(backing_name))
-    return C.encode_header(hdr) + ext + backing_name
