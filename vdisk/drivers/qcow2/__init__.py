@@ -82,7 +82,6 @@ import os
 import sys
 import time
 from bisect import bisect_left, bisect_right
-from collections import OrderedDict
 
 from ... import budget
 from ...codec import qcow2 as C
@@ -99,6 +98,7 @@ from ...errors import (
 from ...host import HostStorage
 from .. import register
 from ..base import BackingRef, BlockDriver, CheckResult, CreateOptions, Extent, SnapshotInfo, Status
+from ..cache import TableCache
 from ..names import validate_snapshot_name
 
 # Implementation limits (bounded allocation: sizes read from a file are checked
@@ -569,13 +569,10 @@ class Qcow2Driver(BlockDriver):
             if e.type == C.EXT_VDISK_OPTIONS:
                 opts = C.decode_vdisk_options(e.data)
                 self.compress_writes = opts.get("compress") in ("zlib", "zstd")
-        self._l2cache: OrderedDict[int, array.array] = OrderedDict()
-        self._l2_cache_max = _cache_tables(L2_CACHE_BYTES, cs)
-        self._rb_cache_max = _cache_tables(RB_CACHE_BYTES, cs)
-        self._dirty_max = max(8, min(DIRTY_FLUSH_THRESHOLD, self._l2_cache_max // 2))
-        self._l2dirty: set[int] = set()
-        self._rbcache: OrderedDict[int, array.array] = OrderedDict()
-        self._rbdirty: set[int] = set()
+        # L2 tables and refcount blocks by host offset; dirty ones stay until flushed
+        self._l2cache: TableCache[int, array.array] = TableCache(_cache_tables(L2_CACHE_BYTES, cs))
+        self._rbcache: TableCache[int, array.array] = TableCache(_cache_tables(RB_CACHE_BYTES, cs))
+        self._dirty_max = max(8, min(DIRTY_FLUSH_THRESHOLD, self._l2cache.capacity // 2))
         self._pending_free: dict[int, int] = {}
         self._l1_lo = self._l1_hi = 0  # entries [lo, hi) of the active L1 changed since the last flush
         self._reftable_dirty = False
@@ -827,6 +824,12 @@ class Qcow2Driver(BlockDriver):
             self.host.close()
 
     # ================================================================== low-level metadata access
+    @property
+    def _l2dirty(self) -> set[int]:
+        """Offsets of the L2 tables changed since the last flush (the cache's dirty set;
+        adding an offset of a cached table marks it dirty)."""
+        return self._l2cache.dirty
+
     def _pwrite(self, offset: int, data) -> None:
         self.host.pwrite(offset, data)
         end = offset + len(data)
@@ -836,24 +839,15 @@ class Qcow2Driver(BlockDriver):
     def _l2(self, offset: int, where: str = "") -> array.array:
         t = self._l2cache.get(offset)
         if t is not None:
-            self._l2cache.move_to_end(offset)
             return t
         cs = self.cluster_size
         if offset % cs or offset < cs:
             raise CorruptImage(f"{self.host.name}: qcow2 L2 table offset {offset:#x}{where} is not a valid cluster offset")
         if offset + cs > self._eof:
             raise CorruptImage(f"{self.host.name}: qcow2 L2 table at {offset:#x}{where} lies beyond the end of the file")
-        t = C.decode_u64_table(self.host.pread(offset, cs))
-        self._l2cache[offset] = t
-        if len(self._l2cache) > self._l2_cache_max:
-            # evict clean tables, oldest first -- never the one just loaded: the caller
-            # may modify it and mark it dirty (it would be lost, or KeyError at flush)
-            for k in list(self._l2cache):
-                if len(self._l2cache) <= self._l2_cache_max:
-                    break
-                if k not in self._l2dirty and k != offset:
-                    del self._l2cache[k]
-        return t
+        # evicts clean tables, oldest first -- never the one just loaded: the caller
+        # may modify it and mark it dirty (it would be lost, or KeyError at flush)
+        return self._l2cache.put(offset, C.decode_u64_table(self.host.pread(offset, cs)))
 
     def _rb(self, offset: int) -> array.array:
         b = self._rbcache.get(offset)
@@ -862,15 +856,7 @@ class Qcow2Driver(BlockDriver):
         cs = self.cluster_size
         if offset % cs or offset < cs or offset + cs > self._eof:
             raise CorruptImage(f"{self.host.name}: qcow2 refcount block offset {offset:#x} is invalid or past the file end")
-        b = C.decode_refblock(self.host.pread(offset, cs), self.order)
-        self._rbcache[offset] = b
-        if len(self._rbcache) > self._rb_cache_max:
-            for k in list(self._rbcache):  # as in _l2: never the block just loaded
-                if len(self._rbcache) <= self._rb_cache_max:
-                    break
-                if k not in self._rbdirty and k != offset:
-                    del self._rbcache[k]
-        return b
+        return self._rbcache.put(offset, C.decode_refblock(self.host.pread(offset, cs), self.order))
 
     def _rc(self, c: int) -> int:
         ri, i = divmod(c, self.rb_entries)
@@ -892,7 +878,7 @@ class Qcow2Driver(BlockDriver):
         if not off:
             off = self._create_refblock(ri)
         self._rb(off)[i] = value
-        self._rbdirty.add(off)
+        self._rbcache.mark_dirty(off)
 
     def _create_refblock(self, ri: int) -> int:
         """A new refcount block for range ``ri``, placed at that range's first cluster
@@ -909,8 +895,7 @@ class Qcow2Driver(BlockDriver):
             _extend_zeros(self.reftable, ri + 1 - len(self.reftable))
         b = C.new_refblock(self.cluster_size, self.order)
         b[0] = 1
-        self._rbcache[off] = b
-        self._rbdirty.add(off)
+        self._rbcache.put(off, b, dirty=True)
         self.reftable[ri] = off
         self._reftable_dirty = True
         return off
@@ -993,8 +978,7 @@ class Qcow2Driver(BlockDriver):
                     raise VdiskError(f"{self.host.name}: qcow2 refcount table would exceed {MAX_REFTABLE_BYTES} bytes")
                 _extend_zeros(self.reftable, ri + 1 - len(self.reftable))
             off = cl * self.cluster_size
-            self._rbcache[off] = C.new_refblock(self.cluster_size, self.order)
-            self._rbdirty.add(off)
+            self._rbcache.put(off, C.new_refblock(self.cluster_size, self.order), dirty=True)
             self._meta.add(cl)
             self.reftable[ri] = off
             self._reftable_dirty = True
@@ -1128,9 +1112,7 @@ class Qcow2Driver(BlockDriver):
         if not off:
             new = self._alloc(1)
             self._meta.add(new // cs)
-            t = array.array("Q", bytes(cs))
-            self._l2cache[new] = t
-            self._l2dirty.add(new)
+            t = self._l2cache.put(new, array.array("Q", bytes(cs)), dirty=True)
             self.l1[l1i] = new | C.FLAG_COPIED
             self._mark_l1(l1i)
             return new, t
@@ -1149,8 +1131,7 @@ class Qcow2Driver(BlockDriver):
         for i, e in enumerate(t2):
             if e & C.FLAG_COPIED:
                 t2[i] = e & ~C.FLAG_COPIED
-        self._l2cache[new] = t2
-        self._l2dirty.add(new)
+        self._l2cache.put(new, t2, dirty=True)
         self.l1[l1i] = new | C.FLAG_COPIED
         self._mark_l1(l1i)
         self._free_cluster(off // cs)
@@ -1301,7 +1282,7 @@ class Qcow2Driver(BlockDriver):
                 for j in range(k):
                     self._release_entry(t[l2i + j], gci + j)
                     t[l2i + j] = (new + j * cs) | C.FLAG_COPIED
-                self._l2dirty.add(l2off)
+                self._l2cache.mark_dirty(l2off)
                 pos += k * cs
                 continue
             if n == cs:
@@ -1313,7 +1294,7 @@ class Qcow2Driver(BlockDriver):
             new_e = self._store_cluster(buf, full=(n == cs))
             self._release_entry(e, gci)
             t[l2i] = new_e
-            self._l2dirty.add(l2off)
+            self._l2cache.mark_dirty(l2off)
             pos += n
         self._dcache = None
         self._maybe_flush()
@@ -1363,7 +1344,7 @@ class Qcow2Driver(BlockDriver):
         return C.encode_compressed(at, n, self.cluster_bits)
 
     def _maybe_flush(self) -> None:
-        if len(self._l2dirty) + len(self._rbdirty) > self._dirty_max or len(self._pending_free) > 65536:
+        if len(self._l2cache.dirty) + len(self._rbcache.dirty) > self._dirty_max or len(self._pending_free) > 65536:
             self.flush()
 
     def _zero_or_discard(self, offset: int, length: int, discard: bool) -> None:
@@ -1404,7 +1385,7 @@ class Qcow2Driver(BlockDriver):
             old = t[l2i]
             self._release_entry(old, gci)
             t[l2i] = want
-            self._l2dirty.add(l2off)
+            self._l2cache.mark_dirty(l2off)
             pos += n
         self._dcache = None
         self._maybe_flush()
@@ -1452,11 +1433,12 @@ class Qcow2Driver(BlockDriver):
             self._pwrite(off + len(self.reftable) * 8, bytes(pad))
 
     def _write_dirty_refblocks(self) -> bool:
-        if not self._rbdirty:
+        dirty = self._rbcache.dirty_items()
+        if not dirty:
             return False
-        for off in sorted(self._rbdirty):
-            self._pwrite(off, C.encode_refblock(self._rbcache[off], self.order))
-        self._rbdirty.clear()
+        for off, b in dirty:
+            self._pwrite(off, C.encode_refblock(b, self.order))
+        self._rbcache.mark_clean()
         return True
 
     def _flush_metadata(self) -> None:
@@ -1480,10 +1462,11 @@ class Qcow2Driver(BlockDriver):
             self._reftable_dirty = False
             host.flush()
         # 3. L2 tables
-        if self._l2dirty:
-            for off in sorted(self._l2dirty):
-                self._pwrite(off, C.encode_u64_table(self._l2cache[off]))
-            self._l2dirty.clear()
+        dirty = self._l2cache.dirty_items()
+        if dirty:
+            for off, t in dirty:
+                self._pwrite(off, C.encode_u64_table(t))
+            self._l2cache.mark_clean()
             host.flush()
         # 4. L1 table and header
         if self._l1_hi > self._l1_lo or self._hdr_dirty:
@@ -1522,9 +1505,8 @@ class Qcow2Driver(BlockDriver):
             if rc == k:
                 freed.append(c)
                 self._meta.discard(c)
-                self._l2cache.pop(c * cs, None)
-                self._l2dirty.discard(c * cs)
-                self._rbcache.pop(c * cs, None) if (c * cs) not in self._rbdirty else None
+                self._l2cache.pop(c * cs)  # also a dirty one: the table is gone
+                self._rbcache.discard_clean(c * cs)
         if freed:
             self._free_hint = min(self._free_hint, freed[0])
             self._ctail = None
@@ -1639,7 +1621,7 @@ class Qcow2Driver(BlockDriver):
                     wl2, t = self._l2_for_write(l1i)
                     self._release_entry(t[l2i], gci)
                     t[l2i] = 0
-                    self._l2dirty.add(wl2)
+                    self._l2cache.mark_dirty(wl2)
             for l1i in range(need, len(self.l1)):
                 off = self.l1[l1i] & C.OFFSET_MASK
                 if off:
@@ -1738,14 +1720,11 @@ class Qcow2Driver(BlockDriver):
         stay until the next flush (``write`` flushes past ``DIRTY_FLUSH_THRESHOLD``
         of them).  At open it is about the L1 table plus the refcount table."""
         n = self.l1.itemsize * len(self.l1) + self.reftable.itemsize * len(self.reftable)
-        for t in self._l2cache.values():
-            n += t.itemsize * len(t) + 100
-        for b in self._rbcache.values():
-            n += b.itemsize * len(b) + 100
+        n += self._l2cache.nbytes(100) + self._rbcache.nbytes(100)
         n += self._meta.nbytes()
         n += sum(SNAPSHOT_RECORD_BYTES + len(s.id) + len(s.name) + len(s.extra_tail) for s in self.snapshots)
         n += len(self._dcache[1]) if self._dcache is not None else 0
-        n += 100 * len(self._pending_free) + 60 * (len(self._l2dirty) + len(self._rbdirty))
+        n += 100 * len(self._pending_free) + 60 * (len(self._l2cache.dirty) + len(self._rbcache.dirty))
         return n
 
     # ================================================================== info
@@ -1867,7 +1846,7 @@ class Qcow2Driver(BlockDriver):
                 for i, e in enumerate(t):
                     if e & C.FLAG_COPIED:
                         t[i] = e & ~C.FLAG_COPIED
-                self._l2dirty.add(off)
+                self._l2cache.mark_dirty(off)
 
     def _fix_copied_flags(self) -> None:
         """Make bit 63 of the active L1/L2 entries say exactly "refcount is 1"."""
@@ -1896,7 +1875,7 @@ class Qcow2Driver(BlockDriver):
                     t[i] = ne
                     changed = True
             if changed:
-                self._l2dirty.add(off)
+                self._l2cache.mark_dirty(off)
 
     # ================================================================== snapshots
     def snapshot_list(self, *, space: bool = False, hidden: bool = False) -> list[SnapshotInfo]:
@@ -2040,7 +2019,7 @@ class Qcow2Driver(BlockDriver):
                     for i, x in enumerate(t):
                         if x & C.FLAG_COPIED:
                             t[i] = x & ~C.FLAG_COPIED
-                    self._l2dirty.add(off)
+                    self._l2cache.mark_dirty(off)
         self.l1 = new_l1
         self.hdr = self.hdr.replace(l1_table_offset=new_off, l1_size=len(new_l1), size=new_size)
         self.size = new_size
@@ -2251,7 +2230,6 @@ class Qcow2Driver(BlockDriver):
         table and blocks written past every used cluster), then fix COPIED flags."""
         cs = self.cluster_size
         self._rbcache.clear()
-        self._rbdirty.clear()
         self._pending_free.clear()
         counts, nclusters = self._compute_refcounts(CheckResult(), include_refcount_structures=False, check_copied=False)
         used_end = nclusters
