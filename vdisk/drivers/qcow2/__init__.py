@@ -316,9 +316,6 @@ class _ClusterSet:
 class Qcow2Driver(BlockDriver):
     format_name = "qcow2"
     supports_backing = True
-    supports_snapshots = True
-    supports_compression = True
-    supports_discard = True
     default_cluster_size = 65536
 
     # ================================================================== open / create
@@ -329,6 +326,7 @@ class Qcow2Driver(BlockDriver):
         self.backing_ref = None
         self._closed = False
         self._snapshot_view: C.Snapshot | None = None
+        self._snap_table_bytes = 0
 
     @classmethod
     def probe(cls, head: bytes) -> bool:
@@ -747,7 +745,7 @@ class Qcow2Driver(BlockDriver):
         table(h.refcount_table_offset, h.refcount_table_clusters * cs)
         table(h.l1_table_offset, h.l1_size * 8)
         if h.nb_snapshots:
-            table(h.snapshots_offset, getattr(self, "_snap_table_bytes", 0))
+            table(h.snapshots_offset, self._snap_table_bytes)
         roots = [(s.l1_table_offset, s.l1_size) for s in self.snapshots]
         if self._snapshot_view is not None:
             roots.insert(0, (h.l1_table_offset, h.l1_size))
@@ -1526,9 +1524,6 @@ class Qcow2Driver(BlockDriver):
                 if c is not None:
                     start = prev = c
 
-    def _header_area(self) -> bytes:
-        return C.encode_header(self.hdr)
-
     def _write_header(self) -> None:
         self._pwrite(0, C.encode_header(self.hdr))
 
@@ -1897,7 +1892,7 @@ class Qcow2Driver(BlockDriver):
         cs = self.cluster_size
         data = C.encode_snapshot_table(snaps)
         old_off, old_n = self.hdr.snapshots_offset, self.hdr.nb_snapshots
-        old_clusters = _ceil_div(getattr(self, "_snap_table_bytes", 0), cs) if old_n else 0
+        old_clusters = _ceil_div(self._snap_table_bytes, cs) if old_n else 0
         if data:
             new = self._alloc(_ceil_div(len(data), cs))
             self._meta.add_range(new // cs, _ceil_div(len(data), cs))
@@ -1937,7 +1932,6 @@ class Qcow2Driver(BlockDriver):
         self._add_tree_refs(self.l1, +1)
         ids = [int(s.id) for s in self.snapshots if s.id.isdigit()]
         now = time.time()
-        extra_size = 16 if self.hdr.version >= 3 else 16
         snap = C.Snapshot(
             l1_table_offset=l1_off,
             l1_size=n_l1,
@@ -1948,7 +1942,7 @@ class Qcow2Driver(BlockDriver):
             vm_clock_nsec=0,
             vm_state_size=0,
             disk_size=self.size,
-            extra_size=extra_size,
+            extra_size=16,  # vm_state_size (64 bits) and disk_size
         )
         self._write_snapshot_table(self.snapshots + [snap])
         self.flush()
@@ -2120,7 +2114,7 @@ class Qcow2Driver(BlockDriver):
             act = self._read_l1(h.l1_table_offset, h.l1_size, "active L1 table")
             walk(act, "active", False)
         if h.nb_snapshots:
-            add_range(h.snapshots_offset, getattr(self, "_snap_table_bytes", 0), "snapshot table")
+            add_range(h.snapshots_offset, self._snap_table_bytes, "snapshot table")
         for s in self.snapshots:
             try:
                 l1 = self._read_l1(s.l1_table_offset, s.l1_size, f"snapshot {s.name!r} L1 table")
