@@ -222,12 +222,7 @@ class SnapshotMixin:
             off = e & C.OFFSET_MASK
             if off:
                 self._meta.add(off // cs)
-                t = self._l2(off)
-                if any(x & C.FLAG_COPIED for x in t):
-                    for i, x in enumerate(t):
-                        if x & C.FLAG_COPIED:
-                            t[i] = x & ~C.FLAG_COPIED
-                    self._l2cache.mark_dirty(off)
+                self._clear_l2_copied(off)
         self.l1 = new_l1
         self.hdr = self.hdr.replace(l1_table_offset=new_off, l1_size=len(new_l1), size=new_size)
         self.size = new_size

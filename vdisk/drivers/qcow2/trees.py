@@ -106,12 +106,16 @@ class TreesMixin:
             if l1e & C.FLAG_COPIED:
                 self.l1[l1i] = l1e & ~C.FLAG_COPIED
                 self._mark_l1(l1i)
-            t = self._l2(off)
-            if any(e & C.FLAG_COPIED for e in t):
-                for i, e in enumerate(t):
-                    if e & C.FLAG_COPIED:
-                        t[i] = e & ~C.FLAG_COPIED
-                self._l2cache.mark_dirty(off)
+            self._clear_l2_copied(off)
+
+    def _clear_l2_copied(self, off: int) -> None:
+        """Clear COPIED in every entry of the L2 table at ``off`` (then dirty, if any was set)."""
+        t = self._l2(off)
+        if any(e & C.FLAG_COPIED for e in t):
+            for i, e in enumerate(t):
+                if e & C.FLAG_COPIED:
+                    t[i] = e & ~C.FLAG_COPIED
+            self._l2cache.mark_dirty(off)
 
     def _fix_copied_flags(self) -> None:
         """Make bit 63 of the active L1/L2 entries say exactly "refcount is 1"."""
