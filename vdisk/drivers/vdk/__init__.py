@@ -33,8 +33,13 @@ place (the transaction-scoped ones are the fields of :class:`txn.TxnState`):
 ``space``       space_usage
 ==============  =============================================================
 
-Byte layouts live in :mod:`vdisk.codec.vdk` only.  The mixins are not drivers on
-their own: each may call the methods of the others through ``self``.
+Mixins on one class rather than composed objects: the concerns call each other at
+every step of a write (io -> tables -> alloc -> io), and one ``self`` keeps those
+calls direct.  The mixins are not drivers on their own: each may call the methods
+of the others through ``self``, and none keeps state of its own beyond what
+``__init__`` lists.  One rule keeps rollback complete: whatever a commit attempt
+changes is a field of ``TxnState`` (see its docstring).  Byte layouts live in
+:mod:`vdisk.codec.vdk` only.
 
 Concurrency: a driver instance is used by one caller at a time (the FUSE layer
 serialises requests on its trio thread); nothing here locks.
@@ -56,10 +61,10 @@ from .load import MAX_L1_BYTES, LoadMixin
 from .resize import ResizeMixin
 from .snapshots import SnapshotMixin, validate_snapshot_name
 from .space import SpaceMixin
-from .tables import TablesMixin
+from .tables import TablesMixin, l2_cache
 from .txn import AUTO_COMMIT_DIRTY_L2, AUTO_COMMIT_PENDING_FREE, TxnMixin, TxnState
 
-__all__ = ["VdkDriver", "validate_snapshot_name", "MAX_L1_BYTES", "AUTO_COMMIT_DIRTY_L2", "AUTO_COMMIT_PENDING_FREE"]
+__all__ = ["AUTO_COMMIT_DIRTY_L2", "AUTO_COMMIT_PENDING_FREE", "MAX_L1_BYTES", "VdkDriver", "validate_snapshot_name"]
 
 
 @register
@@ -108,8 +113,8 @@ class VdkDriver(LoadMixin, AllocMixin, TablesMixin, IoMixin, TxnMixin, SnapshotM
         # -- the transaction-scoped state: allocation, refcounts, the L1 arrays, what the
         #    open transaction changed (one object, rolled back as a unit: txn.TxnState)
         self.txn = TxnState(host_clusters=hdr.host_clusters)
-        # -- the L2 cache (tables): L2 index -> table; dirty ones are txn.l2dirty
-        self.l2cache: dict[int, bytearray] = {}
+        # -- the L2 cache (tables): L2 index -> table, the transaction's changed ones dirty
+        self.l2cache = l2_cache()
         # -- the request path (io)
         self._wq: list[tuple[int, object]] = []  # data writes queued by _store (see _write_queued)
         self._unwritten: dict[int, bytes] = {}  # host offset -> data whose write failed (retried at commit)

@@ -4,8 +4,8 @@ Contract.  Walks the live state and every snapshot, verifies every checksum
 (tables and data, compressed clusters decoded), recounts the references and
 compares them with the stored refcounts: fewer stored than found is corruption
 (exit 2); more is a leak (exit 3), and so is file space that no cluster in use
-needs.  It never raises for what it finds (each finding is a message in the
-``CheckResult``).  A writable image is committed first, so the check sees the
+needs.  What it finds is reported as messages in the ``CheckResult``, never
+raised.  A writable image is committed first, so the check sees the
 durable state; ``repair="leaks"`` (only when nothing is corrupt) and
 ``repair="all"`` rewrite the refcounts through an ordinary commit and give leaked
 file space back, touching nothing the durable header references.

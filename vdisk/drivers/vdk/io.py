@@ -220,7 +220,7 @@ class IoMixin:
         bytes go to the host.  False if the cluster does not qualify."""
         t = self.txn
         l2i = ci >> self.l2_bits
-        if l2i not in t.l2dirty or self.compression:
+        if l2i not in self.l2cache.dirty or self.compression:
             return False
         tbl = self.l2cache[l2i]
         pos = (ci & self.l2_mask) * _ESZ

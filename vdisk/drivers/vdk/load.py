@@ -12,7 +12,7 @@ its refcounts and refcount table loaded.  Tables below the L1 (L2 tables, data)
 are read and validated lazily, by :mod:`.tables` and :mod:`.io`.
 
 ``_read_checked`` is the one way metadata is read: bounds first, then the
-checksum.  ``create`` writes generation 1 through the ordinary commit
+checksum.  ``create`` writes the first header through the ordinary commit
 (:mod:`.txn`), so a new image is made exactly as every later generation is.
 """
 

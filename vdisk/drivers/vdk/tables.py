@@ -1,12 +1,13 @@
 """The mapping tables: L1 entries, the L2 cache, and copy-on-write of shared tables
 (sections 6, 7 and 13.3).
 
-State owned: ``l2cache`` (L2 index -> bytearray: clean tables as read, and the
-transaction's dirty ones), and these fields of :class:`.txn.TxnState`:
-``l1_off``/``l1_sum`` (the live or viewed root's L1: offsets and checksums of its
-L2 tables, compact ``array('Q')``), ``l2dirty`` (indices whose table was changed
-in this transaction; their L1 entry is 0 until the commit places them) and
-``l1_dirty``.
+State owned: ``l2cache``, a :class:`vdisk.drivers.cache.TableCache` (shared with
+qcow2) of L2 index -> bytearray: clean tables as read, and the transaction's
+dirty ones (``l2cache.dirty``: indices whose table was changed in this
+transaction; their L1 entry is 0 until the commit places them), which it never
+evicts; and these fields of :class:`.txn.TxnState`: ``l1_off``/``l1_sum`` (the
+live or viewed root's L1: offsets and checksums of its L2 tables, compact
+``array('Q')``) and ``l1_dirty``.
 
 Contract.  ``_l2`` returns a table only after its checksum and every entry have
 been validated against the image bounds; clean tables may be evicted at any time,
@@ -20,9 +21,15 @@ ever modified in place.
 from __future__ import annotations
 
 from ...codec import vdk as C
+from ..cache import TableCache
 
 _SHIFT, _T_UNALLOC = C.TYPE_SHIFT, C.T_UNALLOCATED
-L2_CACHE_MAX = 8192  # tables; past this, half of the clean ones are dropped
+L2_CACHE_MAX = 8192  # tables; past this, the least recently used clean ones go, down to half
+
+
+def l2_cache() -> TableCache[int, bytearray]:
+    """An empty L2 cache (L2 index -> table)."""
+    return TableCache(L2_CACHE_MAX, low_water=L2_CACHE_MAX // 2)
 
 
 class TablesMixin:
@@ -40,11 +47,7 @@ class TablesMixin:
                                  f"L2 table for guest offset {l2i << (self.l2_bits + self.cbits):#x}")
         tbl = bytearray(buf)
         self._validate_l2(tbl, l2i)
-        if len(self.l2cache) >= L2_CACHE_MAX:
-            for k in [k for k in self.l2cache if k not in self.txn.l2dirty][:L2_CACHE_MAX // 2]:
-                del self.l2cache[k]
-        self.l2cache[l2i] = tbl
-        return tbl
+        return self.l2cache.put(l2i, tbl)
 
     def _validate_l2(self, tbl, l2i: int) -> None:
         cs = self.cluster_size
@@ -79,7 +82,7 @@ class TablesMixin:
 
     def _l2_for_write(self, l2i: int) -> bytearray:
         t = self.txn
-        if l2i in t.l2dirty:
+        if l2i in self.l2cache.dirty:
             return self.l2cache[l2i]
         self._mark_l1_dirty()
         tbl = self._l2(l2i)
@@ -94,8 +97,7 @@ class TablesMixin:
             self._decref(c)
         t.l1_off[l2i] = 0
         t.l1_sum[l2i] = 0
-        self.l2cache[l2i] = tbl
-        t.l2dirty.add(l2i)
+        self.l2cache.put(l2i, tbl, dirty=True)
         t.dirty = True
         return tbl
 
@@ -110,16 +112,15 @@ class TablesMixin:
         if lo >= hi:
             return []
         found = set(compress(range(lo, hi), t.l1_off[lo:hi]))
-        found.update(i for i in t.l2dirty if lo <= i < hi)
+        found.update(i for i in self.l2cache.dirty if lo <= i < hi)
         return sorted(found)
 
     def _release_l2_index(self, l2i: int) -> None:
         t = self.txn
-        if l2i in t.l2dirty:
+        if l2i in self.l2cache.dirty:
             tbl = self.l2cache[l2i]
             for (desc, slen, *_rest) in C.L2_ENTRY.iter_unpack(tbl):
                 self._release_entry(desc, slen)
-            t.l2dirty.discard(l2i)
         elif t.l1_off[l2i]:
             self._release_l2(t.l1_off[l2i], t.l1_sum[l2i])
-        self.l2cache.pop(l2i, None)
+        self.l2cache.pop(l2i)  # also a dirty one: the table is gone

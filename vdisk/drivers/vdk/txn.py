@@ -11,7 +11,7 @@ A transaction is everything changed since the current header was written.
 3. they are written, the file is grown to the host area, fdatasync;
 4. ``TxnState.commit``: the attempt stands, and a new transaction begins;
 5. the header goes to the slot that does not hold the current one, fdatasync;
-6. ``_release_pending``: clusters the new generation no longer references may be
+6. ``_release_pending``: the clusters the committed transaction freed may be
    reused, and holes are punched in them.
 
 Contract.  A failure in steps 2-3 changes nothing durable, and
@@ -92,9 +92,10 @@ class TxnState:
       while an attempt is open (``undo``); ``abort`` replays the log backwards and
       cuts the array back to its length at ``begin``.
     * Nothing outside this object changes during an attempt: ``_place_tables``
-      only reads ``header``, ``size``, ``snapshots`` and the dirty L2 tables;
-      emptied L2 tables leave the cache and ``header`` is replaced only after
-      ``commit``; ``_unwritten`` is empty (it is written before ``begin``).  The one
+      only reads ``header``, ``size``, ``snapshots`` and the dirty L2 tables (the
+      L2 cache's dirty set says which: the tables are marked clean, emptied ones
+      leave the cache, and ``header`` is replaced only after ``commit``);
+      ``_unwritten`` is empty (it is written before ``begin``).  The one
       exception is deliberate: ``broken``, set when a refcount would go below zero,
       stays set (the image is corrupt whether or not the attempt fails).
     * The bytes an aborted attempt wrote lie in clusters that are free in the
@@ -116,7 +117,6 @@ class TxnState:
     dirty: bool = field(default=False, metadata=_TXN)  # anything at all: the next flush commits
     l1_dirty: bool = field(default=False, metadata=_TXN)  # the live L1 is this transaction's copy
     snap_dirty: bool = field(default=False, metadata=_TXN)  # the snapshot table must be rewritten
-    l2dirty: set[int] = field(default_factory=set, metadata=_TXN)  # L2 indices whose table changed
     rc_dirty: set[int] = field(default_factory=set, metadata=_TXN)  # refcount blocks that changed
     new_clusters: set[int] = field(default_factory=set, metadata=_TXN)  # allocated in this transaction
     pack_cluster: int = field(default=-1, metadata=_TXN)  # where compressed frames are packed, or -1
@@ -190,7 +190,7 @@ class TxnMixin:
 
     def _maybe_commit(self) -> None:
         t = self.txn
-        if len(t.l2dirty) > AUTO_COMMIT_DIRTY_L2 or len(t.pending_free) > AUTO_COMMIT_PENDING_FREE:
+        if len(self.l2cache.dirty) > AUTO_COMMIT_DIRTY_L2 or len(t.pending_free) > AUTO_COMMIT_PENDING_FREE:
             self._commit()
 
     def _commit(self, force: bool = False) -> None:
@@ -222,8 +222,9 @@ class TxnMixin:
             raise
         t.commit()
         self.header = new
+        self.l2cache.mark_clean()  # written: they may be evicted again
         for l2i in emptied:
-            self.l2cache.pop(l2i, None)
+            self.l2cache.pop(l2i)
         try:
             self._write_header(new)
         except BaseException:
@@ -269,8 +270,7 @@ class TxnMixin:
         h = self.header
         # 1. L2 tables
         emptied: list[int] = []
-        for l2i in sorted(t.l2dirty):
-            tbl = self.l2cache[l2i]
+        for l2i, tbl in self.l2cache.dirty_items():
             if tbl == self.zero_cluster:
                 t.l1_off[l2i] = t.l1_sum[l2i] = 0
                 emptied.append(l2i)
