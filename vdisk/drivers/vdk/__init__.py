@@ -54,12 +54,13 @@ from ...errors import CorruptImage, UsageError
 from ...host import HostStorage
 from .. import register
 from ..base import BackingRef, BlockDriver
+from ..names import validate_snapshot_name
 from .alloc import AllocMixin
 from .check import CheckMixin
 from .io import IoMixin
 from .load import MAX_L1_BYTES, LoadMixin
 from .resize import ResizeMixin
-from .snapshots import SnapshotMixin, validate_snapshot_name
+from .snapshots import SnapshotMixin
 from .space import SpaceMixin
 from .tables import TablesMixin, l2_cache
 from .txn import AUTO_COMMIT_DIRTY_L2, AUTO_COMMIT_PENDING_FREE, TxnMixin, TxnState

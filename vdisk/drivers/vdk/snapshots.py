@@ -6,8 +6,8 @@ releases its L1 and recurses only into tables whose count reaches zero; a
 snapshot that linked clones hold is hidden instead, and freed when its last hold
 goes.  Reverting makes a snapshot's L1 the live one.  Every operation commits
 before and after, so it is durable when it returns and a failure leaves the
-previous generation.  Names are validated (``validate_snapshot_name``) before
-anything is written.
+previous generation.  New names are validated before anything is written, by the
+one validator every format uses (:func:`vdisk.drivers.names.validate_snapshot_name`).
 
 State owned: ``snapshots`` (the snapshot records, in table order, hidden ones
 included), ``viewing`` (the record a snapshot-opened image shows, else None) and
@@ -22,48 +22,7 @@ import uuid
 from ...codec import vdk as C
 from ...errors import SnapshotExists, SnapshotNotFound, UsageError
 from ..base import Holder, SnapshotInfo
-
-
-def _shown_name(name: str | bytes) -> str:
-    """A printable, one-line rendering of a snapshot name that may be anything (bytes,
-    surrogate-escaped argv, control characters)."""
-    if isinstance(name, str):
-        try:
-            name = name.encode("utf-8", "surrogateescape")
-        except UnicodeEncodeError:
-            return ascii(name)
-    more = "..." if len(name) > 64 else ""
-    text = bytes(name[:64]).decode("utf-8", "backslashreplace")  # a byte that is not UTF-8: \xff
-    return "'" + "".join(c if c.isprintable() else repr(c)[1:-1] for c in text) + more + "'"
-
-
-def validate_snapshot_name(name: str | bytes) -> str:
-    """Refuse a name a new snapshot may not have, with a one-line UsageError, before
-    anything is written; return the name as str.  A name is 1 to 255 bytes of valid
-    UTF-8 (a str holding surrogates, as a non-UTF-8 command-line argument decodes to,
-    is not) without '@' (``IMAGE@SNAP`` names a snapshot), '/', control characters
-    (below 0x20, and 0x7f), a leading '#' (``#ID`` selects by id) or leading or
-    trailing white space."""
-    if isinstance(name, (bytes, bytearray)):
-        try:
-            text = bytes(name).decode("utf-8")
-        except UnicodeDecodeError:
-            raise UsageError(f"invalid snapshot name {_shown_name(bytes(name))}: not valid UTF-8") from None
-    elif isinstance(name, str):
-        text = name
-    else:
-        raise UsageError(f"a snapshot name must be a string, not {type(name).__name__}")
-    try:
-        raw = text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise UsageError(f"invalid snapshot name {_shown_name(text)}: not valid UTF-8") from None
-    if not 0 < len(raw) <= C.MAX_SNAPSHOT_NAME:
-        raise UsageError(f"snapshot name must be 1 to {C.MAX_SNAPSHOT_NAME} bytes long, not {len(raw)}")
-    if any(ch < 0x20 or ch == 0x7F for ch in raw):
-        raise UsageError(f"invalid snapshot name {_shown_name(text)}: no control characters")
-    if "@" in text or "/" in text or text.startswith("#") or text != text.strip():
-        raise UsageError(f"invalid snapshot name {_shown_name(text)}: no '@', '/', leading '#' or surrounding spaces")
-    return text
+from ..names import validate_snapshot_name
 
 
 class SnapshotMixin:
