@@ -172,13 +172,11 @@ def decompress_bounded(buf, expected: int, *, exact: bool = True) -> bytes:
 
 def _compressor(level: int):
     """A compressor per thread (a zstd context is not thread-safe) and level."""
-    import zstandard
-
-    cache = getattr(_local, "cctx", None)
-    if cache is None:
-        cache = _local.cctx = {}
+    cache = _local.__dict__.setdefault("cctx", {})
     c = cache.get(level)
     if c is None:
+        import zstandard
+
         c = cache[level] = zstandard.ZstdCompressor(level=level, write_content_size=True)
     return c
 
