@@ -74,8 +74,9 @@ class TxnState:
     clusters it freed (``pending_free``, ``dropped_new``), which ``commit`` hands
     to ``held_free``/``held_dropped``: they stay reserved until the header of
     *their* transaction is durable (``_release_pending``), also when that header's
-    write fails and the next transaction frees more meanwhile.  The rest describes
-    the image and is kept.  All of it is state a commit attempt changes: placing
+    write fails and the next transaction frees more meanwhile.  (Which L2 tables
+    the transaction changed is the L2 cache's dirty set, not a field here: an
+    attempt only reads it.)  The rest describes the image and is kept.  All of it is state a commit attempt changes: placing
     the tables allocates clusters (``host_clusters``, ``rc``, ``free_heap``,
     ``scan_pos``, ``new_clusters``), drops the old tables (``pending_free``,
     ``dropped_new``, ``pack_cluster``) and rewrites the L1 and refcount table
@@ -92,9 +93,9 @@ class TxnState:
       while an attempt is open (``undo``); ``abort`` replays the log backwards and
       cuts the array back to its length at ``begin``.
     * Nothing outside this object changes during an attempt: ``_place_tables``
-      only reads ``header``, ``size``, ``snapshots`` and the dirty L2 tables (the
-      L2 cache's dirty set says which: the tables are marked clean, emptied ones
-      leave the cache, and ``header`` is replaced only after ``commit``);
+      only reads ``header``, ``size``, ``snapshots`` and the dirty L2 tables
+      (``l2cache.dirty_items()``); the L2 cache is updated (tables marked clean,
+      emptied ones dropped) and ``header`` replaced only after ``commit``;
       ``_unwritten`` is empty (it is written before ``begin``).  The one
       exception is deliberate: ``broken``, set when a refcount would go below zero,
       stays set (the image is corrupt whether or not the attempt fails).
