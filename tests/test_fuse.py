@@ -206,21 +206,9 @@ def test_fio_verify(rig, tmp_path):
 
 
 def _dead(pid: int) -> bool:
-    """The process is gone, or every one of its threads has exited (only the zombie
-    leader may be left): the leader of a multi-threaded daemon is a zombie as soon as
-    it exits, while its other threads may still hold /dev/fuse and the image lock."""
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except FileNotFoundError:
-        return True
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                if f.read().rsplit(") ", 1)[1][:1] not in ("Z", "X"):
-                    return False
-        except (FileNotFoundError, ProcessLookupError):
-            pass
-    return True
+    from vdisk.export.fuse.daemon import process_gone
+
+    return process_gone(pid)
 
 
 def test_kill9_keeps_fsynced_writes(rig, tmp_path):

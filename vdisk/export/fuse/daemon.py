@@ -591,8 +591,23 @@ def unmount(mountpoint: str, *, lazy: bool = False, timeout: float = 120.0) -> N
 
 
 def _alive(pid: int) -> bool:
+    """Some thread of ``pid`` still runs.  The leader of a multi-threaded daemon is a
+    zombie as soon as it exits, while its other threads may still hold /dev/fuse and
+    the image's lock: only when every thread is gone is the image free again."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][:1] not in ("Z", "X")
-    except (FileNotFoundError, IndexError):
+        tids = os.listdir(f"/proc/{pid}/task")
+    except (FileNotFoundError, ProcessLookupError):
         return False
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                if f.read().rsplit(") ", 1)[1][:1] not in ("Z", "X"):
+                    return True
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            pass
+    return False
+
+
+def process_gone(pid: int) -> bool:
+    """Every thread of ``pid`` has exited (a zombie leader may be left)."""
+    return not _alive(pid)

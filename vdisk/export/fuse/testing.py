@@ -117,11 +117,9 @@ class Rig:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][:1] not in ("Z", "X")
-    except (FileNotFoundError, IndexError):
-        return False
+    from .daemon import process_gone
+
+    return not process_gone(pid)
 
 
 def wait_until(pred, timeout=20.0, what="condition"):
