@@ -6,12 +6,18 @@ returns plain data; rendering and argument parsing belong to :mod:`vdisk.cli`.
 
 import importlib
 
+# ``compare`` and ``convert`` are both a module and the function it exports: import
+# the functions now, so the package attribute is always the function (an import of
+# the submodule later would otherwise replace a lazily loaded one with the module).
+from .compare import compare as compare  # noqa: E402
+from .convert import convert as convert  # noqa: E402
+
 _WHERE = {
-    "CompareResult": "compare", "compare": "compare",
-    "ConvertStats": "convert", "convert": "convert", "copy_content": "convert",
+    "CompareResult": "compare",
+    "ConvertStats": "convert", "copy_content": "convert",
     "chain_info": "mapping", "image_info": "mapping", "map_extents": "mapping",
 }
-__all__ = sorted(_WHERE)
+__all__ = sorted([*_WHERE, "compare", "convert"])
 
 
 def __getattr__(name: str):

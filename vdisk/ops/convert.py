@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -127,6 +126,8 @@ def _read_ahead(src: Image, plan: Iterator[tuple[int, int, bool]], depth: int) -
     fetches the next ``depth`` data chunks, so reading the source overlaps writing
     the destination.  Only that thread touches ``src``; only the caller touches the
     destination, so neither image is used from two threads at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vdisk-convert-read") as pool:
         queue: deque = deque()
         try:
