@@ -377,3 +377,77 @@ def test_non_utf8_snapshot_name_on_the_command_line_is_a_usage_error(image_dir):
     with vdisk.open(path, read_only=True) as img:
         assert img.snapshot_list() == []
     assert _generation(path) == gen
+
+
+# ---------------------------------------------------------------- frees after a failed header sync
+class _Scripted:
+    """A MemStorage whose next calls can be made to fail: ``fail_flush_in`` (the n-th
+    flush from now, 1-based) and ``fail_table_write`` (the next pwrite past the
+    header area).  Nothing is dropped on a failure: the page cache keeps it."""
+
+    def __new__(cls, inner):
+        from vdisk.host import HostStorage
+
+        class S(HostStorage):
+            def __init__(self):
+                self.inner, self.name, self.read_only = inner, inner.name, False
+                self.fail_flush_in = 0
+                self.fail_table_write = False
+
+            def pread(self, o, n):
+                return self.inner.pread(o, n)
+
+            def pwrite(self, o, d):
+                if self.fail_table_write and o >= 8192:
+                    self.fail_table_write = False
+                    raise vdisk.errors.HostIOError("table write failed (injected)", 5)
+                self.inner.pwrite(o, d)
+
+            def flush(self):
+                if self.fail_flush_in:
+                    self.fail_flush_in -= 1
+                    if self.fail_flush_in == 0:
+                        raise vdisk.errors.HostIOError("flush failed (injected)", 5)
+
+            def size(self):
+                return self.inner.size()
+
+            def truncate(self, n):
+                self.inner.truncate(n)
+
+            def punch_hole(self, o, n):
+                self.inner.punch_hole(o, n)
+
+        return S()
+
+
+def test_frees_wait_for_their_own_header_after_a_failed_header_sync():
+    """vdk once released a later transaction's frees with the rewrite of a header
+    whose fdatasync had failed, punching clusters the durable generation still
+    used: the live L1 failed its checksum and the image no longer opened."""
+    from tests.crash.storage import MemStorage
+    from vdisk.drivers.base import CreateOptions
+    from vdisk.drivers.vdk import VdkDriver
+
+    cs = 4096
+    mem = MemStorage()
+    VdkDriver.create(mem, 64 * cs, CreateOptions(cluster_size=cs))
+    host = _Scripted(mem)
+    drv = VdkDriver.open(host, read_only=False)
+    drv.write(0, b"A" * cs)
+    drv.flush()
+    drv.write(0, b"B" * cs)  # frees the cluster that held A
+    host.fail_flush_in = 2  # this commit: the tables' sync, then the header's sync fails
+    with pytest.raises(vdisk.errors.HostIOError):
+        drv.flush()
+    drv.write(cs, b"C" * cs)
+    host.fail_table_write = True  # the next commit rewrites the header, then fails on its tables
+    with pytest.raises(vdisk.errors.HostIOError):
+        drv.flush()
+    # the process dies here: the file as the OS has it must open and hold B (the
+    # generation whose header did land) or, at most, also C
+    reopened = VdkDriver.open(MemStorage(bytes(mem.buf)), read_only=True)
+    assert reopened.read(0, cs) == b"B" * cs
+    assert reopened.read(cs, cs) in (bytes(cs), b"C" * cs)
+    res = reopened.check()
+    assert not res.corruptions, res.corruptions
