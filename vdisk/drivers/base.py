@@ -124,9 +124,6 @@ class BlockDriver(abc.ABC):
 
     format_name: ClassVar[str]
     supports_backing: ClassVar[bool] = False
-    supports_snapshots: ClassVar[bool] = False
-    supports_compression: ClassVar[bool] = False
-    supports_discard: ClassVar[bool] = False
     default_cluster_size: ClassVar[int] = 65536
     #: the -o options ``create`` takes: name -> one line of help (``vdisk create -o help``)
     create_options: ClassVar[dict[str, str]] = {}

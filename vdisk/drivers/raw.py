@@ -11,7 +11,6 @@ from .base import BlockDriver, CreateOptions, Extent, Status
 @register
 class RawDriver(BlockDriver):
     format_name = "raw"
-    supports_discard = True
     default_cluster_size = 4096
     create_options = {
         "preallocation": "off (sparse, the default), falloc (reserve the space with posix_fallocate) "
