@@ -326,19 +326,15 @@ class KernelEngine:
                     if self._closed:
                         err = errno.EIO
                     else:
-                        coro = fs_read(fh, off, size)
                         try:
-                            coro.send(None)
-                        except StopIteration as stop:
-                            data = stop.value
+                            data = _run(fs_read(fh, off, size))
                         except FUSEError as exc:
                             err = exc.errno
+                        except _Awaited:
+                            log.error("the read handler awaited; the kernel engine cannot serve it")
+                            err = errno.EIO
                         except BaseException:
                             log.exception("read of %d bytes at %d", size, off)
-                            err = errno.EIO
-                        else:
-                            coro.close()
-                            log.error("the read handler awaited; the kernel engine cannot serve it")
                             err = errno.EIO
                 if not err:
                     pack_hdr(hdr, 0, 16 + len(data), 0, unique)
@@ -357,19 +353,15 @@ class KernelEngine:
                         if self._closed:
                             err = errno.EIO
                         else:
-                            coro = fs_write(fh, off, mv[DATA:n])
                             try:
-                                coro.send(None)
-                            except StopIteration as stop:
-                                written = stop.value
+                                written = _run(fs_write(fh, off, mv[DATA:n]))
                             except FUSEError as exc:
                                 err = exc.errno
+                            except _Awaited:
+                                log.error("the write handler awaited; the kernel engine cannot serve it")
+                                err = errno.EIO
                             except BaseException:
                                 log.exception("write of %d bytes at %d", size, off)
-                                err = errno.EIO
-                            else:
-                                coro.close()
-                                log.error("the write handler awaited; the kernel engine cannot serve it")
                                 err = errno.EIO
                 if not err:
                     pack_hdr(wout, 0, 24, 0, unique)
