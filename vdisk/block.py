@@ -16,12 +16,28 @@ from __future__ import annotations
 
 import builtins
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 from . import budget
 from .drivers import get_driver, probe
-from .drivers.base import BackingRef, BlockDriver, CheckResult, CreateOptions, Extent, SnapshotInfo, Status
-from .errors import BackingError, ImageNotFound, OutOfBounds, ReadOnlyImage, UnsupportedFeature, UsageError, VdiskError
+from .drivers.base import (
+    BackingRef,
+    BlockDriver,
+    CheckResult,
+    CreateOptions,
+    Extent,
+    SnapshotInfo,
+    Status,
+)
+from .errors import (
+    BackingError,
+    ImageNotFound,
+    OutOfBounds,
+    ReadOnlyImage,
+    UnsupportedFeature,
+    UsageError,
+    VdiskError,
+)
 from .host import HostFile
 
 MAX_CHAIN_DEPTH = 64
@@ -65,7 +81,9 @@ def detect_format(path: str) -> str:
     """The format of an existing image file, by its magic.  A file without a known
     magic is raw -- only when the user opens it by name, never as a backing file.  A
     format vdisk recognises but cannot open (VHD, VHDX, VDI, VMDK, QED, LUKS, ...) is
-    refused by name, never taken for raw."""
+    refused by name, never taken for raw.  ``POOL/IMAGE`` names an image in a pool."""
+    if _pool_image(path):
+        return "pool"
     try:
         with builtins.open(path, "rb") as f:
             head = f.read(PROBE_BYTES)
@@ -91,6 +109,32 @@ def detect_format(path: str) -> str:
         raise UnsupportedFeature(f"{path}: is a {other} image, a format vdisk does not support; "
                                  "give -f raw only if it really is a raw disk")
     return "raw"
+
+
+def _pool_image(path) -> bool:
+    from . import pool
+
+    return pool.split(path) is not None
+
+
+def exists(path: str) -> bool:
+    """True if ``path`` names an image (a file, or an image in a pool)."""
+    path = os.fspath(path)
+    if os.path.lexists(path):
+        return True
+    if _pool_image(path):
+        return get_driver("pool").exists_named(path)
+    return False
+
+
+def remove(path: str) -> None:
+    """Delete an image: unlink its file, or drop it from its pool.  Callers check its
+    dependants first (``vdisk.ops.chain.remove``)."""
+    path = os.fspath(path)
+    if not os.path.lexists(path) and _pool_image(path):
+        get_driver("pool").remove_named(path)
+        return
+    os.unlink(path)
 
 
 class _BackingView:
@@ -414,11 +458,11 @@ def resolve_backing_path(overlay_path: str, ref: BackingRef) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(overlay_path)), ref.filename)
 
 
-def open(  # noqa: A001 - the public name is vdisk.open
+def open(
     path: str,
     *,
     read_only: bool = False,
-    format: str | None = None,  # noqa: A002
+    format: str | None = None,
     snapshot: str | None = None,
     backing: bool = True,
     allow_backing_dirs: list[str] | None = None,
@@ -464,7 +508,7 @@ def open(  # noqa: A001 - the public name is vdisk.open
         raise UsageError(f"unknown cache mode {cache!r} (writeback or unsafe)")
     if writable_depth is not None and (writable_depth < 1 or not backing):
         raise UsageError("writable_depth names a backing image: 1 or more, with the backing chain open")
-    seen: set[tuple[int, int, str | None]] = set()
+    seen: set[tuple] = set()
     with budget.scope():  # one metadata memory budget for the whole chain
         img = _open_node(path, fmt, read_only, snapshot, backing, allowed, seen, 0, cache == "writeback",
                          lock="shared" if force_share else "auto", writable_depth=writable_depth)
@@ -476,25 +520,31 @@ def _open_node(path, fmt, read_only, snapshot, with_backing, allowed, seen, dept
                writable_depth=None) -> Image:
     if depth >= MAX_CHAIN_DEPTH:
         raise BackingError(f"{path}: backing chain is deeper than {MAX_CHAIN_DEPTH} images")
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise ImageNotFound(f"{path}: no such file") from None
-    except OSError as exc:
-        raise VdiskError(f"{path}: {exc.strerror}") from None
-    key = (st.st_dev, st.st_ino, snapshot)
-    if any(k[:2] == key[:2] for k in seen):
+    cls = get_driver(fmt)
+    if getattr(cls, "opens_by_name", False):
+        key = cls.identity(path)
+    else:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise ImageNotFound(f"{path}: no such file") from None
+        except OSError as exc:
+            raise VdiskError(f"{path}: {exc.strerror}") from None
+        key = (st.st_dev, st.st_ino)
+    if key in seen:
         raise BackingError(f"{path}: backing chain loops back to this file")
     seen.add(key)
-    cls = get_driver(fmt)
     if lock == "auto" and snapshot is not None:
         lock = "snapshot"
-    host = HostFile(path, read_only=read_only, lock=lock, sync=sync)
-    try:
-        driver = cls.open(host, read_only=read_only, snapshot=snapshot)
-    except BaseException:
-        host.close()
-        raise
+    if getattr(cls, "opens_by_name", False):
+        driver = cls.open_named(path, read_only=read_only, snapshot=snapshot, force_share=lock == "shared")
+    else:
+        host = HostFile(path, read_only=read_only, lock=lock, sync=sync)
+        try:
+            driver = cls.open(host, read_only=read_only, snapshot=snapshot)
+        except BaseException:
+            host.close()
+            raise
     below: Image | None = None
     try:
         ref = driver.backing_ref
@@ -506,7 +556,7 @@ def _open_node(path, fmt, read_only, snapshot, with_backing, allowed, seen, dept
                     f"{path}: backing file {ref.filename!r} lies outside the allowed directories "
                     f"({', '.join(allowed)}); allow it with VDISK_BACKING_DIRS",
                     option_hint=("unsafe_backing", "or --unsafe-backing"))
-            if not os.path.exists(bpath):
+            if not exists(bpath):
                 raise BackingError(f"{path}: backing file {bpath} does not exist")
             rw = writable_depth == depth + 1
             if rw and ref.snapshot:
@@ -528,7 +578,7 @@ def create(
     path: str,
     size: int | None = None,
     *,
-    format: str = "vdk",  # noqa: A002
+    format: str | None = None,
     cluster_size: int | None = None,
     compression: str | None = None,
     backing_file: str | None = None,
@@ -548,13 +598,15 @@ def create(
     ``unsafe_backing``: vdisk never makes an image it then refuses to open.
     ``image_id`` sets the new image's identity where the format records one."""
     path = os.fspath(path)
+    if format is None:  # vdk, or pool for POOL/IMAGE
+        format = "pool" if _pool_image(path) else "vdk"
     cls = get_driver(format)
     ref = None
     if backing_file is not None:
         if not cls.supports_backing:
             raise UsageError(f"{format} images cannot have a backing file")
         bpath = os.path.join(os.path.dirname(os.path.abspath(path)), os.fspath(backing_file))
-        if not os.path.exists(bpath):
+        if not exists(bpath):
             hint = "" if os.path.isabs(backing_file) else " (a relative backing file is relative to the new image)"
             raise ImageNotFound(f"backing file {bpath}: no such file{hint}")
         if backing_format is None:
@@ -570,7 +622,7 @@ def create(
             if size is None:
                 size = b.size
             for node in b.chain():
-                if os.path.exists(path) and os.path.samefile(node.filename, path):
+                if os.path.exists(path) and os.path.exists(node.filename) and os.path.samefile(node.filename, path):
                     raise BackingError(f"{path}: cannot be its own backing file")
     if size is None:
         raise UsageError("a size is needed (or a backing file to take it from)")
@@ -578,6 +630,9 @@ def create(
         raise UsageError("size must not be negative")
     opts = CreateOptions(cluster_size=cluster_size, compression=compression, backing=ref, extra=dict(options or {}),
                          image_id=image_id)
+    if getattr(cls, "opens_by_name", False):
+        cls.create_named(path, size, opts)
+        return
     host = HostFile(path, create=True)
     try:
         cls.create(host, size, opts)

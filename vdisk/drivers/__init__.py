@@ -10,7 +10,7 @@ from .base import BlockDriver
 
 _DRIVERS: dict[str, type[BlockDriver]] = {}
 #: format name -> module (in this package) that implements it
-KNOWN_FORMATS = {"raw": "raw", "vdk": "vdk", "qcow2": "qcow2"}
+KNOWN_FORMATS = {"raw": "raw", "vdk": "vdk", "qcow2": "qcow2", "pool": "pool"}
 
 
 def register(cls: type[BlockDriver]) -> type[BlockDriver]:
