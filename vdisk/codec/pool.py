@@ -124,11 +124,11 @@ DELTA_HEAD = ENTRY_SIZE  # a delta blob starts with its base's entry
 def block_hash(data: bytes) -> tuple[int, bytes]:
     """(the 64-bit entry hash, the 16-byte fingerprint) of one block."""
     d = xxhash.xxh3_128_digest(data)
-    return int.from_bytes(d[8:], "little"), d
+    return int.from_bytes(d[8:], "big"), d
 
 
 def entry_hash(data: bytes) -> int:
-    return int.from_bytes(xxhash.xxh3_128_digest(data)[8:], "little")
+    return xxhash.xxh3_128_intdigest(data) & 0xFFFFFFFFFFFFFFFF
 
 
 def meta_hash(data: bytes) -> int:
