@@ -127,6 +127,59 @@ def exists(path: str) -> bool:
     return False
 
 
+def default_format(path: str) -> str:
+    """The format a new image at ``path`` gets when none is asked for: pool for
+    ``POOL/IMAGE``, else vdk."""
+    return "pool" if _pool_image(path) else "vdk"
+
+
+def image_key(path: str) -> tuple | None:
+    """What identifies the image ``path`` names (a file's device and inode, a pool
+    image's pool and name), or None if there is no such image."""
+    path = os.fspath(path)
+    try:
+        st = os.stat(path)
+        return (st.st_dev, st.st_ino)
+    except OSError:
+        pass
+    if not os.path.lexists(path) and _pool_image(path):
+        cls = get_driver("pool")
+        return cls.identity(path) if cls.exists_named(path) else None
+    return None
+
+
+def same_image(a: str, b: str) -> bool:
+    """True if ``a`` and ``b`` name the same existing image (file or pool image)."""
+    ka = image_key(a)
+    return ka is not None and ka == image_key(b)
+
+
+def host_stat(path: str) -> os.stat_result:
+    """The host object whose owner and mode stand for the image's (an export shows
+    them): its file, or for an image in a pool the pool's directory."""
+    path = os.fspath(path)
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        if not _pool_image(path):
+            raise
+    return os.stat(os.path.dirname(path) or ".")
+
+
+def images_in(directory: str, limit: int = 100000) -> list[str]:
+    """Paths of the images next to each other in ``directory``, sorted: its regular
+    files, or the images of the pool whose directory it is.  At most ``limit``."""
+    from . import pool
+
+    if pool.is_pool_dir(directory):
+        return [os.path.join(directory, n) for n in sorted(get_driver("pool").list_named(directory))[:limit]]
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:
+        return []
+    return [p for p in (os.path.join(directory, n) for n in names[:limit]) if os.path.isfile(p)]
+
+
 def remove(path: str) -> None:
     """Delete an image: unlink its file, or drop it from its pool.  Callers check its
     dependants first (``vdisk.ops.chain.remove``)."""
@@ -599,8 +652,11 @@ def create(
     ``image_id`` sets the new image's identity where the format records one."""
     path = os.fspath(path)
     if format is None:  # vdk, or pool for POOL/IMAGE
-        format = "pool" if _pool_image(path) else "vdk"
+        format = default_format(path)
     cls = get_driver(format)
+    if not getattr(cls, "opens_by_name", False) and _pool_image(path):
+        raise UsageError(f"{path}: names an image in the pool {os.path.dirname(path) or '.'}, which holds "
+                         f"images of the pool format only (not {format})")
     ref = None
     if backing_file is not None:
         if not cls.supports_backing:
@@ -622,7 +678,7 @@ def create(
             if size is None:
                 size = b.size
             for node in b.chain():
-                if os.path.exists(path) and os.path.exists(node.filename) and os.path.samefile(node.filename, path):
+                if same_image(node.filename, path):
                     raise BackingError(f"{path}: cannot be its own backing file")
     if size is None:
         raise UsageError("a size is needed (or a backing file to take it from)")
