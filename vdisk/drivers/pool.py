@@ -9,6 +9,7 @@ catalog (snapshots, holds, lineage).
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from typing import Any, ClassVar
@@ -116,6 +117,15 @@ class PoolDriver(BlockDriver):
             pool.close()
 
     @classmethod
+    def list_named(cls, pool_dir: str) -> list[str]:
+        """The names of the images of the pool in ``pool_dir``."""
+        pool = Pool(pool_dir, lock=False)
+        try:
+            return list(pool.catalog["images"])
+        finally:
+            pool.close()
+
+    @classmethod
     def create_named(cls, spec: str, size: int, opts: CreateOptions) -> None:
         where = poolmod.split(spec)
         if where is None:
@@ -163,6 +173,10 @@ class PoolDriver(BlockDriver):
                     new["root"] = snap.get("root")
                     new["sketch"] = snap.get("sketch")
                     new["parent"] = {"image": parent[0], "snapshot": snap["id"]}
+                    # what the snapshot does not hold reads from the parent's backing image
+                    # (kept by the parent, which cannot let go of it while the clone holds
+                    # its snapshot); the clone names it too, relative to the same directory
+                    new["backing"] = copy.deepcopy(prec.get("backing"))
                 cat["images"][name] = new
 
             pool.commit(mutate)
@@ -275,11 +289,16 @@ class PoolDriver(BlockDriver):
         return sum(e.length for _, e in self.img.walk() if e.kind in pc.DATA_KINDS)
 
     def set_backing(self, ref: BackingRef | None) -> None:
+        """Also ends a native clone's lineage (rebase, flatten): its tree holds all its
+        data, so it lets go of its parent's snapshot, in the same generation."""
         name = self.img.name
         value = {"filename": ref.filename, "format": ref.format, "snapshot": ref.snapshot} if ref else None
 
         def mutate(cat: dict) -> None:
-            cat["images"][name]["backing"] = value
+            rec = cat["images"][name]
+            rec["backing"] = value
+            _drop_parent_hold(cat, rec)
+            rec["parent"] = None
 
         self.img.flush()
         self.pool.commit(mutate)
