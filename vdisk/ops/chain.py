@@ -14,6 +14,13 @@ flattened, rebased elsewhere or removed with ``vdisk rm``.  A file copied with
 while the original is still at its recorded place.  Formats that cannot record a
 holder (raw, qcow2) cannot be the source of a clone of a snapshot.
 
+Images in a pool (``POOL/IMAGE``) record holders as vdk files do, with paths
+relative to the pool's directory (an image of the same pool is named by its name).
+A linked clone of a pool image into the same pool is a *native* clone: the new
+image shares its parent snapshot's tree, and the pool records the clone and its
+hold in one catalog generation (``vdisk.drivers.pool``), so no separate hold is
+taken or released here.
+
 Operations that change another image's snapshots (holds, the snapshot a clone of a
 live image takes) open it with the ``writable`` opener they are given: the default
 opens the file here; the CLI passes :func:`vdisk.session.writable`, which hands the
@@ -34,6 +41,8 @@ from ..errors import BackingError, ImageNotFound, SnapshotNotFound, UsageError, 
 
 ProgressFn = Callable[[int], None]
 CHUNK = 4 << 20
+#: formats whose snapshots record their holders, so that a linked clone may depend on them
+HOLD_FORMATS = ("vdk", "pool")
 
 
 def split_snapshot_spec(spec: str) -> tuple[str, str | None]:
@@ -45,7 +54,7 @@ def backing_spec(image: str, spec: str) -> tuple[str, str | None]:
     """A ``-b BACKING[@SNAP]`` value as qemu-img reads it: a relative BACKING is
     relative to ``image``'s directory.  Returns (BACKING as given, SNAP)."""
     base_dir = os.path.dirname(os.path.abspath(image))
-    if "@" in spec and not os.path.exists(os.path.join(base_dir, spec)):
+    if "@" in spec and not block.exists(os.path.join(base_dir, spec)):
         path, _, snap = spec.rpartition("@")
         if not snap or not path:
             raise UsageError(f"{spec}: expected BACKING@SNAPSHOT")
@@ -64,9 +73,20 @@ def open_writable(path: str, fmt: str | None = None):
         yield img
 
 
-def _hold(base: str, snap: str, holder: Holder | None, delta: int, writable: Opener) -> SnapshotInfo:
-    with writable(base, "vdk") as img:
+def _hold(base: str, snap: str, holder: Holder | None, delta: int, writable: Opener,
+          fmt: str | None = None) -> SnapshotInfo:
+    with writable(base, fmt or _hold_format(base)) as img:
         return img.snapshot_hold(snap, delta, holder)
+
+
+def _hold_format(path: str) -> str:
+    """The format of ``path`` if it can record holds, else vdk (which then fails to
+    open it, naming why): a hold is never asked of a probed raw file."""
+    try:
+        fmt = block.detect_format(path)
+    except VdiskError:
+        return "vdk"
+    return fmt if fmt in HOLD_FORMATS else "vdk"
 
 
 def _holder_path(base: str, holder_file: str) -> str:
@@ -74,7 +94,7 @@ def _holder_path(base: str, holder_file: str) -> str:
 
 
 def _refuse_unholdable_snapshot(src: str, fmt: str, snap: str | None) -> None:
-    if snap is not None and fmt != "vdk":
+    if snap is not None and fmt not in HOLD_FORMATS:
         raise UsageError(
             f"{src}: a {fmt} image cannot record that a clone depends on its snapshot {snap!r}, so the snapshot "
             "could be deleted under the clone (qemu-img snapshot -d would do it); make a full copy instead "
@@ -92,15 +112,19 @@ class CloneResult:
 
 
 def clone(src_spec: str, dst: str, *, full: bool = False, compression: str | None = None,
-          progress: ProgressFn | None = None, fmt: str = "vdk", unsafe_backing: bool = False,
+          progress: ProgressFn | None = None, fmt: str | None = None, unsafe_backing: bool = False,
           writable: Opener = open_writable) -> CloneResult:
     """``vdisk clone SRC[@SNAP] DST``: a linked clone (O(1), shares data with SRC's
-    snapshot) or, with ``full``, an independent copy, in format ``fmt``."""
+    snapshot) or, with ``full``, an independent copy, in format ``fmt`` (default: vdk,
+    or pool for ``POOL/IMAGE``).  A linked clone of a pool image into the same pool is
+    a native clone, sharing the snapshot's tree."""
     src, snap = split_snapshot_spec(src_spec)
-    if not os.path.exists(src):
+    if not block.exists(src):
         raise ImageNotFound(f"{src}: no such file")
-    if os.path.lexists(dst):
+    if os.path.lexists(dst) or block.exists(dst):
         raise UsageError(f"{dst}: exists already; refusing to overwrite it")
+    if fmt is None:
+        fmt = block.default_format(dst)
     src_fmt = block.detect_format(src)
     if full:
         from .convert import convert
@@ -112,37 +136,61 @@ def clone(src_spec: str, dst: str, *, full: bool = False, compression: str | Non
             return CloneResult(dst, False, src, snap, img.size)
     _refuse_unholdable_snapshot(src, src_fmt, snap)
     abs_src = os.path.abspath(src)
-    if src_fmt != "vdk":
+    if src_fmt not in HOLD_FORMATS:
         # raw and qcow2: an overlay on the file as it is (as qemu-img create -b); no holds
         block.create(dst, None, format=fmt, backing_file=abs_src, backing_format=src_fmt,
                      unsafe_backing=unsafe_backing)
         with block.open(dst, read_only=True, backing=False) as img:
             return CloneResult(dst, True, src, None, img.size)
-    if fmt != "vdk":
-        raise UsageError(f"a linked clone of a vdk image is a vdk overlay on one of its snapshots; a {fmt} "
-                         f"image cannot name a snapshot of its backing file (use --full for a {fmt} copy)")
+    if fmt not in HOLD_FORMATS:
+        raise UsageError(f"a linked clone of a {src_fmt} image is an overlay on one of its snapshots, which only "
+                         f"vdk and pool images can name; a {fmt} image cannot name a snapshot of its backing file "
+                         f"(use --full for a {fmt} copy)")
     # Refuse what block.create would refuse before anything is written into the source.
     block.check_backing_allowed(dst, abs_src, unsafe_backing=unsafe_backing)
     if snap is None:
-        snap = _auto_snapshot(src, dst, writable)
+        snap = _auto_snapshot(src, dst, writable, src_fmt)
+    if src_fmt == "pool" and fmt == "pool" and _same_pool(src, dst):
+        # A native clone: the pool records the clone and its hold in one generation.
+        info = _snapshot_info(src, snap)
+        block.create(dst, info.size, format="pool", backing_file=abs_src, backing_format="pool",
+                     backing_snapshot=f"#{info.id}", unsafe_backing=unsafe_backing)
+        return CloneResult(dst, True, src, info.name, info.size)
     holder = Holder(uuid.uuid4().hex, _holder_path(src, dst))
     # The hold is committed before the clone exists: a crash in between leaves a hold
     # whose holder is missing (found and released by `vdisk check -r leaks`), never a
     # clone whose snapshot can vanish.
-    info = _hold(src, snap, holder, +1, writable)
+    info = _hold(src, snap, holder, +1, writable, src_fmt)
     try:
-        with block.open(src, read_only=True, format="vdk", snapshot=f"#{info.id}") as view:
-            cluster = view.cluster_size
-        block.create(dst, info.size, format="vdk", cluster_size=cluster, backing_file=abs_src,
-                     backing_format="vdk", backing_snapshot=f"#{info.id}", unsafe_backing=unsafe_backing,
+        with block.open(src, read_only=True, format=src_fmt, snapshot=f"#{info.id}") as view:
+            cluster = view.cluster_size if fmt == src_fmt else None
+        block.create(dst, info.size, format=fmt, cluster_size=cluster, backing_file=abs_src,
+                     backing_format=src_fmt, backing_snapshot=f"#{info.id}", unsafe_backing=unsafe_backing,
                      image_id=holder.image_id)
     except BaseException:
-        _hold(src, f"#{info.id}", holder, -1, writable)
+        _hold(src, f"#{info.id}", holder, -1, writable, src_fmt)
         raise
     return CloneResult(dst, True, src, info.name, info.size)
 
 
-def _auto_snapshot(src: str, dst: str, writable: Opener) -> str:
+def _same_pool(a: str, b: str) -> bool:
+    from .. import pool
+
+    wa, wb = pool.split(a), pool.split(b)
+    return wa is not None and wb is not None and os.path.realpath(wa[0]) == os.path.realpath(wb[0])
+
+
+def _snapshot_info(path: str, snap: str) -> SnapshotInfo:
+    """Snapshot ``snap`` (a name or ``#ID``, also a hidden one by id) of ``path``."""
+    with block.open(path, read_only=True, backing=False, force_share=True) as img:
+        snaps = img.snapshot_list(hidden=True)
+    for s in snaps:
+        if (snap == f"#{s.id}") or (snap == s.name and not s.hidden):
+            return s
+    raise SnapshotNotFound(f"{path}: no snapshot {snap!r}")
+
+
+def _auto_snapshot(src: str, dst: str, writable: Opener, fmt: str = "vdk") -> str:
     """Cloning the live state of a vdk image: snapshot it first, so the source stays writable."""
     base = "clone-" + os.path.basename(dst).replace("/", "_").replace("@", "_").lstrip("#") or "clone"
     base = base.encode()[:200].decode(errors="ignore")
@@ -156,7 +204,7 @@ def _auto_snapshot(src: str, dst: str, writable: Opener) -> str:
         img.snapshot_create(name)
         return name
 
-    with writable(src, "vdk") as img:
+    with writable(src, fmt) as img:
         return make(img)
 
 
@@ -169,6 +217,7 @@ class HoldPlan:
     snapshot: str  # selector of the held snapshot
     holder: Holder | None  # None: a hold counted without identity (vdisk 0.1)
     copy_of: str | None = None  # the overlay is a copy of this holder: release nothing
+    format: str = "vdk"  # the base image's format
 
 
 def _image_id_of(path: str) -> str | None:
@@ -180,24 +229,22 @@ def _image_id_of(path: str) -> str | None:
 
 
 def _same_file(a: str, b: str) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
+    """The same image: the same file, or the same image of the same pool."""
+    return block.same_image(a, b)
 
 
 def hold_plan(overlay_path: str, ref: BackingRef | None, image_id: str | None) -> HoldPlan | None:
     """Which hold ``overlay_path`` (with backing reference ``ref`` and identity
     ``image_id``) has on its base, if any; decided before the overlay changes."""
-    if ref is None or ref.format != "vdk" or not ref.snapshot or not ref.snapshot.startswith("#"):
+    if ref is None or ref.format not in HOLD_FORMATS or not ref.snapshot or not ref.snapshot.startswith("#"):
         return None
     base = block.resolve_backing_path(overlay_path, ref)
-    if not os.path.exists(base):
+    if not block.exists(base):
         return None  # the base is gone already: nothing is held
     if image_id is None:
-        return HoldPlan(base, ref.snapshot, None)
+        return HoldPlan(base, ref.snapshot, None, format=ref.format)
     try:
-        with block.open(base, read_only=True, format="vdk", backing=False, force_share=True) as b:
+        with block.open(base, read_only=True, format=ref.format, backing=False, force_share=True) as b:
             snaps = {f"#{s.id}": s for s in b.snapshot_list(hidden=True)}
     except VdiskError as exc:
         raise BackingError(f"{overlay_path}: cannot read the holds of its base {base}: {exc}") from None
@@ -205,12 +252,12 @@ def hold_plan(overlay_path: str, ref: BackingRef | None, image_id: str | None) -
     mine = [h for h in rec.holders if h.image_id == image_id] if rec else []
     if not mine:
         if rec is not None and rec.holds > len(rec.holders):
-            return HoldPlan(base, ref.snapshot, None)  # made by vdisk 0.1, held without identity
+            return HoldPlan(base, ref.snapshot, None, format=ref.format)  # made by vdisk 0.1, held without identity
         return None
     recorded = os.path.join(os.path.dirname(os.path.abspath(base)), mine[0].path)
-    if not _same_file(recorded, overlay_path) and os.path.exists(recorded) and _image_id_of(recorded) == image_id:
-        return HoldPlan(base, ref.snapshot, mine[0], copy_of=recorded)
-    return HoldPlan(base, ref.snapshot, mine[0])
+    if not _same_file(recorded, overlay_path) and block.exists(recorded) and _image_id_of(recorded) == image_id:
+        return HoldPlan(base, ref.snapshot, mine[0], copy_of=recorded, format=ref.format)
+    return HoldPlan(base, ref.snapshot, mine[0], format=ref.format)
 
 
 def release(plan: HoldPlan | None, what: str, writable: Opener = open_writable) -> None:
@@ -220,9 +267,10 @@ def release(plan: HoldPlan | None, what: str, writable: Opener = open_writable) 
         return
     try:
         if plan.holder is None:
-            _hold(plan.base, plan.snapshot, None, -1, writable)
+            _hold(plan.base, plan.snapshot, None, -1, writable, plan.format)
         else:
-            _hold(plan.base, plan.snapshot, Holder(plan.holder.image_id, plan.holder.path), -1, writable)
+            _hold(plan.base, plan.snapshot, Holder(plan.holder.image_id, plan.holder.path), -1, writable,
+                  plan.format)
     except SnapshotNotFound:
         return  # released already (by check -r, or a retried command)
     except VdiskError as exc:
@@ -241,31 +289,28 @@ class Dependant:
 
 
 def dependants(path: str) -> list[Dependant]:
-    """Images that depend on ``path``: the holders its snapshots record (vdk), and
-    overlays in its own directory whose backing file is ``path``."""
+    """Images that depend on ``path``: the holders its snapshots record (vdk, pool;
+    a holder's path is relative to ``path``'s directory, a pool's for a pool image),
+    and overlays next to it (in its directory, or its pool) whose backing file is
+    ``path``."""
     out: list[Dependant] = []
     seen: set[str] = set()
     fmt = block.detect_format(path)
     base_dir = os.path.dirname(os.path.abspath(path))
-    if fmt == "vdk":
-        with block.open(path, read_only=True, format="vdk", backing=False, force_share=True) as img:
+    if fmt in HOLD_FORMATS:
+        with block.open(path, read_only=True, format=fmt, backing=False, force_share=True) as img:
             snaps = img.snapshot_list(hidden=True)
         for s in snaps:
             label = f"#{s.id}" if s.hidden else s.name
             for h in s.holders:
                 where = os.path.normpath(os.path.join(base_dir, h.path))
-                present = os.path.exists(where) and _image_id_of(where) == h.image_id
+                present = block.exists(where) and _image_id_of(where) == h.image_id
                 out.append(Dependant(where, label, present))
                 seen.add(where)
             for _ in range(s.holds - len(s.holders)):
                 out.append(Dependant("(a clone made by vdisk 0.1, identity not recorded)", label, False))
-    try:
-        names = sorted(os.listdir(base_dir))
-    except OSError:
-        names = []
-    for name in names[:100000]:
-        cand = os.path.join(base_dir, name)
-        if cand in seen or not os.path.isfile(cand) or _same_file(cand, path):
+    for cand in block.images_in(base_dir):
+        if cand in seen or _same_file(cand, path):
             continue
         try:
             cfmt = block.detect_format(cand)
@@ -293,13 +338,13 @@ def stale_holds(path: str) -> list[StaleHold]:
     its identity (deleted by hand, or a clone whose creation was cut short)."""
     out = []
     base_dir = os.path.dirname(os.path.abspath(path))
-    with block.open(path, read_only=True, format="vdk", backing=False, force_share=True) as img:
+    with block.open(path, read_only=True, format=_hold_format(path), backing=False, force_share=True) as img:
         snaps = img.snapshot_list(hidden=True)
     for s in snaps:
         label = f"#{s.id}" + ("" if s.hidden else f" ({s.name})")
         for h in s.holders:
             where = os.path.normpath(os.path.join(base_dir, h.path))
-            if not os.path.exists(where):
+            if not block.exists(where):
                 out.append(StaleHold(f"#{s.id}", h, f"snapshot {label}: holder {h.image_id} is not at {where}"))
             elif _image_id_of(where) != h.image_id:
                 out.append(StaleHold(f"#{s.id}", h, f"snapshot {label}: {where} is not holder {h.image_id}"))
@@ -382,7 +427,7 @@ def commit(path: str, *, keep: bool = False, progress: ProgressFn | None = None,
 # ------------------------------------------------------------------------------ rebase
 def _check_no_loop(path: str, new_base: block.Image) -> None:
     for node in new_base.chain():
-        if os.path.exists(node.filename) and os.path.samefile(node.filename, path):
+        if _same_file(node.filename, path):
             raise BackingError(f"{path}: rebasing onto {new_base.filename} would make the chain loop")
 
 
@@ -397,7 +442,7 @@ def rebase(path: str, new_backing: str | None, new_format: str | None = None, *,
     unless ``unsafe_backing``."""
     new_path, new_snap = split_snapshot_spec(new_backing) if new_backing else (None, None)
     if new_path is not None:
-        if not os.path.exists(new_path):
+        if not block.exists(new_path):
             if not unsafe:
                 raise ImageNotFound(f"new backing file {new_path}: no such file")
             if new_format is None:
@@ -409,7 +454,7 @@ def rebase(path: str, new_backing: str | None, new_format: str | None = None, *,
             if new_format == "raw":
                 raise UsageError(f"new backing file {new_path}: give its format with -F (raw is never probed)")
         block.check_backing_allowed(path, os.path.abspath(new_path), unsafe_backing=unsafe_backing)
-    if new_path is not None and os.path.exists(new_path):
+    if new_path is not None and block.exists(new_path):
         _refuse_unholdable_snapshot(new_path, new_format, new_snap)
         # before taking the overlay's write lock: a loop would reach the overlay itself
         with block.open(new_path, read_only=True, format=new_format, snapshot=new_snap,
@@ -420,21 +465,21 @@ def rebase(path: str, new_backing: str | None, new_format: str | None = None, *,
         cur_format = cur.format
         old_plan = hold_plan(path, cur.driver.backing_ref, image_id)
     held: Holder | None = None
-    if new_path is not None and new_snap and new_format == "vdk":
-        if cur_format != "vdk":
-            raise UsageError(f"{path}: only a vdk image can read from a snapshot of a vdk image (the source "
-                             f"records its holders by image identity, which {cur_format} images lack)")
+    if new_path is not None and new_snap and new_format in HOLD_FORMATS:
+        if cur_format not in HOLD_FORMATS:
+            raise UsageError(f"{path}: only a vdk or pool image can read from a snapshot of a {new_format} image "
+                             f"(the source records its holders by image identity, which {cur_format} images lack)")
         if image_id is None:
             raise UsageError(f"{path}: has no identity (made by vdisk 0.1) to hold a snapshot with; "
                              "make a new clone instead (vdisk clone)")
         held = Holder(image_id, _holder_path(new_path, path))
-        info = _hold(new_path, new_snap, held, +1, writable)
+        info = _hold(new_path, new_snap, held, +1, writable, new_format)
         new_snap = f"#{info.id}"
     try:
         _rebase(path, new_path, new_format, new_snap, unsafe, progress, unsafe_backing)
     except BaseException:
         if held is not None:
-            _hold(new_path, new_snap, held, -1, writable)
+            _hold(new_path, new_snap, held, -1, writable, new_format)
         raise
     if old_plan is not None and held is not None and _same_file(old_plan.base, new_path) \
             and old_plan.snapshot == new_snap:
@@ -541,7 +586,7 @@ def remove(path: str, *, recursive: bool = False, dry_run: bool = False,
 
 
 def _plan_remove(path: str, recursive: bool, order: list[str], visiting: set[str]) -> None:
-    if not os.path.lexists(path):
+    if not block.exists(path):
         raise ImageNotFound(f"{path}: no such file")
     key = os.path.realpath(path)
     if key in visiting or any(_same_file(p, path) for p in order):
@@ -565,5 +610,5 @@ def _remove_one(path: str, writable: Opener) -> None:
     fmt = block.detect_format(path)
     with block.open(path, format=fmt, backing=False) as img:  # read-write: refuses an image in use
         plan = hold_plan(path, img.driver.backing_ref, img.driver.image_id)
-    os.unlink(path)
+    block.remove(path)
     release(plan, f"removed {path}", writable)

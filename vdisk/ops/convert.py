@@ -395,7 +395,7 @@ def convert(
     src: Image,
     dst_path: str,
     *,
-    format: str = "raw",  # noqa: A002
+    format: str | None = None,  # noqa: A002
     cluster_size: int | None = None,
     compression: str | None = None,
     options: dict | None = None,
@@ -412,7 +412,8 @@ def convert(
     read_ahead: int = 2,
     unsafe_backing: bool = False,
 ) -> ConvertStats:
-    """Create ``dst_path`` in ``format`` with ``src``'s guest size and content.
+    """Create ``dst_path`` in ``format`` (default: raw, or pool for ``POOL/IMAGE``)
+    with ``src``'s guest size and content.
 
     An existing regular file at ``dst_path`` is replaced atomically once the copy is
     complete; until then it is left as it was.  ``durable`` flushes the destination
@@ -426,27 +427,37 @@ def convert(
     allocates every byte, ``granularity`` (-S N) sets the size of zero runs left out;
     ``backing_file`` (-B; relative to ``dst_path``'s directory, as in qemu-img) makes
     the destination an overlay on it holding only what differs; ``rate_limit`` (-r)
-    caps bytes per second."""
+    caps bytes per second.
+
+    An image in a pool (``POOL/IMAGE``, format pool) is made in place under its name
+    and removed again if the copy fails; an existing one is never replaced."""
+    from ..drivers import get_driver
+
     dst_path = os.fspath(dst_path)
+    if format is None:
+        format = "pool" if block.default_format(dst_path) == "pool" else "raw"
     copy_kw = dict(progress=progress, chunk_size=chunk_size, granularity=granularity, sparse=sparse,
                    rate_limit=rate_limit, read_ahead=read_ahead)
     if existing:
         if backing_file is not None:
             raise UsageError("-n writes into an existing image: it keeps its own backing file (no -B)")
-        if not os.path.exists(dst_path):
+        if not block.exists(dst_path):
             raise ImageNotFound(f"{dst_path}: no such file (-n writes into an existing image)")
-        if os.path.samefile(dst_path, src.filename):
+        if block.same_image(dst_path, src.filename):
             raise UsageError(f"{dst_path}: source and destination are the same file")
         with block.open(dst_path, format=format, read_only=False, backing=False,
                         cache="writeback" if durable else "unsafe") as dst:
             stats = copy_content(src, dst, target_is_zero=target_is_zero, **copy_kw)
             dst.flush()
         return stats
+    if getattr(get_driver(format), "opens_by_name", False):
+        return _convert_named(src, dst_path, format, cluster_size, compression, options, copy_kw, backing_file,
+                              backing_format, unsafe_backing)
     target = os.path.realpath(dst_path) if os.path.islink(dst_path) else dst_path
     if os.path.exists(target):
         if not os.path.isfile(target):
             raise UsageError(f"{dst_path}: exists and is not a regular file")
-        if os.path.samefile(target, src.filename):
+        if block.same_image(target, src.filename):
             raise UsageError(f"{dst_path}: source and destination are the same file")
         _refuse_if_in_use(target)
     directory, base_name = os.path.split(os.path.abspath(target))
@@ -506,6 +517,42 @@ def convert(
     return stats
 
 
+def _convert_named(src: Image, dst_path: str, fmt: str, cluster_size, compression, options, copy_kw: dict,
+                   backing_file: str | None, backing_format: str | None, unsafe_backing: bool) -> ConvertStats:
+    """convert into an image a driver opens by name (a pool's): made under its name,
+    removed again if the copy does not complete."""
+    if block.exists(dst_path):
+        raise UsageError(f"{dst_path}: exists already; an image in a pool is never replaced: remove it first "
+                         "(vdisk rm), or write into it with -n")
+    ref, base = None, None
+    create_kw: dict = {}
+    if backing_file is not None:
+        ref, base = _open_output_backing(dst_path, backing_file, backing_format, fmt, unsafe_backing)
+        create_kw = {"backing_file": ref.filename, "backing_format": ref.format, "unsafe_backing": unsafe_backing}
+    try:
+        block.create(dst_path, src.size, format=fmt, cluster_size=cluster_size, compression=compression,
+                     options=options, **create_kw)
+        try:
+            dst = block.open(dst_path, format=fmt, read_only=False, backing=False)
+            try:
+                if base is not None:
+                    dst.attach_backing_image(base)  # so zeros over the base's data stay explicit
+                stats = copy_content(src, dst, base=base, **copy_kw)
+                dst.flush()
+            finally:
+                dst.close()
+        except BaseException:
+            try:
+                block.remove(dst_path)
+            except (OSError, VdiskError):
+                pass
+            raise
+    finally:
+        if base is not None:
+            base.close()
+    return stats
+
+
 def _open_output_backing(target: str, backing_file: str, backing_format: str | None, fmt: str,
                          unsafe_backing: bool):
     """``-B``: the backing reference the new image will store, and the backing image
@@ -517,7 +564,7 @@ def _open_output_backing(target: str, backing_file: str, backing_format: str | N
         raise UsageError(f"{fmt} images cannot have a backing file (-B)")
     directory = os.path.dirname(os.path.abspath(target))
     bpath = os.path.join(directory, backing_file)
-    if not os.path.exists(bpath):
+    if not block.exists(bpath):
         raise ImageNotFound(f"backing file {bpath}: no such file (a relative -B is relative to the new image)")
     if backing_format is None:
         backing_format = block.detect_format(bpath)
