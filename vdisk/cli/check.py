@@ -78,7 +78,7 @@ def check(ctx, fmt, output, repair, unsafe_backing, force_share, filename):
     """
     if repair and force_share:
         raise UsageError("-r repairs the image and -U shares it with a writer: not both")
-    from ..ops.chain import release_stale_holds, stale_holds
+    from ..ops.chain import HOLD_FORMATS, release_stale_holds, stale_holds
     from ..session import writable
     from ..ops.mapping import cluster_stats, json_safe
 
@@ -104,7 +104,7 @@ def check(ctx, fmt, output, repair, unsafe_backing, force_share, filename):
         leaks = list(res.leaks)
         repaired = list(res.repaired)
         released = []
-        if img.format == "vdk" and img.snapshot is None:
+        if img.format in HOLD_FORMATS and img.snapshot is None:
             if repaired_here:
                 released = release_stale_holds(img.filename, writable)
                 repaired += released
@@ -144,7 +144,8 @@ def check(ctx, fmt, output, repair, unsafe_backing, force_share, filename):
 
 def _image_end_offset(img, res) -> int:
     """Where the image ends in its file: what the driver reports, else the file's
-    size rounded up to a whole cluster (qemu-img: the end of the last cluster in use)."""
+    size rounded up to a whole cluster (qemu-img: the end of the last cluster in use);
+    0 for an image that is not a file (in a pool)."""
     end = getattr(res, "image_end_offset", None)
     if end is not None:
         return end
@@ -152,7 +153,10 @@ def _image_end_offset(img, res) -> int:
     try:
         size = img.driver.host.size()
     except (AttributeError, OSError):
-        size = os.path.getsize(img.filename)
+        try:
+            size = os.path.getsize(img.filename)
+        except OSError:
+            return 0
     return -(-size // cs) * cs
 
 

@@ -15,7 +15,7 @@ from vdisk.ops.chain import clone as _clone
 @click.option("--full", is_flag=True, help="Copy all data: an independent image instead of a linked clone.")
 @click.option("-c", "--compress", is_flag=True, help="With --full: compress the copy.")
 @click.option("-f", "-O", "--format", "fmt", default=None, metavar="FMT",
-              help="Format of DEST (default: vdk; a linked clone of a vdk snapshot is always vdk).")
+              help="Format of DEST (default: vdk, pool for POOL/IMAGE; a linked clone of a snapshot is vdk or pool).")
 @unsafe_backing_option()
 @progress_option()
 @click.argument("source")
@@ -36,7 +36,6 @@ def clone(full, compress, fmt, unsafe_backing, progress, source, dest):
     a directory of VDISK_BACKING_DIRS, unless --unsafe-backing."""
     if compress and not full:
         raise click.UsageError("-c goes with --full")
-    fmt = fmt or "vdk"
     if full:
         from vdisk import block
         from vdisk.ops.chain import split_snapshot_spec

@@ -14,7 +14,8 @@ from .progress import progress_bar
 
 @click.command(context_settings=CONTEXT_SETTINGS)
 @format_option(help="Source format (default: probed, raw if no magic).")
-@click.option("-O", "--output-format", "out_fmt", default="raw", show_default=True, metavar="FMT", help="Destination format.")
+@click.option("-O", "--output-format", "out_fmt", default=None, metavar="FMT",
+              help="Destination format (default: raw; pool for POOL/IMAGE).")
 @click.option("-c", "--compress", is_flag=True, help="Compress the destination (zstd; zlib for qcow2, as qemu-img).")
 @click.option("-o", "opts", multiple=True, metavar="OPT=VAL[,...]", help="Destination format options, as for create.")
 @click.option("-s", "--snapshot", default=None, metavar="NAME", help="Copy this internal snapshot of SRC (as SRC@NAME).")

@@ -34,7 +34,7 @@ def format_options_help(fmt: str) -> str:
 
 
 @click.command(context_settings=CONTEXT_SETTINGS)
-@format_option(default="vdk", help="Image format: vdk (default), raw, ...")
+@format_option(help="Image format: vdk (default; pool for POOL/IMAGE), raw, ...")
 @click.option(
     "-o",
     "opts",
@@ -60,10 +60,11 @@ def create(fmt, opts, backing_file, backing_format, unsafe_backing, quiet, filen
     overwritten.  `-o help` lists the options of the format.
     """
     if any(part.strip() in ("help", "?") for o in opts for part in o.split(",")):
-        click.echo(format_options_help(fmt))
+        click.echo(format_options_help(fmt or (block.default_format(filename) if filename else "vdk")))
         return
     if filename is None:
         raise click.UsageError("Missing argument 'FILENAME'.")
+    fmt = fmt or block.default_format(filename)
     kw = parse_o_options(opts)
     backing_file = backing_file or kw.pop("backing_file", None)
     backing_format = backing_format or kw.pop("backing_format", None)
@@ -81,9 +82,9 @@ def create(fmt, opts, backing_file, backing_format, unsafe_backing, quiet, filen
             from ..ops.chain import clone as _clone
             from ..session import writable
 
-            if backing_format not in (None, "vdk") or size is not None or kw:
+            if backing_format not in (None, "vdk", "pool") or size is not None or kw:
                 raise UsageError("-b BACKING@SNAP makes a linked clone of the snapshot: "
-                                 "no -F other than vdk, no size and no -o")
+                                 "no -F other than vdk or pool, no size and no -o")
             _clone(os.path.join(os.path.dirname(os.path.abspath(filename)), backing_file) + "@" + snap,
                    filename, fmt=fmt, unsafe_backing=unsafe_backing, writable=writable)
             if not quiet:
