@@ -72,7 +72,19 @@ def run_dir() -> str:
 
 
 def _image_key(image_path: str) -> str:
-    st = os.stat(image_path)
+    """The image's identity as a file name: a file's device and inode, or for an
+    image in a pool a digest of its pool's real path and its name."""
+    try:
+        st = os.stat(image_path)
+    except FileNotFoundError:
+        from vdisk import block
+
+        key = block.image_key(image_path)
+        if key is None:
+            raise
+        import hashlib
+
+        return "pool-" + hashlib.sha256(repr(key).encode()).hexdigest()[:32]
     return f"{st.st_dev:x}-{st.st_ino:x}"
 
 

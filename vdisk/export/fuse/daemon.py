@@ -484,7 +484,7 @@ def spawn(
     file_path = os.path.abspath(file_path)
     image_path = file_path + (f"@{snapshot}" if snapshot is not None else "")
     mountpoint = os.path.abspath(mountpoint)
-    if not os.path.exists(file_path):
+    if not vdisk.block.exists(file_path):
         raise vdisk.errors.ImageNotFound(f"{file_path}: no such file")
     check_mountpoint(mountpoint)
     if log_file is None:

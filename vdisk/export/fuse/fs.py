@@ -148,7 +148,7 @@ class VdiskFS(pyfuse3.Operations):
         self.xattrs = {XATTR_PREFIX + k.encode(): v.encode() for k, v in (xattrs or {}).items()}
         self.disk_size = image.size
         self.disk_opens = 0
-        st = os.stat(image.filename)
+        st = vdisk.block.host_stat(image.filename)  # the file, or an image's pool directory
         self._uid, self._gid = st.st_uid, st.st_gid
         # The disk is as readable as the image file (the mount uses allow_other as root).
         self._perm = stat.S_IMODE(st.st_mode) & 0o666
