@@ -25,7 +25,7 @@ from ..errors import (
 from . import backend as be
 from . import features
 from .index import fp_key, safe_get, sf_key
-from .store import Pool, root_of
+from .store import BlobMismatch, Pool, root_of
 
 B = pc.BLOCK
 F = pc.FANOUT
@@ -167,8 +167,8 @@ class PoolImage:
             return pc.ZERO_BLOCK
         try:
             return self.pool.decode_block(e, f"{self.what}: block at guest offset {bn * B:#x}")
-        except ChecksumMismatch:
-            raise ChecksumMismatch(f"{self.what}: checksum mismatch at guest offset {bn * B:#x}") from None
+        except BlobMismatch:
+            raise ChecksumMismatch(f"{self.what}: checksum mismatch at guest offset {bn * B:#x}", bn * B) from None
 
     def read(self, offset: int, length: int, backing) -> bytes:
         out = bytearray()

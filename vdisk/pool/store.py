@@ -27,7 +27,6 @@ from collections.abc import Callable
 
 from ..codec import pool as pc
 from ..errors import (
-    ChecksumMismatch,
     CorruptImage,
     ImageExists,
     ImageLocked,
@@ -46,6 +45,10 @@ BASE_CACHE = 1024  # decoded delta bases kept (4 MiB)
 COMMIT_RETRIES = 1000
 
 DEFAULT_SETTINGS = {"dedup": True, "delta": True, "compression": "zstd", "zstd_level": 3}
+
+
+class BlobMismatch(CorruptImage):
+    """A blob does not decode to the content its entry's hash names."""
 
 
 def gen_name(n: int) -> str:
@@ -160,13 +163,26 @@ class Pool:
             cat["generation"] = self.generation + 1
             cat["committed"] = time.time()
             data = pc.encode_json_object(pc.GEN_MAGIC, cat)
-            if self.backend.put_if_absent(gen_name(self.generation + 1), data):
+            if self.backend.put_if_absent(gen_name(self.generation + 1), data) and \
+                    self._newest_number() == self.generation + 1:
                 self.catalog, self.generation = cat, self.generation + 1
                 self._sealed.clear()
                 self._prune_generations()
                 return
             self.reload()
         raise VdiskError(f"{self.url}: could not commit after {COMMIT_RETRIES} attempts (too many writers)")
+
+    def _newest_number(self) -> int:
+        """The largest generation number in the store.  A commit counts only if its
+        generation is the newest: a writer whose catalog is older than the pruned
+        generations could otherwise put a number freed by pruning (formats/pool.md 6.2)."""
+        best = 0
+        for n in self.backend.list(GEN_PREFIX):
+            try:
+                best = max(best, int(n[len(GEN_PREFIX):], 16))
+            except ValueError:
+                continue
+        return best
 
     def _prune_generations(self) -> None:
         if self.generation % KEEP_GENERATIONS:
@@ -260,7 +276,7 @@ class Pool:
         else:
             raise CorruptImage(f"{what}: a {pc.KIND_NAMES.get(e.kind, e.kind)} entry where data is expected")
         if verify and pc.entry_hash(block) != e.hash:
-            raise ChecksumMismatch(f"{what}: checksum mismatch")
+            raise BlobMismatch(f"{what}: checksum mismatch")
         return block
 
     def _base(self, e: pc.Entry, what: str) -> bytes:
@@ -285,7 +301,7 @@ class Pool:
             raise CorruptImage(f"{what}: a {pc.KIND_NAMES.get(e.kind, e.kind)} entry where a tree node is expected")
         node = pc.decompress(self.read_stored(e, what), pc.NODE_BYTES, what)
         if pc.meta_hash(node) != e.hash:
-            raise ChecksumMismatch(f"{what}: tree node checksum mismatch")
+            raise BlobMismatch(f"{what}: tree node checksum mismatch")
         self._nodes[key] = node
         if len(self._nodes) > NODE_CACHE:
             self._nodes.popitem(last=False)
@@ -309,7 +325,7 @@ class Pool:
             raise CorruptImage(f"{what}: sketch of {size} bytes")
         data = pc.decompress(self.read_stored(e, what), size, what)
         if pc.meta_hash(data) != e.hash:
-            raise ChecksumMismatch(f"{what}: sketch checksum mismatch")
+            raise BlobMismatch(f"{what}: sketch checksum mismatch")
         return data
 
     # ------------------------------------------------------------------ indexes
