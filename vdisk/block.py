@@ -133,6 +133,14 @@ def default_format(path: str) -> str:
     return "pool" if _pool_image(path) else "vdk"
 
 
+def check_create_format(path: str, format: str) -> None:
+    """Refuse to make a file of ``format`` where ``path`` names an image in a pool: the
+    pool's directory holds its own objects, and the file would hide the image's name."""
+    if not getattr(get_driver(format), "opens_by_name", False) and _pool_image(path):
+        raise UsageError(f"{path}: names an image in the pool {os.path.dirname(path) or '.'}, which holds "
+                         f"images of the pool format only (not {format})")
+
+
 def image_key(path: str) -> tuple | None:
     """What identifies the image ``path`` names (a file's device and inode, a pool
     image's pool and name), or None if there is no such image."""
@@ -654,9 +662,7 @@ def create(
     if format is None:  # vdk, or pool for POOL/IMAGE
         format = default_format(path)
     cls = get_driver(format)
-    if not getattr(cls, "opens_by_name", False) and _pool_image(path):
-        raise UsageError(f"{path}: names an image in the pool {os.path.dirname(path) or '.'}, which holds "
-                         f"images of the pool format only (not {format})")
+    check_create_format(path, format)
     ref = None
     if backing_file is not None:
         if not cls.supports_backing:

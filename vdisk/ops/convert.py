@@ -450,6 +450,7 @@ def convert(
             stats = copy_content(src, dst, target_is_zero=target_is_zero, **copy_kw)
             dst.flush()
         return stats
+    block.check_create_format(dst_path, format)
     if getattr(get_driver(format), "opens_by_name", False):
         return _convert_named(src, dst_path, format, cluster_size, compression, options, copy_kw, backing_file,
                               backing_format, unsafe_backing)
