@@ -84,7 +84,7 @@ def _image_key(image_path: str) -> str:
             raise
         import hashlib
 
-        return "pool-" + hashlib.sha256(repr(key).encode()).hexdigest()[:32]
+        return "pool-" + hashlib.sha256(repr(key).encode()).hexdigest()[:20]
     return f"{st.st_dev:x}-{st.st_ino:x}"
 
 
