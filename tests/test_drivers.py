@@ -27,6 +27,57 @@ def _overlay(base_fmt):
     return factory
 
 
+def _pool_image(path, size):
+    """An image in a pool made beside ``path``."""
+    from vdisk.pool.store import Pool
+
+    Pool.create(path + ".pool")
+    name = path + ".pool/img"
+    vdisk.create(name, size)
+    return name
+
+
+def _pool(path, size):
+    name = _pool_image(path, size)
+    return lambda read_only=False: vdisk.open(name, read_only=read_only)
+
+
+def _pool_clone(path, size):
+    """A native clone in a pool of a snapshot whose data was zeroed again."""
+    parent = _pool_image(path, size)
+    with vdisk.open(parent) as p:
+        p.write(0, b"P" * 100_000)
+        p.write_zeroes(0, 100_000)
+        p.snapshot_create("s")
+    name = path + ".pool/clone"
+    vdisk.create(name, format="pool", backing_file=parent, backing_format="pool", backing_snapshot="s")
+    return lambda read_only=False: vdisk.open(name, read_only=read_only)
+
+
+def _vdk_over_pool(path, size):
+    base = _pool_image(path, size)
+    with vdisk.open(base) as b:
+        b.write(0, b"B" * 100)
+        b.write_zeroes(0, 100)
+    vdisk.create(path, size, format="vdk", backing_file=base, backing_format="pool")
+    return lambda read_only=False: vdisk.open(path, read_only=read_only)
+
+
+def _pool_over_vdk(path, size):
+    base = path + ".base"
+    vdisk.create(base, size)
+    with vdisk.open(base) as b:
+        b.write(0, b"B" * 100)
+        b.write_zeroes(0, 100)
+    from vdisk.pool.store import Pool
+
+    Pool.create(path + ".pool")
+    name = path + ".pool/img"
+    beside = [os.path.dirname(path)]  # the base is beside the pool's directory, not in it
+    vdisk.create(name, size, format="pool", backing_file=base, backing_format="vdk", allow_backing_dirs=beside)
+    return lambda read_only=False: vdisk.open(name, read_only=read_only, allow_backing_dirs=beside)
+
+
 FACTORIES = {
     "raw": _plain("raw"),
     "vdk": _plain("vdk"),
@@ -38,6 +89,10 @@ FACTORIES = {
     "qcow2": _plain("qcow2"),
     "qcow2-zstd": _plain("qcow2", compression="zstd"),
     "vdk-over-qcow2": _overlay("qcow2"),
+    "pool": _pool,
+    "pool-clone": _pool_clone,
+    "vdk-over-pool": _vdk_over_pool,
+    "pool-over-vdk": _pool_over_vdk,
 }
 
 
@@ -48,9 +103,15 @@ def test_driver_suite(name, tmp_path):
     if name != "raw":
         for f in os.listdir(tmp_path):
             if f.endswith(".img"):
-                with vdisk.open(str(tmp_path / f)) as img:
+                paths = [str(tmp_path / f)]
+            elif f.endswith(".pool"):  # every image of the pool
+                paths = vdisk.block.images_in(str(tmp_path / f))
+            else:
+                continue
+            for path in paths:
+                with vdisk.open(path, allow_backing_dirs=[str(tmp_path)]) as img:
                     res = img.check()
-                    assert res.corruptions == [] and res.leaks == [], (f, res)
+                    assert res.corruptions == [] and res.leaks == [], (path, res)
 
 
 def test_probe_table_agrees_with_every_driver():
