@@ -343,6 +343,19 @@ def test_linked_clone_from_a_vdk_file_into_a_pool(pool, tmp_path, monkeypatch):
     assert holders(src, "clone-y") == ["pool/y"]
     fill(src, [(0, b"later")])
     assert content(f"{pool}/y")[:5] != b"later"
+    run("clone", src, f"{pool}/z")
+    assert holders(src, "clone-z") == ["pool/z"]
+    run("rm", f"{pool}/z")  # a pool overlay's hold on a file's snapshot goes with it
+    assert holders(src, "clone-z") == []
+    raw = str(tmp_path / "plain.raw")
+    vdisk.create(raw, MiB, format="raw")
+    run("clone", raw, f"{pool}/onraw")  # raw: an overlay on the file as it is
+    info = jrun("info", f"{pool}/onraw")
+    assert info["backing-filename"] == "../plain.raw" and info["backing-filename-format"] == "raw"
+    r = run("rm", raw, code=1)  # the images of a pool beside a file are next to it
+    assert "pool/onraw (overlay)" in r.stderr
+    run("rm", f"{pool}/onraw")
+    run("rm", raw)
     # rm -r: the family, deepest first, releasing every hold
     r = run("rm", "-r", "-n", src)
     assert r.stdout.splitlines() == [f"would remove {pool}/y", f"would remove {src}"]
@@ -401,6 +414,16 @@ def test_commit_rebase_flatten(pool):
     assert content(f"{pool}/top")[:2 * B] == b"b" * B + b"t" * B
     run("rm", f"{pool}/base")
     run("rm", f"{pool}/other")
+
+
+def test_rm_sees_file_overlays_beside_the_pool(pool, tmp_path):
+    run("create", f"{pool}/a", "1M")
+    top = str(tmp_path / "top.vdk")
+    run("create", "-f", "vdk", "-b", "pool/a", "-F", "pool", top)
+    r = run("rm", f"{pool}/a", code=1)
+    assert "top.vdk (overlay)" in r.stderr
+    r = run("rm", "-r", "-v", f"{pool}/a")
+    assert r.stdout.splitlines() == [f"removed {top}", f"removed {pool}/a"]
 
 
 def test_commit_into_a_deeper_base(pool):
@@ -521,6 +544,10 @@ def test_mount_and_dd(pool, tmp_path, monkeypatch):
         assert sorted(os.listdir(os.path.join(mnt, "snapshots"))) == ["before", "during"]
         with open(os.path.join(mnt, "snapshots", "before"), "rb") as f:
             assert f.read(3000) == b"old" * 1000
+        # a native clone of the live state: the mount takes the snapshot it needs
+        run("clone", img, f"{pool}/live")
+        r = run("rm", img, code=1)  # a clone depends on it (and the mount holds it)
+        assert "pool/live" in r.stderr
         rig.umount(mnt)
     finally:
         rig.cleanup()
@@ -528,4 +555,6 @@ def test_mount_and_dd(pool, tmp_path, monkeypatch):
     assert got[:3000] == b"old" * 1000 and got[MiB:2 * MiB] == data
     assert content(img, snapshot="during")[MiB:2 * MiB] == data
     assert content(img, snapshot="before")[MiB:2 * MiB] == bytes(MiB)
+    assert content(f"{pool}/live")[MiB:2 * MiB] == data
+    assert holders(img, "clone-live") == ["live"]
     assert jrun("check", img)["vdisk-result"] == "clean"

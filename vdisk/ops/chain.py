@@ -291,8 +291,7 @@ class Dependant:
 def dependants(path: str) -> list[Dependant]:
     """Images that depend on ``path``: the holders its snapshots record (vdk, pool;
     a holder's path is relative to ``path``'s directory, a pool's for a pool image),
-    and overlays next to it (in its directory, or its pool) whose backing file is
-    ``path``."""
+    and overlays next to it (:func:`_neighbours`) whose backing file is ``path``."""
     out: list[Dependant] = []
     seen: set[str] = set()
     fmt = block.detect_format(path)
@@ -309,7 +308,7 @@ def dependants(path: str) -> list[Dependant]:
                 seen.add(where)
             for _ in range(s.holds - len(s.holders)):
                 out.append(Dependant("(a clone made by vdisk 0.1, identity not recorded)", label, False))
-    for cand in block.images_in(base_dir):
+    for cand in _neighbours(base_dir):
         if cand in seen or _same_file(cand, path):
             continue
         try:
@@ -323,6 +322,28 @@ def dependants(path: str) -> list[Dependant]:
         if ref is not None and _same_file(block.resolve_backing_path(cand, ref), path):
             out.append(Dependant(os.path.normpath(cand), ref.snapshot, True))
             seen.add(os.path.normpath(cand))
+    return out
+
+
+def _neighbours(base_dir: str, limit: int = 100000) -> list[str]:
+    """The images next to those in ``base_dir``, where :func:`dependants` looks for
+    overlays: the images in it (files, or a pool's images), and across a pool's
+    boundary, which a pool's directory is one level below: for a pool, the files beside
+    it; for a directory, the images of the pools in it."""
+    from .. import pool
+
+    out = block.images_in(base_dir, limit)
+    if pool.is_pool_dir(base_dir):
+        return out + block.images_in(os.path.dirname(base_dir), limit)
+    try:
+        entries = sorted(e.path for e in os.scandir(base_dir) if e.is_dir(follow_symlinks=False))
+    except OSError:
+        return out
+    for d in entries[:limit]:
+        if len(out) >= limit:
+            break
+        if pool.is_pool_dir(d):
+            out += block.images_in(d, limit - len(out))
     return out
 
 
