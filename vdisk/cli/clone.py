@@ -33,7 +33,13 @@ def clone(full, compress, fmt, unsafe_backing, progress, source, dest):
     holder is flattened, rebased elsewhere or removed with `vdisk rm`, and `vdisk rm
     SOURCE` is refused while clones depend on it.  A linked clone must be able to
     follow its backing file: SOURCE must lie in DEST's directory or below it, or in
-    a directory of VDISK_BACKING_DIRS, unless --unsafe-backing."""
+    a directory of VDISK_BACKING_DIRS, unless --unsafe-backing.
+
+    In a pool, POOL/IMAGE[@SNAPSHOT] -> POOL/NEW is a native clone: it shares the
+    snapshot's data and the pool records it as the snapshot's holder in one step.
+    Between a pool and a file, or two pools, the clone is an overlay on the
+    snapshot as above (a pool image follows backing files in its pool's directory,
+    so a file beside the pool needs VDISK_BACKING_DIRS)."""
     if compress and not full:
         raise click.UsageError("-c goes with --full")
     if full:
