@@ -375,6 +375,7 @@ class PoolDriver(BlockDriver):
             else:
                 rec["snapshots"] = [x for x in rec["snapshots"] if x is not s]
 
+        self.img.flush()  # a barrier: the writes before it are durable when it returns
         self.pool.commit(mutate)
 
     def snapshot_revert(self, name: str) -> None:
