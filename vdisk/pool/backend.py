@@ -99,11 +99,19 @@ class LocalBackend(Backend):
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
         self._tmp_seq = 0
+        #: a failed fsync is final (Linux may drop the pages it could not write back and
+        #: report success to the next fsync): after one, every change is refused
+        self._sync_failed: str | None = None
 
     # -------------------------------------------------------------- helpers
     def _path(self, name: str) -> str:
         _check_name(name)
         return os.path.join(self.root, name)
+
+    def _writable(self) -> None:
+        if self._sync_failed is not None:
+            raise HostIOError(f"{self.root}: an earlier sync failed ({self._sync_failed}); "
+                              "no change is made until the pool is reopened", errno.EIO)
 
     def _err(self, name: str, what: str, exc: OSError) -> VdiskError:
         if exc.errno == errno.ENOENT:
@@ -139,6 +147,7 @@ class LocalBackend(Backend):
     # -------------------------------------------------------------- interface
     def put(self, name: str, data: bytes) -> None:
         path = self._path(name)
+        self._writable()
         try:
             tmp = self._write_tmp(path, data, sync=False)
             os.rename(tmp, path)
@@ -154,6 +163,7 @@ class LocalBackend(Backend):
         try:
             tmp = self._write_tmp(path, data, sync=True)
         except OSError as exc:
+            self._sync_failed = os.strerror(exc.errno or 0)
             raise self._err(name, "writing", exc) from None
         try:
             os.link(tmp, path)
@@ -166,6 +176,7 @@ class LocalBackend(Backend):
         try:
             _fsync_dir(os.path.dirname(path))
         except OSError as exc:
+            self._sync_failed = os.strerror(exc.errno or 0)
             raise self._err(name, "syncing the directory of", exc) from None
         return True
 
@@ -219,6 +230,7 @@ class LocalBackend(Backend):
 
     def delete(self, name: str) -> None:
         path = self._path(name)
+        self._writable()
         fd = self._fds.pop(name, None)
         if fd is not None:
             os.close(fd)
@@ -232,6 +244,7 @@ class LocalBackend(Backend):
             self._dirty_dirs.add(os.path.dirname(path))
 
     def barrier(self) -> None:
+        self._writable()
         with self._lock:
             files, self._dirty_files = self._dirty_files, []
             dirs, self._dirty_dirs = self._dirty_dirs, set()
@@ -249,6 +262,7 @@ class LocalBackend(Backend):
                 if os.path.isdir(d):
                     _fsync_dir(d)
         except OSError as exc:
+            self._sync_failed = os.strerror(exc.errno or 0)
             raise HostIOError(f"{self.root}: syncing objects failed: {os.strerror(exc.errno or 0)}",
                               exc.errno) from None
 

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from ..codec import pool as pc
 from ..errors import (
     CorruptImage,
+    HostIOError,
     ImageExists,
     ImageLocked,
     ImageNotFound,
@@ -103,6 +104,9 @@ class Pool:
         self._bases: OrderedDict[tuple[int, int], bytes] = OrderedDict()
         self._cctx = None
         self.closed = False
+        #: set when a barrier failed: what it was to make durable may be lost (a failed
+        #: fsync is final, RELIABILITY.md), so nothing may be committed on top of it
+        self.sync_failed: str | None = None
 
     # ------------------------------------------------------------------ creation
     @classmethod
@@ -155,8 +159,15 @@ class Pool:
         """Make every pack put so far durable, then commit ``mutate`` applied to the
         newest catalog as the next generation.  ``mutate`` may raise (nothing is then
         committed) and may run several times, on newer catalogs each time."""
+        if self.sync_failed is not None:
+            raise HostIOError(f"{self.url}: an earlier sync of the pool's objects failed ({self.sync_failed}); "
+                              "the image must be reopened (its writes since the last flush are lost)")
         self.seal_pack()
-        self.backend.barrier()
+        try:
+            self.backend.barrier()
+        except HostIOError as exc:
+            self.sync_failed = str(exc)
+            raise
         for _ in range(COMMIT_RETRIES):
             cat = copy.deepcopy(self.catalog)
             mutate(cat)
