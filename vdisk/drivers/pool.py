@@ -286,7 +286,9 @@ class PoolDriver(BlockDriver):
         return out
 
     def disk_usage(self) -> int:
-        return sum(e.length for _, e in self.img.walk() if e.kind in pc.DATA_KINDS)
+        """Stored bytes of the distinct blobs the live state refers to (a block it holds
+        twice counts once; blobs shared with other images count in full)."""
+        return sum({e.loc: e.length for _, e in self.img.walk() if e.kind in pc.DATA_KINDS}.values())
 
     def set_backing(self, ref: BackingRef | None) -> None:
         """Also ends a native clone's lineage (rebase, flatten): its tree holds all its
