@@ -2,8 +2,8 @@
 compression and the sampled sketch of an image.
 
 Super-features, after Finesse (FAST'19) but aligned: a 4 KiB block is cut into 64
-chunks of 64 bytes; each chunk gets a 64-bit hash; six min-hashes (six random
-affine permutations, the minimum over chunks) pair up into three super-features.
+chunks of 64 bytes; each chunk gets a 64-bit hash; four min-hashes (four random
+affine permutations, the minimum over chunks) pair up into two super-features.
 Two blocks that differ in a few chunks (an inode table after a timestamp change, a
 file block after a small edit) share most chunk hashes and so, likely, a
 super-feature.  All-zero chunks are left out (they would make every sparse block
@@ -12,7 +12,7 @@ look alike).  Computed for a batch of blocks at once with numpy.
 
 from __future__ import annotations
 
-N_SF = 3
+N_SF = 2
 _CHUNKS = 64
 
 

@@ -401,6 +401,7 @@ class PoolImage:
                 idx = self.pool.write_indexes(everything=True)
                 if idx is not None:
                     self.pool.commit(idx)
+                    self.pool.after_commit_indexes()
         finally:
             if self._lock is not None:
                 self._lock.release()

@@ -103,6 +103,7 @@ class Pool:
         self._nodes: OrderedDict[tuple[int, int], bytes] = OrderedDict()
         self._bases: OrderedDict[tuple[int, int], bytes] = OrderedDict()
         self._cctx = None
+        self._merged_away: set[str] = set()
         self.closed = False
         #: set when a barrier failed: what it was to make durable may be lost (a failed
         #: fsync is final, RELIABILITY.md), so nothing may be committed on top of it
@@ -356,6 +357,7 @@ class Pool:
                 merged = idx.merge(group, lambda: new_object_name("index"))
                 added.append(merged)
                 removed |= {s.name for s in group}
+                self._merged_away |= removed
             if added or removed:
                 changes.append((key, added, removed))
         if not changes:
@@ -370,8 +372,14 @@ class Pool:
         return mutate
 
     def after_commit_indexes(self) -> None:
+        """Follow the committed lists, and delete the segments this writer merged away:
+        the index is a hint, so a reader that still lists one only misses its records."""
         self.fp.refresh(self.catalog.get("fp_segments", []))
         self.sf.refresh(self.catalog.get("sf_segments", []))
+        listed = {r.get("name") for key in ("fp_segments", "sf_segments") for r in self.catalog.get(key, [])}
+        for name in sorted(self._merged_away - listed):
+            self.backend.delete(name)
+        self._merged_away.clear()
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
