@@ -47,6 +47,7 @@ COMMANDS: dict[str, str] = {
     "map": "vdisk.cli.map:map_",
     "measure": "vdisk.cli.measure:measure",
     "mount": "vdisk.cli.mount:mount_command",
+    "pool": "vdisk.cli.pool:pool",
     "rebase": "vdisk.cli.rebase:rebase",
     "resize": "vdisk.cli.resize:resize",
     "rm": "vdisk.cli.rm:rm",

@@ -1,0 +1,533 @@
+"""Garbage collection and offline deduplication of a pool (``vdisk pool gc``,
+``vdisk pool dedup``).
+
+**gc** runs with the pool to itself: it takes ``locks/gc`` exclusively, which every
+process that has the pool open holds shared (formats/pool.md 9), so no writer has
+packs put but not committed and no reader walks an old root.  Then:
+
+1. *mark*: walk every root of the newest generation (each image's live state and
+   every snapshot, hidden ones too) with :func:`vdisk.pool.space.scan`: every node,
+   data blob, delta base and sketch it reaches is live.  Any damage stops gc before
+   it changes anything (what a damaged node points to cannot be known, so nothing
+   could be freed safely): run ``pool check``.
+2. *repack*: a pack whose live blobs fill less than half of it is rewritten: its
+   live blobs are copied to new packs, every DELTA blob whose base moved is
+   rewritten to name the new base (its base entry is part of its payload), and
+   every tree that reaches a moved blob is rewritten bottom up, a node at a time,
+   memoised by node so that subtrees shared by snapshots and clones stay shared.
+   The index segments are rewritten to name the moved blobs and to drop records of
+   blobs in deleted packs (an index is a hint, but a stale hint costs a lookup).
+   The new roots, sketches and segments are committed as a new generation.
+3. *sweep*: the generations before the newest are deleted (they may name what is
+   about to go), then the packs with nothing live and the repacked ones, the index
+   segments the newest generation does not list, and ``.tmp.*`` files older than
+   an hour.
+
+A crash anywhere leaves the pool consistent: before the commit, the new packs are
+leaks; after it, the old packs are (they are deleted last).  Before deleting
+anything, the new generation is walked again and gc stops if it still reaches a
+pack about to go.
+
+**dedup** finds data blobs with equal content stored more than once -- an image
+written with ``dedup=off``, or duplicates two concurrent writers both stored --
+by grouping the blobs every tree reaches by entry hash and comparing each
+candidate with the group's first block byte for byte; every entry naming a
+duplicate is made to name one copy (a RAW or ZSTD one if there is one), DELTA
+blobs based on a duplicate are rewritten to be based on that copy, and the trees
+are rewritten as gc rewrites them.  It holds every image's writer lock (images
+being written are refused) and the gc lock shared, and frees nothing itself:
+``pool gc`` then frees the duplicates.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+from ..codec import pool as pc
+from ..errors import CorruptImage, ImageLocked, VdiskError
+from . import backend as be
+from .check import stale_tmp_files
+from .index import Segment, new_object_name
+from .space import Loc, Root, Scan, renumber, roots_of, scan
+from .store import GEN_PREFIX, Pool, pack_name
+
+REPACK_BELOW = 0.5  # repack a pack whose live blobs fill less than this fraction of it
+_LEAF = pc.LEVELS - 1
+_ITER = pc.ENTRY.iter_unpack
+_E = pc.ENTRY_SIZE
+
+
+@dataclass
+class GcReport:
+    pool: str
+    dry_run: bool = False
+    freed_bytes: int = 0  # physical bytes before - after (net of what was written)
+    deleted_bytes: int = 0
+    written_bytes: int = 0
+    live_bytes: int = 0  # stored bytes of every live blob
+    packs_before: int = 0
+    packs_after: int = 0
+    packs_deleted: int = 0  # nothing live in them
+    packs_repacked: int = 0
+    blobs_moved: int = 0
+    deltas_rebased: int = 0  # delta blobs rewritten because their base moved
+    nodes_rewritten: int = 0
+    segments_rewritten: int = 0
+    segments_deleted: int = 0
+    generations_deleted: int = 0
+    tmp_files_deleted: int = 0
+    generation: int = 0
+    messages: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+
+
+@dataclass
+class DedupReport:
+    pool: str
+    images: int = 0
+    data_blobs: int = 0  # distinct data blobs the trees reach
+    duplicate_blobs: int = 0  # blobs no entry names any more (gc frees them)
+    duplicate_bytes: int = 0
+    collisions: int = 0  # equal hashes, different bytes: kept apart
+    deltas_rebased: int = 0
+    nodes_rewritten: int = 0
+    generation: int = 0
+
+    def to_json(self) -> dict:
+        return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+
+
+# ---------------------------------------------------------------------- helpers
+def physical_bytes(backend: be.Backend) -> int:
+    """Bytes of every object of the pool (lock files aside), and of temporary files."""
+    total = 0
+    for name in backend.list(""):
+        if name.startswith("locks/"):
+            continue
+        try:
+            total += backend.size(name)
+        except VdiskError:
+            continue
+    if isinstance(backend, be.LocalBackend):
+        total += sum(n for _, n in stale_tmp_files(backend.root, age=-1e9))
+    return total
+
+
+def _pack_number(name: str) -> int | None:
+    try:
+        return int(name.split("/", 1)[1], 16)
+    except (IndexError, ValueError):
+        return None
+
+
+def _stop_on_damage(errors: list[str], url: str, doing: str) -> None:
+    if errors:
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise CorruptImage(f"{url}: {doing} refused: the pool is damaged: {errors[0]}{more}; "
+                           "see vdisk pool check")
+
+
+# ---------------------------------------------------------------------- rewriting
+class Rewriter:
+    """Rewrites trees so that entries name relocated blobs (``reloc``: old loc -> new
+    entry) and nodes stored in ``moving`` packs are stored anew; memoised per node,
+    so a subtree shared by many roots is rewritten once and stays shared."""
+
+    def __init__(self, pool: Pool, reloc: dict[Loc, pc.Entry], moving: set[int]):
+        self.pool = pool
+        self.reloc = reloc
+        self.moving = moving
+        self.memo: dict[tuple[int, Loc], pc.Entry] = {}
+        self.nodes_rewritten = 0
+
+    def root(self, e: pc.Entry) -> pc.Entry:
+        return self._fix(e, 0)
+
+    def _fix(self, e: pc.Entry, lv: int) -> pc.Entry:
+        if e.kind == pc.UNALLOCATED:
+            return e
+        key = (lv, e.loc)
+        done = self.memo.get(key)
+        if done is not None:
+            return done
+        node = self.pool.load_node(e, f"{self.pool.url}: tree node")
+        buf: bytearray | None = None
+        if lv == _LEAF:
+            reloc = self.reloc
+            for i, (_h, pk, off, _n, k, _fl) in enumerate(_ITER(node)):
+                if k in pc.DATA_KINDS:
+                    new = reloc.get((pk, off))
+                    if new is not None:
+                        if buf is None:
+                            buf = bytearray(node)
+                        buf[i * _E: (i + 1) * _E] = new.pack_bytes()
+        else:
+            for i, (h, pk, off, n, k, _fl) in enumerate(_ITER(node)):
+                if k != pc.NODE:
+                    continue
+                child = pc.Entry(h, pk, off, n, k)
+                new = self._fix(child, lv + 1)
+                if new != child:
+                    if buf is None:
+                        buf = bytearray(node)
+                    buf[i * _E: (i + 1) * _E] = new.pack_bytes()
+        if buf is None and e.pack not in self.moving:
+            out = e
+        else:
+            out = self.pool.store_node(bytes(buf if buf is not None else node))
+            self.nodes_rewritten += 1
+        self.memo[key] = out
+        return out
+
+
+def _map_catalog(new_roots: dict[pc.Entry, pc.Entry], reloc: dict[Loc, pc.Entry]) -> Callable[[dict], None]:
+    """A catalog mutation: each root and sketch reference named in the maps is
+    replaced; anything else (changed by someone else meanwhile) is left alone."""
+    def mutate(cat: dict) -> None:
+        for rec in cat["images"].values():
+            for r in [rec, *rec.get("snapshots", [])]:
+                if r.get("root") is not None:
+                    e = pc.Entry.from_json(r["root"], "catalog")
+                    new = new_roots.get(e)
+                    if new is not None:
+                        r["root"] = None if new.kind == pc.UNALLOCATED else new.to_json()
+                sk = r.get("sketch")
+                if sk:
+                    e = pc.Entry.from_json(sk["ref"], "catalog")
+                    new = reloc.get(e.loc)
+                    if new is not None and new.hash == e.hash:
+                        sk["ref"] = new.to_json()
+    return mutate
+
+
+def remap_indexes(pool: Pool, reloc: dict[Loc, pc.Entry], gone: set[int]) -> tuple[Callable[[dict], None] | None,
+                                                                                      list[str], list[str]]:
+    """Rewrite the index segments that name moved blobs (``reloc``) or blobs in packs
+    about to be deleted (``gone``; such records are dropped), and drop unreadable
+    segments from the list (an index is a hint).  Returns the catalog mutation, the
+    new segment names and the old ones it replaces."""
+    replaced: dict[str, dict | None] = {}
+    made: list[str] = []
+    for key in ("fp_segments", "sf_segments"):
+        for rec in pool.catalog.get(key) or []:
+            try:
+                name, count, tier = str(rec["name"]), int(rec["count"]), int(rec.get("tier", 0))
+                seg = Segment(pool.backend, name, count)
+                records = list(seg.records())
+            except (KeyError, TypeError, ValueError, VdiskError):
+                replaced[str(rec.get("name")) if isinstance(rec, dict) else repr(rec)] = None
+                continue
+            out: list[tuple[bytes, bytes]] = []
+            changed = False
+            for k, v in records:
+                _h, pk, off, _n, _k, _fl = pc.ENTRY.unpack(v)
+                new = reloc.get((pk, off))
+                if new is not None:
+                    out.append((k, new.pack_bytes()))
+                    changed = True
+                elif pk in gone:
+                    changed = True
+                else:
+                    out.append((k, v))
+            if not changed:
+                continue
+            if out:
+                nn = new_object_name("index")
+                pool.backend.put(nn, pc.encode_segment(seg.kind, out))
+                made.append(nn)
+                replaced[name] = {"name": nn, "count": len(out), "tier": tier}
+            else:
+                replaced[name] = None
+    if not replaced:
+        return None, [], []
+
+    def mutate(cat: dict) -> None:
+        for key in ("fp_segments", "sf_segments"):
+            lst = []
+            for rec in cat.get(key) or []:
+                name = str(rec.get("name")) if isinstance(rec, dict) else repr(rec)
+                if name in replaced:
+                    if replaced[name] is not None:
+                        lst.append(dict(replaced[name]))
+                else:
+                    lst.append(rec)
+            cat[key] = lst
+    return mutate, made, [n for n in replaced if n.startswith("index/")]
+
+
+def _relocate(pool: Pool, found: Scan, moving: set[int]) -> tuple[dict[Loc, pc.Entry], int]:
+    """Copy every live blob of the ``moving`` packs to the pack being filled: plain
+    data and sketches as they are, verified; then DELTA blobs that move or whose base
+    moved, with the new base entry.  Returns (old loc -> new entry, deltas rebased)."""
+    reloc: dict[Loc, pc.Entry] = {}
+    for loc in sorted(found.meta):
+        if loc[0] not in moving:
+            continue
+        n, k, h = found.meta[loc]
+        if k not in (pc.RAW, pc.ZSTD, pc.SKETCH):
+            continue
+        e = pc.Entry(h, loc[0], loc[1], n, k)
+        what = f"{pool.url}: {found.label(found.mask[loc])}: blob {loc[0]:016x}+{loc[1]}"
+        if k != pc.SKETCH:
+            pool.decode_block(e, what)  # never copy a damaged blob as if it were sound
+        reloc[loc] = pool.append_blob(k, pool.read_stored(e, what), h)
+    rebased = 0
+    for loc, base in sorted(found.bases.items()):
+        new_base = reloc.get(base.loc)
+        if loc[0] not in moving and new_base is None:
+            continue
+        n, k, h = found.meta[loc]
+        e = pc.Entry(h, loc[0], loc[1], n, k)
+        what = f"{pool.url}: {found.label(found.mask[loc])}: delta blob {loc[0]:016x}+{loc[1]}"
+        pool.decode_block(e, what)
+        payload = pool.read_stored(e, what)
+        if new_base is not None:
+            payload = new_base.pack_bytes() + payload[pc.DELTA_HEAD:]
+            rebased += 1
+        reloc[loc] = pool.append_blob(pc.DELTA, payload, h)
+    return reloc, rebased
+
+
+def _rewrite_roots(pool: Pool, roots: list[Root], rw: Rewriter) -> dict[pc.Entry, pc.Entry]:
+    new_roots: dict[pc.Entry, pc.Entry] = {}
+    for r in roots:
+        if r.entry.kind == pc.UNALLOCATED or r.entry in new_roots:
+            continue
+        new = rw.root(r.entry)
+        if new != r.entry:
+            new_roots[r.entry] = new
+    return new_roots
+
+
+# ---------------------------------------------------------------------- gc
+def collect(url: str, *, repack_below: float = REPACK_BELOW, dry_run: bool = False,
+            tmp_age: float | None = None) -> GcReport:
+    """Garbage-collect the pool at ``url`` (see the module docstring).  Refused
+    (:class:`ImageLocked`) while any process has the pool open.  ``dry_run`` changes
+    nothing and reports what would be freed (deleted_bytes; the repacking's cost is
+    not known without doing it)."""
+    from .check import TMP_AGE
+
+    pool = Pool(url, lock=False)
+    try:
+        try:
+            lk = be.lock(pool.backend, "gc", exclusive=True)
+        except be.LockBusy:
+            raise ImageLocked(f"{url}: the pool is in use (an image of it is open, or a check or dedup runs); "
+                              "gc needs it to itself: close its images and run gc again") from None
+        try:
+            pool.reload()
+            return _collect(pool, repack_below, dry_run, TMP_AGE if tmp_age is None else tmp_age)
+        finally:
+            lk.release()
+    finally:
+        pool.close()
+
+
+def _collect(pool: Pool, repack_below: float, dry_run: bool, tmp_age: float) -> GcReport:
+    backend = pool.backend
+    rep = GcReport(pool.url, dry_run=dry_run)
+    before = physical_bytes(backend)
+    errors: list[str] = []
+    roots = roots_of(pool.catalog, pool.url, generation=pool.generation, errors=errors)
+    _stop_on_damage(errors, pool.url, "gc")
+    found = scan(pool, roots, errors=errors)
+    _stop_on_damage(errors, pool.url, "gc")
+    rep.live_bytes = sum(n for n, _, _ in found.meta.values())
+
+    live_by_pack: dict[int, int] = {}
+    for (pk, _off), (n, _k, _h) in found.meta.items():
+        live_by_pack[pk] = live_by_pack.get(pk, 0) + n
+    packs = {}
+    for name in backend.list("packs/"):
+        number = _pack_number(name)
+        if number is not None:
+            packs[number] = (name, backend.size(name))
+    missing = set(live_by_pack) - set(packs)
+    if missing:
+        _stop_on_damage([f"{pack_name(min(missing))} is missing"], pool.url, "gc")
+    rep.packs_before = len(packs)
+    dead = {p for p in packs if p not in live_by_pack}
+    sparse = {p for p, (_name, size) in packs.items()
+              if p in live_by_pack and live_by_pack[p] < repack_below * (size - pc.PACK_HEADER.size)}
+    gone = dead | sparse
+    if dry_run:
+        rep.packs_deleted = len(dead)
+        rep.packs_repacked = len(sparse)
+        rep.deleted_bytes = sum(packs[p][1] for p in gone)
+        rep.written_bytes = sum(live_by_pack[p] for p in sparse)
+        rep.freed_bytes = rep.deleted_bytes - rep.written_bytes
+        rep.packs_after = len(packs) - len(gone) + (1 if sparse else 0)
+        return rep
+
+    # repack: copy, rewrite the trees, commit
+    reloc: dict[Loc, pc.Entry] = {}
+    if sparse:
+        reloc, rep.deltas_rebased = _relocate(pool, found, sparse)
+        rep.blobs_moved = len(reloc)
+        rep.packs_repacked = len(sparse)
+    rw = Rewriter(pool, reloc, sparse)
+    new_roots = _rewrite_roots(pool, roots, rw) if sparse else {}
+    rep.nodes_rewritten = rw.nodes_rewritten
+    idx_mutate, seg_made, seg_replaced = remap_indexes(pool, reloc, gone) if gone else (None, [], [])
+    rep.segments_rewritten = len(seg_made)
+    mutations = []
+    if new_roots or reloc:
+        mutations.append(_map_catalog(new_roots, reloc))
+    if idx_mutate is not None:
+        mutations.append(idx_mutate)
+    if mutations:
+        pool.commit(lambda cat: [m(cat) for m in mutations])
+        pool.after_commit_indexes()
+    rep.generation = pool.generation
+
+    # a second look before anything goes: the newest generation must not reach a pack about to go
+    if gone:
+        errors = []
+        check_roots = roots_of(pool.catalog, pool.url, generation=pool.generation, errors=errors)
+        again = scan(pool, check_roots, errors=errors)
+        _stop_on_damage(errors, pool.url, "gc (after its commit)")
+        still = {pk for pk, _ in again.meta} & gone
+        if still:
+            raise VdiskError(f"{pool.url}: gc: the new generation still refers to pack {min(still):016x}; "
+                             "nothing was deleted (a bug in vdisk: please report it)")
+
+    # sweep
+    deleted = 0
+    if gone or seg_replaced:
+        for name in backend.list(GEN_PREFIX):
+            try:
+                number = int(name[len(GEN_PREFIX):], 16)
+            except ValueError:
+                continue
+            if number < pool.generation:
+                deleted += _delete(backend, name)
+                rep.generations_deleted += 1
+    for p in sorted(gone):
+        deleted += _delete(backend, packs[p][0])
+    rep.packs_deleted = len(dead)
+    listed = {str(r.get("name")) for key in ("fp_segments", "sf_segments") for r in pool.catalog.get(key) or []
+              if isinstance(r, dict)}
+    for name in backend.list("index/"):
+        if name not in listed:
+            deleted += _delete(backend, name)
+            rep.segments_deleted += 1
+    if isinstance(backend, be.LocalBackend):
+        for path, size in stale_tmp_files(backend.root, age=tmp_age):
+            try:
+                os.unlink(path)
+            except OSError:
+                continue
+            deleted += size
+            rep.tmp_files_deleted += 1
+    backend.barrier()
+    rep.deleted_bytes = deleted
+    after = physical_bytes(backend)
+    rep.freed_bytes = before - after
+    rep.written_bytes = max(0, after - (before - deleted))
+    rep.packs_after = len(backend.list("packs/"))
+    return rep
+
+
+def _delete(backend: be.Backend, name: str) -> int:
+    try:
+        size = backend.size(name)
+    except be.ObjectMissing:
+        return 0
+    backend.delete(name)
+    return size
+
+
+# ---------------------------------------------------------------------- offline dedup
+def offline_dedup(url: str, *, progress: Callable[[int, int], None] | None = None) -> DedupReport:
+    """Make every entry naming a copy of a block name one stored blob (see the module
+    docstring).  Refused (:class:`ImageLocked`) while an image of the pool is written,
+    or while gc runs."""
+    pool = Pool(url)
+    locks: list = []
+    try:
+        for name, rec in sorted(pool.catalog["images"].items()):
+            try:
+                locks.append(be.lock(pool.backend, f"img-{rec['id']}", exclusive=True))
+            except be.LockBusy:
+                raise ImageLocked(f"{url}/{name}: image is open; dedup rewrites the trees of every image of the "
+                                  "pool: close it and run dedup again") from None
+        pool.reload()
+        return _dedup(pool, {str(rec["id"]) for rec in pool.catalog["images"].values()}, progress)
+    finally:
+        for lk in locks:
+            lk.release()
+        pool.close()
+
+
+def _dedup(pool: Pool, locked: set[str], progress) -> DedupReport:
+    rep = DedupReport(pool.url)
+    errors: list[str] = []
+    roots = renumber([r for r in roots_of(pool.catalog, pool.url, generation=pool.generation, errors=errors)
+                      if r.image_id in locked])
+    _stop_on_damage(errors, pool.url, "dedup")
+    rep.images = len({r.image for r in roots})
+    found = scan(pool, roots, errors=errors)
+    _stop_on_damage(errors, pool.url, "dedup")
+    by_hash: dict[int, list[Loc]] = {}
+    for loc, (_n, k, h) in found.meta.items():
+        if k in pc.DATA_KINDS:
+            by_hash.setdefault(h, []).append(loc)
+    rep.data_blobs = sum(len(v) for v in by_hash.values())
+    groups = [sorted(v) for v in by_hash.values() if len(v) > 1]
+    reloc: dict[Loc, pc.Entry] = {}
+    for done, locs in enumerate(groups, 1):
+        # a plain (RAW or ZSTD) copy first, the smallest; deltas only if there is no plain copy
+        locs.sort(key=lambda loc: (found.meta[loc][1] == pc.DELTA, found.meta[loc][0], loc))
+        while len(locs) > 1:
+            keep = found.entry(locs[0])
+            ref = pool.decode_block(keep, f"{pool.url}: blob {keep.pack:016x}+{keep.offset}")
+            rest = []
+            for loc in locs[1:]:
+                e = found.entry(loc)
+                if pool.decode_block(e, f"{pool.url}: blob {e.pack:016x}+{e.offset}") == ref:
+                    reloc[loc] = keep
+                    rep.duplicate_blobs += 1
+                    rep.duplicate_bytes += e.length
+                else:
+                    rest.append(loc)
+            rep.collisions += len(rest)
+            locs = rest
+        if progress is not None:
+            progress(done, len(groups))
+    if not reloc:
+        rep.generation = pool.generation
+        return rep
+    # deltas based on a duplicate: based on the copy kept instead (equal bytes: same XOR)
+    rebased: dict[Loc, pc.Entry] = {}
+    for loc, base in sorted(found.bases.items()):
+        new_base = reloc.get(base.loc)
+        if new_base is None or loc in reloc:
+            continue
+        e = found.entry(loc)
+        payload = pool.read_stored(e, f"{pool.url}: delta blob")
+        rebased[loc] = pool.append_blob(pc.DELTA, new_base.pack_bytes() + payload[pc.DELTA_HEAD:], e.hash)
+    rep.deltas_rebased = len(rebased)
+    for loc, tgt in list(reloc.items()):
+        if tgt.loc in rebased:
+            reloc[loc] = rebased[tgt.loc]
+    reloc.update(rebased)
+    rw = Rewriter(pool, reloc, set())
+    new_roots = _rewrite_roots(pool, roots, rw)
+    rep.nodes_rewritten = rw.nodes_rewritten
+    idx_mutate, _made, _old = remap_indexes(pool, reloc, set())
+    mutate = _map_catalog(new_roots, {})
+
+    def both(cat: dict) -> None:
+        mutate(cat)
+        if idx_mutate is not None:
+            idx_mutate(cat)
+
+    pool.commit(both)
+    pool.after_commit_indexes()
+    rep.generation = pool.generation
+    return rep
