@@ -41,6 +41,7 @@ being written are refused) and the gc lock shared, and frees nothing itself:
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -54,6 +55,7 @@ from .space import Loc, Root, Scan, renumber, roots_of, scan
 from .store import GEN_PREFIX, Pool, pack_name
 
 REPACK_BELOW = 0.5  # repack a pack whose live blobs fill less than this fraction of it
+REPACK_ROUNDS = 4
 _LEAF = pc.LEVELS - 1
 _ITER = pc.ENTRY.iter_unpack
 _E = pc.ENTRY_SIZE
@@ -364,37 +366,60 @@ def _collect(pool: Pool, repack_below: float, dry_run: bool, tmp_age: float) -> 
         rep.packs_after = len(packs) - len(gone) + (1 if sparse else 0)
         return rep
 
-    # repack: copy, rewrite the trees, commit
+    # repack: copy, rewrite the trees; rewriting can leave other packs sparse (a pack
+    # whose deltas were all rebased), so again with those, a few rounds at most
     reloc: dict[Loc, pc.Entry] = {}
-    if sparse:
-        reloc, rep.deltas_rebased = _relocate(pool, found, sparse)
-        rep.blobs_moved = len(reloc)
-        rep.packs_repacked = len(sparse)
-    rw = Rewriter(pool, reloc, sparse)
-    new_roots = _rewrite_roots(pool, roots, rw) if sparse else {}
-    rep.nodes_rewritten = rw.nodes_rewritten
+    cat_mutations: list[Callable[[dict], None]] = []
+    repacked: set[int] = set()
+    new_cat = pool.catalog
+    cur_roots, cur_found = roots, found
+    for _round in range(REPACK_ROUNDS):
+        if not sparse:
+            break
+        moved, rebased = _relocate(pool, cur_found, sparse)
+        rep.deltas_rebased += rebased
+        rw = Rewriter(pool, moved, sparse)
+        new_roots = _rewrite_roots(pool, cur_roots, rw)
+        rep.nodes_rewritten += rw.nodes_rewritten
+        for old, tgt in reloc.items():  # compose: an old loc -> where its blob is now
+            if tgt.loc in moved:
+                reloc[old] = moved[tgt.loc]
+        reloc.update(moved)
+        mutate = _map_catalog(new_roots, moved)
+        cat_mutations.append(mutate)
+        repacked |= sparse
+        # walk the catalog about to be committed: what it does not reach goes, and
+        # it must reach nothing in a pack about to go (by construction; checked)
+        new_cat = copy.deepcopy(new_cat)
+        mutate(new_cat)
+        errors = []
+        cur_roots = roots_of(new_cat, pool.url, generation=pool.generation + 1, errors=errors)
+        cur_found = scan(pool, cur_roots, errors=errors)
+        _stop_on_damage(errors, pool.url, "gc (walking the repacked trees)")
+        live_now: dict[int, int] = {}
+        for (pk, _off), (n, _k, _h) in cur_found.meta.items():
+            live_now[pk] = live_now.get(pk, 0) + n
+        if set(live_now) & repacked:
+            raise VdiskError(f"{pool.url}: gc: the repacked trees still refer to pack "
+                             f"{min(set(live_now) & repacked):016x}; nothing was changed "
+                             "(a bug in vdisk: please report it)")
+        gone = {p for p in packs if p not in live_now}
+        sparse = {p for p, (_name, size) in packs.items()
+                  if p in live_now and live_now[p] < repack_below * (size - pc.PACK_HEADER.size)}
+    rep.blobs_moved = len(reloc)
+    rep.packs_repacked = len(repacked)
+    cat_mutate = None
+    if cat_mutations:
+        def cat_mutate(cat: dict) -> None:
+            for m in cat_mutations:
+                m(cat)
     idx_mutate, seg_made, seg_replaced = remap_indexes(pool, reloc, gone) if gone else (None, [], [])
     rep.segments_rewritten = len(seg_made)
-    mutations = []
-    if new_roots or reloc:
-        mutations.append(_map_catalog(new_roots, reloc))
-    if idx_mutate is not None:
-        mutations.append(idx_mutate)
+    mutations = [m for m in (cat_mutate, idx_mutate) if m is not None]
     if mutations:
         pool.commit(lambda cat: [m(cat) for m in mutations])
         pool.after_commit_indexes()
     rep.generation = pool.generation
-
-    # a second look before anything goes: the newest generation must not reach a pack about to go
-    if gone:
-        errors = []
-        check_roots = roots_of(pool.catalog, pool.url, generation=pool.generation, errors=errors)
-        again = scan(pool, check_roots, errors=errors)
-        _stop_on_damage(errors, pool.url, "gc (after its commit)")
-        still = {pk for pk, _ in again.meta} & gone
-        if still:
-            raise VdiskError(f"{pool.url}: gc: the new generation still refers to pack {min(still):016x}; "
-                             "nothing was deleted (a bug in vdisk: please report it)")
 
     # sweep
     deleted = 0
@@ -409,7 +434,7 @@ def _collect(pool: Pool, repack_below: float, dry_run: bool, tmp_age: float) -> 
                 rep.generations_deleted += 1
     for p in sorted(gone):
         deleted += _delete(backend, packs[p][0])
-    rep.packs_deleted = len(dead)
+    rep.packs_deleted = len(gone - repacked)
     listed = {str(r.get("name")) for key in ("fp_segments", "sf_segments") for r in pool.catalog.get(key) or []
               if isinstance(r, dict)}
     for name in backend.list("index/"):

@@ -30,8 +30,7 @@ from dataclasses import dataclass, field
 
 from ..codec import pool as pc
 from ..errors import CorruptImage, VdiskError
-from . import backend as be
-from .store import Pool, pack_name
+from .store import Pool
 
 _LEAF = pc.LEVELS - 1
 _F = pc.FANOUT
@@ -268,8 +267,6 @@ def _scan_bases(pool: Pool, res: Scan) -> None:
             continue
         try:
             head = read_head(pool, loc, pc.DELTA_HEAD)
-            if len(head) != pc.DELTA_HEAD:
-                raise CorruptImage(f"{what}: runs past the end of its pack")
             base = pc.unpack_entry(head, 0, what)
         except VdiskError as exc:
             _fail(res.errors, str(exc))
@@ -282,10 +279,8 @@ def _scan_bases(pool: Pool, res: Scan) -> None:
 
 
 def read_head(pool: Pool, loc: Loc, n: int) -> bytes:
-    try:
-        return pool.backend.get_range(pack_name(loc[0]), loc[1], n)
-    except be.ObjectMissing:
-        raise CorruptImage(f"{pool.url}: pack {loc[0]:016x} is missing") from None
+    """The first ``n`` bytes of the blob at ``loc`` (also in the pack being filled)."""
+    return pool.read_stored(pc.Entry(0, loc[0], loc[1], n, pc.RAW), f"{pool.url}: blob {loc[0]:016x}+{loc[1]}")
 
 
 # ---------------------------------------------------------------------- accounting
