@@ -436,3 +436,20 @@ def test_offline_dedup_rebases_deltas_and_refuses_open_images(tmp_path):
     assert read(f"{p}/a", 64 * B) == base and read(f"{p}/b", 64 * B) == base
     assert read(f"{p}/c", 64 * B) == bytes(near)
     assert admin.pool_check(p).exit_code == 0
+
+
+def test_a_sketch_too_large_for_one_blob_is_sampled_down(pool):
+    """About 10000 sampled hashes (600 MiB of distinct data in one image) make a
+    compressed sketch larger than a blob: the writer samples it down instead of
+    failing every flush."""
+    vdisk.create(f"{pool}/a", 1 << 30)
+    rnd = random.Random(17)
+    with vdisk.open(f"{pool}/a") as img:
+        sk = img.driver.img.sketch
+        for _ in range(12000 * 16):  # what writing 750 MiB of distinct blocks adds
+            sk.add(rnd.getrandbits(64))
+        img.write(0, b"x" * B)
+    with vdisk.open(f"{pool}/a", read_only=True) as img:
+        assert img.read(0, B) == b"x" * B
+        assert img.driver.img.sketch.shift == 5
+    assert admin.pool_check(pool).exit_code == 0

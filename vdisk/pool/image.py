@@ -370,6 +370,11 @@ class PoolImage:
         sketch_ref = self.sketch_ref
         if self._sketch is not None and self._sketch.changed:
             data = pc.encode_sketch(self._sketch.items)
+            sk = self._sketch
+            while len(pool.cctx.compress(data)) > pc.MAX_BLOB:  # ~10000 hashes of 16384 fit in one blob
+                sk.shift += 1  # a sample of a sample is a sample (formats/pool.md 8.2)
+                sk.items = {k: v for k, v in sk.items.items() if features.sampled(k, sk.shift)}
+                data = pc.encode_sketch(sk.items)
             sketch_ref = {"ref": pool.store_meta(data).to_json(), "bytes": len(data), "shift": self._sketch.shift}
         idx = pool.write_indexes(everything=False)
         name, size, image_id = self.name, self.size, self.image_id
