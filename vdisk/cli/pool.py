@@ -391,7 +391,9 @@ def pool_similar(against, exact, output, pool_dir):
     \b
     JSON: {pool, against, images, pairs: [{a, b, jaccard, a-in-b, b-in-a,
       shared-blocks, a-blocks, b-blocks (estimated distinct blocks), sampled,
-      shift (the sample is 1 / 2**shift of the hashes), exact: {jaccard,
+      shift (the sample is 1 / 2**shift of the hashes), samples (sampled
+      hashes in the union of both sketches), stderr (standard error of the
+      Jaccard estimate; large for images of a few MiB), exact: {jaccard,
       a-in-b, b-in-a, shared-blocks, a-blocks, b-blocks} with --exact}]}
     """
     from vdisk.pool.admin import pool_similar as similar
@@ -404,12 +406,12 @@ def _render_similar(r: dict) -> str:
     if not r["pairs"]:
         return "no pairs of images"
     exact = any("exact" in p for p in r["pairs"])
-    headers = ["A", "B", "JACCARD", "A IN B", "B IN A", "SHARED BLOCKS"]
+    headers = ["A", "B", "JACCARD", "±", "A IN B", "B IN A", "SHARED BLOCKS"]
     if exact:
         headers += ["EXACT JACCARD", "EXACT A IN B", "EXACT B IN A"]
     rows = []
     for p in r["pairs"]:
-        row = [p["a"], p["b"], _pct(p["jaccard"]), _pct(p["a_in_b"]), _pct(p["b_in_a"]),
+        row = [p["a"], p["b"], _pct(p["jaccard"]), _pct(p["stderr"]), _pct(p["a_in_b"]), _pct(p["b_in_a"]),
                ("~" if p["sampled"] else "") + str(p["shared_blocks"])]
         if exact:
             e = p["exact"]

@@ -9,6 +9,7 @@ opens the pool itself, by its directory, and closes it before it returns.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 from ..codec import pool as pc
@@ -430,11 +431,14 @@ def _similar_pairs(names_a, arrays_a, shifts_a, names_b, arrays_b, shifts_b, cro
             la, lb = sizes[i], sizes[j]
             union = la + lb - inter
             scale = 1 << s
+            jac = inter / union if union else 0.0
             pairs.append({"a": names[i], "b": names[j],
-                          "jaccard": inter / union if union else 0.0,
+                          "jaccard": jac,
                           "a_in_b": inter / la if la else 0.0, "b_in_a": inter / lb if lb else 0.0,
                           "shared_blocks": inter * scale, "a_blocks": la * scale, "b_blocks": lb * scale,
-                          "sampled": s > 0, "shift": s})
+                          "sampled": s > 0, "shift": s, "samples": union,
+                          # of the Jaccard estimate: the sampled hashes of the union are a sample of it
+                          "stderr": math.sqrt(jac * (1 - jac) / union) if s and union else 0.0})
     return pairs
 
 
@@ -444,7 +448,10 @@ def pool_similar(url: str, *, against: str | None = None, exact: bool = False) -
     their sketches (formats/pool.md 8.2): ``{"pairs": [{a, b, jaccard, a_in_b,
     b_in_a, shared_blocks, a_blocks, b_blocks, ...}]}``, most similar first.  Block
     counts are distinct non-zero blocks.  ``exact`` adds, per pair, ``exact``: the
-    same figures from every block of both trees (costs a walk of every tree)."""
+    same figures from every block of both trees (costs a walk of every tree).
+    ``samples`` is the number of sampled hashes in the union of the pair's sketches
+    and ``stderr`` the standard error of the Jaccard estimate it implies: below a few
+    hundred samples (images of a few MiB of distinct data) the estimates are rough."""
     pool = Pool(url)
     other = Pool(against) if against else None
     try:
