@@ -453,3 +453,39 @@ def test_a_sketch_too_large_for_one_blob_is_sampled_down(pool):
         assert img.read(0, B) == b"x" * B
         assert img.driver.img.sketch.shift == 5
     assert admin.pool_check(pool).exit_code == 0
+
+
+def _keys(obj, out: set) -> set:
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out.add(k)
+            if k not in ("labels", "settings"):
+                _keys(v, out)
+    elif isinstance(obj, list):
+        for v in obj:
+            _keys(v, out)
+    return out
+
+
+def test_every_json_key_is_in_the_help(tmp_path):
+    p = str(tmp_path / "pool")
+    outputs = {"create": jrun("pool", "create", "-o", "delta=off", p)}
+    vdisk.create(f"{p}/a", MiB, options={"owner": "me", "label": "k=v"})
+    write(p, "a", random.Random(18).randbytes(8 * B))
+    with vdisk.open(f"{p}/a") as img:
+        img.snapshot_create("s")
+    clone(p, "a", "s", "b")
+    with vdisk.open(f"{p}/a") as img:
+        img.snapshot_delete("s")  # hidden, held by b
+    outputs["info"] = jrun("pool", "info", p)
+    outputs["ls"] = [jrun("pool", "ls", p), jrun("pool", "ls", "--tree", p)]
+    outputs["check"] = jrun("pool", "check", p)
+    outputs["gc"] = jrun("pool", "gc", p)
+    outputs["similar"] = jrun("pool", "similar", "--exact", p)
+    dd = jrun("pool", "dedup", "--gc", p)
+    assert set(dd["gc"]) == set(outputs["gc"])  # its help refers to gc's keys
+    outputs["dedup"] = {**dd, "gc": None}
+    for cmd, out in outputs.items():
+        text = " ".join(run("pool", cmd, "--help").stdout.split())
+        missing = sorted(k for k in _keys(out, set()) if k not in text)
+        assert not missing, f"vdisk pool {cmd} --help does not list {missing}"

@@ -481,6 +481,8 @@ def offline_dedup(url: str, *, progress: Callable[[int, int], None] | None = Non
             except be.LockBusy:
                 raise ImageLocked(f"{url}/{name}: image is open; dedup rewrites the trees of every image of the "
                                   "pool: close it and run dedup again") from None
+            except (KeyError, TypeError, ValueError):
+                raise CorruptImage(f"{url}/{name}: bad image id in the catalog") from None
         pool.reload()
         return _dedup(pool, {str(rec["id"]) for rec in pool.catalog["images"].values()}, progress)
     finally:
