@@ -7,6 +7,7 @@ stored as little-endian integers.
 from __future__ import annotations
 
 import json
+import re
 import struct
 from dataclasses import dataclass
 
@@ -59,14 +60,32 @@ class Entry:
     def from_json(cls, v, what: str) -> Entry:
         try:
             pack, off, length, kind, h = v
-            e = cls(int(h, 16), int(pack, 16), int(off), int(length), int(kind))
+            if not (_is_hex64(pack) and _is_hex64(h) and _is_uint(off, 32) and _is_uint(length, 16)
+                    and _is_uint(kind, 8)):
+                raise ValueError
+            e = cls(int(h, 16), int(pack, 16), off, length, kind)
         except (TypeError, ValueError):
-            raise CorruptImage(f"{what}: bad blob reference {v!r}") from None
+            raise CorruptImage(f"{what}: bad blob reference {_shown(v)}") from None
         check_entry(e, what)
         return e
 
 
 ZERO_ENTRY = Entry(0, 0, 0, 0, ZERO)
+_HEX64 = re.compile(r"[0-9a-f]{1,16}")
+
+
+def _is_hex64(v) -> bool:
+    return isinstance(v, str) and _HEX64.fullmatch(v) is not None
+
+
+def _is_uint(v, bits: int) -> bool:
+    return type(v) is int and 0 <= v < (1 << bits)
+
+
+def _shown(v) -> str:
+    """A catalog value in an error message: one line, at most 80 characters."""
+    text = ascii(v)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def check_entry(e: Entry, what: str) -> None:
@@ -249,11 +268,125 @@ def decode_json_object(magic: bytes, buf: bytes, what: str) -> dict:
         raise CorruptImage(f"{what}: checksum mismatch")
     try:
         value = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deep
         raise CorruptImage(f"{what}: not valid JSON") from None
     if not isinstance(value, dict):
         raise CorruptImage(f"{what}: not a JSON object")
     return value
+
+
+def check_config(conf: dict, what: str) -> None:
+    """The config's fields that readers and writers use, checked once at open
+    (section 6.1): another block size is another layout; the settings must be usable."""
+    if not isinstance(conf.get("pool_id"), str):
+        raise CorruptImage(f"{what}: no pool_id")
+    bs = conf.get("block_size", BLOCK)
+    if bs != BLOCK:
+        from ..errors import UnsupportedFeature
+
+        raise UnsupportedFeature(f"{what}: block size {_shown(bs)} (this vdisk reads pools of {BLOCK}-byte blocks)")
+    st = conf.get("settings", {})
+    if not isinstance(st, dict):
+        raise CorruptImage(f"{what}: settings are not an object")
+    for key in ("dedup", "delta"):
+        if key in st and not isinstance(st[key], bool):
+            raise CorruptImage(f"{what}: setting {key} is not true or false")
+    if "zstd_level" in st and not (type(st["zstd_level"]) is int and -(1 << 17) <= st["zstd_level"] <= 22):
+        raise CorruptImage(f"{what}: setting zstd_level {_shown(st['zstd_level'])} is not a zstd level")
+    if st.get("compression", "zstd") != "zstd":
+        raise CorruptImage(f"{what}: compression {_shown(st['compression'])} is not zstd")
+
+
+MAX_IMAGE_SIZE = MAX_BLOCKS * BLOCK
+_IMAGE_ID = re.compile(r"[0-9a-f]{1,64}")
+
+
+def check_catalog(cat: dict, what: str) -> None:
+    """Every field of a generation that vdisk reads has the type and range section 6.2
+    gives it, so that no later use of it can fail other than with CorruptImage: image
+    names (they become paths), ids (lock file names), sizes, references, snapshots
+    (their names become paths and command-line arguments), holders, lineage, backing
+    references, sketches and index segment lists.  Unknown fields are left alone."""
+    from ..pool import IMAGE_NAME
+
+    def bad(msg: str):
+        raise CorruptImage(f"{what}: {msg}")
+
+    images = cat.get("images")
+    if not isinstance(images, dict):
+        bad("has no image table")
+    for key in ("fp_segments", "sf_segments"):
+        segs = cat.get(key, [])
+        if not isinstance(segs, list) or not all(isinstance(r, dict) for r in segs):
+            bad(f"{key} is not a list of segment records")
+    for name, rec in images.items():
+        if not IMAGE_NAME.fullmatch(name):
+            bad(f"image name {_shown(name)} is not a valid image name")
+        where = f"image {name}"
+        if not isinstance(rec, dict):
+            bad(f"{where}: record is not an object")
+        _check_state(rec, where, bad)
+        if not isinstance(rec.get("id"), str) or not _IMAGE_ID.fullmatch(rec["id"]):
+            bad(f"{where}: id {_shown(rec.get('id'))} is not hexadecimal")
+        snaps = rec.get("snapshots", [])
+        if not isinstance(snaps, list):
+            bad(f"{where}: snapshots are not a list")
+        if type(rec.get("next_snapshot_id", 1)) is not int:
+            bad(f"{where}: next_snapshot_id is not an integer")
+        par = rec.get("parent")
+        if par is not None and not (isinstance(par, dict) and isinstance(par.get("image"), str)
+                                    and type(par.get("snapshot")) is int):
+            bad(f"{where}: parent {_shown(par)} is not an image and a snapshot id")
+        bk = rec.get("backing")
+        if bk is not None and not (isinstance(bk, dict) and isinstance(bk.get("filename"), str)
+                                   and isinstance(bk.get("format"), str)
+                                   and isinstance(bk.get("snapshot"), (str, type(None)))):
+            bad(f"{where}: backing reference {_shown(bk)} is not a file name, format and snapshot")
+        if not isinstance(rec.get("labels", {}), dict) or not isinstance(rec.get("owner"), (str, type(None))):
+            bad(f"{where}: labels or owner of the wrong type")
+        for s in snaps:
+            if not isinstance(s, dict):
+                bad(f"{where}: a snapshot record is not an object")
+            if type(s.get("id")) is not int or s["id"] < 0:
+                bad(f"{where}: snapshot id {_shown(s.get('id'))} is not a number")
+            sname = s.get("name")
+            if not _snapshot_name_ok(sname):
+                bad(f"{where}: snapshot name {_shown(sname)} is not a valid snapshot name")
+            _check_state(s, f"{where}: snapshot {sname}", bad)
+            holders = s.get("holders", [])
+            if not isinstance(holders, list) or not all(
+                    isinstance(h, list) and len(h) == 2 and all(isinstance(x, str) for x in h) for h in holders):
+                bad(f"{where}: snapshot {sname}: holders are not [image id, name] pairs")
+            if not isinstance(s.get("hidden", False), bool) or not isinstance(s.get("created", 0), (int, float)):
+                bad(f"{where}: snapshot {sname}: hidden or created of the wrong type")
+
+
+def _check_state(rec: dict, where: str, bad) -> None:
+    """The fields an image and a snapshot share: size, root, sketch."""
+    size = rec.get("size")
+    if type(size) is not int or not 0 <= size <= MAX_IMAGE_SIZE:
+        bad(f"{where}: size {_shown(size)} out of range")
+    if rec.get("root") is not None:
+        Entry.from_json(rec["root"], f"{where}: root")
+    sk = rec.get("sketch")
+    if sk is not None:
+        if not (isinstance(sk, dict) and _is_uint(sk.get("bytes"), 32) and _is_uint(sk.get("shift"), 7)
+                and sk["shift"] <= 64):
+            bad(f"{where}: bad sketch reference {_shown(sk)}")
+        Entry.from_json(sk.get("ref"), f"{where}: sketch")
+
+
+def _snapshot_name_ok(name) -> bool:
+    from ..drivers.names import validate_snapshot_name
+    from ..errors import UsageError
+
+    if not isinstance(name, str):
+        return False
+    try:
+        validate_snapshot_name(name)
+    except UsageError:
+        return False
+    return True
 
 
 # ------------------------------------------------------------------ sketches

@@ -40,6 +40,6 @@ def split(path: str) -> tuple[str, str] | None:
 def check_image_name(name: str) -> None:
     from ..errors import UsageError
 
-    if not IMAGE_NAME.match(name):
+    if not isinstance(name, str) or not IMAGE_NAME.fullmatch(name):  # fullmatch: "$" lets a final newline by
         raise UsageError(f"{name!r}: an image name in a pool is 1 to 128 letters, digits and . _ + - "
                          "(not starting with . + or -)")

@@ -139,12 +139,16 @@ class PoolImage:
 
     def walk(self, root: pc.Entry | None = None):
         """(block number, entry) of every allocated entry under ``root`` (default: the
-        image's committed root), in order; visits each node once."""
+        image's committed root), in order; visits each node once.  A node that one tree
+        names twice (a hostile tree: 512^3 paths can lead to one leaf) is walked at its
+        first position only, so the walk is bounded by the nodes stored."""
         stack = [((root or self.root), 0, 0)]
+        seen: set[tuple[int, int]] = set()
         while stack:
             e, level, base = stack.pop()
-            if e.kind == pc.UNALLOCATED:
+            if e.kind == pc.UNALLOCATED or e.loc in seen:
                 continue
+            seen.add(e.loc)
             node = self.pool.load_node(e, f"{self.what}: tree node")
             span = F ** (pc.LEVELS - 1 - level)
             if level == pc.LEVELS - 1:

@@ -83,6 +83,7 @@ class Pool:
         except be.ObjectMissing:
             raise ImageNotFound(f"{url}: not a vdisk pool (no config object)") from None
         self.config = pc.decode_json_object(pc.CONFIG_MAGIC, raw, f"{url}: config")
+        pc.check_config(self.config, f"{url}: config")
         self.pool_id = str(self.config.get("pool_id", ""))
         self.settings = dict(DEFAULT_SETTINGS)
         self.settings.update(self.config.get("settings", {}))
@@ -131,8 +132,7 @@ class Pool:
         cat = pc.decode_json_object(pc.GEN_MAGIC, raw, f"{self.url}: {name}")
         if cat.get("pool_id") != self.pool_id:
             raise CorruptImage(f"{self.url}: {name} belongs to another pool")
-        if not isinstance(cat.get("images"), dict):
-            raise CorruptImage(f"{self.url}: {name} has no image table")
+        pc.check_catalog(cat, f"{self.url}: {name}")
         return cat
 
     def reload(self) -> None:
