@@ -489,3 +489,13 @@ def test_every_json_key_is_in_the_help(tmp_path):
         text = " ".join(run("pool", cmd, "--help").stdout.split())
         missing = sorted(k for k in _keys(out, set()) if k not in text)
         assert not missing, f"vdisk pool {cmd} --help does not list {missing}"
+
+
+def test_snapshot_list_shows_unique_bytes(pool):
+    rnd = random.Random(19)
+    write(pool, "a", rnd.randbytes(30 * B))
+    with vdisk.open(f"{pool}/a") as img:
+        img.snapshot_create("s")
+        img.write(0, rnd.randbytes(10 * B))
+    (s,) = jrun("snapshot", "list", f"{pool}/a")
+    assert 10 * B <= s["vdisk-unique-bytes"] < 10 * B + 20000

@@ -324,13 +324,19 @@ class PoolDriver(BlockDriver):
 
     # ------------------------------------------------------------------ snapshots
     def snapshot_list(self, *, space: bool = False, hidden: bool = False) -> list[SnapshotInfo]:
+        """With ``space``, ``unique_bytes`` is what only that snapshot reaches in the
+        whole pool (:func:`vdisk.pool.space.image_space`: a walk of every tree)."""
+        usage = self.space_usage()["snapshots"] if space else {}
         out = []
         for s in self._rec().get("snapshots", []):
             if s.get("hidden") and not hidden:
                 continue
             holders = tuple(Holder(str(h[0]), str(h[1])) for h in s.get("holders", []))
+            u = usage.get(int(s["id"]))
             out.append(SnapshotInfo(int(s["id"]), str(s["name"]), float(s["created"]), int(s["size"]),
-                                    holds=len(holders), holders=holders, hidden=bool(s.get("hidden"))))
+                                    holds=len(holders), holders=holders, hidden=bool(s.get("hidden")),
+                                    unique_bytes=u["unique_bytes"] if u else None,
+                                    extra={"referenced_bytes": u["referenced_bytes"]} if u else {}))
         return out
 
     def has_snapshots(self) -> bool:
