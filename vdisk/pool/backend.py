@@ -32,6 +32,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import stat
 import threading
 
 from ..errors import HostIOError, VdiskError
@@ -102,11 +103,35 @@ class LocalBackend(Backend):
         #: a failed fsync is final (Linux may drop the pages it could not write back and
         #: report success to the next fsync): after one, every change is refused
         self._sync_failed: str | None = None
+        self._safe_dirs: set[str] = set()
 
     # -------------------------------------------------------------- helpers
     def _path(self, name: str) -> str:
         _check_name(name)
+        d = name.rpartition("/")[0]
+        if d and d not in self._safe_dirs:
+            self._check_dir(d)
         return os.path.join(self.root, name)
+
+    def _check_dir(self, d: str) -> None:
+        """Refuse a directory of the pool that is a symbolic link: a pool's objects are
+        files of its own tree.  Through ``index -> /etc`` a reader would take other
+        files for objects, and gc, which deletes the objects it lists and no catalog
+        names, would delete them.  (Object files are opened with O_NOFOLLOW.)"""
+        p = self.root
+        for part in d.split("/"):
+            p = os.path.join(p, part)
+            try:
+                st = os.lstat(p)
+            except FileNotFoundError:
+                return  # not made yet: a put makes it
+            except OSError as exc:
+                raise HostIOError(f"{self.root}: {d} cannot be examined: {os.strerror(exc.errno or 0)}",
+                                  exc.errno) from None
+            if stat.S_ISLNK(st.st_mode):
+                raise HostIOError(f"{self.root}: {os.path.relpath(p, self.root)} is a symbolic link (refused: "
+                                  "a pool's objects are files in its own directory)", errno.ELOOP)
+        self._safe_dirs.add(d)
 
     def _writable(self) -> None:
         if self._sync_failed is not None:
@@ -116,6 +141,9 @@ class LocalBackend(Backend):
     def _err(self, name: str, what: str, exc: OSError) -> VdiskError:
         if exc.errno == errno.ENOENT:
             return ObjectMissing(f"{self.root}: object {name} is missing")
+        if exc.errno == errno.ELOOP:
+            return HostIOError(f"{self.root}: object {name} is a symbolic link (refused: a pool's objects are "
+                               "files in its own directory)", exc.errno)
         return HostIOError(f"{self.root}: {what} {name} failed: {os.strerror(exc.errno or 0)}", exc.errno)
 
     def _write_tmp(self, path: str, data: bytes, *, sync: bool) -> str:
@@ -185,7 +213,7 @@ class LocalBackend(Backend):
         if fd is None:
             path = self._path(name)
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
             except OSError as exc:
                 raise self._err(name, "opening", exc) from None
             with self._lock:
@@ -197,7 +225,7 @@ class LocalBackend(Backend):
 
     def get(self, name: str) -> bytes:
         try:
-            with open(self._path(name), "rb") as f:
+            with open(os.open(self._path(name), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW), "rb") as f:
                 return f.read()
         except OSError as exc:
             raise self._err(name, "reading", exc) from None
@@ -210,16 +238,21 @@ class LocalBackend(Backend):
 
     def size(self, name: str) -> int:
         try:
-            return os.stat(self._path(name)).st_size
+            st = os.stat(self._path(name), follow_symlinks=False)
         except OSError as exc:
             raise self._err(name, "reading", exc) from None
+        if stat.S_ISLNK(st.st_mode):
+            raise self._err(name, "reading", OSError(errno.ELOOP, "symbolic link"))
+        return st.st_size
 
     def list(self, prefix: str = "") -> list[str]:
         base = self.root
         out: list[str] = []
         top = prefix.rstrip("/")
         start = os.path.join(base, top) if top else base
-        for dirpath, dirnames, filenames in os.walk(start):
+        if "/" in prefix:
+            self._check_dir(prefix.rpartition("/")[0])
+        for dirpath, dirnames, filenames in os.walk(start):  # not into symbolic links
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
             rel = os.path.relpath(dirpath, base)
             for f in filenames:
@@ -300,8 +333,15 @@ class LocalLock:
         _check_name(name)
         d = os.path.join(root, "locks")
         os.makedirs(d, exist_ok=True)
+        if os.path.islink(d):
+            raise HostIOError(f"{root}: locks is a symbolic link (refused: a pool's lock files are its own)",
+                              errno.ELOOP)
         self.path = os.path.join(d, name)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        except OSError as exc:
+            raise HostIOError(f"{self.path}: cannot open the lock file: {os.strerror(exc.errno or 0)}",
+                              exc.errno) from None
         kind = fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK
         arg = _struct.pack("hhqqi4x", kind, 0, 0, 1, 0)
         try:
