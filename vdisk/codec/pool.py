@@ -224,6 +224,8 @@ def encode_segment(kind: int, records: list[tuple[bytes, bytes]]) -> bytes:
 def segment_layout(head: bytes, size: int, what: str) -> tuple[int, int, int]:
     """(kind, record count, offset of the summary) from a segment's header, checked
     against its size."""
+    if len(head) < SEG_HEADER.size or size < SEG_HEADER.size + SEG_FOOTER.size:
+        raise CorruptImage(f"{what}: truncated index segment")
     magic, kind, rsize, count = SEG_HEADER.unpack_from(head)
     if magic != SEG_MAGIC or rsize != SEG_RECORD or kind not in (SEG_FP, SEG_SF) or count > MAX_SEG_RECORDS:
         raise CorruptImage(f"{what}: bad index segment header")
@@ -235,6 +237,8 @@ def segment_layout(head: bytes, size: int, what: str) -> tuple[int, int, int]:
 
 
 def check_summary(summary: bytes, footer: bytes, what: str) -> None:
+    if len(footer) != SEG_FOOTER.size:
+        raise CorruptImage(f"{what}: truncated index segment")
     h, _, magic = SEG_FOOTER.unpack(footer)
     if magic != SEG_MAGIC or meta_hash(summary) != h:
         raise CorruptImage(f"{what}: index segment summary checksum mismatch")
