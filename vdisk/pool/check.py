@@ -219,6 +219,7 @@ def _check(pool: Pool, out: PoolCheck, progress) -> None:
     for loc in found.meta:
         by_pack.setdefault(loc[0], []).append(loc)
     present: set[int] = set()
+    directories: dict[int, dict[int, tuple[int, int, int]]] = {}
     for name in listed:
         try:
             number = int(name.split("/", 1)[1], 16)
@@ -238,6 +239,7 @@ def _check(pool: Pool, out: PoolCheck, progress) -> None:
                 out.leaks.append(f"{name}: damaged, and nothing refers to it ({exc})")
                 _leak(out, backend, name, size)
             continue
+        directories[number] = directory
         live_bytes = 0
         live_newest = False
         for loc in locs:
@@ -269,7 +271,7 @@ def _check(pool: Pool, out: PoolCheck, progress) -> None:
     out.segments = len(listed_segs)
     for name, (kind, count) in sorted(listed_segs.items()):
         try:
-            check_segment(backend, name, kind, count)
+            check_segment(backend, name, kind, count, directories)
         except be.ObjectMissing:
             errs.append(f"{pool.url}: index segment {name} is listed but missing (an index is a hint: "
                         "no data is lost, duplicates of its blocks are missed)")
@@ -310,8 +312,12 @@ def read_pack_directory(backend: be.Backend, name: str, number: int, size: int) 
     return {o: (n, k, h) for o, n, k, h in pc.parse_pack_trailer(head, tail, size, number, what)}
 
 
-def check_segment(backend: be.Backend, name: str, kind: int, count: int) -> None:
-    """A listed index segment: its framing, summary, record order and entries."""
+def check_segment(backend: be.Backend, name: str, kind: int, count: int,
+                  directories: dict[int, dict[int, tuple[int, int, int]]] | None = None) -> None:
+    """A listed index segment: its framing, summary, record order and entries; a
+    fingerprint's low half must be its entry's hash; with ``directories`` (pack
+    number -> its directory), every record must name a blob of a pack, as it is
+    there (after gc, no record names a blob that is gone)."""
     from .index import Segment
 
     seg = Segment(backend, name, count)
@@ -331,6 +337,11 @@ def check_segment(backend: be.Backend, name: str, kind: int, count: int) -> None
             e = pc.unpack_entry(data[i + pc.SEG_KEY: i + pc.SEG_RECORD], 0, f"{name}: page {p}")
             if e.kind not in (pc.DATA_KINDS if kind == pc.SEG_FP else (pc.RAW, pc.ZSTD)):
                 raise CorruptImage(f"a record names a {pc.KIND_NAMES.get(e.kind)} entry")
+            if kind == pc.SEG_FP and int.from_bytes(k[8:], "big") != e.hash:
+                raise CorruptImage(f"page {p}: a fingerprint that is not its entry's hash")
+            if directories is not None and directories.get(e.pack, {}).get(e.offset) != (e.length, e.kind, e.hash):
+                raise CorruptImage(f"page {p}: a record names blob {e.pack:016x}+{e.offset}, which its pack "
+                                   "does not hold")
 
 
 def stale_tmp_files(root: str, age: float = TMP_AGE) -> list[tuple[str, int]]:

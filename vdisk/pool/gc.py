@@ -506,10 +506,15 @@ def _dedup(pool: Pool, locked: set[str], progress) -> DedupReport:
             by_hash.setdefault(h, []).append(loc)
     rep.data_blobs = sum(len(v) for v in by_hash.values())
     groups = [sorted(v) for v in by_hash.values() if len(v) > 1]
+    pack_live: dict[int, int] = {}
+    for (pk, _off), (n, _k, _h) in found.meta.items():
+        pack_live[pk] = pack_live.get(pk, 0) + n
     reloc: dict[Loc, pc.Entry] = {}
     for done, locs in enumerate(groups, 1):
-        # a plain (RAW or ZSTD) copy first, the smallest; deltas only if there is no plain copy
-        locs.sort(key=lambda loc: (found.meta[loc][1] == pc.DELTA, found.meta[loc][0], loc))
+        # the copy kept: a plain (RAW or ZSTD) one if there is one (never a delta on a
+        # delta), in the pack holding the most live data (so the copies given up are in
+        # emptier packs, which gc deletes or repacks), the smallest
+        locs.sort(key=lambda loc: (found.meta[loc][1] == pc.DELTA, -pack_live[loc[0]], found.meta[loc][0], loc))
         while len(locs) > 1:
             keep = found.entry(locs[0])
             ref = pool.decode_block(keep, f"{pool.url}: blob {keep.pack:016x}+{keep.offset}")

@@ -182,7 +182,10 @@ def scan(pool: Pool, roots: list[Root], *, errors: list[str] | None = None,
     if any(r.bit != i for i, r in enumerate(roots)):
         raise ValueError("scan: root i must have bit i (see renumber)")
     res = Scan(roots, errors=errors)
-    level: dict[tuple[int, int, int], list] = {}
+    # a node is keyed by its blob, not by where it is named: a tree that names one
+    # subtree at many positions (512^3 of them, if hostile) costs one visit per level
+    # (a valid tree names each node at one position; the first one seen is reported)
+    level: dict[Loc, list] = {}
     for r in roots:
         m = 1 << r.bit
         if r.sketch is not None:
@@ -192,15 +195,15 @@ def scan(pool: Pool, roots: list[Root], *, errors: list[str] | None = None,
         e = r.entry
         if e.kind == pc.UNALLOCATED:
             continue
-        cur = level.get((e.pack, e.offset, 0))
+        cur = level.get(e.loc)
         if cur is None:
-            level[(e.pack, e.offset, 0)] = [e, m]
+            level[e.loc] = [e, m, 0]
         else:
             cur[1] |= m
     what = pool.url
     for lv in range(pc.LEVELS):
-        nxt: dict[tuple[int, int, int], list] = {}
-        for (_pk, _off, idx), (e, m) in sorted(level.items()):
+        nxt: dict[Loc, list] = {}
+        for _loc, (e, m, idx) in sorted(level.items()):
             try:
                 node = pool.load_node(e, f"{what}: {res.label(m)}: tree node (level {lv}, index {idx})")
             except VdiskError as exc:
@@ -220,12 +223,14 @@ def scan(pool: Pool, roots: list[Root], *, errors: list[str] | None = None,
                         _fail(errors, f"{what}: {res.label(m)}: tree node (level {lv}, index {idx}) entry {i}: "
                                       f"a {pc.KIND_NAMES.get(k, k)} entry (flags {fl}) where a tree node is expected")
                         continue
-                    key = (pk, off, base + i)
-                    cur = nxt.get(key)
+                    cur = nxt.get((pk, off))
                     if cur is None:
-                        nxt[key] = [pc.Entry(h, pk, off, n, k), m]
+                        nxt[(pk, off)] = [pc.Entry(h, pk, off, n, k), m, base + i]
                     else:
                         cur[1] |= m
+                        if cur[0].hash != h or cur[0].length != n:
+                            _fail(errors, f"{what}: {res.label(m)}: tree node {pk:016x}+{off} is named with two "
+                                          "different lengths or hashes")
                 continue
             count = 0
             meta, mask = res.meta, res.mask
