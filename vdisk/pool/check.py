@@ -229,8 +229,9 @@ def _check(pool: Pool, out: PoolCheck, progress) -> None:
             continue
         present.add(number)
         locs = by_pack.get(number, [])
-        size = backend.size(name)
+        size = None
         try:
+            size = backend.size(name)
             directory = read_pack_directory(backend, name, number, size)
         except VdiskError as exc:
             if locs:
