@@ -53,7 +53,7 @@ def superfeatures(buf: bytes, n: int) -> list[tuple[int, ...]]:
 
 # ------------------------------------------------------------------ sketches
 SKETCH_MAX = 16384  # sampled hashes kept per image
-SKETCH_SHIFT0 = 4  # start by sampling 1/16 of the distinct blocks
+SKETCH_SHIFT0 = 0  # start with every distinct block: small images are compared exactly
 
 
 def sampled(h: int, shift: int) -> bool:
