@@ -239,14 +239,17 @@ class PoolDriver(BlockDriver):
         self.img.flush()
 
     def block_status(self, offset: int, length: int) -> list[Extent]:
-        out: list[Extent] = []
+        runs: list[list] = []
         end = offset + length
         pos = offset
         B = pc.BLOCK
+        leaf_index, leaf = -1, None
         while pos < end:
             bn = pos // B
             n = min(B - (pos - bn * B), end - pos)
-            leaf = self.img._leaf(bn >> 9)
+            if bn >> 9 != leaf_index:  # one lookup per leaf, not per block
+                leaf_index = bn >> 9
+                leaf = self.img._leaf(leaf_index)
             if leaf is None:  # a whole leaf's range is unallocated
                 n = min(((bn >> 9) + 1) * 512 * B, end) - pos
                 st, comp = Status.UNALLOCATED, False
@@ -254,13 +257,12 @@ class PoolDriver(BlockDriver):
                 e = pc.unpack_entry(leaf, bn & 511, self.spec)
                 st = {pc.UNALLOCATED: Status.UNALLOCATED, pc.ZERO: Status.ZERO}.get(e.kind, Status.DATA)
                 comp = e.kind in (pc.ZSTD, pc.DELTA)
-            if out and out[-1].status == st and out[-1].compressed == comp:
-                last = out[-1]
-                out[-1] = Extent(last.offset, last.length + n, st, None, comp)
+            if runs and runs[-1][2] == st and runs[-1][3] == comp:
+                runs[-1][1] += n
             else:
-                out.append(Extent(pos, n, st, None, comp))
+                runs.append([pos, n, st, comp])
             pos += n
-        return out
+        return [Extent(o, n, st, None, comp) for o, n, st, comp in runs]
 
     def resize(self, new_size: int) -> None:
         if self.read_only:

@@ -164,25 +164,35 @@ class PoolImage:
 
     # ------------------------------------------------------------------ reading
     def read_block(self, bn: int, backing) -> bytes:
-        e = self.entry(bn)
+        return self._block(self.entry(bn), bn, backing)
+
+    def _block(self, e: pc.Entry, bn: int, backing) -> bytes:
         if e.kind == pc.UNALLOCATED:
             if backing is not None:
                 return _read_backing(backing, bn * B, B)
             return pc.ZERO_BLOCK
         try:
-            return self.pool.decode_block(e, f"{self.what}: block at guest offset {bn * B:#x}")
+            return self.pool.decode_block(e, self.what)
         except BlobMismatch:
             raise ChecksumMismatch(f"{self.what}: checksum mismatch at guest offset {bn * B:#x}", bn * B) from None
+        except CorruptImage:  # again, for the message that names the guest offset
+            return self.pool.decode_block(e, f"{self.what}: block at guest offset {bn * B:#x}")
 
     def read(self, offset: int, length: int, backing) -> bytes:
+        """Guest bytes; the leaf of each run of 512 blocks is looked up once."""
         out = bytearray()
         pos, end = offset, offset + length
+        leaf_index, leaf = -1, None
         while pos < end:
             bn = pos // B
             inner = pos - bn * B
             n = min(B - inner, end - pos)
-            blk = self.read_block(bn, backing)
-            out += blk[inner: inner + n]
+            if bn >> 9 != leaf_index:
+                leaf_index = bn >> 9
+                leaf = self._leaf(leaf_index)
+            e = _UNALLOC if leaf is None else pc.unpack_entry(leaf, bn & (F - 1), self.what)
+            blk = self._block(e, bn, backing)
+            out += blk[inner: inner + n] if n != B else blk
             pos += n
         return bytes(out)
 
