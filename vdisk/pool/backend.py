@@ -102,7 +102,7 @@ class LocalBackend(Backend):
         self._tmp_seq = 0
         #: a failed fsync is final (Linux may drop the pages it could not write back and
         #: report success to the next fsync): after one, every change is refused
-        self._sync_failed: str | None = None
+        self._sync_failed: int | None = None  # the errno of the failed fsync
         self._safe_dirs: set[str] = set()
 
     # -------------------------------------------------------------- helpers
@@ -135,8 +135,8 @@ class LocalBackend(Backend):
 
     def _writable(self) -> None:
         if self._sync_failed is not None:
-            raise HostIOError(f"{self.root}: an earlier sync failed ({self._sync_failed}); "
-                              "no change is made until the pool is reopened", errno.EIO)
+            raise HostIOError(f"{self.root}: an earlier sync failed ({os.strerror(self._sync_failed)}); "
+                              "no change is made until the pool is reopened", self._sync_failed)
 
     def _err(self, name: str, what: str, exc: OSError) -> VdiskError:
         if exc.errno == errno.ENOENT:
@@ -191,7 +191,7 @@ class LocalBackend(Backend):
         try:
             tmp = self._write_tmp(path, data, sync=True)
         except OSError as exc:
-            self._sync_failed = os.strerror(exc.errno or 0)
+            self._sync_failed = exc.errno or errno.EIO
             raise self._err(name, "writing", exc) from None
         try:
             os.link(tmp, path)
@@ -204,7 +204,7 @@ class LocalBackend(Backend):
         try:
             _fsync_dir(os.path.dirname(path))
         except OSError as exc:
-            self._sync_failed = os.strerror(exc.errno or 0)
+            self._sync_failed = exc.errno or errno.EIO
             raise self._err(name, "syncing the directory of", exc) from None
         return True
 
@@ -295,7 +295,7 @@ class LocalBackend(Backend):
                 if os.path.isdir(d):
                     _fsync_dir(d)
         except OSError as exc:
-            self._sync_failed = os.strerror(exc.errno or 0)
+            self._sync_failed = exc.errno or errno.EIO
             raise HostIOError(f"{self.root}: syncing objects failed: {os.strerror(exc.errno or 0)}",
                               exc.errno) from None
 

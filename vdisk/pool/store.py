@@ -109,6 +109,7 @@ class Pool:
         #: set when a barrier failed: what it was to make durable may be lost (a failed
         #: fsync is final, RELIABILITY.md), so nothing may be committed on top of it
         self.sync_failed: str | None = None
+        self._sync_errno: int | None = None
 
     # ------------------------------------------------------------------ creation
     @classmethod
@@ -162,12 +163,13 @@ class Pool:
         committed) and may run several times, on newer catalogs each time."""
         if self.sync_failed is not None:
             raise HostIOError(f"{self.url}: an earlier sync of the pool's objects failed ({self.sync_failed}); "
-                              "the image must be reopened (its writes since the last flush are lost)")
+                              "the image must be reopened (its writes since the last flush are lost)",
+                              self._sync_errno)
         self.seal_pack()
         try:
             self.backend.barrier()
         except HostIOError as exc:
-            self.sync_failed = str(exc)
+            self.sync_failed, self._sync_errno = str(exc), exc.errno
             raise
         for _ in range(COMMIT_RETRIES):
             cat = copy.deepcopy(self.catalog)
