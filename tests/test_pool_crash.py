@@ -114,6 +114,7 @@ def crash_campaign(seed: int, random_states: int, root: str, *, nops: int = NOPS
             stats["images_at_later_boundary"] += v.later
             stats["images_checked"] += v.images
             stats["snapshots_checked"] += v.snapshots
+            stats["leaked_objects"] += v.leaked_objects
         else:
             failures.append(v.message)
 

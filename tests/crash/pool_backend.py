@@ -750,6 +750,7 @@ class Verdict:
     images: int = 0
     snapshots: int = 0
     leaked: int = 0
+    leaked_objects: int = 0  # objects the pool check reports as leaks (a cut-short writer's)
 
 
 def window(run: PoolRun, point: int) -> tuple[int, dict[str, int], int]:
@@ -769,11 +770,13 @@ def window(run: PoolRun, point: int) -> tuple[int, dict[str, int], int]:
     return b_set, b_img, max(j, b_set, *b_img.values()) if b_img else max(j, b_set)
 
 
-def read_pool(root: str, objects: dict[str, bytes], keep_data: bool = False) -> dict[str, tuple]:
+def read_pool(root: str, objects: dict[str, bytes], keep_data: bool = False) -> tuple[dict[str, tuple], object]:
     """Open every image of the pool in ``objects`` read-only (no repair), check it, read
-    it and every snapshot.  Returns {name: (digest, catalog record, corruptions, leaked,
-    (size, data, {snapshot: data}) or None)}."""
+    it and every snapshot; then check the whole pool (``vdisk pool check``).  Returns
+    ({name: (digest, catalog record, corruptions, leaked, (size, data, {snapshot: data})
+    or None)}, the pool check)."""
     import vdisk
+    from vdisk.pool.check import check_pool as pool_check
     from vdisk.pool.store import Pool
 
     root = view_dir(root)
@@ -812,7 +815,8 @@ def read_pool(root: str, objects: dict[str, bytes], keep_data: bool = False) -> 
                 for h in s.get("holders", []):
                     if h[0] not in ids:
                         out[name][2].append(f"snapshot {s['name']} is held by image id {h[0]}, which does not exist")
-    return out
+        whole = pool_check(root)
+    return out, whole
 
 
 def allowed_at(run: PoolRun, point: int) -> tuple[list[set], dict[str, tuple[set, list, int]], str]:
@@ -842,12 +846,14 @@ def check_pool(run: PoolRun, objects: dict[str, bytes], names_ok: list[set], per
     """Open the pool in ``objects`` without repair; it must hold one of the allowed sets
     of images, each in one of its allowed states, and check clean of corruption."""
     try:
-        got = read_pool(run.root, objects, keep_data=True)
+        got, whole = read_pool(run.root, objects, keep_data=True)
     except VdiskError as exc:
         return Verdict(False, f"{what}: {type(exc).__name__}: {exc}")
     except Exception as exc:  # noqa: BLE001 - a bug: report it with the state
         return Verdict(False, f"{what}: unexpected {type(exc).__name__}: {exc}")
-    v = Verdict(True)
+    v = Verdict(True, leaked_objects=whole.leaked_objects)
+    if whole.corruptions:
+        return Verdict(False, f"{what}: pool check finds corruption: {'; '.join(whole.corruptions[:3])}")
     names = set(got)
     if names not in names_ok:
         return Verdict(False, f"{what}: the pool holds images {sorted(names)}, none of the allowed sets "
