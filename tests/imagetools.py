@@ -31,3 +31,24 @@ def flip_byte(path, offset):
         b = f.read(1)
         f.seek(offset)
         f.write(bytes([b[0] ^ 0xFF]))
+
+
+def run(*args, code=0):
+    """Invoke the CLI in-process; assert the exit code; return the Result."""
+    from click.testing import CliRunner
+
+    from vdisk.cli import cli
+
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    assert result.exit_code == code, (
+        f"vdisk {' '.join(map(str, args))} exited {result.exit_code}, expected {code}\n"
+        f"stdout: {result.stdout}\nstderr: {result.stderr}\nexception: {result.exception!r}"
+    )
+    return result
+
+
+def jrun(*args, code=0):
+    """``run`` with ``--output json``; the parsed output."""
+    import json
+
+    return json.loads(run(*args, "--output", "json", code=code).stdout)

@@ -13,25 +13,15 @@ import types
 import click
 import pytest
 from click.testing import CliRunner
-
-import vdisk
-from imagetools import allocated
+from imagetools import allocated, run
 from imagetools import make_raw as write_raw
 from imagetools import read_all as content
+
+import vdisk
 from vdisk.cli import EXTENSION_COMMANDS, cli, parse_o_options
 from vdisk.errors import UsageError
 
 MiB = 1 << 20
-
-
-def run(*args, code=0):
-    """Invoke the CLI in-process; assert the exit code; return the Result."""
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    assert result.exit_code == code, (
-        f"vdisk {' '.join(map(str, args))} exited {result.exit_code}, expected {code}\n"
-        f"stdout: {result.stdout}\nstderr: {result.stderr}\nexception: {result.exception!r}"
-    )
-    return result
 
 
 def assert_one_line_error(stderr: str, *needles: str) -> None:
@@ -41,8 +31,6 @@ def assert_one_line_error(stderr: str, *needles: str) -> None:
     assert "Traceback" not in stderr
     for n in needles:
         assert n in lines[0], stderr
-
-
 
 
 # ---------------------------------------------------------------------------- global

@@ -6,17 +6,15 @@ space accounting."""
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import time
 
 import pytest
-from click.testing import CliRunner
+from imagetools import jrun, run
 
 import vdisk
 from vdisk import block
-from vdisk.cli import cli
 from vdisk.codec import pool as pc
 from vdisk.errors import ImageLocked
 from vdisk.pool import admin
@@ -24,19 +22,6 @@ from vdisk.pool.store import Pool
 
 B = 4096
 MiB = 1 << 20
-
-
-def run(*args, code=0):
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    assert result.exit_code == code, (
-        f"vdisk {' '.join(map(str, args))} exited {result.exit_code}, expected {code}\n"
-        f"stdout: {result.stdout}\nstderr: {result.stderr}\nexception: {result.exception!r}"
-    )
-    return result
-
-
-def jrun(*args, code=0):
-    return json.loads(run(*args, "--output", "json", code=code).stdout)
 
 
 @pytest.fixture

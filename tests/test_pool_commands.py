@@ -12,28 +12,13 @@ import random
 import subprocess
 
 import pytest
-from click.testing import CliRunner
+from imagetools import jrun, run
 
 import vdisk
-from vdisk.cli import cli
 from vdisk.pool.store import Pool
 
 MiB = 1 << 20
 B = 4096
-
-
-def run(*args, code=0):
-    """Invoke the CLI in-process; assert the exit code; return the Result."""
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    assert result.exit_code == code, (
-        f"vdisk {' '.join(map(str, args))} exited {result.exit_code}, expected {code}\n"
-        f"stdout: {result.stdout}\nstderr: {result.stderr}\nexception: {result.exception!r}"
-    )
-    return result
-
-
-def jrun(*args, code=0):
-    return json.loads(run(*args, "--output", "json", code=code).stdout)
 
 
 @pytest.fixture
