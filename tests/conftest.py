@@ -227,3 +227,13 @@ def mountpoint(tmp_path: Path):
         r = subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True, timeout=30)
         if r.returncode != 0:
             subprocess.run(["umount", "-l", str(mp)], capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def pool(tmp_path) -> str:
+    """A new, empty pool directory (test_pool*.py)."""
+    from vdisk.pool.store import Pool
+
+    p = str(tmp_path / "pool")
+    Pool.create(p)
+    return p

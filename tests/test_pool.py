@@ -21,13 +21,6 @@ from vdisk.pool.store import Pool
 B = 4096
 
 
-@pytest.fixture
-def pool(tmp_path):
-    p = str(tmp_path / "pool")
-    Pool.create(p)
-    return p
-
-
 def packs_bytes(p: str) -> int:
     d = os.path.join(p, "packs")
     return sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d)) if os.path.isdir(d) else 0

@@ -24,13 +24,6 @@ B = 4096
 MiB = 1 << 20
 
 
-@pytest.fixture
-def pool(tmp_path):
-    p = str(tmp_path / "pool")
-    admin.pool_create(p)
-    return p
-
-
 def physical(p: str) -> int:
     return admin.pool_info(p)["physical_bytes"]
 

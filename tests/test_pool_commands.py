@@ -21,13 +21,6 @@ MiB = 1 << 20
 B = 4096
 
 
-@pytest.fixture
-def pool(tmp_path):
-    p = str(tmp_path / "pool")
-    Pool.create(p)
-    return p
-
-
 def catalog(p: str) -> dict:
     pl = Pool(p, lock=False)
     try:
