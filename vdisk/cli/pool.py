@@ -58,6 +58,12 @@ class _Progress:
             self.bar.__exit__(None if ok else Exception)
             self.bar = None
 
+    def __enter__(self) -> _Progress:
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        self.close(exc_type is None)
+
 
 class _PoolGroup(click.Group):
     def resolve_command(self, ctx: click.Context, args: list[str]):
@@ -299,13 +305,8 @@ def pool_check(ctx, repair, output, progress, quiet, pool_dir):
     """
     from vdisk.pool.admin import pool_check as check
 
-    bar = _Progress("checking", progress, quiet or output == "json")
-    ok = False
-    try:
+    with _Progress("checking", progress, quiet or output == "json") as bar:
         res = check(pool_dir, repair=repair, progress=bar)
-        ok = True
-    finally:
-        bar.close(ok)
     data = res.to_json()
     if not quiet or output == "json":
         emit(output, data, _render_check)
@@ -442,13 +443,8 @@ def pool_dedup(then_gc, output, progress, quiet, pool_dir):
     """
     from vdisk.pool.admin import pool_dedup as dedup
 
-    bar = _Progress("deduplicating", progress, quiet or output == "json")
-    ok = False
-    try:
+    with _Progress("deduplicating", progress, quiet or output == "json") as bar:
         res = dedup(pool_dir, gc=then_gc, progress=bar)
-        ok = True
-    finally:
-        bar.close(ok)
     data = {"dedup": res["dedup"].to_json(), "gc": res["gc"].to_json() if res["gc"] is not None else None}
 
     def human(d):

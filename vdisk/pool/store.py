@@ -294,31 +294,22 @@ class Pool:
         return block
 
     def _base(self, e: pc.Entry, what: str) -> bytes:
-        key = e.loc
-        b = self._bases.get(key)
-        if b is not None:
-            self._bases.move_to_end(key)
-            return b
-        b = self.decode_block(e, f"{what} (its delta base)")
-        self._bases[key] = b
-        if len(self._bases) > BASE_CACHE:
-            self._bases.popitem(last=False)
+        b = _lru_get(self._bases, e.loc)
+        if b is None:
+            b = self.decode_block(e, f"{what} (its delta base)")
+            _lru_put(self._bases, e.loc, b, BASE_CACHE)
         return b
 
     def load_node(self, e: pc.Entry, what: str) -> bytes:
-        key = e.loc
-        node = self._nodes.get(key)
+        node = _lru_get(self._nodes, e.loc)
         if node is not None:
-            self._nodes.move_to_end(key)
             return node
         if e.kind != pc.NODE:
             raise CorruptImage(f"{what}: a {pc.KIND_NAMES.get(e.kind, e.kind)} entry where a tree node is expected")
         node = pc.decompress(self.read_stored(e, what), pc.NODE_BYTES, what)
         if pc.meta_hash(node) != e.hash:
             raise BlobMismatch(f"{what}: tree node checksum mismatch")
-        self._nodes[key] = node
-        if len(self._nodes) > NODE_CACHE:
-            self._nodes.popitem(last=False)
+        _lru_put(self._nodes, e.loc, node, NODE_CACHE)
         return node
 
     def store_node(self, node: bytes) -> pc.Entry:
@@ -391,6 +382,21 @@ class Pool:
         self.backend.close()
         if self._gc_lock is not None:
             self._gc_lock.release()
+
+
+def _lru_get(cache: OrderedDict, key):
+    """``cache[key]`` (now the most recently used), or None."""
+    v = cache.get(key)
+    if v is not None:
+        cache.move_to_end(key)
+    return v
+
+
+def _lru_put(cache: OrderedDict, key, value, limit: int) -> None:
+    """Store ``value``, dropping the least recently used entry past ``limit``."""
+    cache[key] = value
+    if len(cache) > limit:
+        cache.popitem(last=False)
 
 
 def new_image_record(size: int, image_id: str | None = None) -> dict:
