@@ -14,7 +14,12 @@ import sys
 
 import click
 
-from .options import force_share_option, format_option, open_image, unsafe_backing_option
+from .options import (
+    force_share_option,
+    format_option,
+    open_image,
+    unsafe_backing_option,
+)
 
 
 @click.command()
@@ -76,7 +81,7 @@ def serve(addresses, read_only, fmt, export_name, description, pid_file, max_con
             os.replace(tmp, pid_file)
             wrote_pid = True
 
-        def stop(signum, frame):  # noqa: ARG001
+        def stop(signum, frame):
             server.stop()
 
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -319,7 +319,7 @@ class NbdServer:
                 self._transmission(conn, neg)
         except proto.ProtocolError as exc:
             log.warning("%s: %s; closing the connection", name, exc.message)
-        except (ConnectionError, TimeoutError, socket.timeout) as exc:
+        except (ConnectionError, TimeoutError) as exc:
             log.info("%s: connection lost (%s)", name, exc)
         except OSError as exc:
             log.info("%s: connection lost (%s)", name, exc.strerror or exc)
