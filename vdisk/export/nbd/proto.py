@@ -311,7 +311,7 @@ class Handshake:
         if self.state == "client-flags":
             (flags,) = CLIENT_FLAGS.unpack(buf)
             if flags & ~CLIENT_FLAGS_KNOWN:
-                raise ProtocolError(f"client sent unknown handshake flags {flags:#x}")
+                raise ProtocolError(f"client sent unknown handshake flags {flags & ~CLIENT_FLAGS_KNOWN:#x}")
             self._fixed = bool(flags & FLAG_C_FIXED_NEWSTYLE)
             self._no_zeroes = bool(flags & FLAG_C_NO_ZEROES)
             self.state = "option-header"
