@@ -1,0 +1,254 @@
+"""The VHDX driver: Hyper-V's format ([MS-VHDX] v1.00), dynamic and fixed disks.
+
+Byte layouts live in :mod:`vdisk.codec.vhdx`; ``formats/vhdx.md`` says what vdisk
+reads, writes and refuses, and why.
+
+What it does
+  - reads dynamic and fixed disks: the current of the two headers, the region
+    table, the metadata items, the BAT with its sector-bitmap entries interleaved
+    every ``chunk_ratio`` payload entries (:mod:`.load` checks every field);
+  - replays the log on open ([MS-VHDX] 2.3.3; :mod:`.log`): read-write, into the
+    file, after which both headers are rewritten with a zero log GUID; read-only,
+    in memory (the file is not touched, and reads see the replayed state).
+    QEMU refuses a read-only open of such an image instead; vdisk replays in memory
+    because a read-only open must not change the file, yet ``info``/``convert``/
+    ``compare`` of an image Hyper-V did not close cleanly should still work and
+    read what Hyper-V would;
+  - writes them: a write into an allocated block goes in place; a write into a
+    block that is not allocated (and is not all zeros, which such a block already
+    reads as) allocates a whole block at the 1 MiB-aligned end of the file;
+  - ``create``: subformat dynamic (the default) or fixed, ``block_size``,
+    ``log_size``, ``logical_sector_size``.
+
+Crash safety of writes (the log is not used for them; it stays empty): new BAT
+entries are held in memory and written by ``flush`` only after the data they point
+at has been flushed, then flushed themselves.  A power cut thus leaves every BAT
+entry pointing at data that reached the disk, or at nothing (the block reads as it
+did); the cost of a cut is leaked space at the end of the file.  Each entry lies
+in one 512-byte sector of the BAT, so a torn sector write cannot mix an entry's
+old and new bytes.  Before the first change after an open, the non-current header
+is rewritten with new FileWriteGuid and DataWriteGuid and a higher sequence number,
+and flushed, as the spec asks.
+
+  - ``resize`` (grow and shrink; :mod:`.resize`).
+
+What it refuses: differencing disks (HasParent; UnsupportedFeature), unknown
+required regions and metadata items (UnsupportedFeature), snapshots and backing
+files (NotSupported / UsageError).
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from ...codec import vhdx as V
+from ...errors import CorruptImage, UsageError
+from ...host import HostStorage
+from .. import register
+from ..base import BlockDriver, CheckResult, CreateOptions, Extent, Status
+from . import log as L
+from .create import CREATE_OPTIONS, create_image
+from .load import bat_bytes, load_headers, load_layout
+
+_ZERO_STATES = (V.PAYLOAD_ZERO, V.PAYLOAD_UNMAPPED, V.PAYLOAD_UNDEFINED)
+
+
+@register
+class VhdxDriver(BlockDriver):
+    format_name = "vhdx"
+    default_cluster_size = 32 << 20
+    create_options = CREATE_OPTIONS
+
+    def __init__(self, host: HostStorage, store: HostStorage, layout, read_only: bool, log_state: str):
+        self.host = host  # the file
+        self.store = store  # what reads see: the file, or the file with the log overlaid
+        self.layout = layout
+        self.read_only = read_only
+        self.size = layout.virtual_size
+        self.cluster_size = layout.block_size
+        self.backing = None
+        self.image_id = layout.disk_id.hex
+        self.log_state = log_state
+        self._bat = layout.bat
+        self._dirty_bat: set[int] = set()
+        self._headers_updated = False
+        self._end = self._file_end()
+
+    # ------------------------------------------------------------------ lifecycle
+    @classmethod
+    def probe(cls, head: bytes) -> bool:
+        return head[:8] == V.FILE_SIGNATURE
+
+    @classmethod
+    def create(cls, host: HostStorage, size: int, opts: CreateOptions) -> None:
+        create_image(host, size, opts)
+
+    @classmethod
+    def open(cls, host: HostStorage, *, read_only: bool, snapshot: str | None = None) -> VhdxDriver:
+        if snapshot is not None:
+            raise UsageError("vhdx images have no internal snapshots")
+        size = host.size()
+        hdr, slot = load_headers(host, size)
+        store = host
+        state = "clean"
+        if hdr.log_guid != V.ZERO_GUID and hdr.log_length:
+            writes, last = L.scan(host, hdr, size)
+            if writes and read_only:
+                store = L.Overlay(host, writes, last)
+                state = "replayed in memory"
+            elif writes:
+                L.replay(host, writes, last)
+                state = "replayed"
+            if not read_only:
+                hdr, slot = _rewrite_headers(host, hdr, slot, V.ZERO_GUID, new_file_guid=True)
+        layout = load_layout(store, hdr, slot, store.size())
+        drv = cls(host, store, layout, read_only, state)
+        drv._headers_updated = not read_only and state != "clean"
+        return drv
+
+    def close(self) -> None:
+        try:
+            if not self.read_only and self.host.flush_failed is None:
+                self.flush()
+        finally:
+            self.store.close()
+
+    # ------------------------------------------------------------------ helpers
+    def _file_end(self) -> int:
+        end = self.store.size()
+        for v in self._bat:
+            if v & V.BAT_STATE_MASK in (V.PAYLOAD_FULLY_PRESENT, V.SB_PRESENT):
+                end = max(end, ((v >> V.BAT_OFFSET_SHIFT) << 20) + self.cluster_size)
+        return -(-end // V.MiB) * V.MiB
+
+    def _entry(self, block: int) -> tuple[int, int]:
+        v = self._bat[V.bat_index(block, self.layout.chunk_ratio)]
+        return v & V.BAT_STATE_MASK, (v >> V.BAT_OFFSET_SHIFT) << 20
+
+    def _pieces(self, offset: int, length: int):
+        bs = self.cluster_size
+        pos, end = offset, offset + length
+        while pos < end:
+            block, within = divmod(pos, bs)
+            n = min(bs - within, end - pos)
+            yield pos, block, within, n
+            pos += n
+
+    # ------------------------------------------------------------------ data path
+    def read(self, offset: int, length: int) -> bytes:
+        out = bytearray()
+        for _pos, block, within, n in self._pieces(offset, length):
+            state, off = self._entry(block)
+            if state == V.PAYLOAD_FULLY_PRESENT:
+                out += self.store.pread(off + within, n)
+            else:
+                out += bytes(n)
+        return bytes(out)
+
+    def write(self, offset: int, data: bytes) -> None:
+        view = memoryview(data)
+        for pos, block, within, n in self._pieces(offset, len(data)):
+            piece = view[pos - offset:pos - offset + n]
+            state, off = self._entry(block)
+            if state != V.PAYLOAD_FULLY_PRESENT:
+                if not any(piece):
+                    continue  # the block reads as zeros already
+                off = self._allocate(block)
+            self._before_change()
+            self.host.pwrite(off + within, bytes(piece))
+
+    def _before_change(self) -> None:
+        if self._headers_updated:
+            return
+        hdr, slot = _rewrite_headers(self.host, self.layout.header, self.layout.header_slot, V.ZERO_GUID,
+                                     new_file_guid=True)
+        self.layout.header, self.layout.header_slot = hdr, slot
+        self._headers_updated = True
+
+    def _allocate(self, block: int) -> int:
+        self._before_change()
+        off = self._end
+        if off + self.cluster_size > V.MAX_VIRTUAL_SIZE * 2:
+            raise CorruptImage("vhdx: the file would grow past what the BAT can address")
+        self.host.truncate(off + self.cluster_size)
+        self._end = off + self.cluster_size
+        i = V.bat_index(block, self.layout.chunk_ratio)
+        self._bat[i] = V.make_bat_entry(V.PAYLOAD_FULLY_PRESENT, off)
+        self._dirty_bat.add(i)
+        return off
+
+    def flush(self) -> None:
+        if self.read_only:
+            return
+        self.host.flush()  # the data new BAT entries point at is on disk before they are
+        if self._dirty_bat:
+            for first in sorted({i - i % 512 for i in self._dirty_bat}):
+                count = min(512, len(self._bat) - first)
+                self.host.pwrite(self.layout.bat_offset + first * 8, bat_bytes(self._bat, first, count))
+            self._dirty_bat.clear()
+            self.host.flush()
+
+    def block_status(self, offset: int, length: int) -> list[Extent]:
+        out: list[Extent] = []
+        for pos, block, within, n in self._pieces(offset, length):
+            state, off = self._entry(block)
+            if state == V.PAYLOAD_FULLY_PRESENT:
+                e = Extent(pos, n, Status.DATA, host_offset=off + within)
+            elif state in _ZERO_STATES:
+                e = Extent(pos, n, Status.ZERO)
+            else:
+                e = Extent(pos, n, Status.UNALLOCATED)
+            if out and out[-1].status == e.status and (
+                    e.host_offset is None or out[-1].host_offset + out[-1].length == e.host_offset):
+                p = out[-1]
+                e = Extent(p.offset, p.length + n, p.status, p.host_offset)
+                out[-1] = e
+            else:
+                out.append(e)
+        return out
+
+    def resize(self, new_size: int) -> None:
+        """See :mod:`.resize`."""
+        from .resize import resize
+
+        resize(self, new_size)
+
+    # ------------------------------------------------------------------ metadata
+    def info(self) -> dict:
+        lay = self.layout
+        return {
+            "vhdx-subformat": "fixed" if lay.leave_blocks_allocated else "dynamic",
+            "vhdx-block-size": lay.block_size,
+            "vhdx-logical-sector-size": lay.logical_sector_size,
+            "vhdx-physical-sector-size": lay.physical_sector_size,
+            "vhdx-log-size": lay.header.log_length,
+            "vhdx-log": self.log_state,
+            "vhdx-disk-id": str(lay.disk_id),
+        }
+
+    def check(self, *, repair: str | None = None) -> CheckResult:
+        """Every structure was checked when the image was opened (:mod:`.load`): a
+        damaged image does not open.  This counts the allocated blocks."""
+        res = CheckResult()
+        blocks = -(-self.size // self.cluster_size)
+        res.checked_clusters = blocks
+        res.allocated_clusters = sum(self._entry(b)[0] == V.PAYLOAD_FULLY_PRESENT for b in range(blocks))
+        return res
+
+
+def _rewrite_headers(host: HostStorage, hdr: V.Header, slot: int, log_guid: uuid.UUID, *,
+                     new_file_guid: bool) -> tuple[V.Header, int]:
+    """Write the non-current header slot with ``log_guid``, new write GUIDs and the
+    next sequence number, flush, then the other slot the same way (both stay valid);
+    returns the new current header and its slot."""
+    if hdr.sequence_number > (1 << 64) - 3:
+        raise CorruptImage(f"vhdx: header sequence number {hdr.sequence_number} cannot be advanced")
+    fw = uuid.uuid4() if new_file_guid else hdr.file_write_guid
+    cur = hdr
+    for _ in range(2):
+        slot = 1 - slot
+        cur = V.Header(cur.sequence_number + 1, fw, uuid.uuid4() if cur is hdr else cur.data_write_guid,
+                       log_guid, 0, 1, hdr.log_length, hdr.log_offset)
+        host.pwrite(V.HEADER_OFFSETS[slot], V.encode_header(cur))
+        host.flush()
+    return cur, slot
