@@ -36,12 +36,15 @@ def _errors_to_exit(fn):
 @click.option("--engine", type=click.Choice(["pyfuse3", "kernel"]), default=None,
               help="FUSE engine: pyfuse3 (libfuse + pyfuse3 + trio) or kernel (the FUSE protocol on "
                    "/dev/fuse in Python, faster). Default: $VDISK_FUSE_ENGINE, else kernel.")
+@click.option("--trace", type=click.Path(dir_okay=False), default=None,
+              help="Record every request to the disk (time, op, offset, length, latency) in FILE; "
+                   "the format is in formats/trace.md.")
 @click.option("--no-direct-io", is_flag=True, hidden=True,
               help="Let the kernel page-cache the disk file (direct_io is on by default).")
 @click.argument("image", type=click.Path(dir_okay=False))
 @click.argument("mountpoint", type=click.Path(file_okay=False))
 @_errors_to_exit
-def mount_command(read_only, foreground, fmt, log_file, engine, no_direct_io, image, mountpoint):
+def mount_command(read_only, foreground, fmt, log_file, engine, trace, no_direct_io, image, mountpoint):
     """Serve IMAGE (or its snapshot, IMAGE@SNAP, read-only) through FUSE at MOUNTPOINT.
 
     MOUNTPOINT/disk is the image's current state (read-write unless --read-only),
@@ -67,11 +70,13 @@ def mount_command(read_only, foreground, fmt, log_file, engine, no_direct_io, im
             args += ["--log-file", log_file]
         if no_direct_io:
             args.append("--no-direct-io")
+        if trace:
+            args += ["--trace", trace]
         sys.exit(daemon_main(args + [image, mountpoint]))
     from vdisk.export.fuse.daemon import spawn
 
     pid, log = spawn(image, mountpoint, read_only=read_only, fmt=fmt, log_file=log_file,
-                     direct_io=not no_direct_io, engine=engine)
+                     direct_io=not no_direct_io, engine=engine, trace=trace)
     from vdisk.block import split_image_spec
 
     ro = read_only or split_image_spec(image)[1] is not None

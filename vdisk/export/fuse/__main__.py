@@ -1,4 +1,4 @@
-"""The mount daemon: ``python -m vdisk.export.fuse [--read-only] [--ready-fd N] [--log-file F] IMAGE MOUNTPOINT``.
+"""The mount daemon: ``python -m vdisk.export.fuse [--read-only] [--ready-fd N] [--log-file F] [--trace F] IMAGE MOUNTPOINT``.
 
 ``vdisk mount`` starts this in the background and waits on ``--ready-fd`` for one
 line, ``READY`` or ``ERROR <exit_code> <message>``.  Without ``--ready-fd`` it runs
@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-file", default=None)
     p.add_argument("--no-direct-io", action="store_true")
     p.add_argument("--debug", action="store_true")
+    p.add_argument("--trace", default=None)
     p.add_argument("-o", dest="options", action="append", default=[])
     p.add_argument("image")
     p.add_argument("mountpoint")
@@ -82,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             log_file=a.log_file,
             ready=lambda: tell("READY"),
             options=a.options,
+            trace=a.trace,
         )
     except VdiskError as exc:
         log.error("%s", exc)

@@ -405,10 +405,12 @@ def serve(
     ready=lambda: None,
     options: list[str] | None = None,
     engine: str | None = None,
+    trace: str | None = None,
 ) -> None:
     """Mount and serve until unmounted.  Raises VdiskError if the mount cannot be set
     up; ``ready()`` is called once the mount is live.  ``engine``: "pyfuse3" or
-    "kernel" (default: $VDISK_FUSE_ENGINE, else DEFAULT_ENGINE)."""
+    "kernel" (default: $VDISK_FUSE_ENGINE, else DEFAULT_ENGINE).  ``trace``: record
+    every request to the disk in this file (formats/trace.md)."""
     image_path, snapshot = vdisk.block.split_image_spec(image_path)
     image_path = os.path.abspath(image_path)
     mountpoint = os.path.abspath(mountpoint)
@@ -419,6 +421,12 @@ def serve(
     listen_sock = None
     fs = None
     try:
+        if trace is not None:
+            from ..trace import traced
+
+            name = image_path + (f"@{snapshot}" if snapshot is not None else "")
+            image = traced(image, trace, name)
+            log.info("tracing every request to %s", trace)
         xattrs = {"pid": str(os.getpid()), "image": image_path}
         if log_file:
             xattrs["log"] = log_file
@@ -474,6 +482,7 @@ def spawn(
     direct_io: bool = True,
     timeout: float = READY_TIMEOUT,
     engine: str | None = None,
+    trace: str | None = None,
 ) -> tuple[int, str]:
     """Start the daemon in the background and wait until the mount is live.
     Returns (pid, log_file); raises the daemon's error if it could not mount.
@@ -504,6 +513,8 @@ def spawn(
         cmd += ["--format", fmt]
     if not direct_io:
         cmd.append("--no-direct-io")
+    if trace is not None:
+        cmd += ["--trace", os.path.abspath(trace)]  # the daemon runs in /
     cmd += [image_path, mountpoint]
     try:
         proc = subprocess.Popen(
