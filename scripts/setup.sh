@@ -2,7 +2,8 @@
 # Set up everything vdisk needs, on a Debian 12 machine, as root, without a prompt:
 #   - the Debian packages: FUSE 3 (runtime, and headers + pkg-config + gcc to build pyfuse3),
 #     qemu-img / qemu-storage-daemon (reference implementation for tests and benchmarks),
-#     fio (benchmarks), e2fsprogs and util-linux (mkfs.ext4, losetup on a mounted disk);
+#     fio (benchmarks), e2fsprogs and util-linux (mkfs.ext4, losetup on a mounted disk),
+#     qemu-system-x86 and debootstrap (real guests: scripts/guest, tests/test_guest.py);
 #   - a virtualenv in .venv at the repository root with vdisk installed in editable mode
 #     together with its test dependencies.
 # Idempotent and quick when nothing changed: apt is skipped when dpkg says every package
@@ -25,6 +26,7 @@ APT_PACKAGES=(
     qemu-system-common                            # qemu-storage-daemon (FUSE export, the benchmark reference)
     fio                                           # benchmarks
     e2fsprogs util-linux                          # mkfs.ext4, losetup, mount
+    qemu-system-x86 debootstrap                   # real guests (vdisk/vm): QEMU under TCG, the guest's root
 )
 
 # Several people (or CI and a person) may run this at once in one tree: serialise.

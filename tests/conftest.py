@@ -79,13 +79,13 @@ VDISK_TIMEOUT = 120.0  # seconds, default for one ``vdisk`` command
 #: runs: crash states, fault injection, hostile images, fuzzing.  Every test module
 #: is in exactly one tier (a new module must be added here, or collection fails).
 TIERS = {
-    "tier1": ["test_vdk_codec", "test_spec", "test_drivers", "test_fuse_ops", "test_pool_codec"],
+    "tier1": ["test_vdk_codec", "test_spec", "test_drivers", "test_fuse_ops", "test_pool_codec", "test_nbd_proto", "test_trace"],
     "tier2": ["test_chain", "test_chain_model", "test_cli", "test_cli_habits", "test_cli_json", "test_matrix",
               "test_model", "test_ops", "test_qcow2", "test_qcow2_safety", "test_safety", "test_vdk_safety",
               "test_rundir", "test_found_bugs", "test_pool", "test_pool_model", "test_pool_commands",
               "test_pool_admin"],
     "tier3": ["test_fuse", "test_fuse_kernel", "test_fuse_pyfuse3", "test_locks_qemu", "test_qcow2_qemu",
-              "test_mount_powercut", "test_locking"],
+              "test_mount_powercut", "test_locking", "test_nbd", "test_guest"],
     "tier4": ["test_crash", "test_faults", "test_flush_failure", "test_hostile", "test_fuzz", "test_pool_crash"],
 }
 _TIER_OF = {mod: tier for tier, mods in TIERS.items() for mod in mods}
