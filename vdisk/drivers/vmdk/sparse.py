@@ -1,0 +1,295 @@
+"""One hosted sparse extent: loading, lookup and reads (monolithicSparse,
+streamOptimized, and each SPARSE extent of a descriptor layout).
+
+Contract: :func:`load` validates the header (or a streamOptimized footer's
+copy), the grain directory and every grain table against the file before any
+of it is used: tables lie inside the file, after the header and outside the
+descriptor, and no two metadata structures overlap.  Every grain table is held
+in memory (one flat ``array('I')``, 4 bytes per grain, charged to
+:mod:`vdisk.budget`).  A grain table entry is checked when it is used: inside
+the file and outside every metadata structure; a compressed grain's marker
+must name its own grain and claim at most twice the grain size, and its data
+inflates to at most one grain (:func:`vdisk.codec.vmdk.inflate_grain`).
+
+Offsets given to an extent are relative to the extent (the driver adds the
+extent's start); ``read`` returns None pieces for unallocated grains so that
+the driver can fill them from the backing image.  Writes live in
+:mod:`.write` (a mixin of the same class).
+"""
+
+from __future__ import annotations
+
+import array
+import bisect
+
+from ... import budget
+from ...codec import vmdk as V
+from ...errors import CorruptImage, UnsupportedFeature
+from ...host import HostStorage
+from ..base import Status
+from .write import SparseWriteMixin
+
+SECTOR = V.SECTOR
+#: a compressed grain's marker may claim at most this many times the grain size
+MAX_COMPRESSED_RATIO = 2
+
+
+class SparseExtent(SparseWriteMixin):
+    """A sparse extent file: header, grain directory, grain tables, grains."""
+
+    def __init__(self, host: HostStorage, header: V.SparseHeader, name: str, read_only: bool, sectors: int,
+                 gd: array.array, rgd: array.array | None, gte: array.array, rgte: array.array | None,
+                 meta: list[tuple[int, int]], file_sectors: int, fresh_stream: bool, tail_sector: int):
+        self.host = host
+        self.header = header
+        self.name = name
+        self.read_only = read_only
+        self.sectors = sectors
+        self.gd = gd
+        self.rgd = rgd
+        self.gte = gte  # every grain table entry, GT i at [i*512, (i+1)*512)
+        self.rgte = rgte
+        self._meta = sorted(meta)  # (start, end) sectors of every metadata structure
+        self._meta_starts = [s for s, _ in self._meta]
+        self.file_sectors = file_sectors
+        self.grain_bytes = header.grain_bytes
+        self.stream = header.markers
+        #: a streamOptimized image with no grain yet (made by create): it takes appends
+        self.fresh_stream = fresh_stream
+        self.tail_sector = tail_sector  # where a fresh stream's next grain goes
+        self.fresh_tail = tail_sector  # where the empty stream's tail began
+        self.dirty_gts: set[int] = set()
+        self.gd_dirty = False
+        self.next_sector = max(file_sectors, max((e for _s, e in self._meta), default=0))
+        self.pending: tuple[int, bytearray] | None = None  # stream: a partly written grain
+        self.wrote = False
+
+    # ------------------------------------------------------------------ lookup
+    def entry(self, grain: int) -> int:
+        return self.gte[grain] if grain < len(self.gte) else 0
+
+    def _overlaps_meta(self, start: int, end: int) -> bool:
+        i = bisect.bisect_right(self._meta_starts, start) - 1
+        if i >= 0 and self._meta[i][1] > start:
+            return True
+        j = i + 1
+        return j < len(self._meta) and self._meta[j][0] < end
+
+    def is_zero_entry(self, e: int) -> bool:
+        return e == V.GTE_ZERO and bool(self.header.flags & V.FLAG_ZEROED_GTE)
+
+    def check_entry(self, grain: int, e: int) -> None:
+        """Refuse an entry that points outside the file or into metadata."""
+        where = f"{self.name}: grain table entry for guest sector {grain * self.header.grain_size}"
+        if e >= self.file_sectors:
+            raise CorruptImage(f"{where} points past the end of the file (sector {e} of {self.file_sectors})")
+        span = 1 if self.header.compressed else self.header.grain_size
+        if self._overlaps_meta(e, e + span):
+            raise CorruptImage(f"{where} points into the image's metadata (sector {e})")
+
+    def _grain_data(self, grain: int, e: int) -> bytes:
+        """The whole grain ``grain`` (allocated at sector ``e``), decompressed."""
+        self.check_entry(grain, e)
+        gb = self.grain_bytes
+        if not self.header.compressed:
+            return self.host.pread(e * SECTOR, gb)
+        where = f"{self.name}: compressed grain for guest sector {grain * self.header.grain_size}"
+        limit = gb * MAX_COMPRESSED_RATIO
+        if self.header.markers:
+            head = self.host.pread(e * SECTOR, V.MARKER_HEAD)
+            m = V.decode_marker(head + bytes(4))
+            if not m.is_grain:
+                raise CorruptImage(f"{where}: a metadata marker where a grain should be")
+            if m.val != grain * self.header.grain_size:
+                raise CorruptImage(f"{where}: its marker names guest sector {m.val}")
+            if m.size > limit:
+                raise CorruptImage(f"{where}: its marker claims {m.size} bytes, more than {limit}")
+            end_sector = e + -(-(V.MARKER_HEAD + m.size) // SECTOR)
+            if end_sector > self.file_sectors or self._overlaps_meta(e, end_sector):
+                raise CorruptImage(f"{where}: its data runs past the end of the file or into metadata")
+            comp = self.host.pread(e * SECTOR + V.MARKER_HEAD, m.size)
+        else:
+            comp = self.host.pread(e * SECTOR, min(limit, (self.file_sectors - e) * SECTOR))
+        try:
+            return V.inflate_grain(comp, gb)
+        except CorruptImage as exc:
+            raise CorruptImage(f"{where}: {exc}") from None
+
+    def read_pieces(self, offset: int, length: int) -> list[tuple[int, int, bytes | None]]:
+        """``(offset, length, data)`` pieces covering the range; data None where
+        the extent holds nothing (unallocated grains)."""
+        gb = self.grain_bytes
+        out: list[tuple[int, int, bytes | None]] = []
+        pos, end = offset, offset + length
+        pend = self.pending
+        while pos < end:
+            g = pos // gb
+            in_g = pos - g * gb
+            n = min(end - pos, gb - in_g)
+            if pend is not None and pend[0] == g:
+                out.append((pos, n, bytes(pend[1][in_g:in_g + n])))
+                pos += n
+                continue
+            e = self.entry(g)
+            if e == V.GTE_UNALLOCATED:
+                # coalesce a run of unallocated grains into one piece
+                run_end = pos + n
+                while run_end < end and self.entry(run_end // gb) == 0 and not (pend and pend[0] == run_end // gb):
+                    run_end = min(end, (run_end // gb + 1) * gb)
+                out.append((pos, run_end - pos, None))
+                pos = run_end
+                continue
+            if self.is_zero_entry(e):
+                out.append((pos, n, bytes(n)))
+            elif not self.header.compressed:
+                self.check_entry(g, e)
+                # coalesce physically contiguous grains into one pread
+                run = n
+                while pos + run < end:
+                    g2 = (pos + run) // gb
+                    e2 = self.entry(g2)
+                    if e2 != e + (g2 - g) * self.header.grain_size or self.is_zero_entry(e2):
+                        break
+                    self.check_entry(g2, e2)
+                    run += min(end - pos - run, gb)
+                out.append((pos, run, self.host.pread(e * SECTOR + in_g, run)))
+                pos += run
+                continue
+            else:
+                out.append((pos, n, self._grain_data(g, e)[in_g:in_g + n]))
+            pos += n
+        return out
+
+    def status(self, offset: int, length: int) -> list[tuple[int, int, Status, int | None, bool]]:
+        gb = self.grain_bytes
+        out: list[tuple[int, int, Status, int | None, bool]] = []
+        pos, end = offset, offset + length
+        while pos < end:
+            g = pos // gb
+            in_g = pos - g * gb
+            n = min(end - pos, gb - in_g)
+            e = self.entry(g)
+            if self.pending is not None and self.pending[0] == g:
+                out.append((pos, n, Status.DATA, None, True))
+            elif e == V.GTE_UNALLOCATED:
+                out.append((pos, n, Status.UNALLOCATED, None, False))
+            elif self.is_zero_entry(e):
+                out.append((pos, n, Status.ZERO, None, False))
+            elif self.header.compressed:
+                out.append((pos, n, Status.DATA, None, True))
+            else:
+                self.check_entry(g, e)
+                out.append((pos, n, Status.DATA, e * SECTOR + in_g, False))
+            pos += n
+        return out
+
+    def allocated_grains(self) -> int:
+        return sum(1 for e in self.gte if e and not self.is_zero_entry(e))
+
+    def close(self) -> None:
+        self.host.close()
+
+
+# ---------------------------------------------------------------------- loading
+def _read_footer(host: HostStorage, name: str, fsize: int) -> V.SparseHeader:
+    """The header copy of a streamOptimized footer: footer marker, header, end-of-stream marker."""
+    if fsize % SECTOR or fsize < 4 * SECTOR:
+        raise CorruptImage(f"{name}: streamOptimized image has no footer (truncated, or its writer never finished)")
+    tail = host.pread(fsize - 3 * SECTOR, 3 * SECTOR)
+    fm, eos = V.decode_marker(tail[:SECTOR]), V.decode_marker(tail[2 * SECTOR:])
+    if fm.is_grain or fm.type != V.MARKER_FOOTER or eos.is_grain or eos.type != V.MARKER_EOS:
+        raise CorruptImage(f"{name}: streamOptimized image has no footer (truncated, or its writer never finished)")
+    try:
+        return V.decode_header(tail[SECTOR:2 * SECTOR])
+    except (CorruptImage, UnsupportedFeature) as exc:
+        raise type(exc)(f"{name}: footer: {exc}") from None
+
+
+def load(host: HostStorage, name: str, *, read_only: bool, sectors: int | None = None) -> SparseExtent:
+    """Open a sparse extent; ``sectors`` is the size its descriptor gives it (None: the header's capacity)."""
+    fsize = host.size()
+    try:
+        h = V.decode_header(host.pread(0, V.HEADER_SIZE))
+    except (CorruptImage, UnsupportedFeature) as exc:
+        raise type(exc)(f"{name}: {exc}") from None
+    fsec = -(-fsize // SECTOR)
+    meta: list[tuple[int, int]] = [(0, 1)]
+    if h.descriptor_offset or h.descriptor_size:
+        if h.descriptor_size * SECTOR > V.MAX_DESCRIPTOR_BYTES:
+            raise CorruptImage(f"{name}: embedded descriptor of {h.descriptor_size} sectors is larger than "
+                               f"vdisk's limit of {V.MAX_DESCRIPTOR_BYTES} bytes")
+        if h.descriptor_offset < 1 or h.descriptor_offset + h.descriptor_size > fsec:
+            raise CorruptImage(f"{name}: embedded descriptor at sector {h.descriptor_offset} lies outside the file")
+        meta.append((h.descriptor_offset, h.descriptor_offset + h.descriptor_size))
+    gh = h
+    fresh = False
+    tail_sector = fsec
+    if h.gd_offset == V.GD_AT_END:
+        if not h.markers:
+            raise CorruptImage(f"{name}: grain directory 'at the end' without streamOptimized markers")
+        gh = _read_footer(host, name, fsize)
+        if gh.gd_offset == V.GD_AT_END or (gh.capacity, gh.grain_size, gh.flags) != (h.capacity, h.grain_size, h.flags):
+            raise CorruptImage(f"{name}: footer disagrees with the header")
+        meta.append((fsec - 3, fsec))
+    if sectors is None:
+        sectors = h.capacity
+    if sectors > h.capacity:
+        raise CorruptImage(f"{name}: descriptor gives the extent {sectors} sectors, its header only {h.capacity}")
+    n_gd = gh.gd_entries
+    charge = n_gd * 4 + n_gd * V.GTES_PER_GT * 4
+    with_rgd = gh.redundant and h.gd_offset != V.GD_AT_END
+    if with_rgd:
+        charge *= 2
+    budget.charge(charge, f"{name}: the grain directory and tables")
+
+    def read_gd(off: int, what: str) -> array.array:
+        if off < 1 or off + gh.gd_sectors > fsec:
+            raise CorruptImage(f"{name}: {what} at sector {off} ({gh.gd_sectors} sectors) lies outside the file")
+        meta.append((off, off + gh.gd_sectors))
+        return V.decode_entries(host.pread(off * SECTOR, n_gd * 4))
+
+    gd = read_gd(gh.gd_offset, "grain directory")
+    rgd = read_gd(gh.rgd_offset, "redundant grain directory") if with_rgd else None
+    gte = _read_tables(host, name, gd, gh, fsec, meta, "grain table")
+    rgte = _read_tables(host, name, rgd, gh, fsec, meta, "redundant grain table") if rgd is not None else None
+    _check_disjoint(name, meta)
+    if gh.markers and not any(gd) and h.gd_offset == V.GD_AT_END:
+        # an empty stream (as create writes it): its tail starts at the grain directory's marker
+        fresh = True
+        tail_sector = gh.gd_offset - 1
+    return SparseExtent(host, gh, name, read_only, sectors, gd, rgd, gte, rgte, meta, fsec, fresh, tail_sector)
+
+
+def _read_tables(host, name, gd: array.array, h: V.SparseHeader, fsec: int, meta: list, what: str) -> array.array:
+    """Every grain table the directory names, in one flat array (zeros where a directory entry is 0)."""
+    n = V.GTES_PER_GT
+    gts = h.gt_sectors
+    out = array.array("I", bytes(4 * n * len(gd)))
+    order = sorted((off, i) for i, off in enumerate(gd) if off)
+    k = 0
+    while k < len(order):
+        off, i = order[k]
+        if off < 1 or off + gts > fsec:
+            raise CorruptImage(f"{name}: {what} {i} at sector {off} lies outside the file")
+        # read a run of consecutive tables in one piece (at most 1 MiB)
+        j = k + 1
+        while j < len(order) and order[j][0] == order[j - 1][0] + gts and (j - k) * gts * SECTOR < (1 << 20):
+            j += 1
+        buf = host.pread(off * SECTOR, (j - k) * gts * SECTOR)
+        for m in range(k, j):
+            o, idx = order[m]
+            if o + gts > fsec:
+                raise CorruptImage(f"{name}: {what} {idx} at sector {o} lies outside the file")
+            meta.append((o, o + gts))
+            rel = (m - k) * gts * SECTOR
+            out[idx * n:(idx + 1) * n] = V.decode_entries(buf[rel:rel + n * 4])
+        k = j
+    return out
+
+
+def _check_disjoint(name: str, meta: list[tuple[int, int]]) -> None:
+    s = sorted(meta)
+    for (a0, a1), (b0, b1) in zip(s, s[1:]):
+        if b0 < a1:
+            raise CorruptImage(f"{name}: metadata structures overlap (sectors {a0}-{a1 - 1} and {b0}-{b1 - 1}): "
+                               "grain tables or directories point at each other or at the header")
