@@ -2,8 +2,9 @@
 
 :class:`Guest` starts ``qemu-system-x86_64 -accel tcg`` (KVM is not available on
 the machines this runs on) with the guest's kernel and initramfs, and one disk: a
-file QEMU opens as a raw virtio drive -- normally ``MOUNTPOINT/disk`` of a
-``vdisk mount``, so that every request of the guest goes through vdisk.  The
+file QEMU opens as a virtio drive -- normally ``MOUNTPOINT/disk`` of a ``vdisk
+mount`` as raw, so that every request of the guest goes through vdisk (benchmarks
+also hand QEMU a qcow2 file for its own driver: ``disk_format``).  The
 kernel's console goes to ``console.log`` in the run directory; the guest's agent
 (``/sbin/vdisk-init``) listens on the second serial port, which QEMU connects to a
 unix socket in the run directory.  :meth:`Guest.run` sends one shell command line
@@ -31,12 +32,13 @@ class GuestError(VdiskError):
 
 class Guest:
     def __init__(self, build_dir: str, disk: str, run_dir: str, *, memory_mb: int = 512,
-                 cache: str = "none", extra_append: str = ""):
+                 cache: str = "none", extra_append: str = "", disk_format: str = "raw"):
         self.build_dir = build_dir
         self.disk = disk
         self.run_dir = run_dir
         self.memory_mb = memory_mb
         self.cache = cache
+        self.disk_format = disk_format
         self.extra_append = extra_append
         self.console_log = os.path.join(run_dir, "console.log")
         self.agent_path = os.path.join(run_dir, "agent.sock")
@@ -52,7 +54,7 @@ class Guest:
             QEMU, "-accel", "tcg", "-machine", "q35", "-cpu", "max", "-smp", "1", "-m", str(self.memory_mb),
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-kernel", os.path.join(b, "vmlinuz"), "-initrd", os.path.join(b, "initrd.img"), "-append", append,
-            "-drive", f"file={self.disk},format=raw,if=virtio,cache={self.cache},aio=threads",
+            "-drive", f"file={self.disk},format={self.disk_format},if=virtio,cache={self.cache},aio=threads",
             "-serial", f"file:{self.console_log}",
             "-chardev", f"socket,id=agent,path={self.agent_path},server=on,wait=off",
             "-device", "isa-serial,chardev=agent",
