@@ -240,6 +240,7 @@ class Fleet:
             if not vm.deleted and not self.stop.is_set():
                 self._wait_for_timed(vm, pending, ph, duration)
                 self._due_events(vm, pending, time.perf_counter() - ph.start, final=True)
+            if not vm.deleted and not self.stop.is_set():
                 with vm.lock:
                     sec = ev_mod.migrate_advance(vm, finish=True)
                     if sec is not None:
@@ -251,6 +252,10 @@ class Fleet:
         except OSError as exc:
             self._failed(vm, f"{exc.filename or ''}: {exc.strerror or exc}")
         except Exception as exc:  # a bug: still reported, the fleet stops
+            if os.environ.get("VDISK_DEBUG"):
+                import traceback
+
+                traceback.print_exc()
             self._failed(vm, f"internal error: {type(exc).__name__}: {exc}")
 
     def _failed(self, vm: VM, msg: str) -> None:

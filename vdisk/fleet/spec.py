@@ -216,10 +216,20 @@ def _vm_selector(t: _Table, key: str, nvms: int) -> tuple[int, ...]:
         items = [v]
     elif isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v):
         items = list(v)
+    elif isinstance(v, str) and v.count("-") == 1 and v.count("%") == 2 and v.endswith("%"):
+        a, _, b = v.replace("%", "").partition("-")
+        try:
+            fa, fb = float(a), float(b)
+        except ValueError:
+            fa = fb = -1.0
+        if not 0 <= fa <= fb <= 100:
+            t.fail(key, f"{v!r}: a share of the fleet is \"FROM%-TO%\" with 0 <= FROM <= TO <= 100")
+        items = list(range(round(nvms * fa / 100), round(nvms * fb / 100)))
     elif isinstance(v, str) and "-" in v:
         a, _, b = v.partition("-")
         if not (a.strip().isdigit() and b.strip().isdigit()) or int(a) > int(b):
-            t.fail(key, f"{v!r}: expected \"all\", a VM number, a list of them, or a range \"FIRST-LAST\"")
+            t.fail(key, f"{v!r}: expected \"all\", a VM number, a list of them, a range \"FIRST-LAST\" "
+                        "or a share \"FROM%-TO%\"")
         items = list(range(int(a), int(b) + 1))
     else:
         t.fail(key, f"{_show(v)}: expected \"all\", a VM number, a list of them, or a range \"FIRST-LAST\"")
@@ -274,7 +284,9 @@ def apply_set(data: dict, assignment: str) -> None:
 # ------------------------------------------------------------------ load
 def load(path: str, *, sets: tuple[str, ...] = (), vms: int | None = None, duration: float | None = None,
          scale: float | None = None) -> FleetSpec:
-    """Read, override and validate the spec file ``path``."""
+    """Read, override and validate the spec file ``path``: ``sets`` and ``vms`` change
+    the file's keys before validation; ``scale`` then multiplies op counts, event
+    times and the duration; ``duration`` last sets the duration itself."""
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
@@ -289,12 +301,16 @@ def load(path: str, *, sets: tuple[str, ...] = (), vms: int | None = None, durat
     for s in sets:
         apply_set(data, s)
     if vms is not None:
+        if not isinstance(data.get("fork", {}), dict):
+            raise UsageError(f"fleet spec {path}: fork: expected a table")
         data.setdefault("fork", {})["vms"] = vms
-    if duration is not None:
-        data["duration"] = duration
     spec = parse(data, path)
     if scale is not None:
         spec = scaled(spec, scale)
+    if duration is not None:  # after the scaling: the duration asked for is the one run
+        if not 0 <= duration <= 86400:
+            raise UsageError(f"--duration {duration:g}: expected 0 to 86400 seconds")
+        spec = replace(spec, duration=float(duration))
     return spec
 
 
