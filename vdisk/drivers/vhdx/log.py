@@ -23,8 +23,10 @@ Contract:
   image then see what a replay would have written, and the file is not touched.
 
 The scan reads the whole log region (charged to the metadata budget) and computes
-at most ``SCAN_WORK`` times its length in checksums, so a log full of forged entry
-headers costs bounded time.
+at most ``SCAN_WORK`` times its length (plus 1 MiB) in checksums, after the cheap
+checks of each candidate entry, so a log full of forged entry headers costs bounded
+time; past that the image is refused (a real log, whose entries do not overlap, needs
+at most its length plus the stale entries it still holds).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from ...errors import CorruptImage, UnsupportedFeature
 from ...host import HostStorage
 
 MAX_LOG_LENGTH = 1 << 30  # implementation limit (Hyper-V and qemu-img write 1 MiB logs)
-SCAN_WORK = 4
+SCAN_WORK = 2
 MAX_LOG_GROWTH = 1 << 40  # how far past the file's end a log entry may extend it
 
 
@@ -67,14 +69,14 @@ def scan(host: HostStorage, hdr: V.Header, file_size: int) -> tuple[list, int]:
         dsec = V.descriptor_sectors(h.descriptor_count)
         if dsec * V.LOG_SECTOR > h.entry_length or h.tail % V.LOG_SECTOR or h.tail >= length:
             continue
+        buf = circular(s, h.entry_length)
+        writes = _entry_writes(buf, h, dsec)  # the cheap checks first: descriptors and data sectors
+        if writes is None:
+            continue
         work += h.entry_length
         if work > SCAN_WORK * length + (1 << 20):
             raise CorruptImage("vhdx log: too many overlapping entry headers to scan")
-        buf = circular(s, h.entry_length)
-        if V.checksum(buf) != h.checksum:
-            continue
-        writes = _entry_writes(buf, h, dsec)
-        if writes is not None:
+        if V.checksum(buf) == h.checksum:
             entries[s] = (h, writes)
     if not entries:
         return [], 0
