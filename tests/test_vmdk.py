@@ -5,12 +5,13 @@ streamOptimized's write-once rule, resize, and the codec against formats/vmdk.md
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import shutil
 import struct
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -29,7 +30,7 @@ SIZE = 5 * MiB + 3 * 512  # not a multiple of the grain: a partial last grain
 
 
 def run(*args: str, ok=(0,)) -> subprocess.CompletedProcess:
-    r = subprocess.run(list(args), capture_output=True, text=True)
+    r = subprocess.run(list(args), check=False, capture_output=True, text=True)
     assert r.returncode in ok, f"{' '.join(args)} -> {r.returncode}\n{r.stdout}\n{r.stderr}"
     return r
 
@@ -54,7 +55,7 @@ def read_all(path, **kw) -> bytes:
 
 def qemu_raw(path, out) -> bytes:
     run(QEMU_IMG, "convert", "-O", "raw", path, str(out))
-    return open(out, "rb").read()
+    return Path(out).read_bytes()
 
 
 # ----------------------------------------------------------------------------- qemu-img's images, read by vdisk
@@ -160,7 +161,7 @@ def test_redundant_grain_tables_kept_in_step(tmp_path):
     with vdisk.open(path) as img:
         for off in (0, 5 * MiB, 33 * MiB + 17):  # two grain tables
             img.write(off, b"q" * 100_000)
-    data = open(path, "rb").read()
+    data = Path(path).read_bytes()
     h = V.decode_header(data[:512])
     assert h.redundant and h.rgd_offset and h.gd_offset
     n = h.gd_entries
@@ -190,8 +191,8 @@ def test_descriptor_layouts_take_writes(tmp_path):
         r = run(QEMU_IO, "-f", "vmdk", "-c", f"read -P 0x77 {2 * MiB + 5} 150000", str(img))
         assert "150000 bytes" in r.stdout
         run(QEMU_IMG, "check", str(img))
-        text = open(img).read()
-        assert re.search(rf"^CID={cid:08x}$", text, re.M), "the first write gives the disk a new CID"
+        text = Path(img).read_text()
+        assert re.search(rf"^CID={cid:08x}$", text, re.MULTILINE), "the first write gives the disk a new CID"
 
 
 # ----------------------------------------------------------------------------- streamOptimized is written once
@@ -228,9 +229,9 @@ def test_stream_sequential_writes_and_one_partial_grain(tmp_path):
     assert read_all(path) == want
     run(QEMU_IMG, "check", str(path))
     assert qemu_raw(path, tmp_path / "b.raw") == want
-    tail = open(path, "rb").read()[-1536:]
+    tail = Path(path).read_bytes()[-1536:]
     assert V.decode_marker(tail[:512]).type == V.MARKER_FOOTER and V.decode_marker(tail[1024:]).type == V.MARKER_EOS
-    assert V.decode_header(open(path, "rb").read(512)).gd_offset == V.GD_AT_END
+    assert V.decode_header(Path(path).read_bytes()[:512]).gd_offset == V.GD_AT_END
 
 
 # ----------------------------------------------------------------------------- differencing disks
@@ -274,11 +275,11 @@ def test_parent_loop_and_self_extent_refused(tmp_path):
     vdisk.create(a, MiB, format="vmdk")
     cid = vdisk.open(a, read_only=True).driver.cid
     # a's parent is a itself (CID matching, so only the loop can stop it)
-    data = bytearray(open(a, "rb").read())
+    data = bytearray(a.read_bytes())
     text = data[512:512 * 21].split(b"\0")[0]
     new = text.replace(b"parentCID=ffffffff", b'parentCID=%08x\nparentFileNameHint="a.vmdk"' % cid)
     data[512:512 + len(new)] = new
-    open(a, "wb").write(data)
+    a.write_bytes(data)
     with pytest.raises(BackingError, match="loops"):
         vdisk.open(a, read_only=True)
     d = tmp_path / "d.vmdk"
@@ -300,7 +301,7 @@ def test_extent_files_follow_the_backing_policy(tmp_path):
         vdisk.open(d, read_only=True)
     with vdisk.open(d, read_only=True, unsafe_backing=True) as img:
         assert img.read(0, 4096) == b"S" * 4096
-    r = subprocess.run([str(vdisk_exe()), "info", str(d)], capture_output=True, text=True)
+    r = subprocess.run([str(vdisk_exe()), "info", str(d)], check=False, capture_output=True, text=True)
     assert r.returncode != 0 and "outside the allowed" in r.stderr and "Traceback" not in r.stderr
     missing = inside / "m.vmdk"
     missing.write_text('# Disk DescriptorFile\nCID=1\nparentCID=ffffffff\nRW 8 FLAT "nope.raw" 0\n')
@@ -363,12 +364,12 @@ def test_create_options_refused_clearly(tmp_path):
 
 # ----------------------------------------------------------------------------- the codec against formats/vmdk.md
 def test_spec_tables_match_the_codec():
-    doc = open(os.path.join(os.path.dirname(__file__), "..", "formats", "vmdk.md")).read()
+    doc = (Path(__file__).parent.parent / "formats" / "vmdk.md").read_text()
 
     def table(section: str) -> dict:
         text = doc.split(f"\n## {section}.", 1)[1].split("\n## ", 1)[0]
         return {name: (int(off), int(size))
-                for off, size, name in re.findall(r"^\| (\d+) \| (\d+) \| `(\w+)` \|", text, re.M)}
+                for off, size, name in re.findall(r"^\| (\d+) \| (\d+) \| `(\w+)` \|", text, re.MULTILINE)}
 
     assert table("4") == V.HEADER_FIELDS
     assert table("6") == V.MARKER_FIELDS
@@ -396,9 +397,6 @@ def test_inflate_is_bounded():
 
 
 def vdisk_exe():
-    import sys
-    from pathlib import Path
-
     exe = Path(sys.executable).parent / "vdisk"
     assert exe.exists()
     return exe

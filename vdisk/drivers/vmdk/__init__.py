@@ -47,7 +47,7 @@ from ...codec import vmdk as V
 from ...errors import BackingError, CorruptImage, NotSupported, UsageError
 from ...host import HostStorage
 from .. import register
-from ..base import BackingRef, BlockDriver, CheckResult, CreateOptions, Extent, Status
+from ..base import BackingRef, BlockDriver, CheckResult, CreateOptions, Extent
 from . import create as _create
 from . import layout as L
 from .check import check_sparse

@@ -14,6 +14,7 @@ array of the allocated grains' sectors (4 bytes a grain).
 from __future__ import annotations
 
 import array
+import itertools
 
 from ...codec import vmdk as V
 from ...errors import CorruptImage
@@ -56,7 +57,7 @@ def check_sparse(ext, res: CheckResult) -> None:
         bad(f"{ext.name}: the redundant grain directory disagrees with the primary one")
     s = sorted(used)
     span = 1 if ext.header.compressed else gs
-    for a, b in zip(s, s[1:]):
+    for a, b in itertools.pairwise(s):
         if b < a + span:
             bad(f"{ext.name}: two grain table entries share the grain at sector {b}")
     if found > MAX_REPORTED:

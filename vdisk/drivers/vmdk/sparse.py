@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import array
 import bisect
+import itertools
 
 from ... import budget
 from ...codec import vmdk as V
@@ -289,7 +290,7 @@ def _read_tables(host, name, gd: array.array, h: V.SparseHeader, fsec: int, meta
 
 def _check_disjoint(name: str, meta: list[tuple[int, int]]) -> None:
     s = sorted(meta)
-    for (a0, a1), (b0, b1) in zip(s, s[1:]):
+    for (a0, a1), (b0, b1) in itertools.pairwise(s):
         if b0 < a1:
             raise CorruptImage(f"{name}: metadata structures overlap (sectors {a0}-{a1 - 1} and {b0}-{b1 - 1}): "
                                "grain tables or directories point at each other or at the header")

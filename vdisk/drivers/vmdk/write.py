@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import array
 import bisect
-from typing import Callable
+from collections.abc import Callable
 
 from ...codec import vmdk as V
 from ...errors import NotSupported
