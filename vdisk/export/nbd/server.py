@@ -90,6 +90,11 @@ HANDSHAKE_TIMEOUT = 30.0
 MAX_CONNECTIONS = 64
 #: seconds shutdown waits for connection threads before closing their sockets
 SHUTDOWN_GRACE = 10.0
+#: a connection's receive buffer: several pipelined requests, or one 1 MiB write
+RECV_BUFFER = (2 << 20) + 4096
+#: replies gathered into one sendmsg at most (they are sent earlier when no whole
+#: request is left in the receive buffer)
+REPLY_BATCH = int(os.environ.get("VDISK_NBD_REPLY_BATCH", "16"))
 
 _FLAGS_OF_STATUS = {
     Status.DATA: 0,
@@ -350,99 +355,135 @@ class NbdServer:
         return hs.negotiated if hs.state == "transmission" else None
 
     def _transmission(self, conn: socket.socket, neg: proto.Negotiated) -> None:
+        """Serve requests until the client disconnects.  Requests are parsed out of one
+        receive buffer (a recv often brings several pipelined requests), and replies
+        are gathered and sent in one sendmsg when the buffer has no whole request
+        left (before the thread would block in recv) or REPLY_BATCH replies wait."""
         image = self.image
         lock = self.lock
         size = neg.export.size
         structured = neg.structured
         read_only = neg.export.read_only
-        hdr = bytearray(proto.REQUEST_SIZE)
-        view = memoryview(hdr)
-        unpack = proto.REQUEST.unpack_from
+        buf = bytearray(RECV_BUFFER)
+        mv = memoryview(buf)
+        start = end = 0
+        pending: list = []
+        unpack_from = proto.REQUEST.unpack_from
         recv_into = conn.recv_into
-        sendall = conn.sendall
-        sendmsg = conn.sendmsg
         read_header = proto.read_chunk_header
         simple = proto.simple_reply
-        WAITALL = socket.MSG_WAITALL
+        HDR = proto.REQUEST_SIZE
         REQ_MAGIC = proto.REQUEST_MAGIC
         READ, WRITE, MAX = proto.CMD_READ, proto.CMD_WRITE, proto.MAX_PAYLOAD
+        batch = REPLY_BATCH
         count = 0
+
+        def fill(n: int) -> bool:
+            """At least ``n`` bytes (n <= RECV_BUFFER) at buf[start:end]; False on EOF.
+            Sends the pending replies first: the client may wait for them."""
+            nonlocal start, end
+            if pending:
+                _send_all(conn, pending)
+                pending.clear()
+            if start == end:
+                start = end = 0
+            elif start + n > RECV_BUFFER:
+                mv[: end - start] = mv[start:end]
+                end -= start
+                start = 0
+            while end - start < n:
+                got = recv_into(mv[end:], RECV_BUFFER - end)
+                if got == 0:
+                    return False
+                end += got
+            return True
+
         try:
             while True:
-                got = recv_into(view, proto.REQUEST_SIZE, WAITALL)
-                if got != proto.REQUEST_SIZE:
-                    if got == 0:
-                        return
-                    if not _fill(conn, view, got):
+                if end - start < HDR and not fill(HDR):
+                    if end != start:
                         raise proto.ProtocolError("the client closed the connection in the middle of a request")
-                magic, flags, cmd, cookie, offset, length = unpack(hdr)
+                    return
+                magic, flags, cmd, cookie, offset, length = unpack_from(buf, start)
+                start += HDR
                 if magic != REQ_MAGIC:
                     what = " (extended headers, never negotiated)" if magic == proto.EXTENDED_REQUEST_MAGIC else ""
                     raise proto.ProtocolError(f"bad request magic {magic:#x}{what}")
                 count += 1
+                data = None
+                if cmd == WRITE:
+                    if length > MAX:
+                        raise proto.ProtocolError(f"write of {length} bytes, more than the maximum payload of {MAX}")
+                    if length <= RECV_BUFFER:
+                        if end - start < length and not fill(length):
+                            raise proto.ProtocolError("the client closed the connection in the middle of a "
+                                                      "write's payload")
+                        data = bytes(mv[start : start + length])
+                        start += length
+                    else:
+                        head = bytes(mv[start:end])
+                        start = end = 0
+                        data = head + _recv_payload(conn, length - len(head))
                 # the fast paths: plain reads and writes within the export
                 if cmd == READ and not flags and 0 < length <= MAX and offset + length <= size:
                     with lock:
                         if self.closed:
-                            data = None
+                            res = None
                         else:
                             try:
-                                data = image.read(offset, length)
+                                res = image.read(offset, length)
                             except VdiskError as exc:
-                                data = exc
-                    if type(data) is bytes:
-                        head = read_header(cookie, offset, length) if structured else simple(cookie)
-                        _send2(sendmsg, sendall, head, data)
-                        continue
-                    sendall(self._failure(neg, cookie, "read", offset, data))
-                    continue
-                if cmd == WRITE and not flags and 0 < length <= MAX and offset + length <= size and not read_only:
-                    data = _recv_payload(conn, length)
+                                res = exc
+                    if type(res) is bytes:
+                        pending.append(read_header(cookie, offset, length) if structured else simple(cookie))
+                        pending.append(res)
+                    else:
+                        pending.append(self._failure(neg, cookie, "read", offset, res))
+                elif cmd == WRITE and not flags and length and offset + length <= size and not read_only:
                     with lock:
                         if self.closed:
-                            err = None
+                            res = None
                         else:
                             try:
                                 image.write(offset, data)
-                                err = False
+                                res = False
                             except VdiskError as exc:
-                                err = exc
-                    if err is False:
-                        sendall(simple(cookie))
-                    else:
-                        sendall(self._failure(neg, cookie, "write", offset, err))
-                    continue
-                if cmd == proto.CMD_DISC:
+                                res = exc
+                    pending.append(simple(cookie) if res is False else
+                                   self._failure(neg, cookie, "write", offset, res))
+                elif cmd == proto.CMD_DISC:
                     return
-                if not self._slow_request(conn, neg, flags, cmd, cookie, offset, length):
-                    return
+                else:
+                    pending.append(self._slow_request(neg, flags, cmd, cookie, offset, length, data))
+                if len(pending) >= batch:
+                    _send_all(conn, pending)
+                    pending.clear()
         finally:
+            if pending:
+                try:
+                    _send_all(conn, pending)
+                except OSError:
+                    pass
             with self._conns_lock:
                 self.requests += count
 
-    def _slow_request(self, conn, neg: proto.Negotiated, flags: int, cmd: int, cookie: int, offset: int,
-                      length: int) -> bool:
-        """Every request but a plain read or write; False ends the connection."""
-        bad = proto.check_request(neg, flags, cmd, offset, length)  # raises for an unreadable write
-        if cmd == proto.CMD_WRITE:
-            data = _recv_payload(conn, length)  # read even when refused: the stream goes on
+    def _slow_request(self, neg: proto.Negotiated, flags: int, cmd: int, cookie: int, offset: int,
+                      length: int, data: bytes | None):
+        """Every request but a plain read or write (``data``: a write's payload); the
+        reply, as bytes or a list of buffers."""
+        bad = proto.check_request(neg, flags, cmd, offset, length)
         if bad is not None:
-            conn.sendall(proto.error_reply(neg, cookie, bad[0], bad[1]))
-            return True
+            return proto.error_reply(neg, cookie, bad[0], bad[1])
         name = proto.COMMAND_NAMES[cmd]
         fua = flags & proto.CMD_FLAG_FUA
         image = self.image
         reply = None
         with self.lock:
             if self.closed:
-                conn.sendall(proto.error_reply(neg, cookie, proto.ESHUTDOWN, "the server is shutting down"))
-                return True
+                return proto.error_reply(neg, cookie, proto.ESHUTDOWN, "the server is shutting down")
             try:
                 if cmd == proto.CMD_READ:
-                    if length == 0:
-                        data = b""
-                    else:
-                        data = image.read(offset, length)
+                    data = image.read(offset, length) if length else b""
                 elif cmd == proto.CMD_WRITE:
                     image.write(offset, data)
                 elif cmd == proto.CMD_WRITE_ZEROES:
@@ -466,19 +507,16 @@ class NbdServer:
                 if fua and cmd in (proto.CMD_WRITE, proto.CMD_WRITE_ZEROES, proto.CMD_TRIM):
                     image.flush()
             except VdiskError as exc:
-                conn.sendall(self._failure(neg, cookie, name, offset, exc))
-                return True
+                return self._failure(neg, cookie, name, offset, exc)
         if cmd == proto.CMD_READ:
             if neg.structured:
-                head = proto.read_chunk_header(cookie, offset, length) if length else proto.none_chunk(cookie)
-            else:
-                head = proto.simple_reply(cookie)
-            _send2(conn.sendmsg, conn.sendall, head, data)
-        elif reply is not None:
-            conn.sendall(reply)
-        else:
-            conn.sendall(proto.ok_reply(neg, cookie))
-        return True
+                if not length:
+                    return proto.none_chunk(cookie)
+                return proto.read_chunk_header(cookie, offset, length) + data
+            return proto.simple_reply(cookie) + data
+        if reply is not None:
+            return reply
+        return proto.ok_reply(neg, cookie)
 
     def _failure(self, neg: proto.Negotiated, cookie: int, what: str, offset: int, exc) -> bytes:
         """The error reply for a failed Image call (``exc`` None: the server is closing)."""
@@ -520,15 +558,6 @@ def _recv_exact(conn: socket.socket, n: int) -> bytes | None:
     return b"".join(parts)
 
 
-def _fill(conn: socket.socket, view: memoryview, got: int) -> bool:
-    while got < len(view):
-        n = conn.recv_into(view[got:], len(view) - got, socket.MSG_WAITALL)
-        if n == 0:
-            return False
-        got += n
-    return True
-
-
 def _recv_payload(conn: socket.socket, length: int) -> bytes:
     data = _recv_exact(conn, length)
     if data is None:
@@ -536,10 +565,11 @@ def _recv_payload(conn: socket.socket, length: int) -> bytes:
     return data
 
 
-def _send2(sendmsg, sendall, head: bytes, data: bytes) -> None:
-    """Send ``head`` then ``data`` in one system call when the socket takes it all."""
-    sent = sendmsg((head, data))
-    total = len(head) + len(data)
+def _send_all(conn: socket.socket, bufs: list) -> None:
+    """Send every buffer of ``bufs``, in order, in one sendmsg when the socket takes it all."""
+    sent = conn.sendmsg(bufs)
+    total = 0
+    for b in bufs:
+        total += len(b)
     if sent < total:
-        rest = (head + data)[sent:] if sent < len(head) else memoryview(data)[sent - len(head):]
-        sendall(rest)
+        conn.sendall(b"".join(bufs)[sent:])
