@@ -21,7 +21,8 @@ import struct
 from collections.abc import Iterable, Iterator
 
 BLOCK = 4096
-_PAIR = struct.Struct("<QQ")
+_UNIT = struct.Struct("<QQQQ")
+_MAGIC = 0x7664_6973_6B46_4C54  # "vdiskFLT"
 _ZERO = bytes(BLOCK)
 GOLDEN = 1 << 62
 UPGRADE = 1 << 63
@@ -30,22 +31,23 @@ _MASK64 = (1 << 64) - 1
 
 
 def block_bytes(token: int, blockno: int) -> bytes:
-    """The 4 KiB a block with ``token`` holds at block number ``blockno``: the pair
-    (token, blockno ^ a constant) repeated, so a block moved to another place or
-    carrying another token never matches."""
+    """The 4 KiB a block with ``token`` holds at block number ``blockno``: 32 bytes
+    (token, blockno, a magic number, a check word) repeated, so that a block moved to
+    another place or carrying another token never matches, and :func:`describe` can
+    tell the simulator's content from anything else."""
     if token == 0:
         return _ZERO
-    return _PAIR.pack(token, (blockno ^ 0x5EED_F1EE7) & _MASK64) * (BLOCK // 16)
+    return _UNIT.pack(token, blockno, _MAGIC, ((token * 31 + blockno) ^ _MAGIC) & _MASK64) * (BLOCK // 32)
 
 
 def describe(data: bytes, blockno: int) -> str:
     """What a 4 KiB block read back seems to hold, for a mismatch message."""
     if data == _ZERO[: len(data)]:
         return "zeros"
-    if len(data) >= 16:
-        token, tag = _PAIR.unpack_from(data)
-        if data == _PAIR.pack(token, tag) * (len(data) // 16):
-            where = tag ^ 0x5EED_F1EE7
+    if len(data) >= 32:
+        token, where, magic, check = _UNIT.unpack_from(data)
+        if magic == _MAGIC and check == ((token * 31 + where) ^ _MAGIC) & _MASK64 \
+                and data == data[:32] * (len(data) // 32):
             moved = "" if where == blockno else f" written for block {where}"
             return f"{token_name(token)}{moved}"
     return "bytes no simulator write produced"

@@ -311,7 +311,19 @@ def load(path: str, *, sets: tuple[str, ...] = (), vms: int | None = None, durat
         if not 0 <= duration <= 86400:
             raise UsageError(f"--duration {duration:g}: expected 0 to 86400 seconds")
         spec = replace(spec, duration=float(duration))
+        check_bounded(spec.duration, spec.workloads, os.path.basename(path))
     return spec
+
+
+def check_bounded(duration: float, workloads, where: str) -> None:
+    """A run must end: without a duration (0), every workload must end by itself."""
+    if duration:
+        return
+    for i, w in enumerate(workloads):
+        endless = w.kind in ("random", "log", "idle") or (w.kind == "trace" and w.loop)
+        if endless and w.ops is None:
+            raise UsageError(f"{where}: duration: 0 (no time limit) but workload[{i}] ({w.name}) never ends by "
+                             "itself; give it ops, or give the run a duration")
 
 
 def scaled(spec: FleetSpec, factor: float) -> FleetSpec:
@@ -456,6 +468,7 @@ def parse(data: dict, path: str = "<spec>") -> FleetSpec:
     check = CheckSpec(golden=c.str("golden", "sample", ("sample", "full")), sample=c.int("sample", 64, 0, 1 << 30))
     c.done()
     top.done()
+    check_bounded(duration, workloads, where)
     if boot is None and not workloads:
         top.fail("", "the spec runs nothing: give a [boot] trace or at least one [[workload]]")
     return FleetSpec(path=os.path.abspath(path), name=name, seed=seed, duration=duration, golden=golden, fork=fork,
