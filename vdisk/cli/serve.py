@@ -43,10 +43,9 @@ def serve(addresses, read_only, fmt, export_name, description, pid_file, max_con
           unsafe_backing, image):
     """Serve IMAGE (or its snapshot, IMAGE@SNAP, read-only) over NBD.
 
-    QEMU attaches it with `-drive file=nbd+unix:///NAME?socket=PATH` (or
-    `nbd://HOST:PORT/NAME`), qemu-img and qemu-io take the same URIs, and `nbd-client`
-    makes it a /dev/nbdN.  Several clients may connect at once (multi-conn); they all
-    see one image.  Block status (base:allocation) shows the image's allocation, trim
+    QEMU attaches it with `-drive file=nbd+unix:///NAME?socket=PATH,format=raw` (or
+    `nbd://HOST:PORT/NAME`); qemu-img, qemu-io and fio's nbd engine take the same URIs.
+    Several clients may connect at once (multi-conn); they all see one image.  Block status (base:allocation) shows the image's allocation, trim
     and write-zeroes reach the image.  Unix sockets are made mode 0600.  No TLS:
     listen on a unix socket or on an address only trusted hosts reach.
     """
