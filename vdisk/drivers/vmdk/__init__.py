@@ -92,6 +92,7 @@ class VmdkDriver(BlockDriver):
                 raise CorruptImage(f"{host.name}: the descriptor names a parentCID but no parentFileNameHint")
             self.backing_ref = BackingRef(desc.parent_hint, "vmdk")
         self._new_cid: int | None = None
+        self._parent: VmdkDriver | None = None
         self._closed = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -121,6 +122,7 @@ class VmdkDriver(BlockDriver):
         cid = getattr(backing, "cid", None)
         if backing.format_name != "vmdk" or cid is None:
             raise BackingError(f"{self.host.name}: its parent {self.backing_ref.filename} is not a VMDK image")
+        self._parent = backing
         if cid != self.parent_cid:
             raise BackingError(
                 f"{self.host.name}: its parent {self.backing_ref.filename} has CID {cid:08x}, the child expects "
@@ -191,13 +193,29 @@ class VmdkDriver(BlockDriver):
     def discard(self, offset: int, length: int) -> None:
         self.write_zeroes(offset, length)
 
+    @property
+    def next_cid(self) -> int:
+        """The CID this image has after its next flush."""
+        return self._new_cid if self._new_cid is not None else self.cid
+
     def flush(self) -> None:
+        """Also: a parent written through this chain (``commit``) gets a new CID at
+        its flush; this child, open read-write in the same chain, follows it, so
+        the pair stays consistent (the parent flushes after the child: the chain
+        closes top-down)."""
         if self.read_only:
             return
+        raw = self.raw_desc
         if self._new_cid is not None and self._new_cid != self.cid:
-            raw = L.with_cid(self.raw_desc, self._new_cid)
+            raw = L.with_cid(raw, self._new_cid)
+        p = self._parent
+        if p is not None and not p.read_only and p.next_cid != self.parent_cid:
+            raw = L.with_parent_cid(raw, p.next_cid)
+        if raw != self.raw_desc:
             L.store_descriptor(self.host, raw, self.embedded)
-            self.raw_desc, self.cid = raw, self._new_cid
+            self.raw_desc, self.cid = raw, self.next_cid
+            if p is not None:
+                self.parent_cid = p.next_cid
         for e in self.extents:
             e.flush()
         if not self.monolithic:
@@ -252,6 +270,12 @@ class VmdkDriver(BlockDriver):
         self.host.flush()
         self.raw_desc = raw
         self.backing_ref = ref
+
+    def make_empty(self) -> None:
+        if not all(isinstance(e, SparseExtent) for e in self.extents):
+            raise NotSupported(f"{self.host.name}: only sparse VMDK extents can be emptied")
+        for e in self.extents:
+            e.make_empty()
 
     def info(self) -> dict[str, Any]:
         d = self.desc

@@ -115,6 +115,13 @@ def with_parent(raw: bytes, parent_cid: int, hint: str | None) -> bytes:
     return new
 
 
+def with_parent_cid(raw: bytes, parent_cid: int) -> bytes:
+    new, n = _PCID_RE.subn(lambda m: m.group(1) + b"%08x" % parent_cid, raw, count=1)
+    if not n:
+        raise CorruptImage("descriptor has no parentCID line to update")
+    return new
+
+
 def with_extent_sectors(raw: bytes, sectors: int) -> bytes:
     new, n = _EXTENT_RE.subn(lambda m: m.group(1) + str(sectors).encode() + m.group(3), raw, count=1)
     if not n:

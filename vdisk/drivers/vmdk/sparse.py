@@ -22,6 +22,7 @@ from __future__ import annotations
 import array
 import bisect
 import itertools
+import os
 
 from ... import budget
 from ...codec import vmdk as V
@@ -163,6 +164,7 @@ class SparseExtent(SparseWriteMixin):
 
     def status(self, offset: int, length: int) -> list[tuple[int, int, Status, int | None, bool]]:
         gb = self.grain_bytes
+        holes = _Holes(self.host)
         out: list[tuple[int, int, Status, int | None, bool]] = []
         pos, end = offset, offset + length
         while pos < end:
@@ -180,7 +182,10 @@ class SparseExtent(SparseWriteMixin):
                 out.append((pos, n, Status.DATA, None, True))
             else:
                 self.check_entry(g, e)
-                out.append((pos, n, Status.DATA, e * SECTOR + in_g, False))
+                if holes.is_hole(e * SECTOR, gb):  # zeroed by punching a hole: reads as zeros
+                    out.append((pos, n, Status.ZERO, None, False))
+                else:
+                    out.append((pos, n, Status.DATA, e * SECTOR + in_g, False))
             pos += n
         return out
 
@@ -189,6 +194,40 @@ class SparseExtent(SparseWriteMixin):
 
     def close(self) -> None:
         self.host.close()
+
+
+class _Holes:
+    """Which host ranges are holes (SEEK_DATA/SEEK_HOLE), with few system calls over
+    one block_status call: the last data and hole runs found are remembered."""
+
+    def __init__(self, host: HostStorage):
+        fd = getattr(host, "fd", None)
+        self.fd = fd if isinstance(fd, int) and fd >= 0 else None
+        self.hole = (0, 0)
+        self.data = (0, 0)
+
+    def is_hole(self, start: int, length: int) -> bool:
+        if self.fd is None:
+            return False
+        end = start + length
+        if self.hole[0] <= start and end <= self.hole[1]:
+            return True
+        if self.data[0] <= start < self.data[1]:
+            return False
+        try:
+            d = os.lseek(self.fd, start, os.SEEK_DATA)
+        except OSError:  # ENXIO: no data from here on
+            self.hole = (start, 1 << 62)
+            return True
+        if d >= end:
+            self.hole = (start, d)
+            return True
+        try:
+            h = os.lseek(self.fd, d, os.SEEK_HOLE)
+        except OSError:
+            return False
+        self.data = (d, h)
+        return False
 
 
 # ---------------------------------------------------------------------- loading

@@ -62,12 +62,16 @@ class SparseWriteMixin:
             directory[gt] = sec
         self.gd_dirty = True
 
-    def _alloc_grain(self, g: int, grain: bytes) -> None:
+    def _alloc_grain(self, g: int, grain: bytes | None) -> None:
+        """Append grain ``g`` (None: a grain of zeros, left a hole at the end of the file)."""
         gt = g // V.GTES_PER_GT
         if self.gd[gt] == 0:
             self._alloc_gt(gt)
         sec = self._take(self.header.grain_size)
-        self.host.pwrite(sec * SECTOR, grain)
+        if grain is None:
+            self.host.truncate(max(self.host.size(), self.next_sector * SECTOR))
+        else:
+            self.host.pwrite(sec * SECTOR, grain)
         self.gte[g] = sec
         if self.rgte is not None:
             self.rgte[g] = sec
@@ -128,6 +132,8 @@ class SparseWriteMixin:
                 if has_backing:
                     if n == gb and self.header.flags & V.FLAG_ZEROED_GTE:
                         self._set_entry(g, V.GTE_ZERO)
+                    elif n == gb:
+                        self._alloc_grain(g, None)  # a hole at the end of the file: reads as zeros
                     else:
                         self.write(pos, bytes(n), fill)
             elif not self.is_zero_entry(e):
@@ -240,6 +246,21 @@ class SparseWriteMixin:
         self.dirty_gts.clear()
         self.gd_dirty = False
         self.host.flush()
+
+    def make_empty(self) -> None:
+        """Drop every grain (``commit`` empties the overlay it committed); durable on
+        return.  The file is cut back to its metadata."""
+        if self.stream:
+            raise self._refuse_stream("cannot be emptied")
+        self.gte[:] = array.array("I", bytes(4 * len(self.gte)))
+        if self.rgte is not None:
+            self.rgte[:] = array.array("I", bytes(4 * len(self.rgte)))
+        self.dirty_gts.update(i for i, off in enumerate(self.gd) if off)
+        self.flush()
+        end = max(max(e for _s, e in self._meta), self.header.overhead)
+        self.host.truncate(end * SECTOR)
+        self.host.flush()
+        self.next_sector = self.file_sectors = end
 
     # ------------------------------------------------------------------ resize
     def set_capacity(self, sectors: int) -> None:
