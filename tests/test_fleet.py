@@ -375,3 +375,26 @@ def test_shipped_spec_runs(tmp_path, name):
     r = runner.run(s, str(tmp_path / "w"))
     assert r["errors"] == [] and r["passed"], r["check"]
     assert r["check"]["blocks_checked"] > 0
+
+
+def test_the_documented_example_is_a_valid_spec():
+    import tomllib
+
+    text = (REPO / "formats" / "fleet.md").read_text()
+    example = text.split("## Example", 1)[1].split("```toml", 1)[1].split("```", 1)[0]
+    s = spec.parse(tomllib.loads(example), str(FLEET / "example.toml"))
+    assert s.fork.vms == 100 and len(s.workloads) == 2 and len(s.events) == 2
+    assert sorted(v for w in s.workloads for v in w.vms) == list(range(100))
+
+
+def test_every_documented_key_is_known():
+    """The key tables of formats/fleet.md list exactly the keys the parser takes."""
+    import re
+
+    text = (REPO / "formats" / "fleet.md").read_text()
+    documented = set(re.findall(r"^\| `([a-z_]+)` +\|", text, re.M))
+    fields = set()
+    for cls in (spec.GoldenSpec, spec.ForkSpec, spec.BootSpec, spec.EventSpec, spec.CheckSpec):
+        fields |= {f for f in cls.__dataclass_fields__ if f != "index"}
+    fields |= {"name", "seed", "duration", "kind", "vms", "ops", "rate", "block_size", "span"}
+    assert fields <= documented | {"trace"}, fields - documented
