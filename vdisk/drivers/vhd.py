@@ -639,8 +639,8 @@ class VhdDriver(BlockDriver):
             self.footer_dirty = False
         self.host.flush()
 
-    def _write_bat_entries(self, which) -> None:
-        t = self.dyn.table_offset
+    def _write_bat_entries(self, which, table: int | None = None) -> None:
+        t = self.dyn.table_offset if table is None else table
         sectors = sorted({i // 128 for i in which})
         for s in sectors:
             lo, hi = s * 128, min((s + 1) * 128, len(self.bat))
@@ -713,7 +713,7 @@ class VhdDriver(BlockDriver):
         else:
             del self.bat[need:]
             del self.state[need:]
-        self._write_bat_entries(range(len(self.bat)))
+        self._write_bat_entries(range(len(self.bat)), dyn.table_offset)
         self.host.pwrite(dyn.table_offset + 4 * len(self.bat),
                          b"\xff" * (C.bat_bytes(len(self.bat)) - 4 * len(self.bat)))
         dyn = dyn.replace(max_table_entries=need)
