@@ -106,7 +106,8 @@ def decode_header(buf: bytes) -> Header:
     lchs = (lc, lh, ls, lss) if hsize >= HEADER_SIZE_V1_PLUS else (0, 0, 0, 0)
     return Header(image_type=itype, disk_size=dsize, block_size=bsize, blocks_in_image=nblocks,
                   blocks_allocated=nalloc, offset_blocks=off_blocks, offset_data=off_data, uuid_image=uimg,
-                  pre_header=pre, version=version, header_size=hsize, image_flags=flags, description=desc,
+                  pre_header=pre.rstrip(b"\0"), version=version, header_size=hsize, image_flags=flags,
+                  description=desc.rstrip(b"\0"),
                   legacy_geometry=(cyl, heads, secs, ssize), block_extra=bextra, uuid_last_snap=usnap,
                   uuid_link=ulink, uuid_parent=uparent, lchs=lchs, unused1=unused1)
 
