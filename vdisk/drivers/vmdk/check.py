@@ -16,7 +16,6 @@ from __future__ import annotations
 import array
 import itertools
 
-from ...codec import vmdk as V
 from ...errors import CorruptImage
 from ..base import CheckResult
 
@@ -34,8 +33,8 @@ def check_sparse(ext, res: CheckResult) -> None:
 
     gs = ext.header.grain_size
     used = array.array("I")
-    for g, e in enumerate(ext.gte):
-        if e == V.GTE_UNALLOCATED or ext.is_zero_entry(e):
+    for g, e in ext.gte.items():
+        if ext.is_zero_entry(e):
             continue
         res.checked_clusters += 1
         res.allocated_clusters += 1
@@ -49,8 +48,8 @@ def check_sparse(ext, res: CheckResult) -> None:
             bad(str(exc))
             continue
         used.append(e)
-    if ext.rgte is not None and ext.rgte != ext.gte:
-        diff = next(i for i, (a, b) in enumerate(zip(ext.gte, ext.rgte)) if a != b)
+    diff = ext.gte.first_difference(ext.rgte) if ext.rgte is not None else None
+    if diff is not None:
         bad(f"{ext.name}: the redundant grain table disagrees with the primary one "
             f"(first at guest sector {diff * gs})")
     if ext.rgd is not None and any(a == 0 and b != 0 or a != 0 and b == 0 for a, b in zip(ext.gd, ext.rgd)):

@@ -29,6 +29,7 @@ from ...codec import vmdk as V
 from ...errors import CorruptImage, UnsupportedFeature
 from ...host import HostStorage
 from ..base import Status
+from .tables import GrainTables
 from .write import SparseWriteMixin
 
 SECTOR = V.SECTOR
@@ -40,7 +41,7 @@ class SparseExtent(SparseWriteMixin):
     """A sparse extent file: header, grain directory, grain tables, grains."""
 
     def __init__(self, host: HostStorage, header: V.SparseHeader, name: str, read_only: bool, sectors: int,
-                 gd: array.array, rgd: array.array | None, gte: array.array, rgte: array.array | None,
+                 gd: array.array, rgd: array.array | None, gte: GrainTables, rgte: GrainTables | None,
                  meta: list[tuple[int, int]], file_sectors: int, fresh_stream: bool, tail_sector: int):
         self.host = host
         self.header = header
@@ -190,7 +191,7 @@ class SparseExtent(SparseWriteMixin):
         return out
 
     def allocated_grains(self) -> int:
-        return sum(1 for e in self.gte if e and not self.is_zero_entry(e))
+        return sum(1 for _g, e in self.gte.items() if not self.is_zero_entry(e))
 
     def close(self) -> None:
         self.host.close()
@@ -276,11 +277,8 @@ def load(host: HostStorage, name: str, *, read_only: bool, sectors: int | None =
     if sectors > h.capacity:
         raise CorruptImage(f"{name}: descriptor gives the extent {sectors} sectors, its header only {h.capacity}")
     n_gd = gh.gd_entries
-    charge = n_gd * 4 + n_gd * V.GTES_PER_GT * 4
     with_rgd = gh.redundant and h.gd_offset != V.GD_AT_END
-    if with_rgd:
-        charge *= 2
-    budget.charge(charge, f"{name}: the grain directory and tables")
+    budget.charge(n_gd * 4 * (2 if with_rgd else 1), f"{name}: the grain directory")
 
     def read_gd(off: int, what: str) -> array.array:
         if off < 1 or off + gh.gd_sectors > fsec:
@@ -290,6 +288,8 @@ def load(host: HostStorage, name: str, *, read_only: bool, sectors: int | None =
 
     gd = read_gd(gh.gd_offset, "grain directory")
     rgd = read_gd(gh.rgd_offset, "redundant grain directory") if with_rgd else None
+    tables = sum(1 for e in gd if e) + (sum(1 for e in rgd if e) if rgd is not None else 0)
+    budget.charge(tables * V.GTES_PER_GT * 4, f"{name}: {tables} grain tables")
     gte = _read_tables(host, name, gd, gh, fsec, meta, "grain table")
     rgte = _read_tables(host, name, rgd, gh, fsec, meta, "redundant grain table") if rgd is not None else None
     _check_disjoint(name, meta)
@@ -300,11 +300,11 @@ def load(host: HostStorage, name: str, *, read_only: bool, sectors: int | None =
     return SparseExtent(host, gh, name, read_only, sectors, gd, rgd, gte, rgte, meta, fsec, fresh, tail_sector)
 
 
-def _read_tables(host, name, gd: array.array, h: V.SparseHeader, fsec: int, meta: list, what: str) -> array.array:
-    """Every grain table the directory names, in one flat array (zeros where a directory entry is 0)."""
+def _read_tables(host, name, gd: array.array, h: V.SparseHeader, fsec: int, meta: list, what: str) -> GrainTables:
+    """Every grain table the directory names."""
     n = V.GTES_PER_GT
     gts = h.gt_sectors
-    out = array.array("I", bytes(4 * n * len(gd)))
+    out = GrainTables(len(gd))
     order = sorted((off, i) for i, off in enumerate(gd) if off)
     k = 0
     while k < len(order):
@@ -322,7 +322,7 @@ def _read_tables(host, name, gd: array.array, h: V.SparseHeader, fsec: int, meta
                 raise CorruptImage(f"{name}: {what} {idx} at sector {o} lies outside the file")
             meta.append((o, o + gts))
             rel = (m - k) * gts * SECTOR
-            out[idx * n:(idx + 1) * n] = V.decode_entries(buf[rel:rel + n * 4])
+            out.set_table(idx, V.decode_entries(buf[rel:rel + n * 4]))
         k = j
     return out
 

@@ -196,12 +196,11 @@ class SparseWriteMixin:
         if self.pending is not None:
             self._commit_pending()
         h = self.header
-        n = V.GTES_PER_GT
         parts: list[bytes] = []
         sec = self.tail_sector
         gd = array.array("I", bytes(4 * len(self.gd)))
         for i in range(len(self.gd)):
-            table = self.gte[i * n:(i + 1) * n]
+            table = self.gte.table(i)
             if not any(table):
                 continue
             parts.append(V.encode_meta_marker(V.MARKER_GT, h.gt_sectors))
@@ -234,11 +233,10 @@ class SparseWriteMixin:
             self.host.flush()
             return
         self.host.flush()  # the grains first: no entry may point at unwritten data
-        n = V.GTES_PER_GT
         for gt in sorted(self.dirty_gts):
             for table, directory in ((self.gte, self.gd), (self.rgte, self.rgd)):
                 if table is not None:
-                    self.host.pwrite(directory[gt] * SECTOR, V.encode_entries(table[gt * n:(gt + 1) * n]))
+                    self.host.pwrite(directory[gt] * SECTOR, V.encode_entries(table.table(gt)))
         if self.gd_dirty:
             self.host.pwrite(self.header.gd_offset * SECTOR, V.encode_entries(self.gd))
             if self.rgd is not None:
@@ -252,9 +250,9 @@ class SparseWriteMixin:
         return.  The file is cut back to its metadata."""
         if self.stream:
             raise self._refuse_stream("cannot be emptied")
-        self.gte[:] = array.array("I", bytes(4 * len(self.gte)))
+        self.gte.clear()
         if self.rgte is not None:
-            self.rgte[:] = array.array("I", bytes(4 * len(self.rgte)))
+            self.rgte.clear()
         self.dirty_gts.update(i for i, off in enumerate(self.gd) if off)
         self.flush()
         end = max(max(e for _s, e in self._meta), self.header.overhead)
@@ -271,8 +269,10 @@ class SparseWriteMixin:
         gb = self.grain_bytes
         new_h = h.with_(capacity=sectors)
         keep = -(-sectors * SECTOR // gb)  # grains that stay
-        for g in range(keep, len(self.gte)):
-            if self.gte[g]:
+        for g in [g for g, _e in self.gte.items() if g >= keep]:
+            self._set_entry(g, 0)
+        if self.rgte is not None:
+            for g in [g for g, _e in self.rgte.items() if g >= keep]:
                 self._set_entry(g, 0)
         tail = sectors * SECTOR % gb
         if tail and keep - 1 < len(self.gte):
@@ -287,9 +287,9 @@ class SparseWriteMixin:
             self.gd.extend(array.array("I", bytes(4 * extra)))
             if self.rgd is not None:
                 self.rgd.extend(array.array("I", bytes(4 * extra)))
-            self.gte.extend(array.array("I", bytes(4 * extra * V.GTES_PER_GT)))
+            self.gte.grow(need)
             if self.rgte is not None:
-                self.rgte.extend(array.array("I", bytes(4 * extra * V.GTES_PER_GT)))
+                self.rgte.grow(need)
             if need > slots:  # the directories move to the end of the file
                 size = -(-need * 4 // SECTOR)
                 gd_off = self._take(size)
