@@ -50,6 +50,8 @@ def summarize(recs: list[Recorder], elapsed: float) -> dict:
     writes of all kinds), flushes have their own latency figures."""
     reads = writes = flushes = rbytes = wbytes = 0
     data_lat = array("d")
+    read_lat = array("d")
+    write_lat = array("d")
     flush_lat = array("d")
     for r in recs:
         for i, o in enumerate(r.op):
@@ -58,6 +60,7 @@ def summarize(recs: list[Recorder], elapsed: float) -> dict:
                 reads += 1
                 rbytes += r.nbytes[i]
                 data_lat.append(r.lat[i])
+                read_lat.append(r.lat[i])
             elif c == "F":
                 flushes += 1
                 flush_lat.append(r.lat[i])
@@ -65,6 +68,7 @@ def summarize(recs: list[Recorder], elapsed: float) -> dict:
                 writes += 1
                 wbytes += r.nbytes[i]
                 data_lat.append(r.lat[i])
+                write_lat.append(r.lat[i])
     dl = sorted(data_lat)
     fl = sorted(flush_lat)
     el = elapsed if elapsed > 0 else 1e-9
@@ -78,8 +82,14 @@ def summarize(recs: list[Recorder], elapsed: float) -> dict:
         "latency_us": {"p50": round(percentile(dl, 0.50), 1), "p99": round(percentile(dl, 0.99), 1),
                        "p99_9": round(percentile(dl, 0.999), 1),
                        "mean": round(sum(dl) / len(dl), 1) if dl else 0.0},
-        "flush_latency_us": {"p50": round(percentile(fl, 0.50), 1), "p99": round(percentile(fl, 0.99), 1)},
+        "read_latency_us": _pcts(sorted(read_lat)),
+        "write_latency_us": _pcts(sorted(write_lat)),
+        "flush_latency_us": _pcts(fl),
     }
+
+
+def _pcts(xs) -> dict:
+    return {"p50": round(percentile(xs, 0.50), 1), "p99": round(percentile(xs, 0.99), 1)}
 
 
 def series(recs: list[Recorder], elapsed: float, points: int = 60) -> list[dict]:
