@@ -103,7 +103,7 @@ class PoolDriver(BlockDriver):
     @classmethod
     def identity(cls, spec: str) -> tuple:
         where = poolmod.split(spec)
-        return ("pool", os.path.realpath(where[0]), where[1]) if where else ("pool", spec)
+        return ("pool", _real(where[0]), where[1]) if where else ("pool", spec)
 
     @classmethod
     def exists_named(cls, spec: str) -> bool:
@@ -118,8 +118,14 @@ class PoolDriver(BlockDriver):
 
     @classmethod
     def list_named(cls, pool_dir: str) -> list[str]:
-        """The names of the images of the pool in ``pool_dir``."""
-        pool = Pool(pool_dir, lock=False)
+        """The names of the images of the pool in ``pool_dir`` (none if an ``s3://``
+        name, recognised by its spelling, holds no pool)."""
+        try:
+            pool = Pool(pool_dir, lock=False)
+        except ImageNotFound:
+            if poolmod.is_url(pool_dir):
+                return []
+            raise
         try:
             return list(pool.catalog["images"])
         finally:
@@ -151,9 +157,10 @@ class PoolDriver(BlockDriver):
             parent = None
             ref = opts.backing
             if ref is not None:
-                src = os.path.normpath(os.path.join(pool_dir, ref.filename))
+                src = poolmod.url_join(spec, ref.filename) if poolmod.is_url(pool_dir) else \
+                    os.path.normpath(os.path.join(pool_dir, ref.filename))
                 inside = poolmod.split(src)
-                if ref.format == "pool" and inside and os.path.realpath(inside[0]) == os.path.realpath(pool_dir) \
+                if ref.format == "pool" and inside and _real(inside[0]) == _real(pool_dir) \
                         and ref.snapshot:
                     parent = (inside[1], ref.snapshot)  # a clone inside the pool: shares the tree
                 else:
@@ -445,6 +452,11 @@ class PoolDriver(BlockDriver):
         from ..pool.space import image_space
 
         return image_space(self)
+
+
+def _real(pool_dir: str) -> str:
+    """What identifies a pool's location: its real path, or its URL."""
+    return pool_dir.rstrip("/") if poolmod.is_url(pool_dir) else os.path.realpath(pool_dir)
 
 
 def _drop_parent_hold(cat: dict, rec: dict) -> None:

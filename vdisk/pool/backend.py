@@ -365,5 +365,9 @@ class LockBusy(Exception):
 
 def lock(backend: Backend, name: str, exclusive: bool) -> LocalLock:
     if not isinstance(backend, LocalBackend):
-        raise HostIOError(f"{backend.url}: locks are only supported on local pools")
+        from ..errors import NotSupported
+
+        raise NotSupported(f"{backend.url}: gc and offline dedup are not supported yet on pools on object "
+                           "stores (they need every writer out of the pool; writers there hold leases, not "
+                           "locks): the objects they would free stay until then")
     return LocalLock(backend.root, name, exclusive)

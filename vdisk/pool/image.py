@@ -19,6 +19,7 @@ from ..errors import (
     ChecksumMismatch,
     CorruptImage,
     ImageLocked,
+    ImageNotFound,
     ReadOnlyImage,
     VdiskError,
 )
@@ -60,7 +61,9 @@ class PoolImage:
             self.size = int(snap["size"])
             self.sketch_ref = snap.get("sketch")
         else:
-            if not self.read_only or not force_share:
+            if not pool.local:
+                rec = self._lease_or_check(rec, force_share)
+            elif not self.read_only or not force_share:
                 try:
                     self._lock = be.lock(pool.backend, f"img-{self.image_id}", exclusive=not self.read_only)
                 except be.LockBusy:
@@ -76,6 +79,44 @@ class PoolImage:
         self._sketch: features.Sketch | None = None
         self.size_changed = False
         self.has_backing = rec.get("backing") is not None
+
+    def _lease_or_check(self, rec: dict, force_share: bool) -> dict:
+        """On an object store: a writer takes the image's lease and claims it in the
+        catalog (fencing every older writer, formats/pool.md 13.3), and reads its state
+        from the catalog it claimed on; a reader of the live state refuses a held
+        lease unless it shares."""
+        from . import lease as lm
+
+        pool = self.pool
+        if self.read_only:
+            if not force_share:
+                lm.check_no_writer(pool.backend, self.image_id, self.what)
+            return rec
+        lease = lm.Lease(pool.backend, self.image_id, self.what)
+        try:
+            floor = int((rec.get("writer") or {}).get("epoch", 0))
+        except (TypeError, ValueError):
+            floor = 0
+        lease.acquire(floor)
+        try:
+            name, image_id, epoch, who = self.name, self.image_id, lease.epoch, dict(lease.record)
+
+            def claim(cat: dict) -> None:
+                r = cat["images"].get(name)
+                if not isinstance(r, dict) or r.get("id") != image_id:
+                    raise ImageNotFound(f"{self.what}: no such image in the pool")
+                w = r.get("writer") or {}
+                if int(w.get("epoch", 0)) >= epoch:
+                    raise ImageLocked(f"{self.what}: image was taken for writing by {lm.describe(w)}")
+                r["writer"] = {k: who[k] for k in ("epoch", "host", "pid", "since")}
+
+            pool.commit(claim)
+            pool.fence = (name, image_id, epoch)
+        except BaseException:
+            lease.release()
+            raise
+        self._lock = lease
+        return pool.image_record(name)
 
     # ------------------------------------------------------------------ tree
     def _leaf(self, li: int) -> bytes | bytearray | None:
@@ -425,6 +466,8 @@ class PoolImage:
             if self._lock is not None:
                 self._lock.release()
                 self._lock = None
+            if self.pool.fence is not None and self.pool.fence[0] == self.name:
+                self.pool.fence = None
 
 
 _LOCAL_CCTX = {}

@@ -32,7 +32,6 @@ from ..errors import (
     ImageExists,
     ImageLocked,
     ImageNotFound,
-    UsageError,
     VdiskError,
 )
 from . import backend as be
@@ -67,8 +66,14 @@ def empty_catalog(pool_id: str) -> dict:
 
 def open_backend(url: str) -> be.Backend:
     if url.startswith("s3://"):
-        raise UsageError(f"{url}: pools on object stores are not supported yet (a directory is)")
+        from .s3 import S3Backend
+
+        return S3Backend(url)
     return be.LocalBackend(url)
+
+
+class Fenced(ImageLocked):
+    """This writer's lease was taken over: it may commit nothing more."""
 
 
 class Pool:
@@ -77,6 +82,11 @@ class Pool:
     def __init__(self, url: str, *, lock: bool = True, backend: be.Backend | None = None):
         self.url = url
         self.backend = backend or open_backend(url)
+        #: a directory (OFD locks) or an object store (leases and fencing)
+        self.local = isinstance(self.backend, be.LocalBackend)
+        #: (image name, image id, lease epoch) of the image this Pool writes on an
+        #: object store: every commit checks that the catalog still names the epoch
+        self.fence: tuple[str, str, int] | None = None
         self._gc_lock = None
         try:
             raw = self.backend.get(CONFIG)
@@ -87,7 +97,7 @@ class Pool:
         self.pool_id = str(self.config.get("pool_id", ""))
         self.settings = dict(DEFAULT_SETTINGS)
         self.settings.update(self.config.get("settings", {}))
-        if lock:
+        if lock and self.local:
             try:
                 self._gc_lock = be.lock(self.backend, "gc", exclusive=False)
             except be.LockBusy:
@@ -114,15 +124,27 @@ class Pool:
     # ------------------------------------------------------------------ creation
     @classmethod
     def create(cls, url: str, settings: dict | None = None) -> None:
+        pool_id = uuid.uuid4().hex
+        conf = {"pool_id": pool_id, "created": time.time(), "block_size": pc.BLOCK,
+                "settings": {**DEFAULT_SETTINGS, **(settings or {})}}
         if url.startswith("s3://"):
-            open_backend(url)
+            backend = open_backend(url)
+            try:
+                backend.ensure_bucket()
+                if backend.list(""):
+                    raise ImageExists(f"{url}: holds objects already (a pool is made under an empty prefix)")
+                if not backend.put_if_absent(CONFIG, pc.encode_json_object(pc.CONFIG_MAGIC, conf)):
+                    raise ImageExists(f"{url}: a pool is being created there by someone else")
+                if not backend.put_if_absent(gen_name(1),
+                                             pc.encode_json_object(pc.GEN_MAGIC, empty_catalog(pool_id))):
+                    raise ImageExists(f"{url}: a pool is being created there by someone else")
+            finally:
+                backend.close()
+            return
         if os.path.exists(url) and (not os.path.isdir(url) or os.listdir(url)):
             raise ImageExists(f"{url}: exists already and is not an empty directory")
         os.makedirs(url, exist_ok=True)
         backend = be.LocalBackend(url)
-        pool_id = uuid.uuid4().hex
-        conf = {"pool_id": pool_id, "created": time.time(), "block_size": pc.BLOCK,
-                "settings": {**DEFAULT_SETTINGS, **(settings or {})}}
         backend.put(CONFIG, pc.encode_json_object(pc.CONFIG_MAGIC, conf))
         if not backend.put_if_absent(gen_name(1), pc.encode_json_object(pc.GEN_MAGIC, empty_catalog(pool_id))):
             raise ImageExists(f"{url}: a pool is being created there by someone else")
@@ -173,6 +195,7 @@ class Pool:
             raise
         for _ in range(COMMIT_RETRIES):
             cat = copy.deepcopy(self.catalog)
+            self._check_fence(cat)
             mutate(cat)
             cat["generation"] = self.generation + 1
             cat["committed"] = time.time()
@@ -185,6 +208,22 @@ class Pool:
                 return
             self.reload()
         raise VdiskError(f"{self.url}: could not commit after {COMMIT_RETRIES} attempts (too many writers)")
+
+    def _check_fence(self, cat: dict) -> None:
+        """Refuse to build a generation on ``cat`` if it no longer names this writer's
+        lease epoch: another writer claimed the image since (formats/pool.md 13.3)."""
+        if self.fence is None:
+            return
+        name, image_id, epoch = self.fence
+        rec = cat["images"].get(name)
+        if not isinstance(rec, dict) or rec.get("id") != image_id:
+            return  # removed: the mutation says so itself
+        w = rec.get("writer") or {}
+        if w.get("epoch") != epoch:
+            from .lease import describe
+
+            raise Fenced(f"{self.url}/{name}: this writer lost its lease (epoch {epoch}) to "
+                         f"{describe(w)}; nothing since its last flush was committed")
 
     def _newest_number(self) -> int:
         """The largest generation number in the store.  A commit counts only if its

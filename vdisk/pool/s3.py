@@ -1,0 +1,369 @@
+"""A pool on an S3-compatible object store: ``s3://BUCKET[/PREFIX]`` (formats/pool.md 13).
+
+Object ``NAME`` of the pool is the key ``PREFIX/NAME`` of the bucket.  The client is
+boto3, so the endpoint, the credentials and the region come from where the AWS tools
+take them: ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``,
+``AWS_DEFAULT_REGION``, ``AWS_PROFILE`` and ``~/.aws/config``/``credentials``.
+
+The backend contract (:mod:`.backend`) on S3:
+
+``put``
+    Packs and index segments are written back: the call copies nothing, queues the
+    upload on a small thread pool and returns; the object is readable at once from
+    memory.  The bytes in flight are bounded (``WRITEBACK_BYTES``): a put past the
+    bound waits for uploads to finish.  Every other object is put synchronously.
+``barrier``
+    Waits for every queued upload; if one failed (after its retries) the barrier
+    raises HostIOError, and so does every later one: what it was to make durable may
+    be lost, so the pool must not commit on top of it.
+``put_if_absent``
+    ``PutObject`` with ``If-None-Match: *``, after a barrier.  A 412 answer is "the
+    name is taken" -- unless the object now there holds exactly our bytes, which is
+    our own earlier attempt whose answer was lost and that the retry re-sent: then
+    it is ours.  (Catalogs hold their commit time and writer, so two writers never
+    put the same bytes.)
+``get``/``get_range``
+    Served from the bounded cache of immutable objects (:mod:`.cache`) when they can
+    be; ``gen/`` objects, ``config`` and leases are never cached.
+
+Every request has a connect and a read timeout and is retried with exponential
+backoff by botocore's "standard" retry mode (5xx, throttling, timeouts, broken
+connections); when the retries are spent the request fails with one HostIOError
+naming the store, the operation, the object and the cause, logged once.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from email.utils import parsedate_to_datetime
+
+from ..errors import HostIOError, UsageError
+from . import backend as be
+from .cache import ObjectCache
+
+log = logging.getLogger("vdisk.pool.s3")
+
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_PREFIX_PART = re.compile(r"^[A-Za-z0-9._-]+$")
+#: objects written back (uploaded in the background until a barrier)
+WRITEBACK_PREFIXES = ("packs/", "index/")
+#: names whose content may change (catalog names can be re-used after pruning): never cached
+UNCACHED_PREFIXES = ("gen/", "leases/", "config")
+
+
+def _env_float(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name, default))
+    except ValueError:
+        raise UsageError(f"{name}={os.environ.get(name)!r}: expected a number") from None
+
+
+def parse_url(url: str) -> tuple[str, str]:
+    """(bucket, prefix without slashes at its ends) of ``s3://BUCKET[/PREFIX]``."""
+    if not url.startswith("s3://"):
+        raise UsageError(f"{url}: not an s3:// URL")
+    rest = url[5:].strip("/")
+    bucket, _, prefix = rest.partition("/")
+    if not _BUCKET.match(bucket) or ".." in bucket:
+        raise UsageError(f"{url}: {bucket!r} is not a valid bucket name (3 to 63 lower-case letters, digits, . and -)")
+    parts = [p for p in prefix.split("/") if p] if prefix else []
+    for p in parts:
+        if not _PREFIX_PART.match(p) or p in (".", ".."):
+            raise UsageError(f"{url}: prefix part {p!r} is not allowed (letters, digits, . _ -)")
+    return bucket, "/".join(parts)
+
+
+class S3Backend(be.Backend):
+    """See the module docstring.  Thread-safe: boto3 clients are."""
+
+    def __init__(self, url: str, *, client=None, cache_bytes: int | None = None):
+        self.bucket, self.prefix = parse_url(url)
+        self.url = f"s3://{self.bucket}" + (f"/{self.prefix}" if self.prefix else "")
+        self.attempts = int(_env_float("VDISK_S3_ATTEMPTS", 5))
+        self.connect_timeout = _env_float("VDISK_S3_CONNECT_TIMEOUT", 5)
+        self.read_timeout = _env_float("VDISK_S3_READ_TIMEOUT", 20)
+        self._client = client
+        self._client_lock = threading.Lock()
+        mb = _env_float("VDISK_S3_CACHE_MB", 256)
+        self.cache = ObjectCache(int(mb * 1024 * 1024) if cache_bytes is None else cache_bytes)
+        self.writeback_bytes = int(_env_float("VDISK_S3_WRITEBACK_MB", 64) * 1024 * 1024)
+        self._uploads: dict[str, tuple[bytes, Future]] = {}
+        self._in_flight = 0
+        self._cond = threading.Condition()
+        self._failed: HostIOError | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        #: bytes received from the store (bodies of gets), and requests made
+        self.bytes_fetched = 0
+        self.gets = 0
+        self.bytes_put = 0
+
+    # ------------------------------------------------------------------ client
+    @property
+    def client(self):
+        if self._client is None:
+            with self._client_lock:
+                if self._client is None:
+                    import boto3
+                    from botocore.config import Config
+
+                    cfg = Config(connect_timeout=self.connect_timeout, read_timeout=self.read_timeout,
+                                 retries={"mode": "standard", "total_max_attempts": max(1, self.attempts)},
+                                 max_pool_connections=16)
+                    session = boto3.session.Session()
+                    region = session.region_name or "us-east-1"
+                    self._client = session.client("s3", region_name=region, config=cfg)
+        return self._client
+
+    def key(self, name: str) -> str:
+        be._check_name(name)
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def _error(self, op: str, name: str, exc: Exception) -> Exception:
+        from botocore.exceptions import ClientError, NoCredentialsError
+
+        if isinstance(exc, ClientError):
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in ("NoSuchKey", "404", "NotFound") or status == 404 and code != "NoSuchBucket":
+                return be.ObjectMissing(f"{self.url}: object {name} is missing")
+            if code == "NoSuchBucket":
+                msg = f"{self.url}: the bucket {self.bucket} does not exist"
+            elif code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"):
+                msg = f"{self.url}: {op} {name}: access denied by the store ({code}); check the credentials"
+            else:
+                msg = (f"{self.url}: {op} {name} failed: {code or status} "
+                       f"{exc.response.get('Error', {}).get('Message', '')}".rstrip()
+                       + f" (after up to {self.attempts} attempts)")
+        elif isinstance(exc, NoCredentialsError):
+            msg = (f"{self.url}: no credentials for the object store (set AWS_ACCESS_KEY_ID and "
+                   "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)")
+        else:
+            msg = f"{self.url}: {op} {name} failed: {exc} (after up to {self.attempts} attempts)"
+        log.error("%s", msg)
+        return HostIOError(msg, errno.EIO)
+
+    def _call(self, op: str, name: str, fn, **kw):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn(Bucket=self.bucket, **kw)
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error(op, name, exc) from None
+
+    # ------------------------------------------------------------------ writes
+    def _put_now(self, name: str, data: bytes, **kw) -> None:
+        self._call("put", name, self.client.put_object, Key=self.key(name), Body=data, **kw)
+        self.bytes_put += len(data)
+
+    def put(self, name: str, data: bytes) -> None:
+        self._writable()
+        data = bytes(data)
+        if not name.startswith(WRITEBACK_PREFIXES):
+            self._put_now(name, data)
+            return
+        with self._cond:
+            while self._in_flight and self._in_flight + len(data) > self.writeback_bytes:
+                self._cond.wait()
+            self._in_flight += len(data)
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="vdisk-s3-put")
+            fut = self._executor.submit(self._upload, name, data)
+            self._uploads[name] = (data, fut)
+
+    def _upload(self, name: str, data: bytes) -> None:
+        try:
+            self._put_now(name, data)
+            self.cache.put(name, 0, data, whole=True)
+        except HostIOError as exc:
+            with self._cond:
+                if self._failed is None:
+                    self._failed = exc
+            raise
+        finally:
+            with self._cond:
+                self._in_flight -= len(data)
+                self._uploads.pop(name, None)
+                self._cond.notify_all()
+
+    def _writable(self) -> None:
+        if self._failed is not None:
+            raise HostIOError(f"{self.url}: an earlier upload failed ({self._failed}); no change is made until "
+                              "the pool is reopened", errno.EIO)
+
+    def barrier(self) -> None:
+        with self._cond:
+            futs = [f for _, f in self._uploads.values()]
+        for f in futs:
+            try:
+                f.result()
+            except HostIOError:
+                pass
+        self._writable()
+
+    def put_if_absent(self, name: str, data: bytes) -> bool:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        self.barrier()
+        data = bytes(data)
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self.key(name), Body=data, IfNoneMatch="*")
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
+                try:
+                    return self.get(name) == data  # our own attempt, whose answer was lost
+                except be.ObjectMissing:
+                    return False  # deleted since: taken and gone, still not ours
+            raise self._error("conditional put", name, exc) from None
+        except BotoCoreError as exc:
+            raise self._error("conditional put", name, exc) from None
+        self.bytes_put += len(data)
+        return True
+
+    def delete(self, name: str) -> None:
+        self._writable()
+        self.cache.drop(name)
+        self._call("delete", name, self.client.delete_object, Key=self.key(name))
+
+    # ------------------------------------------------------------------ reads
+    def _pending(self, name: str) -> bytes | None:
+        with self._cond:
+            u = self._uploads.get(name)
+        return u[0] if u else None
+
+    def get(self, name: str) -> bytes:
+        p = self._pending(name)
+        if p is not None:
+            return p
+        cacheable = not name.startswith(UNCACHED_PREFIXES)
+        if cacheable:
+            hit = self.cache.get_whole(name)
+            if hit is not None:
+                return hit
+        r = self._call("get", name, self.client.get_object, Key=self.key(name))
+        data = self._read_body(r, name)
+        if cacheable:
+            self.cache.put(name, 0, data, whole=True)
+        return data
+
+    def _read_body(self, r, name: str) -> bytes:
+        from botocore.exceptions import BotoCoreError
+
+        try:
+            data = r["Body"].read()
+        except (BotoCoreError, OSError) as exc:
+            raise self._error("get", name, exc) from None
+        self.bytes_fetched += len(data)
+        self.gets += 1
+        return data
+
+    def get_with_age(self, name: str) -> tuple[bytes, float]:
+        """The object and its age in seconds by the store's clock (its Date answer
+        header minus the object's Last-Modified): for leases, which must not depend
+        on the clocks of the hosts agreeing."""
+        r = self._call("get", name, self.client.get_object, Key=self.key(name))
+        data = self._read_body(r, name)
+        try:
+            now = parsedate_to_datetime(r["ResponseMetadata"]["HTTPHeaders"]["date"])
+            age = (now - r["LastModified"]).total_seconds()
+        except (KeyError, TypeError, ValueError):
+            age = 0.0
+        return data, age
+
+    def get_range(self, name: str, offset: int, length: int) -> bytes:
+        if length <= 0:
+            return b""
+        p = self._pending(name)
+        if p is not None:
+            return p[offset:offset + length]
+        hit = self.cache.get(name, offset, length)
+        if hit is not None:
+            return hit
+        from botocore.exceptions import ClientError
+
+        try:
+            r = self.client.get_object(Bucket=self.bucket, Key=self.key(name),
+                                       Range=f"bytes={offset}-{offset + length - 1}")
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "InvalidRange":
+                return b""  # wholly past the end
+            raise self._error("get", name, exc) from None
+        except Exception as exc:
+            from botocore.exceptions import BotoCoreError
+
+            if isinstance(exc, BotoCoreError):
+                raise self._error("get", name, exc) from None
+            raise
+        data = self._read_body(r, name)[:length]
+        self.cache.put(name, offset, data)
+        return data
+
+    def size(self, name: str) -> int:
+        p = self._pending(name)
+        if p is not None:
+            return len(p)
+        r = self._call("stat", name, self.client.head_object, Key=self.key(name))
+        return int(r["ContentLength"])
+
+    def list(self, prefix: str = "") -> list[str]:
+        base = f"{self.prefix}/" if self.prefix else ""
+        out: list[str] = []
+        token = None
+        while True:
+            kw = {"Prefix": base + prefix, "MaxKeys": 1000}
+            if token:
+                kw["ContinuationToken"] = token
+            r = self._call("list", prefix or "/", self.client.list_objects_v2, **kw)
+            for o in r.get("Contents", []) or []:
+                n = o["Key"][len(base):]
+                if be._NAME.match(n):
+                    out.append(n)
+            if not r.get("IsTruncated"):
+                break
+            token = r.get("NextContinuationToken")
+            if not token:
+                break
+        with self._cond:
+            out += [n for n in self._uploads if n.startswith(prefix)]
+        return sorted(set(out))
+
+    # ------------------------------------------------------------------ pool-level
+    def ensure_bucket(self) -> None:
+        """Create the bucket if it does not exist (``pool create``)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+            return
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code not in ("404", "NoSuchBucket", "NotFound"):
+                raise self._error("open", "the bucket", exc) from None
+        except BotoCoreError as exc:
+            raise self._error("open", "the bucket", exc) from None
+        try:
+            self.client.create_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                raise self._error("create", "the bucket", exc) from None
+        except BotoCoreError as exc:
+            raise self._error("create", "the bucket", exc) from None
+
+    def close(self) -> None:
+        """Waits for the uploads still queued (a failure is the pool's to report, at
+        its last commit, and is logged)."""
+        try:
+            self.barrier()
+        except HostIOError:
+            pass
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
