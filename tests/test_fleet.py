@@ -9,12 +9,11 @@ import os
 from pathlib import Path
 
 import pytest
+from imagetools import run
 
 import vdisk
 from vdisk.errors import UsageError
 from vdisk.fleet import model, runner, spec, traces, workloads
-
-from imagetools import run
 
 REPO = Path(__file__).resolve().parent.parent
 FLEET = REPO / "fleet"
@@ -392,7 +391,7 @@ def test_every_documented_key_is_known():
     import re
 
     text = (REPO / "formats" / "fleet.md").read_text()
-    documented = set(re.findall(r"^\| `([a-z_]+)` +\|", text, re.M))
+    documented = set(re.findall(r"^\| `([a-z_]+)` +\|", text, re.MULTILINE))
     fields = set()
     for cls in (spec.GoldenSpec, spec.ForkSpec, spec.BootSpec, spec.EventSpec, spec.CheckSpec):
         fields |= {f for f in cls.__dataclass_fields__ if f != "index"}

@@ -31,7 +31,7 @@ import vdisk
 
 from ..errors import UsageError
 from ..ops import chain
-from .disks import Disk, Layout, VM
+from .disks import VM, Disk, Layout
 from .spec import EventSpec
 
 if TYPE_CHECKING:

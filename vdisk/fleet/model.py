@@ -105,7 +105,7 @@ class Golden:
                         yield i * 8 + j
 
     def count(self) -> int:
-        return sum(bin(x).count("1") for x in self.bitmap)
+        return sum(x.bit_count() for x in self.bitmap)
 
     def runs(self, max_blocks: int = 256) -> Iterator[tuple[int, int]]:
         """(first block, count) of the runs of data blocks, each at most ``max_blocks``."""
@@ -140,7 +140,7 @@ class DiskModel:
     """One disk's expected content: ``base`` (a :class:`Golden`, or None for zeros)
     under the tokens written since (block number -> token)."""
 
-    __slots__ = ("base", "size", "own")
+    __slots__ = ("base", "own", "size")
 
     def __init__(self, base: Golden | None, size: int, own: dict[int, int] | None = None):
         self.base = base

@@ -251,7 +251,7 @@ class Fleet:
             self._failed(vm, exc.message if hasattr(exc, "message") else str(exc))
         except OSError as exc:
             self._failed(vm, f"{exc.filename or ''}: {exc.strerror or exc}")
-        except Exception as exc:  # a bug: still reported, the fleet stops
+        except Exception as exc:  # noqa: BLE001 - a bug: still reported, the fleet stops
             if os.environ.get("VDISK_DEBUG"):
                 import traceback
 
