@@ -336,7 +336,17 @@ class VhdDriver(BlockDriver):
         head = host.pread(0, 512)
         tail = host.pread(fsize - 512, 512)
         footer = None
-        if head[:8] == C.FOOTER_COOKIE:
+        fixed = None
+        if tail[:8] == C.FOOTER_COOKIE:
+            try:
+                fixed = C.decode_footer(tail)
+            except CorruptImage:
+                fixed = None
+        if fixed is not None and fixed.disk_type == C.TYPE_FIXED and fixed.current_size == fsize - 512:
+            # A fixed disk's footer, exactly at the end of its data: it wins over whatever its
+            # guest wrote into sector 0 (which may look like a dynamic disk's footer copy)
+            pass
+        elif head[:8] == C.FOOTER_COOKIE:
             try:
                 footer = C.decode_footer(head)
             except CorruptImage:

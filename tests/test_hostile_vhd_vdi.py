@@ -1,0 +1,135 @@
+"""Hostile VHD and VDI images: a generated corpus (tests/hostile/gen_vhd_vdi.py) and a
+bounded deterministic fuzzer.
+
+Each corpus image is opened in a child process (tests/hostile/probe.py, the probe of
+tests/test_hostile.py) under an address-space limit: open with the chain, read
+everything, block_status, check, read-write open.  Every step must end in "ok" or a
+named VdiskError -- never another exception, never wrong data -- within the time
+and memory limits; the case says whether the open must fail (and with which error).
+A sample also goes through the CLI: exit 1 or 2, one line on stderr, no traceback.
+
+The fuzzer (one child process, 1 GiB address-space limit) mutates the valid images
+of the corpus -- bytes of the footers, headers, BAT and block map, and truncations --
+and runs open, read, block_status, check, writes, zeroes, resize and a reopen on
+each: only VdiskError may escape.  ``VDISK_FUZZ_RANDOM=1`` uses a random seed,
+``VDISK_FUZZ_EXAMPLES`` sets the number of examples (default 400).
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).parent
+PROBE = HERE / "hostile" / "probe.py"
+GEN = HERE / "hostile" / "gen_vhd_vdi.py"
+TIME_LIMIT = 1.0
+RSS_LIMIT_MIB = 200
+
+sys.path.insert(0, str(HERE / "hostile"))
+import gen_vhd_vdi as gen
+
+CORPUS = tempfile.mkdtemp(prefix="vdisk-hostile-vhd-vdi-")
+atexit.register(shutil.rmtree, CORPUS, True)
+CASES = gen.generate(CORPUS)
+
+
+def run_probe(path: str, fmt: str) -> dict:
+    env = dict(os.environ, PROBE_RW="1")
+    env.pop("VDISK_BACKING_DIRS", None)
+    r = subprocess.run([sys.executable, str(PROBE), path, fmt, ""], capture_output=True, text=True, timeout=60,
+                       env=env, cwd=os.path.dirname(path), check=False)
+    assert r.returncode == 0, f"probe died (exit {r.returncode}): {r.stderr[-2000:]}"
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _is_error(v) -> bool:
+    return bool(v) and v != "ok" and not v.startswith("BUG") and v not in ("clean", "leaks", "corrupt")
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_hostile_image(case):
+    path = os.path.join(CORPUS, case.file)
+    with open(path, "rb") as f:
+        before = f.read()
+    res = run_probe(path, case.format)
+    with open(path, "wb") as f:  # the read-write open may repair: later cases see the file as made
+        f.write(before)
+    bad = []
+    assert "fatal" not in res, res
+    for step in ("open", "read", "block_status", "check", "open_rw", "close"):
+        v = res.get(step)
+        if v and v.startswith("BUG"):
+            bad.append(f"{step}: a non-VdiskError escaped: {v}")
+        elif _is_error(v) and ("\n" in v or v.startswith("VdiskError:")):
+            bad.append(f"{step}: not one line from a named error: {v!r}")
+    if res["seconds"] > TIME_LIMIT:
+        bad.append(f"took {res['seconds']} s (limit {TIME_LIMIT})")
+    if res["maxrss_mib"] > RSS_LIMIT_MIB:
+        bad.append(f"peak RSS {res['maxrss_mib']} MiB (limit {RSS_LIMIT_MIB})")
+    opened = res["open"] == "ok"
+    if case.open == "fail" and opened:
+        bad.append("opened, but must be refused at open")
+    if case.error and not opened and not res["open"].startswith(case.error + ":"):
+        bad.append(f"refused with {res['open']}, expected {case.error}")
+    if opened:
+        if res.get("read") != "ok":
+            bad.append(f"read failed: {res.get('read')}")
+        elif case.content:
+            want = Path(CORPUS, case.content).read_bytes()
+            if hashlib.sha256(want).hexdigest() != res["sha256"] or len(want) != res["size"]:
+                bad.append("read returned data that differs from the image's real content (silently wrong)")
+        if _is_error(res.get("block_status")):
+            bad.append(f"block_status failed on an image that opened: {res['block_status']}")
+    if case.check and not (res["check"] == "corrupt" or _is_error(res["check"])):
+        bad.append(f"check must refuse the image, got {res['check']!r}")
+    assert not bad, f"{case.name} ({case.why}):\n  " + "\n  ".join(bad) + f"\n  probe: {json.dumps(res)[:1500]}"
+
+
+def test_corpus_covers_both_formats():
+    fmts = [c.format for c in CASES]
+    assert fmts.count("vpc") >= 30 and fmts.count("vdi") >= 20
+    assert sum(c.open == "fail" for c in CASES) >= 45
+
+
+CLI_SAMPLE = ["vhd-footer-checksum", "vhd-bat-overlap", "vhd-child-outside", "vhd-entries-huge",
+              "vdi-map-duplicate", "vdi-blocks_in_image-fffffff0", "vdi-image_type-4"]
+
+
+@pytest.mark.parametrize("name", CLI_SAMPLE)
+def test_hostile_cli(name, run_vdisk, tmp_path):
+    case = next(c for c in CASES if c.name == name)
+    p = tmp_path / case.file
+    shutil.copy(os.path.join(CORPUS, case.file), p)
+    for args in (["info", p], ["check", p], ["convert", "-O", "raw", p, tmp_path / "out.raw"]):
+        r = run_vdisk(*args, expect=None, env={"VDISK_BACKING_DIRS": ""})
+        if args[0] == "info" and name == "vhd-child-outside":  # info shows the image, warns of its parent
+            assert r.returncode == 0 and "outside the allowed directories" in r.stderr, r.stderr
+            continue
+        assert r.returncode in (1, 2), (args, r.returncode, r.stderr)
+        assert "Traceback" not in r.stderr and "internal error" not in r.stderr, r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("vdisk: "), r.stderr
+
+
+def test_fuzz():
+    n = int(os.environ.get("VDISK_FUZZ_EXAMPLES", "400"))
+    seed = str(random.randrange(1 << 30)) if os.environ.get("VDISK_FUZZ_RANDOM") == "1" else ""
+    r = subprocess.run([sys.executable, str(GEN), "--fuzz", CORPUS, str(n), seed], capture_output=True, text=True,
+                       timeout=1200, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    stats = json.loads(r.stdout.strip().splitlines()[-1])
+    assert stats["iterations"] == n
+    assert not stats["failures"], f"seed {seed or 'fixed'}: " + "\n".join(stats["failures"])
+    assert stats["accepted"] > 0 and stats["refused"] > 0, stats  # the mutations reach both outcomes
+    assert stats["slowest"] < 5.0, stats
