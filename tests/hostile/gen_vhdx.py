@@ -291,7 +291,7 @@ def generate(outdir: str) -> list[Case]:
     bi, bat_r = F().region(V.REGION_BAT)
     mi, meta_r = F().region(V.REGION_METADATA)
     unknown = uuid.UUID("01234567-89ab-4cde-8f01-23456789abcd")
-    v = F().rset(bi, "guid", unknown)
+    v = F().rset(bi, "guid", unknown).rset(bi, "required", 0)
     refused("region-bat-missing", "no BAT region (its GUID unknown, optional)", v)
     v = F().rset(bi, "guid", unknown).rset(bi, "required", 1)
     refused("region-unknown-required", "an unknown region marked required", v, "UnsupportedFeature")
