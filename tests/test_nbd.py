@@ -13,6 +13,7 @@ import socket
 import struct
 import subprocess
 import tempfile
+import time
 
 import pytest
 from conftest import vdisk_command
@@ -482,3 +483,33 @@ def test_a_second_writer_is_refused_while_served(image_dir, serve, run_vdisk, so
     # QEMU's tools are kept out too (the same OFD locks)
     r = qemu("qemu-io", "-f", "raw", "-c", "write 0 4k", img, expect=1)
     assert "lock" in r.stderr.lower()
+
+
+def test_qemu_nbd_lists_the_export(image_dir, serve):
+    img = image_dir / "d.vdk"
+    vdisk.create(img, SIZE)
+    s = serve(img, "-r", "--export-name", "disk", "--description", "the test disk")
+    out = qemu("qemu-nbd", "-L", "-k", s.sock).stdout  # NBD_OPT_LIST, INFO and LIST_META_CONTEXT
+    assert "export: 'disk'" in out and "description: the test disk" in out
+    assert f"size:  {SIZE}" in out and "readonly" in out and "multi" in out
+    assert "base:allocation" in out and "max block: 33554432" in out
+
+
+def test_connections_over_the_limit_are_closed_and_the_server_goes_on(image_dir, serve):
+    img = image_dir / "d.vdk"
+    vdisk.create(img, SIZE)
+    s = serve(img, "--max-connections", "1")
+    first = RawClient(s.sock)
+    first.go()
+    second = RawClient(s.sock)
+    assert second.closed()  # refused before the greeting
+    first.send(proto.request(proto.CMD_READ, 1, 0, 512))
+    assert first.read_reply() == (0, bytes(512))
+    first.send(proto.request(proto.CMD_DISC, 2))
+    assert first.closed()
+    for _ in range(100):  # the first connection's thread ends soon after its close
+        r = qemu("qemu-img", "info", s.uri, expect=None)
+        if r.returncode == 0:
+            break
+        time.sleep(0.05)
+    assert r.returncode == 0, r.stderr
