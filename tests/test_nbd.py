@@ -513,3 +513,36 @@ def test_connections_over_the_limit_are_closed_and_the_server_goes_on(image_dir,
             break
         time.sleep(0.05)
     assert r.returncode == 0, r.stderr
+
+
+def test_pipelined_requests_big_and_small(image_dir, serve, run_vdisk):
+    """Many requests in one send, writes larger than the server's receive buffer among
+    them: every reply comes, in order, with the right data."""
+    img = image_dir / "d.vdk"
+    vdisk.create(img, SIZE)
+    s = serve(img)
+    c = RawClient(s.sock)
+    c.go()
+    big = os.urandom(5 << 20)  # > the 2 MiB receive buffer
+    msgs = [proto.request(proto.CMD_WRITE, 1, 0, 4096) + b"a" * 4096,
+            proto.request(proto.CMD_WRITE, 2, 1 << 20, len(big)) + big,
+            proto.request(proto.CMD_WRITE, 3, 8192, 100) + b"b" * 100,
+            proto.request(proto.CMD_READ, 4, 0, 4096),
+            proto.request(proto.CMD_WRITE, 5, 12 << 20, (2 << 20) - 100) + b"c" * ((2 << 20) - 100),
+            proto.request(proto.CMD_WRITE, 6, 12 << 20, 10, flags=proto.CMD_FLAG_FUA) + b"d" * 10,
+            proto.request(proto.CMD_READ, 7, 1 << 20, len(big)),
+            proto.request(proto.CMD_READ, 8, 8192, 100)]
+    c.send(b"".join(msgs))
+    assert c.read_reply() == (0, b"")
+    assert c.read_reply() == (0, b"")
+    assert c.read_reply() == (0, b"")
+    assert c.read_reply() == (0, b"a" * 4096)
+    assert c.read_reply() == (0, b"")
+    assert c.read_reply() == (0, b"")
+    assert c.read_reply() == (0, big)
+    assert c.read_reply() == (0, b"b" * 100)
+    c.close()
+    assert s.stop() == 0
+    check_clean(run_vdisk, img)
+    with vdisk.open(img, read_only=True) as im:
+        assert im.read(12 << 20, 12) == b"d" * 10 + b"cc"

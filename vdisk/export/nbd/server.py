@@ -388,7 +388,7 @@ class NbdServer:
             if start == end:
                 start = end = 0
             elif start + n > RECV_BUFFER:
-                mv[: end - start] = mv[start:end]
+                buf[: end - start] = buf[start:end]  # a copy first: the ranges may overlap
                 end -= start
                 start = 0
             while end - start < n:
