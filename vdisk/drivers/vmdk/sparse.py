@@ -135,10 +135,7 @@ class SparseExtent(SparseWriteMixin):
                 continue
             e = self.entry(g)
             if e == V.GTE_UNALLOCATED:
-                # coalesce a run of unallocated grains into one piece
-                run_end = pos + n
-                while run_end < end and self.entry(run_end // gb) == 0 and not (pend and pend[0] == run_end // gb):
-                    run_end = min(end, (run_end // gb + 1) * gb)
+                run_end = self._unallocated_run(pos, end)
                 out.append((pos, run_end - pos, None))
                 pos = run_end
                 continue
@@ -163,6 +160,27 @@ class SparseExtent(SparseWriteMixin):
             pos += n
         return out
 
+    def _unallocated_run(self, pos: int, end: int) -> int:
+        """Where the run of unallocated grains from ``pos`` ends (at most ``end``):
+        a missing grain table is skipped whole."""
+        gb = self.grain_bytes
+        n = V.GTES_PER_GT
+        pend = self.pending[0] if self.pending is not None else -1
+        tables = self.gte.tables
+        p = pos
+        while p < end:
+            g = p // gb
+            if g == pend:
+                break
+            t = tables.get(g // n)
+            if t is None:
+                p = min(end, (g // n + 1) * n * gb)
+                continue
+            if t[g % n]:
+                break
+            p = min(end, (g + 1) * gb)
+        return p
+
     def status(self, offset: int, length: int) -> list[tuple[int, int, Status, int | None, bool]]:
         gb = self.grain_bytes
         holes = _Holes(self.host)
@@ -176,7 +194,10 @@ class SparseExtent(SparseWriteMixin):
             if self.pending is not None and self.pending[0] == g:
                 out.append((pos, n, Status.DATA, None, True))
             elif e == V.GTE_UNALLOCATED:
-                out.append((pos, n, Status.UNALLOCATED, None, False))
+                run_end = self._unallocated_run(pos, end)
+                out.append((pos, run_end - pos, Status.UNALLOCATED, None, False))
+                pos = run_end
+                continue
             elif self.is_zero_entry(e):
                 out.append((pos, n, Status.ZERO, None, False))
             elif self.header.compressed:
@@ -271,6 +292,8 @@ def load(host: HostStorage, name: str, *, read_only: bool, sectors: int | None =
         gh = _read_footer(host, name, fsize)
         if gh.gd_offset == V.GD_AT_END or (gh.capacity, gh.grain_size, gh.flags) != (h.capacity, h.grain_size, h.flags):
             raise CorruptImage(f"{name}: footer disagrees with the header")
+        # only the footer's grain directory offset is used: the rest is the header's
+        gh = h.with_(gd_offset=gh.gd_offset)
         meta.append((fsec - 3, fsec))
     if sectors is None:
         sectors = h.capacity
