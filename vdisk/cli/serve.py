@@ -68,24 +68,25 @@ def serve(addresses, read_only, fmt, export_name, description, pid_file, max_con
     try:
         server = NbdServer(img, export_name=export_name, read_only=read_only, description=description,
                            max_connections=max_connections)
+
+        def stop(signum, frame):
+            server.stop()
+
+        # before anyone can know we listen: a stop signal from then on flushes
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, stop)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         uris = [server.listen(a) for a in addresses]
-        mode = "read-only" if server.read_only else "read-write"
-        for uri in uris:
-            click.echo(f"serving {image} ({img.format}, {mode}, {img.size} bytes) at {uri}")
-        sys.stdout.flush()
-        if pid_file:
+        if pid_file:  # before the lines: whoever waits for a line finds the pid file too
             tmp = f"{pid_file}.tmp{os.getpid()}"
             with open(tmp, "w") as f:
                 f.write(f"{os.getpid()}\n")
             os.replace(tmp, pid_file)
             wrote_pid = True
-
-        def stop(signum, frame):
-            server.stop()
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, stop)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        mode = "read-only" if server.read_only else "read-write"
+        for uri in uris:
+            click.echo(f"serving {image} ({img.format}, {mode}, {img.size} bytes) at {uri}")
+        sys.stdout.flush()
         server.serve_forever()
     finally:
         try:
