@@ -53,6 +53,11 @@ def read_all(path, **kw) -> bytes:
         return img.read(0, img.size)
 
 
+def cid_of(path) -> int:
+    with vdisk.open(path, read_only=True) as img:
+        return img.driver.cid
+
+
 def qemu_raw(path, out) -> bytes:
     run(QEMU_IMG, "convert", "-O", "raw", path, str(out))
     return Path(out).read_bytes()
@@ -273,7 +278,7 @@ def test_vdisk_child_read_by_qemu_and_cid_checked(tmp_path):
 def test_parent_loop_and_self_extent_refused(tmp_path):
     a = tmp_path / "a.vmdk"
     vdisk.create(a, MiB, format="vmdk")
-    cid = vdisk.open(a, read_only=True).driver.cid
+    cid = cid_of(a)
     # a's parent is a itself (CID matching, so only the loop can stop it)
     data = bytearray(a.read_bytes())
     text = data[512:512 * 21].split(b"\0")[0]
@@ -400,3 +405,39 @@ def vdisk_exe():
     exe = Path(sys.executable).parent / "vdisk"
     assert exe.exists()
     return exe
+
+
+def test_convert_into_a_child_with_backing(tmp_path):
+    """convert -B makes a VMDK child holding only what differs from its parent (the
+    parent's CID found although convert builds the file unnamed)."""
+    raw = bytearray(make_raw(tmp_path / "src.raw"))
+    base = tmp_path / "base.vmdk"
+    run(str(vdisk_exe()), "convert", "-f", "raw", "-O", "vmdk", str(tmp_path / "src.raw"), str(base))
+    raw[2 * MiB:2 * MiB + 4096] = b"\x44" * 4096
+    (tmp_path / "new.raw").write_bytes(raw)
+    child = tmp_path / "child.vmdk"
+    run(str(vdisk_exe()), "convert", "-f", "raw", "-O", "vmdk", "-B", "base.vmdk", "-F", "vmdk",
+        str(tmp_path / "new.raw"), str(child))
+    assert read_all(child) == raw
+    with vdisk.open(child, read_only=True) as img:
+        own = [e for e in img.block_status(0, img.size) if e.status == Status.DATA and e.depth == 0]
+        assert sum(e.length for e in own) == 65536  # one grain of its own
+    run(QEMU_IMG, "check", str(child))
+    run(QEMU_IMG, "compare", "-f", "raw", "-F", "vmdk", str(tmp_path / "new.raw"), str(child))
+
+
+def test_rebase_unsafe_onto_a_vmdk_parent(tmp_path):
+    a, b, c = (tmp_path / f"{n}.vmdk" for n in "abc")
+    for p in (a, b):
+        vdisk.create(p, MiB, format="vmdk")
+    vdisk.create(c, format="vmdk", backing_file="a.vmdk", backing_format="vmdk")
+    run(str(vdisk_exe()), "rebase", "-u", "-b", "b.vmdk", "-F", "vmdk", str(c))
+    text = Path(c).read_bytes()[512:512 * 21].split(b"\0")[0].decode()
+    bcid = cid_of(b)
+    assert f"parentCID={bcid:08x}" in text and 'parentFileNameHint="b.vmdk"' in text
+    with vdisk.open(c, read_only=True) as img:
+        assert img.backing.filename.endswith("b.vmdk")
+    assert "backing file: b.vmdk" in run(QEMU_IMG, "info", str(c)).stdout
+    r = subprocess.run([str(vdisk_exe()), "rebase", "-u", "-b", "a.vmdk", "-F", "raw", str(c)], check=False,
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "must be a VMDK" in r.stderr

@@ -62,6 +62,19 @@ def _extent_name(host: HostStorage) -> str:
     return base
 
 
+def _directory_of(host: HostStorage) -> str:
+    """The directory the new image is in (a backing file is named relative to it).
+    convert builds its output in an unnamed file, ``/proc/self/fd/N``: that link
+    names the file's directory."""
+    name = os.path.abspath(getattr(host, "name", "") or ".")
+    if name.startswith("/proc/self/fd/"):
+        try:
+            return os.path.dirname(os.readlink(name))
+        except OSError:
+            pass
+    return os.path.dirname(name)
+
+
 def create(host: HostStorage, size: int, opts: CreateOptions) -> None:
     extra = dict(opts.extra)
     sub = extra.pop("subformat", "monolithicSparse")
@@ -107,7 +120,7 @@ def create(host: HostStorage, size: int, opts: CreateOptions) -> None:
 
         ppath = opts.backing.filename
         if not os.path.isabs(ppath):
-            ppath = os.path.join(os.path.dirname(os.path.abspath(host.name)), ppath)
+            ppath = os.path.join(_directory_of(host), ppath)
         parent_cid, hint = read_cid(ppath), opts.backing.filename
     flags = V.FLAG_NL_TEST
     if stream:
