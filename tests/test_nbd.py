@@ -546,3 +546,24 @@ def test_pipelined_requests_big_and_small(image_dir, serve, run_vdisk):
     check_clean(run_vdisk, img)
     with vdisk.open(img, read_only=True) as im:
         assert im.read(12 << 20, 12) == b"d" * 10 + b"cc"
+
+
+def test_qemu_system_attaches_the_export_as_a_drive(image_dir, serve, run_vdisk):
+    """The system emulator's block layer on `-drive file=nbd+unix://...` (no guest OS:
+    the monitor's qemu-io command writes and reads through the drive)."""
+    img = image_dir / "d.vdk"
+    vdisk.create(img, SIZE)
+    s = serve(img)
+    script = ('qemu-io d0 "write -P 0x6b 1M 64k"\nqemu-io d0 "read -P 0x6b 1M 64k"\n'
+              'qemu-io d0 "flush"\ninfo block\nquit\n')
+    r = subprocess.run(["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none",
+                        "-monitor", "stdio", "-drive", f"file={s.uri},format=raw,if=none,id=d0"],
+                       input=script, capture_output=True, text=True, timeout=60, check=False)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    assert "read 65536/65536 bytes at offset 1048576" in out and "verification failed" not in out, out
+    assert "nbd+unix://" in out
+    assert s.stop() == 0
+    check_clean(run_vdisk, img)
+    with vdisk.open(img, read_only=True) as im:
+        assert im.read(1 << 20, 65536) == b"\x6b" * 65536
