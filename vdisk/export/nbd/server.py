@@ -11,12 +11,18 @@ Threads
   the listening sockets and on a wake-up pipe, accepts connections and starts one
   thread per connection.  :meth:`NbdServer.stop` (thread- and signal-safe: it only
   writes a byte to the pipe) ends it.
-* A connection's thread does the handshake, then reads a request, serves it and
-  sends its reply, one after the other.  A client may pipeline requests (fio at
-  queue depth 16 does): they wait in the socket's buffer while one is served.
-  Replies therefore go out in request order; the protocol allows any order, but
-  a second thread per connection would only add a hand-off, since requests are
-  served one at a time anyway (next rule).
+* A connection's thread does the handshake, then serves requests one after the
+  other.  It reads into one receive buffer (``RECV_BUFFER``, 2 MiB: one 1 MiB write,
+  or many small requests a client pipelined -- fio at queue depth 16 sends them in
+  bursts), takes every whole request out of it in turn and gathers the replies;
+  they leave in one sendmsg when no whole request is left (just before the thread
+  would block in recv, so a client waiting for a reply always gets it) or when
+  ``REPLY_BATCH`` of them wait.  Measured (BENCHMARKS.md, "NBD export"): this
+  halves the CPU per 4 KiB request at depth 16.  Replies go out in request
+  order; the protocol allows any order, but a second thread per connection would
+  only add a hand-off, since requests are served one at a time anyway (next
+  rule).  A write longer than the buffer is read straight from the socket; the
+  largest allocation a request can cause is ``proto.MAX_PAYLOAD`` (32 MiB).
 
 Concurrency rules (what may run at once; which lock guards what)
 ---------------------------------------------------------------
@@ -94,7 +100,7 @@ SHUTDOWN_GRACE = 10.0
 RECV_BUFFER = (2 << 20) + 4096
 #: replies gathered into one sendmsg at most (they are sent earlier when no whole
 #: request is left in the receive buffer)
-REPLY_BATCH = int(os.environ.get("VDISK_NBD_REPLY_BATCH", "16"))
+REPLY_BATCH = 16
 
 _FLAGS_OF_STATUS = {
     Status.DATA: 0,
