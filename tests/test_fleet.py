@@ -235,18 +235,31 @@ def test_workloads_are_repeatable_and_in_bounds():
 
 
 # ------------------------------------------------------------------ whole runs
-METHODS = {
-    "vdk-linked": (),
-    "vdk-full": ("fork.method=full",),
-    "qcow2-linked": ("fork.format=qcow2", "golden.format=qcow2"),
-    "qcow2-full": ("fork.method=full", "fork.format=qcow2"),
-    "pool": ("fork.method=pool",),
-}
+#: An open bug the fleet found in pools (vdisk/pool/store.py, Pool.commit): when two
+#: Pools of one pool commit at once, a writer whose generation N+1 was put but built
+#: on at once by another writer (N+2) takes its commit for lost, reloads and applies
+#: its mutation again, which then fails ("snapshot ... exists already", "no such image
+#: in the pool") although the first commit went through.  Runs with several VMs
+#: committing to one pool at once hit it now and then, so they run only with
+#: VDISK_FOUND_BUGS=1 (the convention of tests/test_found_bugs.py); the sequential
+#: pool run below covers the pool's fork and events meanwhile.
+POOL_COMMIT_RACE = pytest.mark.skipif(
+    not os.environ.get("VDISK_FOUND_BUGS"),
+    reason="open bug: Pool.commit re-applies a mutation that did commit when another writer committed "
+           "on top of it at once (VDISK_FOUND_BUGS=1 runs it)")
+
+METHODS = [
+    pytest.param((), id="vdk-linked"),
+    pytest.param(("fork.method=full",), id="vdk-full"),
+    pytest.param(("fork.format=qcow2", "golden.format=qcow2"), id="qcow2-linked"),
+    pytest.param(("fork.method=full", "fork.format=qcow2"), id="qcow2-full"),
+    pytest.param(("fork.method=pool",), id="pool", marks=POOL_COMMIT_RACE),
+]
 
 
-@pytest.mark.parametrize("method", list(METHODS))
-def test_ci_fleet_runs_and_checks(tmp_path, method):
-    s = spec.load(str(CI_SPEC), sets=METHODS[method])
+@pytest.mark.parametrize("sets", METHODS)
+def test_ci_fleet_runs_and_checks(tmp_path, sets):
+    s = spec.load(str(CI_SPEC), sets=sets)
     r = runner.run(s, str(tmp_path / "w"))
     assert r["errors"] == []
     assert r["passed"], r["check"]
@@ -363,7 +376,59 @@ def test_workdir_must_be_empty(tmp_path):
         runner.run(spec.load(str(CI_SPEC)), str(tmp_path))
 
 
-SHIPPED = sorted(p.name for p in FLEET.glob("*.toml"))
+SHIPPED = [pytest.param(p.name, marks=POOL_COMMIT_RACE) if p.name == "pool-fleet.toml" else p.name
+           for p in sorted(FLEET.glob("*.toml"))]
+
+
+def test_pool_fleet_one_writer_at_a_time(tmp_path):
+    """Clones in a pool, one VM thread (no concurrent commits: see POOL_COMMIT_RACE):
+    fork, checkpoint, restore, migrate into another pool, a live clone there (native:
+    next to its source), and the model check of all of it."""
+    text = """
+name = "pool-seq"
+seed = 11
+[golden]
+size = "16M"
+fill = 0.3
+[fork]
+vms = 1
+method = "pool"
+disks = 2
+data_disk_size = "4M"
+[[workload]]
+kind = "random"
+ops = 240
+flush_every = 8
+[[event]]
+action = "checkpoint"
+vm = 0
+after_ops = 40
+name = "cp"
+[[event]]
+action = "restore"
+vm = 0
+after_ops = 90
+checkpoint = "cp"
+[[event]]
+action = "migrate"
+vm = 0
+after_ops = 100
+to = "pool"
+[[event]]
+action = "live_clone"
+vm = 0
+after_ops = 180
+name = "twin"
+"""
+    r = runner.run(spec.load(write(tmp_path / "p.toml", text)), str(tmp_path / "w"))
+    assert r["errors"] == [] and r["passed"], r["check"]
+    assert r["format"] == "pool" and r["check"]["live_clones_checked"] == 1
+    vm = r["per_vm"][0]
+    assert all(d["path"].startswith("migrate-pool/") for d in vm["disks"])
+    assert r["space"]["unique_bytes_total"] > 0
+    twin = next(v for v in r["per_vm"] if v["name"] == "twin")
+    assert all(d["path"].startswith("migrate-pool/twin-") for d in twin["disks"])
+    assert twin["space"]["shared_bytes"] > 0  # a native clone shares its parent's blocks
 
 
 @pytest.mark.parametrize("name", SHIPPED)

@@ -24,6 +24,7 @@ guest's I/O for a moment) and the model moves with it:
 
 from __future__ import annotations
 
+import os
 import time
 from typing import TYPE_CHECKING
 
@@ -90,12 +91,22 @@ def live_clone(layout: Layout, vm: VM, clone_name: str) -> tuple[float, list[Dis
     out = []
     snap = f"live-clone-{clone_name}"
     for k, d in enumerate(vm.disks):
-        dst = layout.disk_path(clone_name, k)
+        dst = sibling_path(d, clone_name, k)
         layout.live_clone(d, dst, snap)
         if d.format in ("vdk", "pool"):
             d.checkpoints[snap] = (d.path, d.model.copy())
         out.append(Disk(dst, d.format, d.model.copy()))
     return time.perf_counter() - t0, out
+
+
+def sibling_path(d: Disk, vm_name: str, k: int) -> str:
+    """Where disk ``k`` of a clone of ``d`` goes: next to ``d`` (in its directory, or
+    its pool), so a linked clone's backing file is in its own directory and a pool
+    clone is native, wherever ``d`` was migrated to."""
+    where = os.path.dirname(d.path)
+    if d.format == "pool":
+        return os.path.join(where, f"{vm_name}-d{k}")
+    return os.path.join(where, f"{vm_name}-d{k}.{d.format}")
 
 
 def delete(vm: VM) -> float:

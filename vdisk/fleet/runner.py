@@ -214,7 +214,10 @@ class Fleet:
             d.open()
         self._add_vm(clone)
         w = self.spec.workload_named(e.workload) if e.workload else None
-        self._spawn(clone, w, "steady")
+        if w is not None or any(str(x.vm) == e.name for x in self.spec.events):
+            self._spawn(clone, w, "steady")
+        # else: a clone with nothing to do needs no thread; its disks are closed (and
+        # so flushed) with every other disk at the end of the run
 
     # ------------------------------------------------------------------ threads
     def _spawn(self, vm: VM, w, phase: str, boot_tr: Trace | None = None) -> None:
