@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import array
 import bisect
+import os
 from collections.abc import Callable
 
 from ...codec import vmdk as V
@@ -35,6 +36,18 @@ SECTOR = V.SECTOR
 MAX_FILE_SECTORS = 0xFFFFFFFF  # grain table entries are 32-bit sector numbers
 
 Fill = Callable[[int, int], bytes]
+_pool = None
+
+
+def _compressor():
+    """The threads that compress stream grains (one per CPU, made on first use)."""
+    global _pool
+    if _pool is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _pool = ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)),
+                                   thread_name_prefix="vdisk-vmdk-deflate")
+    return _pool
 
 
 class SparseWriteMixin:
@@ -154,6 +167,9 @@ class SparseWriteMixin:
         if self.read_only or not self.fresh_stream:
             raise self._refuse_stream("this one holds data already")
         gb = self.grain_bytes
+        end_of_extent = self.sectors * SECTOR
+        batch: list[tuple[int, bytes]] = []  # whole grains of this write, compressed together
+        mv = memoryview(data)
         pos = 0
         while pos < len(data):
             off = offset + pos
@@ -161,27 +177,50 @@ class SparseWriteMixin:
             in_g = off - g * gb
             n = min(len(data) - pos, gb - in_g)
             if self.pending is None or self.pending[0] != g:
-                if self.entry(g):
+                if self.entry(g) or any(b[0] == g for b in batch[-1:]):
                     raise self._refuse_stream(f"the grain at byte {g * gb} of the extent is written already")
+                if n == gb:
+                    batch.append((g, bytes(mv[pos:pos + n])))
+                    pos += n
+                    continue
+                self._append_batch(batch)
                 if self.pending is not None:
                     self._commit_pending()
                 self.pending = (g, bytearray(gb))
-            self.pending[1][in_g:in_g + n] = data[pos:pos + n]
-            last = (g + 1) * gb >= self.sectors * SECTOR
-            if in_g + n == gb or (last and off + n >= self.sectors * SECTOR):
+            self.pending[1][in_g:in_g + n] = mv[pos:pos + n]
+            if in_g + n == gb or off + n >= end_of_extent:
                 self._commit_pending()
             pos += n
+        self._append_batch(batch)
+
+    def _append_batch(self, batch: list[tuple[int, bytes]]) -> None:
+        """Compress whole grains (in threads: zlib lets go of the GIL) and append them in order."""
+        if not batch:
+            return
+        if self.pending is not None:
+            self._commit_pending()
+        todo = [(g, d) for g, d in batch if d.count(0) != len(d)]  # grains of zeros are left out
+        gs = self.header.grain_size
+        if len(todo) > 1:
+            recs = list(_compressor().map(lambda item: V.encode_grain(item[0] * gs, item[1]), todo))
+        else:
+            recs = [V.encode_grain(g * gs, d) for g, d in todo]
+        for (g, _d), rec in zip(todo, recs):
+            self._append(g, rec)
+        batch.clear()
 
     def _commit_pending(self) -> None:
         g, buf = self.pending
         self.pending = None
-        if not any(buf) and buf == bytes(len(buf)):
+        if not any(buf):
             return  # a grain of zeros is left out: it reads as zeros
+        self._append(g, V.encode_grain(g * self.header.grain_size, bytes(buf)))
+
+    def _append(self, g: int, rec: bytes) -> None:
         if self.tail_sector == self.fresh_tail:
             # the first grain overwrites the empty image's tail: it is metadata no more
             self._meta = [m for m in self._meta if m[1] <= self.tail_sector]
             self._meta_starts = [s for s, _ in self._meta]
-        rec = V.encode_grain(g * self.header.grain_size, bytes(buf))
         sec = self.tail_sector
         if sec + len(rec) // SECTOR > MAX_FILE_SECTORS:
             raise NotSupported(f"{self.name}: the extent file is full (sparse extents address 2 TiB)")
