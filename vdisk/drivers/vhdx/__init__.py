@@ -116,8 +116,9 @@ class VhdxDriver(BlockDriver):
     # ------------------------------------------------------------------ helpers
     def _file_end(self) -> int:
         end = self.store.size()
-        for v in self._bat:
-            if v & V.BAT_STATE_MASK in (V.PAYLOAD_FULLY_PRESENT, V.SB_PRESENT):
+        step = self.layout.chunk_ratio + 1
+        for i, v in enumerate(self._bat):
+            if (i + 1) % step and v & V.BAT_STATE_MASK == V.PAYLOAD_FULLY_PRESENT:  # payload entries only
                 end = max(end, ((v >> V.BAT_OFFSET_SHIFT) << 20) + self.cluster_size)
         return -(-end // V.MiB) * V.MiB
 

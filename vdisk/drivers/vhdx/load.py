@@ -17,9 +17,10 @@ overlaid), returns a :class:`Layout` with every value the driver uses, checked:
   the five required items present and valid (block size a power of two in 1..256
   MiB, sector sizes 512 or 4096, virtual size a multiple of the logical sector size
   and at most 64 TiB);
-- the BAT: long enough for the virtual size, every present payload block and
-  sector bitmap 1 MiB aligned, inside the file (the part of a block the guest can
-  read) and overlapping no other block or structure.
+- the BAT: long enough for the virtual size, every present payload block 1 MiB
+  aligned, inside the file (the part of a block the guest can read) and
+  overlapping no other block or structure; payload states only those of a disk
+  without a parent.  Sector bitmap entries are ignored (see ``_check_bat``).
 
 Differencing disks (HasParent) are refused here as ``UnsupportedFeature``.
 """
@@ -200,11 +201,10 @@ def _check_bat(table: array.array, bs: int, ratio: int, vsize: int, file_size: i
     blocks = []
     for i, v in enumerate(table):
         state, off = v & V.BAT_STATE_MASK, (v >> V.BAT_OFFSET_SHIFT) << 20
-        if (i + 1) % (ratio + 1) == 0:  # a sector bitmap entry
-            if state not in (V.SB_NOT_PRESENT, V.SB_PRESENT):
-                raise CorruptImage(f"vhdx: sector bitmap entry {i} has state {state}")
-            if state == V.SB_PRESENT:
-                blocks.append((off, V.MiB, f"sector bitmap block {i // (ratio + 1)}", V.MiB))
+        if (i + 1) % (ratio + 1) == 0:
+            # a sector bitmap entry: a disk without a parent has no use for it, and
+            # qemu-img before 8.0 wrote garbage into some (QEMU commit "block/vhdx: fix
+            # dynamic VHDX BAT corruption"), so it is neither checked nor used
             continue
         if state not in V.PAYLOAD_STATES or state == V.PAYLOAD_PARTIALLY_PRESENT:
             raise CorruptImage(f"vhdx: BAT entry {i} has state {state}, not one of a disk without a parent")
