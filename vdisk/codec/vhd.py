@@ -313,3 +313,18 @@ def bitmap_runs(bitmap: bytes, first: int, count: int) -> list[tuple[int, int, b
         out.append((i, j - i, bit))
         i = j
     return out
+
+
+def set_bits(bitmap: bytearray, first: int, count: int) -> None:
+    """Set the bits of sectors ``[first, first+count)`` (bit order as ``bitmap_runs``)."""
+    i, end = first, first + count
+    while i < end and i & 7:
+        bitmap[i >> 3] |= 0x80 >> (i & 7)
+        i += 1
+    whole = (end - i) >> 3
+    if whole:
+        bitmap[i >> 3:(i >> 3) + whole] = b"\xff" * whole
+        i += whole << 3
+    while i < end:
+        bitmap[i >> 3] |= 0x80 >> (i & 7)
+        i += 1

@@ -30,7 +30,7 @@ import uuid
 
 from .. import budget
 from ..codec import vdi as C
-from ..errors import CorruptImage, UnsupportedFeature, UsageError
+from ..errors import CorruptImage, NotSupported, UnsupportedFeature, UsageError
 from ..host import HostStorage
 from . import register
 from .base import BlockDriver, CheckResult, CreateOptions, Extent, Status
@@ -327,6 +327,10 @@ class VdiDriver(BlockDriver):
             self.host.flush()
         self.next -= 1
         self.used -= 1
+
+    def set_backing(self, ref) -> None:
+        if ref is not None:
+            raise NotSupported("vdi images cannot have a backing file")
 
     # ------------------------------------------------------------------ metadata
     def info(self) -> dict:

@@ -49,7 +49,7 @@ from ..codec import vhd as C
 from ..errors import CorruptImage, NotSupported, UnsupportedFeature, UsageError
 from ..host import HostStorage
 from . import register
-from .base import BlockDriver, CheckResult, CreateOptions, Extent, Status
+from .base import BackingRef, BlockDriver, CheckResult, CreateOptions, Extent, Status
 
 MAX_SIZE = 0xFF000000 * C.SECTOR  # 2040 GiB: BAT entries are 32-bit sector numbers
 MIN_BLOCK, MAX_BLOCK = C.SECTOR, 32 << 20
@@ -175,6 +175,16 @@ def footer_for(size: int, disk_type: int, data_offset: int, unique_id: bytes, ex
                     geometry=chs, unique_id=unique_id, timestamp=max(0, int(time.time()) - C.EPOCH_OFFSET))
 
 
+class _Zeros:
+    """A length, standing for that many zero bytes (only ``len`` is asked of it)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+
 @register
 class VhdDriver(BlockDriver):
     format_name = "vpc"
@@ -202,6 +212,7 @@ class VhdDriver(BlockDriver):
         self.bitmaps: dict[int, bytes] = {}  # partial bitmaps read so far (bounded)
         self.dirty_bat: set[int] = set()
         self.pending_bitmaps: set[int] = set()
+        self.dirty_bitmaps: dict[int, bytearray] = {}  # differencing: bitmaps changed since the last flush
         self.footer_pos = 0  # where the footer at the end is (or must go)
         self.footer_dirty = False
         self.meta: list[tuple[int, int]] = []  # host ranges of metadata (offset, length)
@@ -443,8 +454,6 @@ class VhdDriver(BlockDriver):
         self.footer_pos = max(last, end_meta if end_meta < self.host.size() else last)
 
     def _parent_ref(self, dyn: C.DynHeader, end_meta: int, meta: list):
-        from .base import BackingRef
-
         name = self.host.name
         found: dict[bytes, str] = {}
         for loc in dyn.locators:
@@ -500,7 +509,55 @@ class VhdDriver(BlockDriver):
         return self.footer.disk_type == C.TYPE_DIFFERENCING
 
     def set_backing(self, ref) -> None:
-        raise NotSupported("vpc: changing a VHD's parent is not supported")
+        """No parent: a differencing disk becomes a dynamic one (the footers first: a
+        crash before the header is rewritten leaves a dynamic disk whose header still
+        has unused locators).  A new parent (a VHD) replaces the relative locator's
+        path where it fits in the locator's space."""
+        if ref is None:
+            if not self.differencing:
+                return
+            self.flush()
+            footer = self.footer.replace(disk_type=C.TYPE_DYNAMIC)
+            self.host.pwrite(0, C.encode_footer(footer))
+            self.host.pwrite(self.footer_pos, C.encode_footer(footer))
+            self.host.flush()
+            dyn = self.dyn.replace(parent_unique_id=bytes(16), parent_timestamp=0, parent_name="",
+                                   locators=(C.NO_LOCATOR,) * C.LOCATORS)
+            self.host.pwrite(self.footer.data_offset, C.encode_dyn_header(dyn))
+            self.host.flush()
+            self.footer, self.dyn, self.backing_ref = footer, dyn, None
+            return
+        if ref.format != "vpc" or not self.differencing:
+            raise NotSupported(f"vpc: a VHD's parent must be a VHD, named when it is created (not {ref.format}"
+                               f"{'' if self.differencing else ' for a disk that is not a differencing one'})")
+        rel = ref.filename.replace("/", "\\")
+        data = C.encode_locator_path(C.PLAT_W2RU, rel if rel.startswith(("\\", ".")) else ".\\" + rel)
+        for i, loc in enumerate(self.dyn.locators):
+            if loc.platform_code == C.PLAT_W2RU and len(data) <= -(-loc.data_length // C.SECTOR) * C.SECTOR:
+                break
+        else:
+            raise NotSupported("vpc: the differencing disk has no room for that parent's path")
+        parent = os.path.join(os.path.dirname(os.path.abspath(self.host.name)), ref.filename)
+        try:
+            with open(parent, "rb") as f:
+                head = f.read(512)
+                f.seek(max(0, os.fstat(f.fileno()).st_size - 512))
+                tail = f.read(512)
+            pf = C.decode_footer(head if head[:8] == C.FOOTER_COOKIE else tail)
+        except (OSError, CorruptImage) as exc:
+            raise UsageError(f"vpc: cannot read the new parent {parent}: {exc}") from None
+        self.flush()
+        space = -(-loc.data_length // C.SECTOR) * C.SECTOR
+        self.host.pwrite(loc.data_offset, data.ljust(space, b"\0"))
+        locs = list(self.dyn.locators)
+        locs[i] = C.Locator(C.PLAT_W2RU, loc.data_space, len(data), loc.data_offset)
+        locs = [x if j == i or x.platform_code == C.PLAT_NONE else C.NO_LOCATOR for j, x in enumerate(locs)]
+        dyn = self.dyn.replace(parent_unique_id=pf.unique_id, parent_timestamp=pf.timestamp,
+                               parent_name=os.path.basename(ref.filename)[:256], locators=tuple(locs))
+        self.host.pwrite(self.footer.data_offset, C.encode_dyn_header(dyn))
+        self.host.flush()
+        self.dyn = dyn
+        self.backing_ref = BackingRef(ref.filename, "vpc")
 
     def _restore_end(self) -> None:
         """After an interrupted write: cut what follows the last block, put the footer back."""
@@ -514,7 +571,7 @@ class VhdDriver(BlockDriver):
         st = self.state[b]
         if st == _FULL:
             return None
-        bm = self.bitmaps.get(b)
+        bm = self.dirty_bitmaps.get(b) or self.bitmaps.get(b)
         if bm is None:
             bm = self.host.pread(self.bat[b] * C.SECTOR, self.bmsize)
             nbits = self.cluster_size // C.SECTOR
@@ -572,6 +629,9 @@ class VhdDriver(BlockDriver):
             return
         view = memoryview(data)
         for b, within, pos, n in self._pieces(offset, len(data)):
+            if self.differencing:
+                self._diff_write(b, within, view[pos - offset:pos - offset + n])
+                continue
             e = self._writable_block(b, whole=(within == 0 and n == self.cluster_size))
             piece = view[pos - offset:pos - offset + n]
             fresh = fresh_granules(self, b, e * C.SECTOR + self.bmsize) if not self.differencing else None
@@ -584,7 +644,7 @@ class VhdDriver(BlockDriver):
         """Block ``b``'s BAT entry, with the block allocated and every bitmap bit set."""
         e = self.bat[b]
         if e == C.BAT_UNUSED:
-            return self._allocate(b, fill=not whole)
+            return self._allocate(b)
         if self._bitmap(b) is not None:
             content = None if whole else self.read(b * self.cluster_size,
                                                   min(self.cluster_size, self.size - b * self.cluster_size))
@@ -595,38 +655,71 @@ class VhdDriver(BlockDriver):
             self.pending_bitmaps.add(b)  # its bits are set by flush, after the data is durable
         return e
 
-    def _allocate(self, b: int, fill: bool) -> int:
+    def _allocate(self, b: int) -> int:
         bs, bm = self.cluster_size, self.bmsize
         p = -(-(self.footer_pos + bm) // ALIGN) * ALIGN - bm
         if (p + bm + bs) // C.SECTOR >= C.BAT_UNUSED:
             raise CorruptImage(f"{self.host.name}: the file would pass 2 TiB, the most a BAT entry can address")
-        self.host.pwrite(p, b"\xff" * bm)
-        if fill and self.differencing and self.backing is not None:
-            start = b * bs
-            parent = self.backing.read(start, min(bs, max(0, self.size - start)))
-            if parent.count(0) != len(parent):
-                self.host.pwrite(p + bm, parent)
-        elif not self.differencing:
-            self.fresh[b] = bytearray(-(-bs // GRANULE))
         e = p // C.SECTOR
+        if self.differencing:  # no sector present yet: its bits are set as sectors are written
+            self.host.pwrite(p, bytes(bm))
+            self.dirty_bitmaps[b] = bytearray(bm)
+            self.state[b] = _PARTIAL
+        else:
+            self.host.pwrite(p, b"\xff" * bm)
+            self.fresh[b] = bytearray(-(-bs // GRANULE))
+            self.state[b] = _FULL
         self.bat[b] = e
-        self.state[b] = _FULL
         self.dirty_bat.add(b)
         self.footer_pos = p + bm + bs
         self.footer_dirty = True
         return e
+
+    def _diff_write(self, b: int, within: int, piece, zero: bool = False) -> None:
+        """Write into block ``b`` of a differencing disk: the sectors written get their
+        bitmap bits set (by ``flush``, after the data), the others keep reading the
+        parent; a partly written sector is first filled from what it reads as."""
+        n = len(piece)
+        if self.bat[b] == C.BAT_UNUSED:
+            self._allocate(b)
+        bm = self._dirty_bitmap(b)
+        data_at = self.bat[b] * C.SECTOR + self.bmsize
+        lo, hi = within - within % C.SECTOR, -(-(within + n) // C.SECTOR) * C.SECTOR
+        guest = b * self.cluster_size
+        if lo == within and hi == within + n:
+            if zero:
+                self.host.punch_hole(data_at + lo, n)
+            else:
+                self.host.pwrite(data_at + lo, piece)
+        else:
+            buf = bytearray(hi - lo)
+            if lo < within:
+                buf[:C.SECTOR] = self.read(guest + lo, C.SECTOR)
+            if hi > within + n:
+                buf[-C.SECTOR:] = self.read(guest + hi - C.SECTOR, C.SECTOR)
+            buf[within - lo:within - lo + n] = bytes(n) if zero else piece
+            self.host.pwrite(data_at + lo, buf)
+        C.set_bits(bm, lo // C.SECTOR, (hi - lo) // C.SECTOR)
+
+    def _dirty_bitmap(self, b: int) -> bytearray:
+        bm = self.dirty_bitmaps.get(b)
+        if bm is None:
+            cur = self._bitmap(b)
+            bm = self.dirty_bitmaps[b] = bytearray(b"\xff" * self.bmsize if cur is None else cur)
+            self.bitmaps.pop(b, None)
+        return bm
 
     def write_zeroes(self, offset: int, length: int) -> None:
         if not self.dynamic:
             self.host.punch_hole(offset, length)
             return
         for b, within, pos, n in self._pieces(offset, length):
+            if self.differencing:
+                self._diff_write(b, within, _Zeros(n), zero=True)
+                continue
             if self.bat[b] == C.BAT_UNUSED:
-                if not self.differencing:
-                    continue  # reads as zeros already
-                e = self._allocate(b, fill=not (within == 0 and n == self.cluster_size))
-            else:
-                e = self._writable_block(b)
+                continue  # reads as zeros already
+            e = self._writable_block(b)
             self.host.punch_hole(e * C.SECTOR + self.bmsize + within, n)
 
     def discard(self, offset: int, length: int) -> None:
@@ -635,13 +728,16 @@ class VhdDriver(BlockDriver):
     def flush(self) -> None:
         if self.read_only:
             return
-        if not (self.dirty_bat or self.pending_bitmaps or self.footer_dirty):
+        if not (self.dirty_bat or self.pending_bitmaps or self.footer_dirty or self.dirty_bitmaps):
             self.host.flush()
             return
         self.host.flush()  # the data first: nothing may point at unwritten blocks
         for b in sorted(self.pending_bitmaps):
             self.host.pwrite(self.bat[b] * C.SECTOR, b"\xff" * self.bmsize)
         self.pending_bitmaps.clear()
+        for b, bm in sorted(self.dirty_bitmaps.items()):
+            self.host.pwrite(self.bat[b] * C.SECTOR, bytes(bm))
+        self.dirty_bitmaps.clear()
         self._write_bat_entries(self.dirty_bat)
         self.dirty_bat.clear()
         if self.footer_dirty:
@@ -706,8 +802,7 @@ class VhdDriver(BlockDriver):
         cut = min(old, new_size)
         b = cut // bs
         if cut % bs and b < n and self.bat[b] != C.BAT_UNUSED:
-            e = self._writable_block(b)
-            self.host.punch_hole(e * C.SECTOR + self.bmsize + cut % bs, bs - cut % bs)
+            self.write_zeroes(cut, bs - cut % bs)
         for i in range(need, n):
             if self.bat[i] != C.BAT_UNUSED:
                 self.host.punch_hole(self.bat[i] * C.SECTOR, self.stride)
@@ -800,6 +895,7 @@ class VhdDriver(BlockDriver):
                 self.bat[i] = C.BAT_UNUSED
                 self.state[i] = 0
         self.bitmaps.clear()
+        self.dirty_bitmaps.clear()
         self.fresh.clear()
         self._write_bat_entries(range(len(self.bat)))
         self.host.flush()
