@@ -443,3 +443,17 @@ def test_disk_past_4g_with_sector_bitmap_entries(tmp_path, require_qemu):
         assert img.read(size - len(tail), len(tail)) == tail
         img.write(3 << 30, b"\x01" * 4096)  # allocates a new block at the end of the file, not at 2^45
     assert v2.stat().st_size < 64 * MiB
+
+
+def test_crc32c_known_answers():
+    """RFC 3720 (iSCSI) B.4 vectors and the usual check value; continuing a CRC."""
+    assert V.crc32c(b"123456789") == 0xE3069283
+    assert V.crc32c(bytes(32)) == 0x8A9136AA
+    assert V.crc32c(b"\xff" * 32) == 0x62A8AB43
+    assert V.crc32c(bytes(range(32))) == 0x46DD794E
+    data = random.Random(1).randbytes(100_003)
+    assert V.crc32c(data[37:], V.crc32c(data[:37])) == V.crc32c(data)
+    buf = bytearray(4096)
+    buf[100] = 7
+    V.sign(buf)
+    assert V.checksum(bytes(buf)) == struct.unpack_from("<I", buf, 4)[0]
