@@ -5,6 +5,7 @@ streamOptimized's write-once rule, resize, and the codec against formats/vmdk.md
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import shutil
@@ -441,3 +442,58 @@ def test_rebase_unsafe_onto_a_vmdk_parent(tmp_path):
     r = subprocess.run([str(vdisk_exe()), "rebase", "-u", "-b", "a.vmdk", "-F", "raw", str(c)], check=False,
                        capture_output=True, text=True)
     assert r.returncode == 1 and "must be a VMDK" in r.stderr
+
+
+# ----------------------------------------------------------------------------- model
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as hst
+
+MODEL_SIZE = 3 * MiB + 512
+op = hst.one_of(
+    hst.tuples(hst.just("write"), hst.integers(0, MODEL_SIZE - 1), hst.integers(1, 200_000), hst.integers(0, 255)),
+    hst.tuples(hst.just("zero"), hst.integers(0, MODEL_SIZE - 1), hst.integers(1, 300_000), hst.just(0)),
+    hst.tuples(hst.just("discard"), hst.integers(0, MODEL_SIZE - 1), hst.integers(1, 300_000), hst.just(0)),
+    hst.tuples(hst.just("reopen"), hst.just(0), hst.just(0), hst.just(0)),
+)
+
+
+@settings(max_examples=int(os.environ.get("VDISK_VMDK_MODEL_EXAMPLES", "25")), deadline=None, suppress_health_check=list(HealthCheck))
+@given(child=hst.booleans(), zeroed=hst.booleans(), ops=hst.lists(op, min_size=1, max_size=25))
+def test_model_monolithic_sparse(tmp_path_factory, child, zeroed, ops):
+    """Random writes, zeroes, discards and reopens of a monolithicSparse disk (or a
+    child on a parent holding data) read as an in-memory model, through vdisk and
+    through qemu-img, and pass both checks."""
+    d = tmp_path_factory.mktemp("model")
+    top = d / "top.vmdk"
+    opts = {"zeroed_grain": "on" if zeroed else "off"}
+    model = bytearray(MODEL_SIZE)
+    if child:
+        vdisk.create(d / "base.vmdk", MODEL_SIZE, format="vmdk")
+        with vdisk.open(d / "base.vmdk") as b:
+            model[:] = random.Random(9).randbytes(MODEL_SIZE)
+            b.write(0, bytes(model))
+        vdisk.create(top, format="vmdk", backing_file="base.vmdk", backing_format="vmdk", options=opts)
+    else:
+        vdisk.create(top, MODEL_SIZE, format="vmdk", options=opts)
+    img = vdisk.open(top)
+    try:
+        for kind, off, n, val in ops:
+            n = min(n, MODEL_SIZE - off)
+            if kind == "write":
+                img.write(off, bytes([val]) * n)
+                model[off:off + n] = bytes([val]) * n
+            elif kind in ("zero", "discard"):
+                getattr(img, "write_zeroes" if kind == "zero" else "discard")(off, n)
+                model[off:off + n] = bytes(n)
+            else:
+                img.close()
+                img = vdisk.open(top)
+            assert img.read(0, MODEL_SIZE) == model
+    finally:
+        img.close()
+    assert read_all(top) == model
+    with vdisk.open(top, read_only=True) as im:
+        assert im.check().corruptions == []
+    run(QEMU_IMG, "check", str(top))
+    (d / "model.raw").write_bytes(model)
+    run(QEMU_IMG, "compare", "-f", "raw", "-F", "vmdk", str(d / "model.raw"), str(top))
