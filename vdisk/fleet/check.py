@@ -174,6 +174,7 @@ def space_report(fleet: Fleet) -> dict:
     return {"per_vm": per_vm,
             "fleet": {"vms": len(live), "golden_bytes": golden_bytes, "unique_bytes_total": sum(uniq),
                       "unique_bytes_per_vm_mean": round(sum(uniq) / len(uniq)) if uniq else 0,
+                      "unique_bytes_per_vm_median": sorted(uniq)[len(uniq) // 2] if uniq else 0,
                       "unique_bytes_per_vm_max": max(uniq) if uniq else 0,
                       "physical_bytes": physical,
                       "physical_bytes_per_vm": round(physical / len(live)) if live else 0}}

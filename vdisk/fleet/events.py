@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from .model import DiskModel
 
 MIRROR_CHUNK = 4 << 20
+ZERO_GRAIN = 64 << 10
 
 
 class EventError(UsageError):
@@ -159,8 +160,11 @@ class Mirror:
         n = min(nbytes, self.size - self.cursor)
         data = self.disk.image.read(self.cursor, n)
         if data.count(0) != len(data):
-            self.dst.write(self.cursor, data)
-            self.copied += n
+            for p in range(0, n, ZERO_GRAIN):  # zeros are not copied (drive-mirror's detect-zeroes)
+                piece = data[p:p + ZERO_GRAIN]
+                if piece.count(0) != len(piece):
+                    self.dst.write(self.cursor + p, piece)
+                    self.copied += len(piece)
         self.cursor += n
         return self.cursor >= self.size
 

@@ -131,9 +131,11 @@ class Fleet:
             self.by_name[str(vm.number)] = vm
 
     # ------------------------------------------------------------------ requests
-    def _do(self, vm: VM, req: tuple, rec: Recorder, t_phase: float) -> None:
+    def _do(self, vm: VM, req: tuple, rec: Recorder, t_phase: float, spread: bool) -> None:
+        """Send one request; ``spread`` sends it to any of the VM's disks (synthetic
+        workloads), else to disk 0 (a boot or a trace: one recorded disk)."""
         op, off, n, _due = req
-        disk = vm.disks[0] if len(vm.disks) == 1 else vm.disks[(off // BLOCK + vm.ops) % len(vm.disks)]
+        disk = vm.disks[(off // BLOCK + vm.ops) % len(vm.disks)] if spread and len(vm.disks) > 1 else vm.disks[0]
         if op != "F" and off + n > disk.model.size:
             off = (off % max(BLOCK, disk.model.size - n + 1)) // BLOCK * BLOCK  # a data disk may be smaller
         img = disk.image
@@ -239,7 +241,8 @@ class Fleet:
                 gen = workloads.make(w, size, vm.number, self.spec.seed, self.traces) if w is not None else iter(())
                 limit, duration = (w.ops if w is not None else None), (self.spec.duration or None)
             pending = [e for e in self.spec.events if self.by_name.get(str(e.vm)) is vm] if phase == "steady" else []
-            self._run_requests(vm, gen, rec, ph, limit, duration, pending)
+            spread = phase == "steady" and w is not None and w.kind != "trace"
+            self._run_requests(vm, gen, rec, ph, limit, duration, pending, spread)
             if not vm.deleted and not self.stop.is_set():
                 self._wait_for_timed(vm, pending, ph, duration)
                 self._due_events(vm, pending, time.perf_counter() - ph.start, final=True)
@@ -273,7 +276,7 @@ class Fleet:
                 entry["seconds"] = sec
                 break
 
-    def _run_requests(self, vm, gen, rec, ph, limit, duration, pending) -> None:
+    def _run_requests(self, vm, gen, rec, ph, limit, duration, pending, spread) -> None:
         start = ph.start
         n = 0
         for req in gen:
@@ -296,7 +299,7 @@ class Fleet:
                 if self.stop.is_set() or vm.deleted:
                     return
             with vm.lock:
-                self._do(vm, req, rec, start)
+                self._do(vm, req, rec, start, spread)
                 if any(d.mirror is not None for d in vm.disks):
                     sec = ev_mod.migrate_advance(vm)
                     if sec is not None:
@@ -336,14 +339,22 @@ class Fleet:
         self.phases[name] = ph
         with self._lock:
             self._threads = []
-        starter()
-        while True:
+        try:
+            starter()
+            while True:
+                with self._lock:
+                    alive = [t for t in self._threads if t.is_alive()]
+                if not alive:
+                    break
+                self._report_progress(ph)
+                alive[0].join(0.5)
+        except BaseException:  # interrupted: let every VM thread stop before the disks close
+            self.stop.set()
             with self._lock:
-                alive = [t for t in self._threads if t.is_alive()]
-            if not alive:
-                break
-            self._report_progress(ph)
-            alive[0].join(0.5)
+                threads = list(self._threads)
+            for t in threads:
+                t.join(10)
+            raise
         ph.elapsed = time.perf_counter() - ph.start
         self._report_progress(ph)
 
@@ -363,7 +374,15 @@ class Fleet:
 
     # ------------------------------------------------------------------ the run
     def run(self) -> dict:
-        """Run the whole fleet and return its result (see :mod:`.report` for the keys)."""
+        """Run the whole fleet and return its result (formats/fleet.md lists the keys)."""
+        try:
+            return self._run()
+        except BaseException:
+            if self._own_dir and not self.keep:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+            raise
+
+    def _run(self) -> dict:
         t_all = time.perf_counter()
         try:
             self.prepare()
