@@ -472,6 +472,9 @@ def test_cli_errors(image_dir, run_vdisk, sockdir):
     assert "no such file" in r.stderr
     r = run_vdisk("serve", "--nbd", f"unix:{sockdir}/x.sock", "-U", img, expect=1)
     assert "only with -r" in r.stderr
+    r = run_vdisk("serve", "--nbd", f"unix:{sockdir}/x.sock", "--export-name", "n" * 5000, img, expect=1)
+    assert "export name is longer than 4096 bytes" in r.stderr
+    assert not os.path.exists(f"{sockdir}/x.sock")
 
 
 def test_a_second_writer_is_refused_while_served(image_dir, serve, run_vdisk, sockdir):

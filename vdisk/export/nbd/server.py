@@ -197,8 +197,9 @@ class NbdServer:
 
     def __init__(self, image, *, export_name: str = "", read_only: bool = False, description: str = "",
                  max_connections: int = MAX_CONNECTIONS):
-        if len(export_name.encode()) > proto.MAX_STRING or "\0" in export_name:
-            raise UsageError(f"export name is longer than {proto.MAX_STRING} bytes or has a NUL")
+        for what, text in (("export name", export_name), ("description", description)):
+            if len(text.encode()) > proto.MAX_STRING or "\0" in text:
+                raise UsageError(f"the {what} is longer than {proto.MAX_STRING} bytes or has a NUL")
         self.image = image
         self.read_only = read_only or image.read_only
         self.export = proto.Export(export_name, image.size, self.read_only, description)
