@@ -43,9 +43,9 @@ class Server:
         self.uri = self.line.rsplit(" at ", 1)[1]
         assert os.path.exists(self.sock)
 
-    def stop(self) -> int:
+    def stop(self, sig=signal.SIGTERM) -> int:
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(sig)
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
@@ -421,7 +421,8 @@ def test_block_status_req_one_and_structured_read_of_a_hole(image_dir, serve):
 
 
 # ---------------------------------------------------------------- lifecycle and the CLI
-def test_sigterm_flushes_and_cleans_up(image_dir, serve, run_vdisk, sockdir):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_flushes_and_cleans_up(image_dir, serve, run_vdisk, sockdir, sig):
     img = image_dir / "d.vdk"
     vdisk.create(img, SIZE)
     pidfile = os.path.join(sockdir, "pid")
@@ -433,7 +434,8 @@ def test_sigterm_flushes_and_cleans_up(image_dir, serve, run_vdisk, sockdir):
     c.send(proto.request(proto.CMD_WRITE, 1, 8192, 5) + b"hello")
     assert c.read_reply() == (0, b"")
     # the client stays connected: the server still stops, flushing first
-    assert s.stop() == 0
+    assert s.stop(sig) == 0
+    assert "Traceback" not in s.stderr
     assert c.closed()
     assert not os.path.exists(s.sock) and not os.path.exists(pidfile)
     check_clean(run_vdisk, img)
