@@ -284,6 +284,16 @@ class SparseWriteMixin:
         self.gd_dirty = False
         self.host.flush()
 
+    def sync_redundant(self) -> None:
+        """Rewrite the redundant grain tables from the primary ones; durable on return."""
+        if self.rgte is None:
+            return
+        for i in set(self.gte.tables) | set(self.rgte.tables):
+            if self.gte.table(i) != self.rgte.table(i):
+                self.rgte.tables[i] = array.array("I", self.gte.table(i))
+                self.dirty_gts.add(i)
+        self.flush()
+
     def make_empty(self) -> None:
         """Drop every grain (``commit`` empties the overlay it committed); durable on
         return.  The file is cut back to its metadata."""
