@@ -216,7 +216,8 @@ def generate(outdir: str) -> list[Case]:
     gte("gte-duplicate", "two guest grains share one host grain", 1, first, read="skip", check=True, content=None)
     v = Sparse(base)
     v.u32(v.gte_pos(0, gd_offset=h.rgd_offset), first + 128)
-    add("rgt-disagrees", "the redundant table names another grain", v.bytes(), read="any", check=True)
+    add("rgt-disagrees", "the redundant table names another grain (a crash leaves this: check calls it a leak)",
+        v.bytes(), read="any", check=False)
 
     # --- embedded descriptor
     def desc(name, why, text: bytes, err="CorruptImage", **kw):
