@@ -560,3 +560,24 @@ def test_crash_states_of_monolithic_sparse():
         for s in range(0, size, 512):
             piece = got[s:s + 512]
             assert any(piece == c[s:s + 512] for c in cands), f"{st_.describe()}: sector {s // 512} never held this"
+
+
+def test_check_repairs_a_lagging_redundant_table(tmp_path):
+    path = tmp_path / "r.vmdk"
+    vdisk.create(path, 4 * MiB, format="vmdk")
+    with vdisk.open(path) as img:
+        img.write(0, b"z" * 200_000)
+    data = bytearray(Path(path).read_bytes())
+    h = V.decode_header(bytes(data[:512]))
+    rgt = struct.unpack_from("<I", data, h.rgd_offset * 512)[0]
+    struct.pack_into("<I", data, rgt * 512 + 4, 0)  # the redundant entry of grain 1 never landed
+    Path(path).write_bytes(data)
+    exe = str(vdisk_exe())
+    r = subprocess.run([exe, "check", str(path)], check=False, capture_output=True, text=True)
+    assert r.returncode == 3 and "lags" in r.stdout + r.stderr
+    run(exe, "check", "-r", "leaks", str(path))
+    run(exe, "check", str(path))
+    after = Path(path).read_bytes()
+    gt = struct.unpack_from("<I", after, h.gd_offset * 512)[0]
+    assert after[rgt * 512:rgt * 512 + 2048] == after[gt * 512:gt * 512 + 2048]
+    assert read_all(path)[:200_000] == b"z" * 200_000
