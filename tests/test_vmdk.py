@@ -581,3 +581,21 @@ def test_check_repairs_a_lagging_redundant_table(tmp_path):
     gt = struct.unpack_from("<I", after, h.gd_offset * 512)[0]
     assert after[rgt * 512:rgt * 512 + 2048] == after[gt * 512:gt * 512 + 2048]
     assert read_all(path)[:200_000] == b"z" * 200_000
+
+
+def test_rdonly_and_zero_extents(tmp_path):
+    (tmp_path / "a.raw").write_bytes(b"A" * 4096)
+    run(QEMU_IMG, "create", "-q", "-f", "vmdk", str(tmp_path / "s.vmdk"), "4096")
+    d = tmp_path / "d.vmdk"
+    d.write_text('# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\ncreateType="custom"\n'
+                 'RDONLY 8 FLAT "a.raw" 0\nRW 8 ZERO\nRDONLY 8 SPARSE "s.vmdk"\n')
+    from vdisk.errors import ReadOnlyImage
+
+    with vdisk.open(d) as img:
+        assert img.size == 3 * 4096 and img.read(0, 4096) == b"A" * 4096 and img.read(4096, 8192) == bytes(8192)
+        for off in (0, 2 * 4096):
+            with pytest.raises(ReadOnlyImage, match="read-only"):
+                img.write(off, b"x")
+        with pytest.raises(NotSupported, match="ZERO extent"):
+            img.write(4096, b"x")
+    assert (tmp_path / "a.raw").read_bytes() == b"A" * 4096

@@ -30,7 +30,7 @@ import os
 from collections.abc import Callable
 
 from ...codec import vmdk as V
-from ...errors import NotSupported
+from ...errors import NotSupported, ReadOnlyImage
 
 SECTOR = V.SECTOR
 MAX_FILE_SECTORS = 0xFFFFFFFF  # grain table entries are 32-bit sector numbers
@@ -100,6 +100,8 @@ class SparseWriteMixin:
     def write(self, offset: int, data: bytes, fill: Fill) -> None:
         """Write extent bytes; ``fill(offset, length)`` gives what an unallocated grain
         holds underneath (the backing image's bytes, or zeros)."""
+        if self.read_only:
+            raise ReadOnlyImage(f"{self.name}: the descriptor makes this extent read-only")
         self.wrote = True
         if self.stream:
             self._stream_write(offset, data)
@@ -126,6 +128,8 @@ class SparseWriteMixin:
 
     def zero(self, offset: int, length: int, has_backing: bool, fill: Fill) -> None:
         """Make the range read as zeros in this extent."""
+        if self.read_only:
+            raise ReadOnlyImage(f"{self.name}: the descriptor makes this extent read-only")
         self.wrote = True
         gb = self.grain_bytes
         pos, end = offset, offset + length
