@@ -86,6 +86,10 @@ def human(r: dict) -> str:
 W, H, PAD = 640, 220, 48
 
 
+def _tick(v: float) -> str:
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
+
+
 def _line_plot(title: str, points: list[tuple[float, float]], ylabel: str, color: str) -> str:
     if not points:
         return f"<p>{html.escape(title)}: no data</p>"
@@ -103,10 +107,10 @@ def _line_plot(title: str, points: list[tuple[float, float]], ylabel: str, color
 
     path = " ".join(f"{'M' if i == 0 else 'L'}{sx(x):.1f},{sy(y):.1f}" for i, (x, y) in enumerate(points))
     ticks = "".join(f'<text x="{PAD - 6}" y="{sy(ymax * k / 4) + 4:.1f}" text-anchor="end" font-size="10">'
-                    f'{ymax * k / 4:.3g}</text><line x1="{PAD}" x2="{W - PAD}" y1="{sy(ymax * k / 4):.1f}" '
+                    f'{_tick(ymax * k / 4)}</text><line x1="{PAD}" x2="{W - PAD}" y1="{sy(ymax * k / 4):.1f}" '
                     f'y2="{sy(ymax * k / 4):.1f}" stroke="#ddd"/>' for k in range(5))
     xt = "".join(f'<text x="{sx(xmax * k / 4):.1f}" y="{H - PAD + 14}" text-anchor="middle" font-size="10">'
-                 f'{xmax * k / 4:.3g}</text>' for k in range(5))
+                 f'{_tick(xmax * k / 4)}</text>' for k in range(5))
     return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" role="img">'
             f'<title>{html.escape(title)}</title>{ticks}{xt}'
             f'<text x="{W / 2}" y="16" text-anchor="middle" font-size="13">{html.escape(title)}</text>'
