@@ -411,3 +411,52 @@ def test_resize_grows_past_the_bat_room(image_dir, require_qemu):
         img.resize(1 * MiB, shrink=True)
     exp.write_bytes(model[:MiB])
     qemu_img("compare", "-f", "vpc", "-F", "raw", p, exp)
+
+
+def test_differencing_writes_sector_by_sector(image_dir):
+    """A write into a differencing disk takes only its sectors from the child: the
+    rest of the block still comes from the parent (map says so), and the bitmap bits
+    reach the disk only with the flush."""
+    base, child = image_dir / "base.vhd", image_dir / "child.vhd"
+    data = mixed(4 * MiB, seed=8)
+    vdisk.create(str(base), len(data), format="vpc")
+    with vdisk.open(str(base)) as b:
+        b.write(0, data)
+    vdisk.create(str(child), format="vpc", backing_file="base.vhd", backing_format="vpc")
+    with vdisk.open(str(child)) as c:
+        c.write(1000, b"w" * 3000)  # sectors 1..7, two of them partly
+        c.flush()
+        own = [e for e in c.block_status(0, c.size, chain=False) if e.status != vdisk.drivers.base.Status.UNALLOCATED]
+        assert [(e.offset, e.length) for e in own] == [(512, 3584)]
+        bm = c.driver._bitmap(0)
+        assert bm[0] == 0b01111111 and not any(bm[1:])
+        c.write(MiB, b"u" * 512)
+        before_flush = image_dir / "crashed.vhd"
+        shutil.copy(child, before_flush)
+    want = bytearray(data)
+    want[1000:4000] = b"w" * 3000
+    assert read_all(child) == bytes(want[:MiB]) + b"u" * 512 + bytes(want[MiB + 512:])
+    # a crash before the flush: the new sector's bit is not on disk, the parent answers
+    assert read_all(before_flush) == bytes(want)
+
+
+def test_rebase_and_flatten_of_a_differencing_disk(image_dir, run_vdisk):
+    a, b, child = image_dir / "a.vhd", image_dir / "b.vhd", image_dir / "child.vhd"
+    for p, fill in ((a, b"A"), (b, b"B")):
+        vdisk.create(str(p), 4 * MiB, format="vpc")
+        with vdisk.open(str(p)) as img:
+            img.write(0, fill * (4 * MiB))
+    vdisk.create(str(child), format="vpc", backing_file="a.vhd", backing_format="vpc")
+    with vdisk.open(str(child)) as c:
+        c.write(MiB, b"c" * 100)
+    run_vdisk("rebase", "-u", "-b", "b.vhd", "-F", "vpc", child)
+    got = read_all(child)
+    assert got[:MiB] == b"B" * MiB and got[MiB:MiB + 100] == b"c" * 100
+    r = run_vdisk("rebase", "-u", "-b", "a.vhd", "-F", "raw", child, expect=1)
+    assert "VHD" in r.stderr
+    run_vdisk("flatten", child)
+    with vdisk.open(str(child), read_only=True) as c:
+        assert c.backing is None and c.info()["subformat"] == "dynamic"
+        assert c.read(0, c.size) == got
+    os.unlink(b)  # the flattened disk needs its old parent no more
+    assert read_all(child) == got

@@ -288,9 +288,9 @@ class VdiDriver(BlockDriver):
         b = cut // bs
         if cut % bs and b < n and self.bmap[b] < C.BLOCK_ZERO:
             self.host.punch_hole(self._at(self.bmap[b]) + cut % bs, bs - cut % bs)
-        for i in range(need, n):
-            if self.bmap[i] < C.BLOCK_ZERO:
-                self._drop(i)
+        drop = [i for i in range(need, n) if self.bmap[i] < C.BLOCK_ZERO]
+        if drop:
+            self._drop(drop)
         if need > n:
             budget.charge(5 * (need - n), f"{self.host.name}: the block map")
             self.bmap.extend([C.BLOCK_FREE] * (need - n))
@@ -305,28 +305,33 @@ class VdiDriver(BlockDriver):
         self.host.flush()
         self.size = new_size
 
-    def _drop(self, i: int) -> None:
-        """Free guest block ``i``'s host block, moving the last host block into its
-        place so that the host blocks stay dense; each step is durable before the next
-        (no entry ever points at data that is not its own)."""
-        e = self.bmap[i]
-        self.bmap[i] = C.BLOCK_FREE
-        self.fresh.pop(i, None)
-        self._write_entries([i])
+    def _drop(self, drop: list[int]) -> None:
+        """Free the host blocks of guest blocks ``drop``, then move the host blocks past
+        the new count into the freed places so that the host blocks stay dense.  Three
+        durable steps: the entries freed; the blocks copied; the entries repointed --
+        no entry ever points at data that is not its own."""
+        for i in drop:
+            self.bmap[i] = C.BLOCK_FREE
+            self.fresh.pop(i, None)
+        self._write_entries(drop)
         self.host.flush()
-        last = self.next - 1
-        if e != last:
-            j = next(k for k, v in enumerate(self.bmap) if v == last)
-            bs = self.cluster_size
+        owner = {e: i for i, e in enumerate(self.bmap) if e < C.BLOCK_ZERO}
+        k = len(owner)
+        movers = sorted(h for h in owner if h >= k)
+        holes = [h for h in range(k) if h not in owner][:len(movers)]
+        bs = self.cluster_size
+        for src, dst in zip(movers, holes):
             for off in range(0, bs, 1 << 20):
                 n = min(1 << 20, bs - off)
-                self.host.pwrite(self._at(e) + off, self.host.pread(self._at(last) + off, n))
-            self.host.flush()
-            self.bmap[j] = e
-            self._write_entries([j])
-            self.host.flush()
-        self.next -= 1
-        self.used -= 1
+                self.host.pwrite(self._at(dst) + off, self.host.pread(self._at(src) + off, n))
+        self.host.flush()
+        moved = []
+        for src, dst in zip(movers, holes):
+            self.bmap[owner[src]] = dst
+            moved.append(owner[src])
+        self._write_entries(moved)
+        self.host.flush()
+        self.used = self.next = k
 
     def set_backing(self, ref) -> None:
         if ref is not None:
