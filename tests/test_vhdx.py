@@ -317,10 +317,58 @@ def test_refusals(tmp_path):
     diff = tmp_path / "diff.vhdx"
     diff.write_bytes(G.VhdxFile(path.read_bytes()).item_set(V.META_FILE_PARAMETERS,
                                                              struct.pack("<II", 8 * MiB, 2)).bytes())
-    with pytest.raises(UnsupportedFeature, match="differencing disks"):
+    with pytest.raises(vdisk.errors.CorruptImage, match="parent locator"):
         vdisk.open(diff, read_only=True)
-    r = run("info", diff, code=1)
-    assert "differencing" in r.stderr and "Traceback" not in r.stderr
+    r = run("info", diff, code=2)
+    assert "parent locator" in r.stderr and "Traceback" not in r.stderr
+
+
+# ----------------------------------------------------------------------------- differencing disks
+def test_differencing_disk_reads_through_its_parent(tmp_path):
+    """A differencing disk built from the spec (tests/hostile/gen_vhdx.py): fully and
+    partially present blocks (sector bitmap), a zero block hiding the parent's data,
+    blocks that are the parent's.  (No other tool here reads these -- QEMU refuses
+    them -- so the reference is the content the generator computed.)"""
+    _, expect = G.make_differencing(str(tmp_path))
+    child = tmp_path / "child.vhdx"
+    with vdisk.open(child, read_only=True) as img:
+        assert [n.format for n in img.chain()] == ["vhdx", "vhdx"]
+        assert img.info()["backing_filename"] == "parent.vhdx"
+        assert img.info()["vhdx-subformat"] == "differencing"
+        assert img.read(0, img.size) == expect
+        for off, n in ((MiB + 8 * 512 - 3, 9 * 512), (MiB + 1000 * 512 - 1, 30 * 512), (5 * MiB - 700, 1400)):
+            assert img.read(off, n) == expect[off:off + n]  # unaligned reads across own/parent sectors
+        ext = img.block_status(chain=False)
+        own = {(e.offset, e.length) for e in ext if e.status == 2}
+        assert (MiB + 8 * 512, 8 * 512) in own and (0, MiB) in own and (5 * MiB - 512, 512) in own
+        assert any(e.status == 1 and e.offset == 2 * MiB for e in ext)  # the zero block
+    out = tmp_path / "flat.raw"
+    run("convert", "-O", "raw", child, out)
+    assert out.read_bytes() == expect
+    run("compare", child, out)
+    with pytest.raises(UnsupportedFeature, match="writing differencing"):
+        vdisk.open(child)
+    with vdisk.open(child, read_only=True, backing=False) as top:  # alone: the parent's ranges read as zeros
+        alone = top.read(3 * MiB, MiB)
+        assert alone == bytes(MiB)
+    # an overlay of another format on top of the chain
+    ov = tmp_path / "ov.vdk"
+    vdisk.create(ov, format="vdk", backing_file="child.vhdx", backing_format="vhdx")
+    with vdisk.open(ov) as img:
+        img.write(0, b"top")
+        assert img.read(3, len(expect) - 3) == expect[3:]
+
+
+def test_differencing_parent_follows_the_backing_policy(tmp_path):
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    G.make_differencing(str(sub), locator={"relative_path": "..\\parent.vhdx"})
+    G.make_valid(str(tmp_path / "parent.vhdx"))
+    with pytest.raises(vdisk.errors.BackingError, match="outside"):
+        vdisk.open(sub / "child.vhdx", read_only=True)
+    with vdisk.open(sub / "child.vhdx", read_only=True, allow_backing_dirs=[str(tmp_path)]) as img:
+        assert img.backing.filename.endswith("parent.vhdx")
+
 
 
 def test_chains_over_vhdx(tmp_path, require_qemu):

@@ -169,6 +169,84 @@ class VhdxFile:
         return self.hset("log_guid", log_guid)
 
 
+def make_differencing(outdir: str, name: str = "child.vhdx", parent: str = "parent.vhdx",
+                      locator: dict | None = None) -> tuple[bytes, bytes]:
+    """A differencing disk ``name`` on a dynamic ``parent`` (both made here, in
+    ``outdir``), built from the spec on top of a vdisk-made dynamic disk: HasParent,
+    a parent locator item, a BAT of whole chunks with a sector bitmap block.  Block
+    0 fully present (own data), 1 partially present (sectors 8-15 and 1000-1023
+    its own), 2 zero (hides the parent's data), 3 and 5 not present (the parent's),
+    4 partially present (its last sector its own).  Returns (the child's bytes, the
+    guest content of the chain)."""
+    rng = random.Random(31)
+    ppath = os.path.join(outdir, parent)
+    pcontent = make_valid(ppath)
+    with open(ppath, "rb") as f:
+        pv = VhdxFile(f.read())
+    cpath = os.path.join(outdir, name)
+    host = HostFile(cpath, create=True, lock=None)
+    VhdxDriver.create(host, SIZE, CreateOptions(cluster_size=BS))
+    host.close()
+    with open(cpath, "rb") as f:
+        v = VhdxFile(f.read())
+    os.unlink(cpath)
+    v.item_set(V.META_FILE_PARAMETERS, struct.pack("<II", BS, 2))
+    ents = v.meta_entries()
+    pos = max(e.offset + e.length for e in ents)
+    pos = -(-pos // 8) * 8
+    dwg = uuid.UUID(bytes_le=bytes(pv.b[V.HEADER_OFFSETS[pv.current] + 32:V.HEADER_OFFSETS[pv.current] + 48]))
+    loc = locator if locator is not None else {"parent_linkage": "{" + str(dwg) + "}",
+                                               "relative_path": ".\\" + parent,
+                                               "absolute_win32_path": "C:\\VMs\\" + parent}
+    item = V.encode_parent_locator(V.LOCATOR_VHDX, loc)
+    v.mset(len(ents), "item_id", V.META_PARENT_LOCATOR).mset(len(ents), "offset", pos)
+    v.mset(len(ents), "length", len(item)).mset(len(ents), "flags", 4 | 2)
+    v.mset(0, "entry_count", len(ents) + 1)
+    v.b[v.meta_off + pos:v.meta_off + pos + len(item)] = item
+    lss = 512
+    ratio = V.chunk_ratio(BS, lss)
+    content = bytearray(pcontent)
+    end = len(v.b)
+    blocks = {}
+    for b in (0, 1, 4):
+        blocks[b] = end
+        end += BS
+    sb_off = end
+    end += MiB
+    v.b.extend(bytes(end - len(v.b)))
+    bitmap = bytearray(MiB)
+
+    def own(block: int, sectors) -> None:
+        for s in sectors:
+            data = rng.randbytes(lss)
+            o = blocks[block] + s * lss
+            v.b[o:o + lss] = data
+            g = block * BS + s * lss
+            content[g:g + lss] = data
+            bit = (block % ratio) * (BS // lss) + s
+            bitmap[bit >> 3] |= 1 << (bit & 7)
+
+    for s in range(BS // lss):  # block 0: all its own
+        data = rng.randbytes(lss)
+        o = blocks[0] + s * lss
+        v.b[o:o + lss] = data
+        content[s * lss:(s + 1) * lss] = data
+    own(1, list(range(8, 16)) + list(range(1000, 1024)))
+    own(4, [BS // lss - 1])
+    v.b[sb_off:sb_off + MiB] = bitmap
+    content[2 * BS:3 * BS] = bytes(BS)
+    bo = v.bat_off
+    v.b[bo:bo + 8 * (ratio + 1)] = bytes(8 * (ratio + 1))  # the BAT of one whole chunk
+    v.set_bat(V.bat_index(0, ratio), V.make_bat_entry(V.PAYLOAD_FULLY_PRESENT, blocks[0]))
+    v.set_bat(V.bat_index(1, ratio), V.make_bat_entry(V.PAYLOAD_PARTIALLY_PRESENT, blocks[1]))
+    v.set_bat(V.bat_index(2, ratio), V.make_bat_entry(V.PAYLOAD_ZERO, 0))
+    v.set_bat(V.bat_index(4, ratio), V.make_bat_entry(V.PAYLOAD_PARTIALLY_PRESENT, blocks[4]))
+    v.set_bat(ratio, V.make_bat_entry(V.SB_PRESENT, sb_off))
+    with open(cpath, "wb") as f:
+        f.write(v.bytes())
+    return v.bytes(), bytes(content)
+
+
 LOG_GUID = uuid.UUID("6c6f6721-0000-4000-8000-766469736b21")
 
 
@@ -325,8 +403,8 @@ def generate(outdir: str) -> list[Case]:
     for name, bs in (("block-size-3m", 3 * MiB), ("block-size-0", 0), ("block-size-512m", 512 * MiB),
                      ("block-size-max", 2**32 - 1)):
         refused(name, f"block size {bs}", F().item_set(V.META_FILE_PARAMETERS, struct.pack("<I", bs)))
-    refused("has-parent", "a differencing disk (HasParent)",
-            F().item_set(V.META_FILE_PARAMETERS, struct.pack("<II", BS, 2)), "UnsupportedFeature")
+    refused("has-parent-no-locator", "HasParent without a parent locator item",
+            F().item_set(V.META_FILE_PARAMETERS, struct.pack("<II", BS, 2)))
     refused("logical-sector-1000", "logical sector size 1000",
             F().item_set(V.META_LOGICAL_SECTOR_SIZE, struct.pack("<I", 1000)))
     refused("physical-sector-0", "physical sector size 0",
@@ -354,6 +432,55 @@ def generate(outdir: str) -> list[Case]:
     v = VhdxFile(fixed)
     _, f1 = V.bat_entry(v.bat(1))
     refused("fixed-blocks-overlap", "a fixed disk whose blocks overlap", v.set_bat(2, V.make_bat_entry(fully, f1)))
+
+    # --- differencing disks (the chain is opened: the parent lies beside the child)
+    diff, diff_content = make_differencing(outdir, "diff-valid.vhdx", "diff-parent.vhdx")
+    with open(os.path.join(outdir, "diff-valid.vhdx.content"), "wb") as f:
+        f.write(diff_content)
+    ci = VhdxFile(diff).meta_index(V.META_PARENT_LOCATOR)
+    loc_off = VhdxFile(diff).meta_entries()[ci].offset
+
+    def dadd(name, why, v: VhdxFile, **kw):
+        kw.setdefault("extra", {"files": ["diff-parent.vhdx"]})
+        add(name, why, v.bytes(), content=kw.pop("content", None), **kw)
+
+    D = lambda: VhdxFile(diff)
+    dadd("diff-ok", "a valid differencing disk on its parent", D(), content="diff-valid.vhdx.content",
+         rw_open="fail", extra={"files": ["diff-parent.vhdx"]})
+    ratio = V.chunk_ratio(BS, 512)
+    dadd("diff-sb-state-3", "a sector bitmap entry with a payload state", D().set_bat(ratio, 3), open="fail",
+         error="CorruptImage")
+    dadd("diff-sb-past-eof", "the sector bitmap block past the end", D().set_bat(ratio, V.make_bat_entry(6, 1 << 45)),
+         open="fail", error="CorruptImage")
+    dadd("diff-sb-on-block", "the sector bitmap block on a payload block",
+         D().set_bat(ratio, D().bat(0)), open="fail", error="CorruptImage")
+    dadd("diff-partial-no-bitmap", "a partially present block, no sector bitmap", D().set_bat(ratio, 0),
+         open="fail", error="CorruptImage")
+    dadd("diff-tail-entry-used", "a BAT entry past the last block of the disk in use",
+         D().set_bat(ratio - 1, V.make_bat_entry(V.PAYLOAD_ZERO, 0)), open="fail", error="CorruptImage")
+    v = D()
+    v.b[v.meta_off + loc_off:v.meta_off + loc_off + 16] = unknown.bytes_le
+    dadd("diff-locator-type", "a parent locator of unknown type", v, open="fail", error="UnsupportedFeature")
+    v = D()
+    struct.pack_into("<H", v.b, v.meta_off + loc_off + 18, 60000)
+    dadd("diff-locator-count-huge", "60000 locator entries in a small item", v, open="fail", error="CorruptImage")
+    v = D()
+    struct.pack_into("<I", v.b, v.meta_off + loc_off + 20, 2**32 - 1)
+    dadd("diff-locator-key-outside", "a locator key offset outside the item", v, open="fail", error="CorruptImage")
+    for name, why, loc, err in (
+        ("diff-locator-absolute-only", "the parent named only by an absolute Windows path",
+         {"absolute_win32_path": "C:\\VMs\\p.vhdx"}, "UnsupportedFeature"),
+        ("diff-locator-etc-passwd", "relative_path climbing out of the directory",
+         {"relative_path": "..\\..\\..\\..\\etc\\passwd"}, "BackingError"),
+        ("diff-locator-drive", "relative_path that is a drive path", {"relative_path": "C:\\x.vhdx"}, "CorruptImage"),
+        ("diff-locator-missing-parent", "the parent does not exist", {"relative_path": "nope.vhdx"}, "BackingError"),
+        ("diff-locator-self", "the disk names itself as its parent",
+         {"relative_path": "diff-locator-self.vhdx"}, "BackingError"),
+    ):
+        data, _ = make_differencing(outdir, f"{name}.vhdx", f"{name}-parent.vhdx", locator=loc)
+        os.unlink(os.path.join(outdir, f"{name}.vhdx"))
+        dadd(name, why, VhdxFile(data), open="fail", error=err, check=err not in ("BackingError",),
+             extra={"files": [f"{name}-parent.vhdx"]})
 
     # --- log
     with open(os.path.join(outdir, base_content), "rb") as f:

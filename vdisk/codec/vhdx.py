@@ -51,6 +51,8 @@ META_VIRTUAL_DISK_ID = uuid.UUID("BECA12AB-B2E6-4523-93EF-C309E000C746")
 META_LOGICAL_SECTOR_SIZE = uuid.UUID("8141BF1D-A96F-4709-BA47-F233A8FAAB5F")
 META_PHYSICAL_SECTOR_SIZE = uuid.UUID("CDA348C7-445D-4471-9CC9-E9885251C556")
 META_PARENT_LOCATOR = uuid.UUID("A8D35F2D-B30B-454D-ABF7-D3D84834AB0C")
+#: the locator type of a VHDX parent
+LOCATOR_VHDX = uuid.UUID("B04AEFB7-D19E-4A81-B789-25B8E9445913")
 META_NAMES = {
     META_FILE_PARAMETERS: "file parameters",
     META_VIRTUAL_DISK_SIZE: "virtual disk size",
@@ -429,3 +431,18 @@ def decode_parent_locator(buf: bytes) -> tuple[uuid.UUID, dict[str, str]]:
             raise CorruptImage(f"vhdx parent locator: entry {i} is not valid UTF-16") from None
         out[k] = v
     return guid(ltype), out
+
+
+def encode_parent_locator(ltype: uuid.UUID, entries: dict[str, str]) -> bytes:
+    """A parent locator item: header, key/value entries, then the UTF-16LE strings."""
+    head = struct.pack("<16sHH", ltype.bytes_le, 0, len(entries))
+    table, strings = b"", b""
+    base = 20 + 12 * len(entries)
+    for k, v in entries.items():
+        kb, vb = k.encode("utf-16-le"), v.encode("utf-16-le")
+        koff = base + len(strings)
+        strings += kb
+        voff = base + len(strings)
+        strings += vb
+        table += struct.pack("<IIHH", koff, voff, len(kb), len(vb))
+    return head + table + strings

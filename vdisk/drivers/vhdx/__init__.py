@@ -32,9 +32,16 @@ and flushed, as the spec asks.
 
   - ``resize`` (grow and shrink; :mod:`.resize`).
 
-What it refuses: differencing disks (HasParent; UnsupportedFeature), unknown
-required regions and metadata items (UnsupportedFeature), snapshots and backing
-files (NotSupported / UsageError).
+  - reads differencing disks as the top of a backing chain: the parent locator's
+    ``relative_path`` becomes the backing reference (format vhdx), followed under
+    the one backing-reference policy of :func:`vdisk.open`; blocks not present
+    come from the parent, partially present ones sector by sector from the
+    chunk's sector bitmap.  The parent's DataWriteGuid is not compared with the
+    locator's ``parent_linkage`` (vdisk has no way yet to ask the parent for it).
+
+What it refuses: writing differencing disks, parents named only by absolute
+Windows paths, unknown required regions and metadata items (UnsupportedFeature),
+snapshots, and creating an image with a backing file (NotSupported / UsageError).
 """
 
 from __future__ import annotations
@@ -42,10 +49,10 @@ from __future__ import annotations
 import uuid
 
 from ...codec import vhdx as V
-from ...errors import CorruptImage, UsageError
+from ...errors import CorruptImage, UnsupportedFeature, UsageError
 from ...host import HostStorage
 from .. import register
-from ..base import BlockDriver, CheckResult, CreateOptions, Extent, Status
+from ..base import BackingRef, BlockDriver, CheckResult, CreateOptions, Extent, Status
 from . import log as L
 from .create import CREATE_OPTIONS, create_image
 from .load import bat_bytes, load_headers, load_layout
@@ -73,6 +80,9 @@ class VhdxDriver(BlockDriver):
         self._dirty_bat: set[int] = set()
         self._headers_updated = False
         self._end = self._file_end()
+        self._bitmaps: dict[int, bytes] = {}  # payload block -> its bits of the sector bitmap
+        if layout.has_parent:
+            self.backing_ref = BackingRef(layout.parent_path, "vhdx")
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
@@ -102,6 +112,9 @@ class VhdxDriver(BlockDriver):
             if not read_only:
                 hdr, slot = _rewrite_headers(host, hdr, slot, V.ZERO_GUID, new_file_guid=True)
         layout = load_layout(store, hdr, slot, store.size())
+        if layout.has_parent and not read_only:
+            raise UnsupportedFeature("vhdx: writing differencing disks is not supported (they are read-only "
+                                     "in vdisk; convert the chain to write it)")
         drv = cls(host, store, layout, read_only, state)
         drv._headers_updated = not read_only and state != "clean"
         return drv
@@ -118,7 +131,7 @@ class VhdxDriver(BlockDriver):
         end = self.store.size()
         step = self.layout.chunk_ratio + 1
         for i, v in enumerate(self._bat):
-            if (i + 1) % step and v & V.BAT_STATE_MASK == V.PAYLOAD_FULLY_PRESENT:  # payload entries only
+            if ((i + 1) % step or self.layout.has_parent) and v & V.BAT_STATE_MASK in (6, 7):
                 end = max(end, ((v >> V.BAT_OFFSET_SHIFT) << 20) + self.cluster_size)
         return -(-end // V.MiB) * V.MiB
 
@@ -138,13 +151,50 @@ class VhdxDriver(BlockDriver):
     # ------------------------------------------------------------------ data path
     def read(self, offset: int, length: int) -> bytes:
         out = bytearray()
-        for _pos, block, within, n in self._pieces(offset, length):
+        for pos, block, within, n in self._pieces(offset, length):
             state, off = self._entry(block)
             if state == V.PAYLOAD_FULLY_PRESENT:
                 out += self.store.pread(off + within, n)
+            elif state == V.PAYLOAD_NOT_PRESENT and self.backing is not None:
+                out += self.backing.read(pos, n)
+            elif state == V.PAYLOAD_PARTIALLY_PRESENT:
+                for a, b, own in self._runs(block, within, n):
+                    base = block * self.cluster_size
+                    if own:
+                        out += self.store.pread(off + a, b - a)
+                    elif self.backing is not None:
+                        out += self.backing.read(base + a, b - a)
+                    else:
+                        out += bytes(b - a)
             else:
                 out += bytes(n)
         return bytes(out)
+
+    def _runs(self, block: int, within: int, n: int):
+        """(start, end, in this disk?) runs of ``[within, within+n)`` of a partially present
+        block, from its sector bitmap: bit ``s % 8`` of byte ``s // 8`` is sector ``s``."""
+        bits = self._bitmaps.get(block)
+        lay = self.layout
+        lss = lay.logical_sector_size
+        if bits is None:
+            spb = self.cluster_size // lss
+            ratio = lay.chunk_ratio
+            v = self._bat[(block // ratio) * (ratio + 1) + ratio]
+            sb_off = (v >> V.BAT_OFFSET_SHIFT) << 20
+            bits = self.store.pread(sb_off + (block % ratio) * spb // 8, spb // 8)
+            if len(self._bitmaps) > 4096:
+                self._bitmaps.clear()
+            self._bitmaps[block] = bits
+        pos, end = within, within + n
+        while pos < end:
+            s = pos // lss
+            own = bool(bits[s >> 3] >> (s & 7) & 1)
+            nxt = (s + 1) * lss
+            while nxt < end and bool(bits[(nxt // lss) >> 3] >> ((nxt // lss) & 7) & 1) == own:
+                nxt += lss
+            nxt = min(nxt, end)
+            yield pos, nxt, own
+            pos = nxt
 
     def write(self, offset: int, data: bytes) -> None:
         view = memoryview(data)
@@ -195,6 +245,13 @@ class VhdxDriver(BlockDriver):
             state, off = self._entry(block)
             if state == V.PAYLOAD_FULLY_PRESENT:
                 e = Extent(pos, n, Status.DATA, host_offset=off + within)
+            elif state == V.PAYLOAD_PARTIALLY_PRESENT:
+                base = block * self.cluster_size
+                for a, b, own in self._runs(block, within, n):
+                    sub = Extent(base + a, b - a, Status.DATA if own else Status.UNALLOCATED,
+                                 host_offset=off + a if own else None)
+                    out.append(sub)
+                continue
             elif state in _ZERO_STATES:
                 e = Extent(pos, n, Status.ZERO)
             else:
@@ -218,7 +275,8 @@ class VhdxDriver(BlockDriver):
     def info(self) -> dict:
         lay = self.layout
         return {
-            "vhdx-subformat": "fixed" if lay.leave_blocks_allocated else "dynamic",
+            "vhdx-subformat": "differencing" if lay.has_parent else "fixed" if lay.leave_blocks_allocated
+            else "dynamic",
             "vhdx-block-size": lay.block_size,
             "vhdx-logical-sector-size": lay.logical_sector_size,
             "vhdx-physical-sector-size": lay.physical_sector_size,

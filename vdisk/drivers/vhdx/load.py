@@ -22,7 +22,13 @@ overlaid), returns a :class:`Layout` with every value the driver uses, checked:
   overlapping no other block or structure; payload states only those of a disk
   without a parent.  Sector bitmap entries are ignored (see ``_check_bat``).
 
-Differencing disks (HasParent) are refused here as ``UnsupportedFeature``.
+Differencing disks (HasParent): the parent locator item must be present, of the
+VHDX locator type, and give a ``relative_path`` (Windows separators become ``/``);
+a parent named only by an absolute Windows path is refused (UnsupportedFeature),
+as vdisk follows backing files relative to the overlay only.  Their BAT is checked
+as above, and also every sector bitmap entry (not present, or present: 1 MiB
+inside the file, overlapping nothing); a partially present block needs its
+chunk's sector bitmap.
 """
 
 from __future__ import annotations
@@ -56,6 +62,9 @@ class Layout:
     bat: array.array  # every BAT entry, as stored
     regions: list
     size_item_offset: int  # file offset of the virtual disk size item
+    has_parent: bool = False
+    parent_path: str | None = None  # relative to the image's directory, "/"-separated
+    parent_linkage: str | None = None  # the parent's DataWriteGuid as the locator names it
 
 
 def load_headers(host: HostStorage, file_size: int) -> tuple[V.Header, int]:
@@ -156,9 +165,9 @@ def load_layout(host: HostStorage, hdr: V.Header, slot: int, file_size: int) -> 
     if vsize > V.MAX_VIRTUAL_SIZE or vsize % lss:
         raise CorruptImage(f"vhdx: virtual disk size {vsize} is not a multiple of the sector size {lss} "
                            "up to 64 TiB")
+    parent_path = linkage = None
     if params.has_parent:
-        raise UnsupportedFeature("vhdx: differencing disks (with a parent locator) are not supported; "
-                                 "convert the chain with Hyper-V or qemu-img to a dynamic disk first")
+        parent_path, linkage = _parent(item(V.META_PARENT_LOCATOR, "parent locator"))
     ratio = V.chunk_ratio(bs, lss)
     n = V.bat_entries(vsize, bs, ratio, params.has_parent)
     if n * 8 > bat.length:
@@ -167,10 +176,27 @@ def load_layout(host: HostStorage, hdr: V.Header, slot: int, file_size: int) -> 
     table = array.array("Q", host.pread(bat.file_offset, n * 8))
     if sys.byteorder == "big":
         table.byteswap()
-    _check_bat(table, bs, ratio, vsize, file_size, spans)
+    _check_bat(table, bs, ratio, vsize, file_size, spans, params.has_parent)
     return Layout(hdr, slot, bat.file_offset, bat.length, meta.file_offset, bs, lss, pss, vsize,
                   V.guid(raw_id[:16]), params.leave_blocks_allocated, ratio, table, regions,
-                  where[V.META_VIRTUAL_DISK_SIZE])
+                  where[V.META_VIRTUAL_DISK_SIZE], params.has_parent, parent_path, linkage)
+
+
+def _parent(raw: bytes) -> tuple[str, str | None]:
+    ltype, kv = V.decode_parent_locator(raw)
+    if ltype != V.LOCATOR_VHDX:
+        raise UnsupportedFeature(f"vhdx: parent locator of unknown type {ltype}")
+    rel = kv.get("relative_path")
+    if not rel:
+        where = kv.get("absolute_win32_path") or kv.get("volume_path") or "no path at all"
+        raise UnsupportedFeature(f"vhdx: the parent of this differencing disk is named only by an absolute "
+                                 f"Windows path ({where}); vdisk follows parents relative to the disk")
+    path = rel.replace("\\", "/")
+    while path.startswith("./"):
+        path = path[2:]
+    if not path or "\0" in path or path.startswith("/") or (len(path) > 1 and path[1] == ":"):
+        raise CorruptImage(f"vhdx: parent locator relative_path {rel!r} is not a relative path")
+    return path, kv.get("parent_linkage")
 
 
 def _metadata(host: HostStorage, meta: V.Region) -> tuple[dict, dict]:
@@ -197,20 +223,38 @@ def _metadata(host: HostStorage, meta: V.Region) -> tuple[dict, dict]:
     return out, where
 
 
-def _check_bat(table: array.array, bs: int, ratio: int, vsize: int, file_size: int, spans: list) -> None:
+def _check_bat(table: array.array, bs: int, ratio: int, vsize: int, file_size: int, spans: list,
+               has_parent: bool) -> None:
     blocks = []
+    nblocks = -(-vsize // bs)
     for i, v in enumerate(table):
         state, off = v & V.BAT_STATE_MASK, (v >> V.BAT_OFFSET_SHIFT) << 20
+        if (i + 1) % (ratio + 1) == 0 and has_parent:
+            if state not in (V.SB_NOT_PRESENT, V.SB_PRESENT):
+                raise CorruptImage(f"vhdx: sector bitmap entry {i} has state {state}")
+            if state == V.SB_PRESENT:
+                blocks.append((off, V.MiB, f"sector bitmap block {i // (ratio + 1)}", V.MiB))
+            continue
         if (i + 1) % (ratio + 1) == 0:
             # a sector bitmap entry: a disk without a parent has no use for it, and
             # qemu-img before 8.0 wrote garbage into some (QEMU commit "block/vhdx: fix
             # dynamic VHDX BAT corruption"), so it is neither checked nor used
             continue
-        if state not in V.PAYLOAD_STATES or state == V.PAYLOAD_PARTIALLY_PRESENT:
+        block = i - i // (ratio + 1)
+        if block >= nblocks:  # a differencing disk's BAT ends with whole chunks
+            if state != V.PAYLOAD_NOT_PRESENT:
+                raise CorruptImage(f"vhdx: BAT entry {i} of block {block}, past the end of the disk, has state {state}")
+            continue
+        if state not in V.PAYLOAD_STATES or (state == V.PAYLOAD_PARTIALLY_PRESENT and not has_parent):
             raise CorruptImage(f"vhdx: BAT entry {i} has state {state}, not one of a disk without a parent")
-        if state == V.PAYLOAD_FULLY_PRESENT:
-            block = i - i // (ratio + 1)
+        if state in (V.PAYLOAD_FULLY_PRESENT, V.PAYLOAD_PARTIALLY_PRESENT):
             blocks.append((off, bs, f"payload block {block}", min(bs, vsize - block * bs)))
+            if state == V.PAYLOAD_PARTIALLY_PRESENT:
+                sb = table[(block // ratio) * (ratio + 1) + ratio] if (block // ratio) * (ratio + 1) + ratio < len(
+                    table) else 0
+                if sb & V.BAT_STATE_MASK != V.SB_PRESENT:
+                    raise CorruptImage(f"vhdx: payload block {block} is partially present, but its chunk has "
+                                       "no sector bitmap")
     for off, length, name, used in blocks:
         if off < V.HEADER_SECTION_SIZE or off + used > file_size:
             raise CorruptImage(f"vhdx: {name} at {off} lies outside the file ({file_size} bytes)")
