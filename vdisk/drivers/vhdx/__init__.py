@@ -58,6 +58,8 @@ from .create import CREATE_OPTIONS, create_image
 from .load import bat_bytes, load_headers, load_layout
 
 _ZERO_STATES = (V.PAYLOAD_ZERO, V.PAYLOAD_UNMAPPED, V.PAYLOAD_UNDEFINED)
+_GRANULE = 4096
+_ZEROS = bytes(1 << 20)
 
 
 @register
@@ -197,16 +199,39 @@ class VhdxDriver(BlockDriver):
             pos = nxt
 
     def write(self, offset: int, data: bytes) -> None:
-        view = memoryview(data)
+        view = memoryview(data).cast("B")
         for pos, block, within, n in self._pieces(offset, len(data)):
             piece = view[pos - offset:pos - offset + n]
             state, off = self._entry(block)
+            fresh = False
             if state != V.PAYLOAD_FULLY_PRESENT:
-                if not any(piece):
+                if piece == _ZEROS[:n] if n <= len(_ZEROS) else not any(piece):
                     continue  # the block reads as zeros already
                 off = self._allocate(block)
+                fresh = True
             self._before_change()
-            self.host.pwrite(off + within, bytes(piece))
+            self._write_sparse(off + within, piece, fresh)
+
+    def _write_sparse(self, at: int, piece: memoryview, fresh: bool) -> None:
+        """pwrite ``piece`` at file offset ``at``, leaving out the 4 KiB granules that are
+        all zeros where the file holds zeros already (a block allocated just now, which
+        is a hole, or zeros read back), so that converting a disk with runs of zeros
+        keeps the file sparse, as qemu-img's does."""
+        n = len(piece)
+        i = 0
+        run = None
+        while i < n:
+            end = min(n, i + _GRANULE - (at + i) % _GRANULE)
+            chunk = piece[i:end]
+            skip = chunk == _ZEROS[:end - i] and (fresh or self.host.pread(at + i, end - i) == chunk)
+            if skip and run is not None:
+                self.host.pwrite(at + run, bytes(piece[run:i]))
+                run = None
+            elif not skip and run is None:
+                run = i
+            i = end
+        if run is not None:
+            self.host.pwrite(at + run, bytes(piece[run:]))
 
     def _before_change(self) -> None:
         if self._headers_updated:
