@@ -500,3 +500,44 @@ def test_model_check_catches_a_damaged_checkpoint(tmp_path, monkeypatch):
     assert not r["passed"]
     assert any(m.startswith("vm000 vm000-d0.vdk@before: reading") for m in r["check"]["mismatches"]), \
         r["check"]["mismatches"]
+
+
+@POOL_COMMIT_RACE
+def test_pool_commit_race_found_by_the_fleet(tmp_path):
+    """The open pool bug the fleet found, alone: snapshots of one pool image while
+    other images of the same pool flush; no snapshot may be reported as existing
+    already when it was just made."""
+    import threading
+
+    from vdisk.pool.admin import pool_create
+
+    pool = str(tmp_path / "pool")
+    pool_create(pool, {})
+    for i in range(4):
+        vdisk.create(f"{pool}/im{i}", 16 << 20, format="pool")
+    stop = threading.Event()
+
+    def writer(i):
+        with vdisk.open(f"{pool}/im{i}") as img:
+            n = 0
+            while not stop.is_set():
+                img.write((n % 512) * 4096, bytes([n % 251 + 1]) * 4096)
+                img.flush()
+                n += 1
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(1, 4)]
+    for t in threads:
+        t.start()
+    errors = []
+    try:
+        with vdisk.open(f"{pool}/im0") as img:
+            for k in range(150):
+                try:
+                    img.snapshot_create(f"s{k}")
+                except vdisk.VdiskError as exc:
+                    errors.append(str(exc))
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert errors == []
