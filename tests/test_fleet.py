@@ -541,3 +541,11 @@ def test_pool_commit_race_found_by_the_fleet(tmp_path):
         for t in threads:
             t.join()
     assert errors == []
+
+
+def test_trace_length_is_bounded(tmp_path, monkeypatch):
+    monkeypatch.setattr(traces, "MAX_REQUESTS", 10)
+    p = write(tmp_path / "long.trace", "# vdisk-trace 1 size=1048576\n" + "".join(f"{i} R 0 4096 1 0\n"
+                                                                                 for i in range(11)))
+    with pytest.raises(UsageError, match="more than 10 requests"):
+        traces.read_vdisk_trace(p)
