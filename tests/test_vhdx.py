@@ -510,3 +510,22 @@ def test_crc32c_known_answers():
     buf[100] = 7
     V.sign(buf)
     assert V.checksum(bytes(buf)) == struct.unpack_from("<I", buf, 4)[0]
+
+
+def test_a_log_that_would_corrupt_the_image_is_refused_before_writing(tmp_path):
+    """A valid entry whose replay would leave a BAT entry past the end of the file:
+    the read-write open refuses it without changing a byte (the replayed state is
+    checked in memory first)."""
+    base = tmp_path / "b.vhdx"
+    G.make_valid(str(base))
+    v = G.VhdxFile(base.read_bytes())
+    sector = bytearray(v.b[v.bat_off:v.bat_off + 4096])
+    struct.pack_into("<Q", sector, 8, V.make_bat_entry(V.PAYLOAD_FULLY_PRESENT, 1 << 44))
+    e = G.log_entry(8, [(v.bat_off, bytes(sector))], flushed=len(v.b), last=len(v.b))
+    path = tmp_path / "bad.vhdx"
+    path.write_bytes(v.add_log([e], log_guid=G.LOG_GUID).bytes())
+    before = path.read_bytes()
+    for ro in (True, False):
+        with pytest.raises(vdisk.errors.CorruptImage, match="outside the file"):
+            vdisk.open(path, read_only=ro)
+    assert path.read_bytes() == before

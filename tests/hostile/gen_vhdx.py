@@ -262,7 +262,7 @@ def replay_case(data: bytes, content: bytes, *, grow: bool, seed: int = 7):
     sector the entry also writes.  With ``grow`` the file is first extended over the
     new block (as a writer does before it logs the allocation); without, only the
     entry's LastFileOffset names the new end, and replay must extend the file
-    ([MS-VHDX] 2.3.1.1).  Returns (the image bytes, the entry's writes, the content
+    ([MS-VHDX], "Log Entry Header": LastFileOffset).  Returns (the image bytes, the entry's writes, the content
     after replay, the LastFileOffset)."""
     rng = random.Random(seed)
     v = VhdxFile(data)

@@ -7,9 +7,11 @@ What it does
   - reads dynamic and fixed disks: the current of the two headers, the region
     table, the metadata items, the BAT with its sector-bitmap entries interleaved
     every ``chunk_ratio`` payload entries (:mod:`.load` checks every field);
-  - replays the log on open ([MS-VHDX] 2.3.3; :mod:`.log`): read-write, into the
-    file, after which both headers are rewritten with a zero log GUID; read-only,
-    in memory (the file is not touched, and reads see the replayed state).
+  - replays the log on open ([MS-VHDX], "Log"; :mod:`.log`): read-write, into the
+    file -- after checking that the replayed state is a valid image, so a log that
+    would leave a corrupt one is refused before anything is written -- after which
+    both headers are rewritten with a zero log GUID; read-only, in memory (the file
+    is not touched, and reads see the replayed state).
     QEMU refuses a read-only open of such an image instead; vdisk replays in memory
     because a read-only open must not change the file, yet ``info``/``convert``/
     ``compare`` of an image Hyper-V did not close cleanly should still work and
@@ -105,12 +107,14 @@ class VhdxDriver(BlockDriver):
         state = "clean"
         if hdr.log_guid != V.ZERO_GUID and hdr.log_length:
             writes, last = L.scan(host, hdr, size)
-            if writes and read_only:
+            if writes:
                 store = L.Overlay(host, writes, last)
                 state = "replayed in memory"
-            elif writes:
-                L.replay(host, writes, last)
-                state = "replayed"
+                if not read_only:
+                    # the replayed state must be a valid image before the file is changed
+                    load_layout(store, hdr, slot, store.size())
+                    L.replay(host, writes, last)
+                    store, state = host, "replayed"
             if not read_only:
                 hdr, slot = _rewrite_headers(host, hdr, slot, V.ZERO_GUID, new_file_guid=True)
         layout = load_layout(store, hdr, slot, store.size())

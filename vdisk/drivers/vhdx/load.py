@@ -1,7 +1,7 @@
 """Loading a VHDX file: headers, region table, metadata, BAT -- every field checked.
 
 Contract of :func:`load_headers`: returns the current header (the valid one of the two
-with the higher sequence number; [MS-VHDX] 2.2.2.1) and which slot it is in, after
+with the higher sequence number; [MS-VHDX], "Headers") and which slot it is in, after
 checking its version, its log version and where its log lies.  Two valid headers
 with the same sequence number are refused (the spec leaves no way to choose).
 

@@ -12,7 +12,7 @@ Contract:
   (signature, sequence number).  The active sequence is the valid entry with the
   highest sequence number (the head) together with the entries from the one its
   ``tail`` names up to it, each starting where the previous one ends with the next
-  sequence number ([MS-VHDX] 2.3.3).  The writes are bounded before they are
+  sequence number ([MS-VHDX], "Log Sequence").  The writes are bounded before they are
   returned: none reaches into the first 1 MiB (the headers and region tables are
   never logged) or the log itself, none ends past the larger of the file's size and
   the entry's LastFileOffset, and an entry whose FlushedFileOffset is past the end
