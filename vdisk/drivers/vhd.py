@@ -731,6 +731,8 @@ class VhdDriver(BlockDriver):
         if not (self.dirty_bat or self.pending_bitmaps or self.footer_dirty or self.dirty_bitmaps):
             self.host.flush()
             return
+        if self.host.size() < self.footer_pos:
+            self.host.truncate(self.footer_pos)  # every block inside the file before a BAT entry names it
         self.host.flush()  # the data first: nothing may point at unwritten blocks
         for b in sorted(self.pending_bitmaps):
             self.host.pwrite(self.bat[b] * C.SECTOR, b"\xff" * self.bmsize)
