@@ -113,7 +113,7 @@ class Cluster:
             p = ports[name]
             return ["volume", f"-ip={h}", f"-ip.bind={h}", f"-port={p}", f"-port.grpc={p + 10000}",
                     f"-dir={d}", "-max=30", f"-master={master}", "-dataCenter=dc1", "-rack=rack1",
-                    "-minFreeSpace=1GiB", f"-id=vol{i}"]
+                    "-minFreeSpace=1GiB", f"-id=vol{i}", "-preStopSeconds=0"]
         if name == "filer":
             d = os.path.join(self.root, "filer")
             os.makedirs(d, exist_ok=True)
@@ -121,6 +121,7 @@ class Cluster:
                     f"-port.grpc={ports['filer'] + 10000}", f"-master={master}", f"-defaultStoreDir={d}",
                     "-s3", f"-s3.port={ports['s3']}", f"-s3.port.grpc={ports['s3'] + 10000}",
                     f"-s3.config={os.path.join(self.root, 's3.json')}", "-s3.ip.bind=" + h,
+                    f"-s3.port.iceberg={ports['iceberg']}", f"-s3.port.lance={ports['lance']}",
                     "-defaultReplicaPlacement=001"]
         raise ValueError(name)
 
@@ -130,7 +131,7 @@ class Cluster:
         os.makedirs(self.root, exist_ok=True)
         if self.running():
             return
-        self.state = {"ports": {n: _free_port() for n in (*self.NAMES, "s3")}, "pids": {}}
+        self.state = {"ports": {n: _free_port() for n in (*self.NAMES, "s3", "iceberg", "lance")}, "pids": {}}
         with open(os.path.join(self.root, "s3.json"), "w") as f:
             json.dump({"identities": [{"name": "vdisk", "credentials": [
                 {"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
@@ -170,6 +171,9 @@ class Cluster:
         deadline = time.monotonic() + timeout
         last = None
         while time.monotonic() < deadline:
+            dead = [n for n in self.NAMES if self.state.get("pids", {}).get(n) and not self.alive(n)]
+            if dead:
+                raise RuntimeError(f"SeaweedFS {', '.join(dead)} exited: {self._log_tail(dead[0])}")
             try:
                 c = self.client()
                 try:
@@ -185,6 +189,14 @@ class Cluster:
                 last = exc
             time.sleep(0.5)
         raise RuntimeError(f"SeaweedFS S3 gateway not ready within {timeout:.0f} s: {last} (logs in {self.root})")
+
+    def _log_tail(self, name: str) -> str:
+        try:
+            with open(os.path.join(self.root, f"{name}.log"), errors="replace") as f:
+                lines = [ln for ln in f.read().splitlines() if ln.startswith(("F", "E"))]
+            return lines[-1] if lines else "(no error in its log)"
+        except OSError:
+            return "(no log)"
 
     def alive(self, name: str) -> bool:
         pid = self.state.get("pids", {}).get(name)
@@ -218,15 +230,17 @@ class Cluster:
         self._spawn(name, self._args(name))
 
     def stop(self) -> None:
-        for name in reversed(self.NAMES):
-            pid = self.state.get("pids", {}).get(name)
-            if not pid or not self.alive(name):
-                continue
+        """SIGTERM to every server at once, SIGKILL to those still there after 5 s."""
+        pids = [(n, self.state.get("pids", {}).get(n)) for n in reversed(self.NAMES)]
+        pids = [(n, p) for n, p in pids if p and self.alive(n)]
+        for _, pid in pids:
             try:
                 os.killpg(pid, signal.SIGTERM)
             except ProcessLookupError:
-                continue
-            if not _reap(pid, 5):
+                pass
+        deadline = time.monotonic() + 5
+        for _, pid in pids:
+            if not _reap(pid, max(0.1, deadline - time.monotonic())):
                 try:
                     os.killpg(pid, signal.SIGKILL)
                 except ProcessLookupError:

@@ -4,14 +4,17 @@ Objects of a pool other than ``config``, ``gen/<N>`` and leases are never rewrit
 (formats/pool.md 3), so a cached byte range can never become stale and the cache
 needs no invalidation: only a deleted object is dropped (``drop``) so that its memory
 goes.  Entries are whole objects (the packs this process wrote, objects read whole)
-or the exact ranges read (blobs: a lazy clone fetches what its guest reads and no
-more).  Least recently used entries go first once the bytes held pass the bound.
+or the ranges fetched (blobs, or runs of adjacent blobs: a lazy clone fetches what
+its guest reads and little more).  A request is answered by the one entry that
+starts at or before it and covers it.  Least recently used entries go first once the
+bytes held pass the bound.
 
 Thread-safe (one lock; nothing slow is done under it).
 """
 
 from __future__ import annotations
 
+import bisect
 import threading
 from collections import OrderedDict
 
@@ -20,8 +23,8 @@ class ObjectCache:
     def __init__(self, limit_bytes: int):
         self.limit = max(0, int(limit_bytes))
         self._items: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self._offsets: dict[str, list[int]] = {}  # sorted offsets of each object's entries
         self._whole: set[str] = set()
-        self._by_name: dict[str, set[int]] = {}
         self.bytes = 0
         self.hits = 0
         self.misses = 0
@@ -35,28 +38,31 @@ class ObjectCache:
             old = self._items.pop(key, None)
             if old is not None:
                 self.bytes -= len(old)
+            else:
+                bisect.insort(self._offsets.setdefault(name, []), offset)
             self._items[key] = data
-            self._by_name.setdefault(name, set()).add(offset)
             self.bytes += len(data)
-            if whole or offset == 0 and name in self._whole:
+            if whole:
                 self._whole.add(name)
             while self.bytes > self.limit and self._items:
                 (n, o), d = self._items.popitem(last=False)
-                self.bytes -= len(d)
-                offs = self._by_name.get(n)
-                if offs is not None:
-                    offs.discard(o)
-                    if not offs:
-                        del self._by_name[n]
-                if o == 0:
-                    self._whole.discard(n)
+                self._forget(n, o, d)
+
+    def _forget(self, name: str, offset: int, data: bytes) -> None:
+        self.bytes -= len(data)
+        offs = self._offsets.get(name)
+        if offs is not None:
+            i = bisect.bisect_left(offs, offset)
+            if i < len(offs) and offs[i] == offset:
+                del offs[i]
+            if not offs:
+                del self._offsets[name]
+        if offset == 0:
+            self._whole.discard(name)
 
     def get_whole(self, name: str) -> bytes | None:
         with self._lock:
-            if name not in self._whole:
-                self.misses += 1
-                return None
-            d = self._items.get((name, 0))
+            d = self._items.get((name, 0)) if name in self._whole else None
             if d is None:
                 self.misses += 1
                 return None
@@ -64,28 +70,30 @@ class ObjectCache:
             self.hits += 1
             return d
 
-    def get(self, name: str, offset: int, length: int) -> bytes | None:
-        """``length`` bytes at ``offset`` if one cached entry holds them all (a whole
-        object also answers a range past its end with what it has)."""
+    def get(self, name: str, offset: int, length: int, *, count: bool = True) -> bytes | None:
+        """``length`` bytes at ``offset`` if a cached entry covers them (a whole object
+        also answers a range past its end with what it has)."""
         with self._lock:
-            d = self._items.get((name, offset))
-            if d is not None and len(d) >= length:
-                self._items.move_to_end((name, offset))
-                self.hits += 1
-                return d[:length]
-            if name in self._whole:
-                w = self._items.get((name, 0))
-                if w is not None:
-                    self._items.move_to_end((name, 0))
-                    self.hits += 1
-                    return w[offset:offset + length]
-            self.misses += 1
+            offs = self._offsets.get(name)
+            if offs:
+                i = bisect.bisect_right(offs, offset) - 1
+                if i >= 0:
+                    start = offs[i]
+                    d = self._items[(name, start)]
+                    rel = offset - start
+                    if rel + length <= len(d) or (start == 0 and name in self._whole):
+                        self._items.move_to_end((name, start))
+                        if count:
+                            self.hits += 1
+                        return d[rel:rel + length]
+            if count:
+                self.misses += 1
             return None
 
     def drop(self, name: str) -> None:
         with self._lock:
-            for o in self._by_name.pop(name, set()):
+            for o in list(self._offsets.get(name, [])):
                 d = self._items.pop((name, o), None)
                 if d is not None:
-                    self.bytes -= len(d)
+                    self._forget(name, o, d)
             self._whole.discard(name)

@@ -220,9 +220,13 @@ class PoolImage:
             return self.pool.decode_block(e, f"{self.what}: block at guest offset {bn * B:#x}")
 
     def read(self, offset: int, length: int, backing) -> bytes:
-        """Guest bytes; the leaf of each run of 512 blocks is looked up once."""
+        """Guest bytes; the leaf of each run of 512 blocks is looked up once.  On an
+        object store the blobs of the range are fetched first, adjacent ones in one
+        request, several requests at once (``backend.prefetch``)."""
         out = bytearray()
         pos, end = offset, offset + length
+        if length > B and hasattr(self.pool.backend, "prefetch"):
+            self._prefetch(offset, end)
         leaf_index, leaf = -1, None
         while pos < end:
             bn = pos // B
@@ -236,6 +240,18 @@ class PoolImage:
             out += blk[inner: inner + n] if n != B else blk
             pos += n
         return bytes(out)
+
+    def _prefetch(self, offset: int, end: int) -> None:
+        from .store import pack_name
+
+        want = []
+        pending = self.pool._pending_no if self.pool._pending is not None else None
+        for bn in range(offset // B, (end + B - 1) // B):
+            e = self.entry(bn)
+            if e.kind in (pc.RAW, pc.ZSTD, pc.DELTA) and e.pack != pending:
+                want.append((pack_name(e.pack), e.offset, e.length))
+        if len(want) > 1:
+            self.pool.backend.prefetch(want)
 
     # ------------------------------------------------------------------ writing
     @property

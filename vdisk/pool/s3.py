@@ -54,6 +54,8 @@ _PREFIX_PART = re.compile(r"^[A-Za-z0-9._-]+$")
 WRITEBACK_PREFIXES = ("packs/", "index/")
 #: names whose content may change (catalog names can be re-used after pruning): never cached
 UNCACHED_PREFIXES = ("gen/", "leases/", "config")
+PREFETCH_GAP = 512  # bytes between two wanted ranges fetched with them rather than asked for apart
+PREFETCH_MAX = 8 << 20
 
 
 def _env_float(name: str, default: float) -> float:
@@ -61,6 +63,32 @@ def _env_float(name: str, default: float) -> float:
         return float(os.environ.get(name, default))
     except ValueError:
         raise UsageError(f"{name}={os.environ.get(name)!r}: expected a number") from None
+
+
+_CLIENTS: dict[tuple, object] = {}
+_CLIENTS_LOCK = threading.Lock()
+
+
+def _shared_client(connect_timeout: float, read_timeout: float, attempts: int):
+    """One boto3 client per process and setting (making one loads the service model:
+    a few hundred milliseconds), made anew when the AWS environment changes."""
+    env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
+    key = (connect_timeout, read_timeout, attempts, env)
+    with _CLIENTS_LOCK:
+        c = _CLIENTS.get(key)
+        if c is None:
+            try:
+                import boto3
+                from botocore.config import Config
+            except ImportError:
+                raise UsageError("pools on object stores need boto3 (pip install 'vdisk[s3]')") from None
+
+            cfg = Config(connect_timeout=connect_timeout, read_timeout=read_timeout,
+                         retries={"mode": "standard", "total_max_attempts": max(1, attempts)},
+                         max_pool_connections=16)
+            session = boto3.session.Session()
+            c = _CLIENTS[key] = session.client("s3", region_name=session.region_name or "us-east-1", config=cfg)
+        return c
 
 
 def parse_url(url: str) -> tuple[str, str]:
@@ -88,7 +116,6 @@ class S3Backend(be.Backend):
         self.connect_timeout = _env_float("VDISK_S3_CONNECT_TIMEOUT", 5)
         self.read_timeout = _env_float("VDISK_S3_READ_TIMEOUT", 20)
         self._client = client
-        self._client_lock = threading.Lock()
         mb = _env_float("VDISK_S3_CACHE_MB", 256)
         self.cache = ObjectCache(int(mb * 1024 * 1024) if cache_bytes is None else cache_bytes)
         self.writeback_bytes = int(_env_float("VDISK_S3_WRITEBACK_MB", 64) * 1024 * 1024)
@@ -97,26 +124,18 @@ class S3Backend(be.Backend):
         self._cond = threading.Condition()
         self._failed: HostIOError | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._readers: ThreadPoolExecutor | None = None
         #: bytes received from the store (bodies of gets), and requests made
         self.bytes_fetched = 0
         self.gets = 0
+        self._stats_lock = threading.Lock()
         self.bytes_put = 0
 
     # ------------------------------------------------------------------ client
     @property
     def client(self):
         if self._client is None:
-            with self._client_lock:
-                if self._client is None:
-                    import boto3
-                    from botocore.config import Config
-
-                    cfg = Config(connect_timeout=self.connect_timeout, read_timeout=self.read_timeout,
-                                 retries={"mode": "standard", "total_max_attempts": max(1, self.attempts)},
-                                 max_pool_connections=16)
-                    session = boto3.session.Session()
-                    region = session.region_name or "us-east-1"
-                    self._client = session.client("s3", region_name=region, config=cfg)
+            self._client = _shared_client(self.connect_timeout, self.read_timeout, self.attempts)
         return self._client
 
     def key(self, name: str) -> str:
@@ -259,8 +278,9 @@ class S3Backend(be.Backend):
             data = r["Body"].read()
         except (BotoCoreError, OSError) as exc:
             raise self._error("get", name, exc) from None
-        self.bytes_fetched += len(data)
-        self.gets += 1
+        with self._stats_lock:
+            self.bytes_fetched += len(data)
+            self.gets += 1
         return data
 
     def get_with_age(self, name: str) -> tuple[bytes, float]:
@@ -303,6 +323,39 @@ class S3Backend(be.Backend):
         data = self._read_body(r, name)[:length]
         self.cache.put(name, offset, data)
         return data
+
+    def prefetch(self, ranges: list[tuple[str, int, int]]) -> None:
+        """Fetch the byte ranges ``(name, offset, length)`` into the cache: those of one
+        object that touch or nearly touch (``PREFETCH_GAP``) in one request, at most
+        ``PREFETCH_MAX`` bytes each, several requests at once.  Errors are left to the
+        reads that follow (which retry, and report)."""
+        by_name: dict[str, list[tuple[int, int]]] = {}
+        for name, off, n in ranges:
+            if n > 0 and self._pending(name) is None and self.cache.get(name, off, n, count=False) is None:
+                by_name.setdefault(name, []).append((off, off + n))
+        jobs = []
+        for name, spans in by_name.items():
+            spans.sort()
+            cur_s, cur_e = spans[0]
+            for s_, e_ in spans[1:]:
+                if s_ <= cur_e + PREFETCH_GAP and e_ - cur_s <= PREFETCH_MAX:
+                    cur_e = max(cur_e, e_)
+                else:
+                    jobs.append((name, cur_s, cur_e - cur_s))
+                    cur_s, cur_e = s_, e_
+            jobs.append((name, cur_s, cur_e - cur_s))
+        if len(jobs) == 1:
+            self._fetch_quietly(*jobs[0])
+            return
+        if self._readers is None:
+            self._readers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="vdisk-s3-get")
+        list(self._readers.map(lambda j: self._fetch_quietly(*j), jobs))
+
+    def _fetch_quietly(self, name: str, offset: int, length: int) -> None:
+        try:
+            self.get_range(name, offset, length)
+        except (HostIOError, be.ObjectMissing):
+            pass
 
     def size(self, name: str) -> int:
         p = self._pending(name)
@@ -367,3 +420,6 @@ class S3Backend(be.Backend):
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
                 self._executor = None
+            if self._readers is not None:
+                self._readers.shutdown(wait=True)
+                self._readers = None

@@ -1,0 +1,365 @@
+"""Pools on an S3 object store, on a real SeaweedFS cluster (tier 3).
+
+The cluster (tests/seaweed.py: a master, three volume servers with replication 001,
+a filer with the S3 gateway, all on 127.0.0.1) is started once for the module and
+stopped at its end, also when a test fails.  Each test has its own pool under its own
+prefix.  What is shown here: every command on ``s3://BUCKET/PREFIX/IMAGE``, the
+conditional put, the writer lease (a second writer's error names the holder; a
+writer that lost its lease while paused cannot commit over the new one), flushed
+data surviving a kill -9 of the writer, a volume server killed during writes, a lazy
+clone fetching about what its reader reads, and a dead store giving one clear error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from imagetools import jrun, run
+from seaweed import Cluster
+
+import vdisk
+
+MiB = 1 << 20
+BUCKET = "vdisk-test"
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = Cluster(str(tmp_path_factory.mktemp("seaweedfs")))
+    try:
+        c.start()
+        with pytest.MonkeyPatch.context() as mp:
+            for k, v in c.env().items():
+                mp.setenv(k, v)
+            mp.setenv("VDISK_S3_LEASE_TTL", "3")  # leases expire quickly in these tests
+            mp.delenv("AWS_PROFILE", raising=False)
+            yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture
+def s3pool(cluster, request):
+    url = f"s3://{BUCKET}/{request.node.name.replace('[', '-').replace(']', '')[:60]}-{os.urandom(3).hex()}"
+    run("pool", "create", url)
+    return url
+
+
+def pattern(seed: int, n: int) -> bytes:
+    import random
+
+    return random.Random(seed).randbytes(n)
+
+
+def content(spec: str, **kw) -> bytes:
+    with vdisk.open(spec, read_only=True, **kw) as img:
+        return img.read(0, img.size)
+
+
+def _child(code: str, **popen) -> subprocess.Popen:
+    """A Python process (another "host" as far as the pool knows: its own cache, its own
+    lease) running ``code``; it talks over stdin/stdout lines."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = HERE + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **popen)
+
+
+def _expect(p: subprocess.Popen, want: str) -> str:
+    line = p.stdout.readline().strip()
+    if line != want:
+        p.kill()
+        raise AssertionError(f"child said {line!r}, expected {want!r}; stderr: {p.stderr.read()}")
+    return line
+
+
+# ---------------------------------------------------------------------------- commands
+def test_every_command_on_an_s3_pool(s3pool, tmp_path):
+    raw = tmp_path / "src.raw"
+    data = pattern(1, 3 * MiB) + bytes(MiB)
+    raw.write_bytes(data)
+    img = f"{s3pool}/disk"
+    run("convert", "-f", "raw", "-O", "pool", raw, img)
+    run("compare", "-f", "raw", raw, img)
+    info = jrun("info", img)
+    assert info["format"] == "pool" and info["virtual-size"] == 4 * MiB
+    run("snapshot", "-c", "s1", img)
+    assert [s["name"] for s in jrun("snapshot", "list", img)] == ["s1"]
+    # a native clone shares the snapshot's tree and holds it
+    run("clone", f"{img}@s1", f"{s3pool}/clone")
+    assert content(f"{s3pool}/clone") == data
+    r = run("rm", img, code=1)
+    assert f"{s3pool}/clone" in r.stderr  # named where it is, not as a mangled local path
+    with vdisk.open(f"{s3pool}/clone") as c:
+        c.write(0, b"clone!" * 100)
+        c.flush()
+    assert content(f"{s3pool}/clone")[:600] == b"clone!" * 100
+    assert content(img) == data and content(img, snapshot="s1") == data
+    run("create", f"{s3pool}/empty", "16M")
+    assert content(f"{s3pool}/empty") == bytes(16 * MiB)
+    assert jrun("check", img)["vdisk-result"] == "clean"
+    names = sorted(i["name"] for i in jrun("pool", "ls", s3pool))
+    assert names == ["clone", "disk", "empty"]
+    assert jrun("pool", "info", s3pool)["images"] == 3
+    r = run("pool", "check", s3pool)
+    assert "No errors" in r.stdout
+    run("convert", "-O", "raw", f"{img}@s1", tmp_path / "back.raw")
+    assert (tmp_path / "back.raw").read_bytes() == data
+    run("rm", f"{s3pool}/clone")
+    run("rm", img)
+    assert [i["name"] for i in jrun("pool", "ls", s3pool)] == ["empty"]
+
+
+def test_pool_create_refuses_a_used_prefix_and_bad_urls(s3pool, cluster):
+    r = run("pool", "create", s3pool, code=1)
+    assert "holds objects already" in r.stderr
+    r = run("pool", "create", "s3://Bad_Bucket/x", code=1)
+    assert "not a valid bucket name" in r.stderr
+    r = run("info", f"s3://{BUCKET}/no-pool-here/img", code=1)
+    assert "not a vdisk pool" in r.stderr
+    r = run("pool", "gc", s3pool, code=1)
+    assert "not supported yet on pools on object stores" in r.stderr
+
+
+def test_conditional_put(cluster):
+    from vdisk.pool.s3 import S3Backend
+
+    b = S3Backend(f"s3://{BUCKET}/cond-{os.urandom(3).hex()}")
+    b.ensure_bucket()
+    assert b.put_if_absent("gen/0000000000000001", b"mine")
+    assert not b.put_if_absent("gen/0000000000000001", b"theirs")
+    # a retry of our own put whose answer was lost finds our bytes: it is ours
+    assert b.put_if_absent("gen/0000000000000001", b"mine")
+    assert b.get("gen/0000000000000001") == b"mine"
+    b.put("packs/0000000000000003", b"p" * 1000)  # written back
+    assert b.get_range("packs/0000000000000003", 10, 5) == b"ppppp"
+    b.barrier()
+    assert b.list("packs/") == ["packs/0000000000000003"]
+    assert b.get_range("packs/0000000000000003", 2000, 10) == b""
+    b.close()
+
+
+# ---------------------------------------------------------------------------- leases
+def test_second_writer_is_refused_naming_the_holder(s3pool):
+    img = f"{s3pool}/disk"
+    run("create", img, "4M")
+    with vdisk.open(img) as w:
+        w.write(0, b"x" * 4096)
+        w.flush()
+        with pytest.raises(vdisk.errors.ImageLocked) as ei:
+            vdisk.open(img)
+        msg = str(ei.value)
+        assert socket.gethostname() in msg and f"pid {os.getpid()}" in msg and "since" in msg
+        r = run("info", img, code=1)  # a reader of the live state that does not share
+        assert "being written by" in r.stderr
+        run("info", "-U", img)
+    with vdisk.open(img) as w2:  # released at close: free at once
+        assert w2.read(0, 4096) == b"x" * 4096
+
+
+def test_a_writer_that_lost_its_lease_cannot_commit(s3pool):
+    """A writer is paused (SIGSTOP) past its lease; a second one takes the image over
+    and commits; the first, resumed, must fail its flush and change nothing."""
+    img = f"{s3pool}/disk"
+    run("create", img, "4M")
+    a = _child(f"""
+        import sys, vdisk
+        img = vdisk.open({img!r})
+        img.write(0, b"A1" * 2048); img.flush()
+        print("flushed", flush=True)
+        sys.stdin.readline()
+        img.write(0, b"A2" * 2048); img.write(8192, b"A2" * 2048)
+        try:
+            img.flush()
+            print("committed", flush=True)
+        except vdisk.errors.VdiskError as exc:
+            print("refused", flush=True); print(exc, flush=True)
+        try:
+            img.close()
+        except vdisk.errors.VdiskError:
+            pass
+    """)
+    try:
+        _expect(a, "flushed")
+        os.kill(a.pid, signal.SIGSTOP)
+        # the lease is held while A runs ...
+        with pytest.raises(vdisk.errors.ImageLocked):
+            vdisk.open(img)
+        deadline = time.monotonic() + 30
+        while True:  # ... and free once A, paused, missed its renewals (ttl 3 s)
+            try:
+                b = vdisk.open(img)
+                break
+            except vdisk.errors.ImageLocked:
+                assert time.monotonic() < deadline, "the paused writer's lease never expired"
+                time.sleep(0.5)
+        with b:
+            assert b.read(0, 4096) == b"A1" * 2048  # B sees everything A flushed
+            b.write(0, b"B1" * 2048)
+            b.flush()
+            os.kill(a.pid, signal.SIGCONT)
+            a.stdin.write("go\n")
+            a.stdin.flush()
+            _expect(a, "refused")
+            why = a.stdout.readline()
+            assert "lost its lease" in why and f"pid {os.getpid()}" in why
+        assert a.wait(30) == 0
+    finally:
+        if a.poll() is None:
+            os.kill(a.pid, signal.SIGCONT)
+            a.kill()
+            a.wait()
+    got = content(img)
+    assert got[:4096] == b"B1" * 2048 and got[8192:12288] == bytes(4096)  # nothing of A's second round
+    assert jrun("check", img)["vdisk-result"] == "clean"
+
+
+def test_flushed_data_survives_kill_9_of_the_writer(s3pool):
+    img = f"{s3pool}/disk"
+    run("create", img, "8M")
+    data = pattern(7, 2 * MiB)
+    a = _child(f"""
+        import os, vdisk
+        from test_pool_s3 import pattern
+        img = vdisk.open({img!r})
+        img.write(MiB := 1 << 20, pattern(7, 2 * MiB)); img.flush()
+        print("flushed", flush=True)
+        img.write(0, b"unflushed" * 100)   # never flushed: may be lost, never half-there
+        os.kill(os.getpid(), 9)
+    """)
+    _expect(a, "flushed")
+    a.wait(30)
+    assert a.returncode == -9
+    # the dead writer's lease expires (ttl 3 s); then a new writer opens, no repair
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            w = vdisk.open(img)
+            break
+        except vdisk.errors.ImageLocked as exc:
+            assert "being written by" in str(exc)
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+    with w:
+        assert w.read(MiB, 2 * MiB) == data
+        assert w.read(0, 900) in (bytes(900), b"unflushed" * 100)
+    assert jrun("check", img)["vdisk-result"] == "clean"
+    assert "No errors" in run("pool", "check", s3pool.rpartition("/")[0] + "/" + s3pool.rpartition("/")[2]).stdout
+
+
+# ---------------------------------------------------------------------------- faults
+@pytest.mark.timeout(300)
+def test_a_volume_server_killed_during_writes(s3pool, cluster):
+    """Writes go on or fail cleanly while one of three volume servers is down; after
+    its restart, every flushed write reads back."""
+    img = f"{s3pool}/disk"
+    run("create", img, "32M")
+    acked: dict[int, bytes] = {}
+    failures = []
+    with vdisk.open(img) as w:
+        for i in range(24):
+            if i == 8:
+                cluster.kill("volume2")
+            chunk = pattern(100 + i, MiB)
+            try:
+                w.write(i * MiB, chunk)
+                w.flush()
+                acked[i] = chunk
+            except vdisk.errors.VdiskError as exc:
+                failures.append(str(exc))
+                break  # a failed flush is final for this open (as a failed fsync)
+    cluster.restart("volume2")
+    cluster.wait_ready()
+    assert len(acked) >= 8
+    for f in failures:
+        assert "s3://" in f  # a clear error naming the store
+    got = content(img)
+    for i, chunk in acked.items():
+        assert got[i * MiB:(i + 1) * MiB] == chunk, f"flushed MiB {i} lost"
+    assert jrun("check", img)["vdisk-result"] == "clean"
+    print(f"volume server down: {len(acked) - 8} of {24 - 8} MiB flushes went on, {len(failures)} failed")
+
+
+def test_a_dead_store_is_one_clear_error(cluster, monkeypatch):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there once closed
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("VDISK_S3_ATTEMPTS", "2")
+    monkeypatch.setenv("VDISK_S3_CONNECT_TIMEOUT", "1")
+    r = run("info", f"s3://{BUCKET}/gone/img", code=1)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "s3://vdisk-test/gone" in lines[0] and "failed" in lines[0]
+    assert "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------------------- lazy clones
+def test_a_lazy_clone_fetches_about_what_it_reads(s3pool):
+    """A clone on another "host" (a fresh process view: its own empty cache) reads
+    1 MiB of a 16 MiB golden image: it fetches that MiB and some tree nodes, not the
+    image."""
+    from vdisk.pool.image import PoolImage
+    from vdisk.pool.store import Pool
+
+    golden = f"{s3pool}/golden"
+    run("create", golden, "16M")
+    with vdisk.open(golden) as g:
+        g.write(0, pattern(5, 16 * MiB))
+    run("snapshot", "-c", "base", golden)
+    run("clone", f"{golden}@base", f"{s3pool}/vm1")
+    pool = Pool(s3pool)
+    try:
+        img = PoolImage(pool, "vm1", read_only=True)
+        before = pool.backend.bytes_fetched
+        got = img.read(4 * MiB, MiB, None)
+        fetched = pool.backend.bytes_fetched - before
+        img.close()
+    finally:
+        pool.close()
+    assert got == pattern(5, 16 * MiB)[4 * MiB:5 * MiB]
+    assert MiB <= fetched < 1.2 * MiB, fetched  # random data: stored raw, 4 KiB per block
+    print(f"lazy clone: read {MiB} bytes, fetched {fetched} bytes ({fetched / MiB:.3f}x)")
+
+
+# ---------------------------------------------------------------------------- mount
+@pytest.mark.fuse
+@pytest.mark.timeout(180)
+def test_mount_an_s3_pool_image(s3pool, tmp_path, monkeypatch):
+    from vdisk.export.fuse.testing import Rig
+    from vdisk.export.fuse.testing import run as sh
+
+    monkeypatch.setenv("VDISK_RUN_DIR", str(tmp_path / "run"))
+    img = f"{s3pool}/disk"
+    run("create", img, "8M")
+    run("snapshot", "-c", "empty", img)
+    data = pattern(11, MiB)
+    src = tmp_path / "data.bin"
+    src.write_bytes(data)
+    mnt = str(tmp_path / "mnt")
+    rig = Rig(str(tmp_path))
+    try:
+        rig.mount(img, mnt)
+        assert os.path.getsize(os.path.join(mnt, "disk")) == 8 * MiB
+        sh("dd", f"if={src}", f"of={mnt}/disk", "bs=64k", f"seek={MiB // 65536}", "conv=notrunc,fsync",
+           "oflag=direct")
+        with open(os.path.join(mnt, "disk"), "rb") as f:
+            f.seek(MiB)
+            assert f.read(MiB) == data
+        r = run("info", img, code=1)  # the mount holds the lease
+        assert "being written by" in r.stderr
+        rig.umount(mnt)
+    finally:
+        rig.cleanup()
+    got = content(img)
+    assert got[MiB:2 * MiB] == data and got[:MiB] == bytes(MiB)
+    assert content(img, snapshot="empty") == bytes(8 * MiB)
+    assert json.loads(run("check", img, "--output", "json").stdout)["vdisk-result"] == "clean"
