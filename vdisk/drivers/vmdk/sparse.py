@@ -142,16 +142,9 @@ class SparseExtent(SparseWriteMixin):
             if self.is_zero_entry(e):
                 out.append((pos, n, bytes(n)))
             elif not self.header.compressed:
-                self.check_entry(g, e)
-                # coalesce physically contiguous grains into one pread
-                run = n
-                while pos + run < end:
-                    g2 = (pos + run) // gb
-                    e2 = self.entry(g2)
-                    if e2 != e + (g2 - g) * self.header.grain_size or self.is_zero_entry(e2):
-                        break
-                    self.check_entry(g2, e2)
-                    run += min(end - pos - run, gb)
+                # physically contiguous grains: one pread
+                k = self._contiguous(g, e, (end - 1) // gb)
+                run = min(end, (g + k) * gb) - pos
                 out.append((pos, run, self.host.pread(e * SECTOR + in_g, run)))
                 pos += run
                 continue
@@ -203,13 +196,42 @@ class SparseExtent(SparseWriteMixin):
             elif self.header.compressed:
                 out.append((pos, n, Status.DATA, None, True))
             else:
-                self.check_entry(g, e)
-                if holes.is_hole(e * SECTOR, gb):  # zeroed by punching a hole: reads as zeros
-                    out.append((pos, n, Status.ZERO, None, False))
-                else:
-                    out.append((pos, n, Status.DATA, e * SECTOR + in_g, False))
+                k = self._contiguous(g, e, (end - 1) // gb)
+                run_end = min(end, (g + k) * gb)
+                if not holes.any_hole(e * SECTOR + in_g, run_end - pos):
+                    out.append((pos, run_end - pos, Status.DATA, e * SECTOR + in_g, False))
+                    pos = run_end
+                    continue
+                # zeroed grains are punched holes: they read as zeros
+                for j in range(k):
+                    p0 = max(pos, (g + j) * gb)
+                    p1 = min(run_end, (g + j + 1) * gb)
+                    h0 = (e + j * self.header.grain_size) * SECTOR
+                    if holes.is_hole(h0, gb):
+                        out.append((p0, p1 - p0, Status.ZERO, None, False))
+                    else:
+                        out.append((p0, p1 - p0, Status.DATA, h0 + p0 - (g + j) * gb, False))
+                pos = run_end
+                continue
             pos += n
         return out
+
+    def _contiguous(self, g: int, e: int, last: int) -> int:
+        """How many grains from ``g`` (allocated at sector ``e``, uncompressed) up to
+        grain ``last`` lie back to back in the file; all of them checked."""
+        n = V.GTES_PER_GT
+        gs = self.header.grain_size
+        tables = self.gte.tables
+        k = 1
+        while g + k <= last:
+            t = tables.get((g + k) // n)
+            if t is None or t[(g + k) % n] != e + k * gs:
+                break
+            k += 1
+        if e + (k - 1) * gs >= self.file_sectors or self._overlaps_meta(e, e + k * gs):
+            for j in range(k):  # name the first bad one
+                self.check_entry(g + j, e + j * gs)
+        return k
 
     def allocated_grains(self) -> int:
         return sum(1 for _g, e in self.gte.items() if not self.is_zero_entry(e))
@@ -227,6 +249,15 @@ class _Holes:
         self.fd = fd if isinstance(fd, int) and fd >= 0 else None
         self.hole = (0, 0)
         self.data = (0, 0)
+
+    def any_hole(self, start: int, length: int) -> bool:
+        """True if some of the range may be a hole (False: all data, one system call)."""
+        if self.fd is None:
+            return False
+        try:
+            return os.lseek(self.fd, start, os.SEEK_HOLE) < start + length
+        except OSError:
+            return True
 
     def is_hole(self, start: int, length: int) -> bool:
         if self.fd is None:
