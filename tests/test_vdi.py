@@ -288,3 +288,17 @@ def test_huge_map_is_charged_to_the_budget(image_dir, monkeypatch):
     monkeypatch.setenv("VDISK_METADATA_BUDGET", "100")
     with pytest.raises(vdisk.errors.ResourceLimit, match="block map"):
         vdisk.open(str(p), read_only=True)
+
+
+def test_a_broken_vdi_is_refused_never_taken_for_raw(image_dir, run_vdisk):
+    p = image_dir / "x.vdi"
+    head = bytearray(MiB)
+    head[0x40:0x44] = C.MAGIC
+    p.write_bytes(bytes(head))
+    for args in (["info", p], ["resize", p, "+1M"], ["check", p]):
+        r = run_vdisk(*args, expect=None)
+        assert r.returncode in (1, 2) and "Traceback" not in r.stderr, (args, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and "vdi header" in lines[0], r.stderr
+    assert p.read_bytes() == bytes(head)
+    run_vdisk("info", "-f", "raw", p)

@@ -460,3 +460,22 @@ def test_rebase_and_flatten_of_a_differencing_disk(image_dir, run_vdisk):
         assert c.read(0, c.size) == got
     os.unlink(b)  # the flattened disk needs its old parent no more
     assert read_all(child) == got
+
+
+@pytest.mark.parametrize("kind", ["fixed", "dynamic"])
+def test_a_broken_vhd_is_refused_never_taken_for_raw(image_dir, run_vdisk, kind):
+    """A file with a VHD cookie but no valid footer: every command refuses it, in one
+    line naming the damage; -f raw still opens it when the user says so."""
+    p = image_dir / "x.vhd"
+    footer = bytearray(512)
+    footer[0:8] = b"conectix"
+    struct.pack_into(">Q", footer, 48, MiB)
+    p.write_bytes(bytes(MiB) + bytes(footer) if kind == "fixed" else bytes(footer) + bytes(MiB))
+    before = p.read_bytes()
+    for args in (["info", p], ["resize", p, "+1M"], ["check", p], ["map", p]):
+        r = run_vdisk(*args, expect=None)
+        assert r.returncode in (1, 2) and "Traceback" not in r.stderr, (args, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and re.search(r"VHD|vhd footer", lines[0]), r.stderr
+    assert p.read_bytes() == before
+    run_vdisk("info", "-f", "raw", p)

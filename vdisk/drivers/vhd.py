@@ -348,6 +348,7 @@ class VhdDriver(BlockDriver):
         tail = host.pread(fsize - 512, 512)
         footer = None
         fixed = None
+        head_err = None
         if tail[:8] == C.FOOTER_COOKIE:
             try:
                 fixed = C.decode_footer(tail)
@@ -360,8 +361,8 @@ class VhdDriver(BlockDriver):
         elif head[:8] == C.FOOTER_COOKIE:
             try:
                 footer = C.decode_footer(head)
-            except CorruptImage:
-                footer = None
+            except CorruptImage as exc:
+                footer, head_err = None, exc
             if footer is not None and footer.disk_type == C.TYPE_FIXED:
                 footer = None  # a fixed disk's first sector is guest data
         tail_ok = footer is not None and tail == head and fsize >= 1024
@@ -369,7 +370,7 @@ class VhdDriver(BlockDriver):
             try:
                 footer = C.decode_footer(tail)
             except CorruptImage as exc:
-                raise CorruptImage(f"{name}: {exc}") from None
+                raise CorruptImage(f"{name}: {head_err or exc}") from None
             tail_ok = True
         if footer.version >> 16 != 1:
             raise UnsupportedFeature(f"{name}: VHD file format version {footer.version >> 16}."
