@@ -479,3 +479,15 @@ def test_a_broken_vhd_is_refused_never_taken_for_raw(image_dir, run_vdisk, kind)
         assert len(lines) == 1 and re.search(r"VHD|vhd footer", lines[0]), r.stderr
     assert p.read_bytes() == before
     run_vdisk("info", "-f", "raw", p)
+
+
+def test_a_parent_that_is_not_the_one_recorded_is_refused(image_dir):
+    base, child = image_dir / "base.vhd", image_dir / "child.vhd"
+    vdisk.create(str(base), 4 * MiB, format="vpc")
+    vdisk.create(str(child), format="vpc", backing_file="base.vhd", backing_format="vpc")
+    os.unlink(base)
+    vdisk.create(str(base), 4 * MiB, format="vpc")  # another disk under the same name
+    with pytest.raises(vdisk.errors.BackingError, match="not the disk it was made on"):
+        vdisk.open(str(child))
+    with vdisk.open(str(child), backing=False, read_only=True) as c:  # alone, it still opens
+        assert c.size == 4 * MiB

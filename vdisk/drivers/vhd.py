@@ -46,7 +46,7 @@ from array import array
 
 from .. import budget
 from ..codec import vhd as C
-from ..errors import CorruptImage, NotSupported, UnsupportedFeature, UsageError
+from ..errors import BackingError, CorruptImage, NotSupported, UnsupportedFeature, UsageError
 from ..host import HostStorage
 from . import register
 from .base import BackingRef, BlockDriver, CheckResult, CreateOptions, Extent, Status
@@ -508,6 +508,16 @@ class VhdDriver(BlockDriver):
     @property
     def differencing(self) -> bool:
         return self.footer.disk_type == C.TYPE_DIFFERENCING
+
+    def verify_backing(self, backing) -> None:
+        """The parent must be the disk this one was made on: its footer's unique id is
+        the one the dynamic header recorded (an all-zero id, as some tools write, is
+        not checked)."""
+        want = self.dyn.parent_unique_id if self.dyn is not None else bytes(16)
+        got = getattr(getattr(backing, "footer", None), "unique_id", None)
+        if want != bytes(16) and got is not None and got != want:
+            raise BackingError(f"{self.host.name}: its parent {self.backing_ref.filename} is not the disk it was "
+                               f"made on (unique id {got.hex()}, the child records {want.hex()})")
 
     def set_backing(self, ref) -> None:
         """No parent: a differencing disk becomes a dynamic one (the footers first: a
