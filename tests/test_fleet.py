@@ -243,17 +243,12 @@ def test_workloads_are_repeatable_and_in_bounds():
 #: committing to one pool at once hit it now and then, so they run only with
 #: VDISK_FOUND_BUGS=1 (the convention of tests/test_found_bugs.py); the sequential
 #: pool run below covers the pool's fork and events meanwhile.
-POOL_COMMIT_RACE = pytest.mark.skipif(
-    not os.environ.get("VDISK_FOUND_BUGS"),
-    reason="open bug: Pool.commit re-applies a mutation that did commit when another writer committed "
-           "on top of it at once (VDISK_FOUND_BUGS=1 runs it)")
-
 METHODS = [
     pytest.param((), id="vdk-linked"),
     pytest.param(("fork.method=full",), id="vdk-full"),
     pytest.param(("fork.format=qcow2", "golden.format=qcow2"), id="qcow2-linked"),
     pytest.param(("fork.method=full", "fork.format=qcow2"), id="qcow2-full"),
-    pytest.param(("fork.method=pool",), id="pool", marks=POOL_COMMIT_RACE),
+    pytest.param(("fork.method=pool",), id="pool"),
 ]
 
 
@@ -376,12 +371,11 @@ def test_workdir_must_be_empty(tmp_path):
         runner.run(spec.load(str(CI_SPEC)), str(tmp_path))
 
 
-SHIPPED = [pytest.param(p.name, marks=POOL_COMMIT_RACE) if p.name == "pool-fleet.toml" else p.name
-           for p in sorted(FLEET.glob("*.toml"))]
+SHIPPED = [p.name for p in sorted(FLEET.glob("*.toml"))]
 
 
 def test_pool_fleet_one_writer_at_a_time(tmp_path):
-    """Clones in a pool, one VM thread (no concurrent commits: see POOL_COMMIT_RACE):
+    """Clones in a pool, one VM thread (several at once: test_ci_fleet_runs_and_checks[pool]):
     fork, checkpoint, restore, migrate into another pool, a live clone there (native:
     next to its source), and the model check of all of it."""
     text = """
@@ -502,11 +496,12 @@ def test_model_check_catches_a_damaged_checkpoint(tmp_path, monkeypatch):
         r["check"]["mismatches"]
 
 
-@POOL_COMMIT_RACE
 def test_pool_commit_race_found_by_the_fleet(tmp_path):
-    """The open pool bug the fleet found, alone: snapshots of one pool image while
-    other images of the same pool flush; no snapshot may be reported as existing
-    already when it was just made."""
+    """The pool bug the fleet found, alone: snapshots of one pool image while other
+    images of the same pool flush; no snapshot may be reported as existing already
+    when it was just made.  Pool.commit took its own commit for lost when another
+    writer committed on top of it at once, and applied it twice; generations now
+    name the one they are built on (formats/pool.md 6.2)."""
     import threading
 
     from vdisk.pool.admin import pool_create

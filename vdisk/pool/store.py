@@ -199,9 +199,12 @@ class Pool:
             mutate(cat)
             cat["generation"] = self.generation + 1
             cat["committed"] = time.time()
+            # lineage: which generation this one is built on (section 6.2)
+            cat["commit_id"] = os.urandom(8).hex()
+            cat["parent_id"] = self.catalog.get("commit_id")
             data = pc.encode_json_object(pc.GEN_MAGIC, cat)
             if self.backend.put_if_absent(gen_name(self.generation + 1), data) and \
-                    self._newest_number() == self.generation + 1:
+                    self._landed(self.generation + 1, cat["commit_id"]):
                 self.catalog, self.generation = cat, self.generation + 1
                 self._sealed.clear()
                 self._prune_generations()
@@ -224,6 +227,21 @@ class Pool:
 
             raise Fenced(f"{self.url}/{name}: this writer lost its lease (epoch {epoch}) to "
                          f"{describe(w)}; nothing since its last flush was committed")
+
+    def _landed(self, number: int, commit_id: str) -> bool:
+        """After our put of generation ``number`` succeeded: is it in the pool's history?
+        Yes if it is the newest, or if the generation after it was built on it (another
+        writer committed on top at once: re-applying ours would apply it twice).  No if
+        a newer generation descends from another ``number`` -- our put took a number
+        freed by pruning, below the newest, and no reader takes it."""
+        newest = self._newest_number()
+        if newest == number:
+            return True
+        try:
+            nxt = self._read_generation(gen_name(number + 1))
+        except be.ObjectMissing:
+            return False
+        return nxt.get("parent_id") == commit_id
 
     def _newest_number(self) -> int:
         """The largest generation number in the store.  A commit counts only if its
