@@ -356,6 +356,11 @@ def generate(outdir: str) -> list[Case]:
            {"s.vmdk": base}, ct="twoGbMaxExtentSparse", content=base_cf)
     layout("descriptor-huge", "a 2 MiB descriptor file", "", {}, text="# Disk DescriptorFile\n" + "#" * (2 << 20),
            open="fail", error="CorruptImage")
+    cf_4k = content_file("flat-4k.content", flat_data[:4096])
+    layout("descriptor-backtracking", "a line that made the key pattern backtrack quadratically (500000 spaces), "
+           "200000 blank lines", "", {"d-flat.vmdk": flat_data},
+           text="# Disk DescriptorFile\nCID=1\nparentCID=ffffffff\nddb.x=a" + " " * 500_000 + "b\n"
+           + "\n" * 200_000 + 'RW 8 FLAT "d-flat.vmdk" 0\n', content=cf_4k)
     layout("descriptor-nul", "NUL bytes cut the descriptor before its extents", "", {},
            text="# Disk DescriptorFile\nversion=1\n\0\nRW 8 ZERO\n", open="fail", error="CorruptImage")
     os.symlink("/etc/passwd", path("extent-symlink", "p.raw"))

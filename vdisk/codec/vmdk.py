@@ -269,8 +269,9 @@ EXTENT_TYPES_READ = ("FLAT", "SPARSE", "ZERO", "VMFS")
 ACCESS_MODES = ("RW", "RDONLY", "NOACCESS")
 NO_PARENT_CID = 0xFFFFFFFF
 
-_EXTENT_RE = re.compile(r'^(RW|RDONLY|NOACCESS)\s+(\d+)\s+([A-Z]+)(?:\s+"([^"]*)"(?:\s+(\d+))?)?\s*$')
-_KEY_RE = re.compile(r'^([A-Za-z][A-Za-z0-9_.]*)\s*=\s*(.*?)\s*$')
+_EXTENT_RE = re.compile(r'^(RW|RDONLY|NOACCESS)[ \t]+(\d+)[ \t]+([A-Z]+)(?:[ \t]+"([^"]*)"(?:[ \t]+(\d+))?)?$')
+# lines are stripped before matching, and no pattern may backtrack over a long line
+_KEY_RE = re.compile(r'^([A-Za-z][A-Za-z0-9_.]*)[ \t]*=[ \t]*(.*)$')
 
 
 @dataclass(frozen=True)

@@ -88,10 +88,10 @@ def open_layout(host: HostStorage, name: str, *, read_only: bool, siblings) -> t
     return desc, extents, raw.split(b"\0", 1)[0]
 
 
-_CID_RE = re.compile(rb"^(\s*CID\s*=\s*)([0-9a-fA-F]+)", re.MULTILINE)
-_PCID_RE = re.compile(rb"^(\s*parentCID\s*=\s*)([0-9a-fA-F]+)", re.MULTILINE)
-_HINT_RE = re.compile(rb'^\s*parentFileNameHint\s*=.*\n?', re.MULTILINE)
-_EXTENT_RE = re.compile(rb"^(\s*(?:RW|RDONLY)\s+)(\d+)(\s+SPARSE\b)", re.MULTILINE)
+_CID_RE = re.compile(rb"^([ \t]*CID[ \t]*=[ \t]*)([0-9a-fA-F]+)", re.MULTILINE)
+_PCID_RE = re.compile(rb"^([ \t]*parentCID[ \t]*=[ \t]*)([0-9a-fA-F]+)", re.MULTILINE)
+_HINT_RE = re.compile(rb'^[ \t]*parentFileNameHint[ \t]*=.*\n?', re.MULTILINE)
+_EXTENT_RE = re.compile(rb"^([ \t]*(?:RW|RDONLY)[ \t]+)(\d+)([ \t]+SPARSE\b)", re.MULTILINE)
 
 
 def with_cid(raw: bytes, cid: int) -> bytes:
