@@ -65,9 +65,13 @@ def _free_port() -> int:
 class Cluster:
     """The cluster whose state (ports, pids) is in ``DIR/cluster.json``."""
 
-    def __init__(self, root: str, host: str = HOST):
+    def __init__(self, root: str, host: str = HOST, netns: str | None = None, s3_bind: str | None = None):
+        """``netns``: run every server in that network namespace (made by the caller),
+        the S3 gateway listening on ``s3_bind`` there (default: ``host``)."""
         self.root = os.path.abspath(root)
         self.host = host
+        self.netns = netns
+        self.s3_bind = s3_bind or host
         self.state_file = os.path.join(self.root, "cluster.json")
         self.state: dict = {}
         if os.path.exists(self.state_file):
@@ -92,7 +96,8 @@ class Cluster:
     # ------------------------------------------------------------------ processes
     def _spawn(self, name: str, args: list[str]) -> None:
         with open(os.path.join(self.root, f"{name}.log"), "ab") as log:
-            p = subprocess.Popen([weed_binary(), *args], stdout=log, stderr=subprocess.STDOUT,
+            pre = ["ip", "netns", "exec", self.netns] if self.netns else []
+            p = subprocess.Popen([*pre, weed_binary(), *args], stdout=log, stderr=subprocess.STDOUT,
                                  stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.root)
         self.state.setdefault("pids", {})[name] = p.pid
         self._save()
@@ -120,7 +125,7 @@ class Cluster:
             return ["filer", f"-ip={h}", f"-ip.bind={h}", f"-port={ports['filer']}",
                     f"-port.grpc={ports['filer'] + 10000}", f"-master={master}", f"-defaultStoreDir={d}",
                     "-s3", f"-s3.port={ports['s3']}", f"-s3.port.grpc={ports['s3'] + 10000}",
-                    f"-s3.config={os.path.join(self.root, 's3.json')}", "-s3.ip.bind=" + h,
+                    f"-s3.config={os.path.join(self.root, 's3.json')}", "-s3.ip.bind=" + self.s3_bind,
                     f"-s3.port.iceberg={ports['iceberg']}", f"-s3.port.lance={ports['lance']}",
                     "-defaultReplicaPlacement=001"]
         raise ValueError(name)
@@ -140,7 +145,7 @@ class Cluster:
         try:
             for n in self.NAMES:
                 self._spawn(n, self._args(n))
-                if n == "master":
+                if n == "master" and not self.netns:
                     self._wait_port(self.state["ports"]["master"], timeout)
             self.wait_ready(timeout)
         except BaseException:
@@ -174,6 +179,14 @@ class Cluster:
             dead = [n for n in self.NAMES if self.state.get("pids", {}).get(n) and not self.alive(n)]
             if dead:
                 raise RuntimeError(f"SeaweedFS {', '.join(dead)} exited: {self._log_tail(dead[0])}")
+            if self.netns:  # not reachable from here: probe from inside the namespace
+                r = subprocess.run(["ip", "netns", "exec", self.netns, sys.executable, os.path.abspath(__file__),
+                                    "probe", self.root], check=False, capture_output=True, text=True, timeout=30)
+                if r.returncode == 0:
+                    return
+                last = r.stderr.strip().splitlines()[-1:] or r.stdout
+                time.sleep(0.5)
+                continue
             try:
                 c = self.client()
                 try:
@@ -271,6 +284,11 @@ def _reap(pid: int, timeout: float) -> bool:
 
 
 def main(argv: list[str]) -> int:
+    if len(argv) == 2 and argv[0] == "probe":  # one readiness check (inside a namespace)
+        c = Cluster(argv[1])
+        c.netns = None
+        c.wait_ready(5)
+        return 0
     if len(argv) != 2 or argv[0] not in ("start", "stop", "status"):
         print("usage: scripts/seaweedfs start|stop|status DIR", file=sys.stderr)
         return 2

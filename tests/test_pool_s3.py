@@ -363,3 +363,105 @@ def test_mount_an_s3_pool_image(s3pool, tmp_path, monkeypatch):
     assert got[MiB:2 * MiB] == data and got[:MiB] == bytes(MiB)
     assert content(img, snapshot="empty") == bytes(8 * MiB)
     assert json.loads(run("check", img, "--output", "json").stdout)["vdisk-result"] == "clean"
+
+
+# ---------------------------------------------------------------------------- hosts
+def _sh(*cmd: str) -> None:
+    subprocess.run(cmd, check=True, capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def three_namespaces():
+    """Network namespaces "store", "host A" and "host B" of this test's own, with a veth
+    link from each host to the store (10.213.0.0/30 and 10.213.0.4/30); removed at the
+    end, also when the test fails."""
+    tag = f"{os.getpid() % 100000}"
+    ns = {k: f"vdk{k}{tag}" for k in ("s", "a", "b")}
+    made = []
+    try:
+        for n in ns.values():
+            _sh("ip", "netns", "add", n)
+            made.append(n)
+            _sh("ip", "-n", n, "link", "set", "lo", "up")
+        for host, store_ip, host_ip in (("a", "10.213.0.1", "10.213.0.2"), ("b", "10.213.0.5", "10.213.0.6")):
+            v0, v1 = f"vs{host}{tag}", f"vh{host}{tag}"
+            _sh("ip", "link", "add", v0, "netns", ns["s"], "type", "veth", "peer", "name", v1, "netns", ns[host])
+            _sh("ip", "-n", ns["s"], "addr", "add", f"{store_ip}/30", "dev", v0)
+            _sh("ip", "-n", ns[host], "addr", "add", f"{host_ip}/30", "dev", v1)
+            _sh("ip", "-n", ns["s"], "link", "set", v0, "up")
+            _sh("ip", "-n", ns[host], "link", "set", v1, "up")
+        yield ns
+    finally:
+        for n in made:  # deleting a namespace deletes its veth ends
+            subprocess.run(["ip", "netns", "delete", n], check=False, capture_output=True, timeout=30)
+
+
+def _on_host(ns: str, cluster: Cluster, endpoint: str, code: str) -> dict:
+    env = {**os.environ, **cluster.env(), "AWS_ENDPOINT_URL": endpoint, "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", textwrap.dedent(code)], env=env,
+                       capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 0, f"host {ns}: {r.stderr}"
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.root
+@pytest.mark.fuse
+@pytest.mark.timeout(240)
+def test_two_hosts_in_their_own_network_namespaces(three_namespaces, tmp_path, monkeypatch):
+    """Host A creates and fills a golden image in an s3:// pool; host B, another process
+    in another network namespace with its own cache, clones it lazily and reads part of
+    it: it fetches about what it reads; then it mounts the clone, reads and writes it."""
+    ns = three_namespaces
+    monkeypatch.setenv("VDISK_RUN_DIR", str(tmp_path / "run"))
+    c = Cluster(str(tmp_path / "store"), netns=ns["s"], s3_bind="0.0.0.0")  # inside the store namespace
+    try:
+        c.start()
+        port = c.state["ports"]["s3"]
+        pool = f"s3://{BUCKET}/hosts"
+        a = _on_host(ns["a"], c, f"http://10.213.0.1:{port}", f"""
+            import json, vdisk
+            from imagetools import run
+            from test_pool_s3 import pattern
+            run("pool", "create", {pool!r})
+            run("create", "{pool}/golden", "16M")
+            with vdisk.open("{pool}/golden") as g:
+                g.write(0, pattern(9, 16 << 20))
+            run("snapshot", "-c", "base", "{pool}/golden")
+            print(json.dumps({{"ok": True}}))
+        """)
+        assert a["ok"]
+        b = _on_host(ns["b"], c, f"http://10.213.0.5:{port}", f"""
+            import json, vdisk
+            from imagetools import run
+            from test_pool_s3 import pattern
+            from vdisk.pool.store import Pool
+            from vdisk.pool.image import PoolImage
+            run("clone", "{pool}/golden@base", "{pool}/vm1")
+            pool = Pool({pool!r})
+            img = PoolImage(pool, "vm1", read_only=True)
+            before = pool.backend.bytes_fetched
+            got = img.read(6 << 20, 2 << 20, None)
+            fetched = pool.backend.bytes_fetched - before
+            img.close(); pool.close()
+            import os, subprocess, sys
+            vd = os.path.join(os.path.dirname(sys.executable), "vdisk")
+            mnt = {str(tmp_path / "mnt")!r}
+            os.makedirs(mnt, exist_ok=True)
+            subprocess.run([vd, "mount", "{pool}/vm1", mnt], check=True, timeout=60)
+            try:
+                with open(os.path.join(mnt, "disk"), "r+b") as f:
+                    f.seek(1 << 20)
+                    mounted = f.read(1 << 20) == pattern(9, 16 << 20)[1 << 20: 2 << 20]
+                    f.seek(0); f.write(b"host B" * 100); f.flush(); os.fsync(f.fileno())
+            finally:
+                subprocess.run([vd, "umount", mnt], check=True, timeout=60)
+            with vdisk.open("{pool}/vm1", read_only=True) as v:
+                written = v.read(0, 600) == b"host B" * 100
+            print(json.dumps({{"same": got == pattern(9, 16 << 20)[6 << 20: 8 << 20], "fetched": fetched,
+                              "mounted": mounted, "written": written}}))
+        """)
+        assert b["same"] and b["mounted"] and b["written"]
+        assert 2 * MiB <= b["fetched"] < 2.2 * MiB, b
+        print(f"host B: read {2 * MiB} bytes of a 16 MiB golden image's clone, fetched {b['fetched']}")
+    finally:
+        c.stop()

@@ -163,7 +163,8 @@ class S3Backend(be.Backend):
                    "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)")
         else:
             msg = f"{self.url}: {op} {name} failed: {exc} (after up to {self.attempts} attempts)"
-        log.error("%s", msg)
+        if logging.getLogger().handlers:  # a mount's log; a command prints the error itself, once
+            log.error("%s", msg)
         return HostIOError(msg, errno.EIO)
 
     def _call(self, op: str, name: str, fn, **kw):
