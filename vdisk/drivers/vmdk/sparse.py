@@ -30,7 +30,7 @@ from ...errors import CorruptImage, UnsupportedFeature
 from ...host import HostStorage
 from ..base import Status
 from .tables import GrainTables
-from .write import SparseWriteMixin
+from .write import SparseWriteMixin, _compressor
 
 SECTOR = V.SECTOR
 #: a compressed grain's marker may claim at most this many times the grain size
@@ -123,6 +123,7 @@ class SparseExtent(SparseWriteMixin):
         the extent holds nothing (unallocated grains)."""
         gb = self.grain_bytes
         out: list[tuple[int, int, bytes | None]] = []
+        inflate: list[tuple[int, int, int, int, int]] = []  # (index in out, grain, entry, offset in it, length)
         pos, end = offset, offset + length
         pend = self.pending
         while pos < end:
@@ -149,8 +150,15 @@ class SparseExtent(SparseWriteMixin):
                 pos += run
                 continue
             else:
-                out.append((pos, n, self._grain_data(g, e)[in_g:in_g + n]))
+                inflate.append((len(out), g, e, in_g, n))
+                out.append((pos, n, b""))
             pos += n
+        if inflate:  # compressed grains: inflated in threads when there are several (zlib lets go of the GIL)
+            def one(item):
+                return self._grain_data(item[1], item[2])[item[3]:item[3] + item[4]]
+            datas = list(_compressor().map(one, inflate)) if len(inflate) > 1 else [one(inflate[0])]
+            for (i, _g, _e, _in, _n), data in zip(inflate, datas):
+                out[i] = (out[i][0], out[i][1], data)
         return out
 
     def _unallocated_run(self, pos: int, end: int) -> int:

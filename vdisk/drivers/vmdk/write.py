@@ -40,7 +40,7 @@ _pool = None
 
 
 def _compressor():
-    """The threads that compress stream grains (one per CPU, made on first use)."""
+    """The threads that compress and inflate stream grains (one per CPU, made on first use)."""
     global _pool
     if _pool is None:
         from concurrent.futures import ThreadPoolExecutor
