@@ -52,9 +52,9 @@ def test_vdisk_trace_sorted_by_arrival_and_torn_line(tmp_path):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("# vdisk-trace 2 size=1\n0 R 0 1 1 0\n", "version '2'"),
+    ("# vdisk-trace 2 size=1\n0 R 0 1 1 0\n", "version 2 is not supported"),
     ("# something else\n", "not a vdisk trace"),
-    ("# vdisk-trace 1 size=4096\n0 X 0 1 1 0\n", "unknown operation 'X'"),
+    ("# vdisk-trace 1 size=4096\n0 X 0 1 1 0\n", "unknown op 'X'"),
     ("# vdisk-trace 1 size=4096\n0 R 0 1 1\n", "expected 6 fields"),
     ("# vdisk-trace 1 size=4096\n0 R -5 1 1 0\n", "offset '-5'"),
     ("", "empty trace"),

@@ -34,6 +34,7 @@ def test_reader_ignores_unknown_header_keys_and_comments():
     ("# vdisk-trace 2 size=1 start=1\n", "version 2 is not supported"),
     ("hello\n", "not a vdisk trace"),
     ("# vdisk-trace 1 start=1\n", "no size="),
+    ("# vdisk-trace 1 size=1 start=x\n", "start .x. is not"),
     ("# vdisk-trace 1 size=-1 start=1\n", "size '-1' is not an unsigned integer"),
 ])
 def test_bad_headers_are_named(line, words):

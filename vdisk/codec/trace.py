@@ -82,10 +82,9 @@ def parse_header(line: str) -> Header:
         k, sep, v = f.partition("=")
         if sep:
             keys[k] = v
-    for need in ("size", "start"):
-        if need not in keys:
-            raise TraceError(f"trace line 1: the header has no {need}=")
-    return Header(size=_uint(keys["size"], "size", 1), start_ns=_uint(keys["start"], "start", 1),
+    if "size" not in keys:  # start= and image= are informative; a reader can do without
+        raise TraceError("trace line 1: the header has no size=")
+    return Header(size=_uint(keys["size"], "size", 1), start_ns=_uint(keys.get("start", "0"), "start", 1),
                   image=unquote(keys.get("image", ""), errors="replace"), version=version)
 
 

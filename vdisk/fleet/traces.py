@@ -20,6 +20,7 @@ from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from ..codec import trace as T
 from ..errors import UsageError
 
 OPS = "RWFDZ"
@@ -99,39 +100,24 @@ def _read_lines(path: str) -> Iterator[tuple[int, str]]:
 
 
 def read_vdisk_trace(path: str) -> Trace:
-    """A trace written by ``vdisk mount --trace`` (formats/trace.md, version 1)."""
+    """A trace written by ``vdisk mount --trace`` (formats/trace.md, version 1), parsed
+    by the format's own codec (:mod:`vdisk.codec.trace`)."""
     tr = Trace(path, "vdisk")
     lines = _read_lines(path)
     first = next(lines, None)
     if first is None:
         raise UsageError(f"{path}: empty trace (no header line)")
-    _lineno, header = first
-    fields = header.split(" ")
-    if fields[:2] != ["#", "vdisk-trace"] or len(fields) < 3:
-        raise UsageError(f"{path}:1: not a vdisk trace (expected '# vdisk-trace 1 ...')")
-    if fields[2] != "1":
-        raise UsageError(f"{path}:1: vdisk trace version {fields[2]!r}; this vdisk reads version 1")
-    for kv in fields[3:]:
-        key, eq, value = kv.partition("=")
-        if eq and key == "size":
-            tr.size = _number(value, path, 1, "size")
-    for lineno, text in lines:
-        if not text or text.startswith("#"):
-            continue
-        parts = text.split(" ")
-        if len(parts) != 6:
-            raise UsageError(f"{path}:{lineno}: expected 6 fields (t op offset length latency errno), "
-                             f"found {len(parts)}")
-        t, op, off, n, _lat, err = parts
-        if op not in OPS or len(op) != 1:
-            raise UsageError(f"{path}:{lineno}: unknown operation {op!r} (one of {', '.join(OPS)})")
-        t_us = _number(t, path, lineno, "time")
-        off_b = _number(off, path, lineno, "offset")
-        n_b = _number(n, path, lineno, "length")
-        _number(_lat, path, lineno, "latency")
-        if _number(err, path, lineno, "errno") != 0:
-            continue
-        tr.append(t_us, op, off_b, n_b)
+    try:
+        tr.size = T.parse_header(first[1]).size
+        for lineno, text in lines:
+            rec = T.parse_record(text, lineno)
+            if rec is None or rec.errno != 0:
+                continue
+            if len(tr) >= MAX_REQUESTS:
+                raise UsageError(f"more than {MAX_REQUESTS} requests; cut the trace down")
+            tr.append(rec.t_us, rec.op, rec.offset, rec.length)
+    except UsageError as exc:
+        raise UsageError(f"{path}: {exc.message}") from None
     _arrival_order(tr)
     tr.size = max(tr.size, tr.end)
     return tr
