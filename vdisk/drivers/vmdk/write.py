@@ -39,6 +39,14 @@ Fill = Callable[[int, int], bytes]
 _pool = None
 
 
+def _forget_pool() -> None:
+    global _pool
+    _pool = None  # a forked child has none of the parent's threads: it makes its own
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
 def _compressor():
     """The threads that compress and inflate stream grains (one per CPU, made on first use)."""
     global _pool
