@@ -14,8 +14,8 @@ import shutil
 import subprocess
 
 import pytest
-
 from imagetools import run
+
 from vdisk.codec.trace import parse_header, parse_record
 from vdisk.vm import guest as G
 from vdisk.vm.run import booted
@@ -29,18 +29,19 @@ def build_dir():
 
 
 def _debugfs_cat(disk: str, path: str) -> bytes:
-    p = subprocess.run(["debugfs", "-R", f"cat {path}", disk], capture_output=True)
+    p = subprocess.run(["debugfs", "-R", f"cat {path}", disk], capture_output=True, check=False)
     assert p.returncode == 0, p.stderr
     return p.stdout
 
 
 def _e2fsck(disk: str) -> None:
-    p = subprocess.run(["e2fsck", "-fn", disk], capture_output=True, text=True)
+    p = subprocess.run(["e2fsck", "-fn", disk], capture_output=True, text=True, check=False)
     assert p.returncode == 0, f"e2fsck -fn {disk}: exit {p.returncode}\n{p.stdout}\n{p.stderr}"
 
 
 def test_module_order_follows_depends_and_softdeps(build_dir):
-    mods = __import__("json").load(open(os.path.join(build_dir, "manifest.json")))["modules"]
+    with open(os.path.join(build_dir, "manifest.json")) as f:
+        mods = __import__("json").load(f)["modules"]
     for before, after in [("virtio", "virtio_pci"), ("virtio_ring", "virtio_blk"), ("jbd2", "ext4"),
                           ("mbcache", "ext4"), ("crc32c_generic", "jbd2")]:
         assert mods.index(before) < mods.index(after), mods
@@ -55,7 +56,7 @@ def test_guest_runs_from_a_linked_clone_with_a_live_snapshot(build_dir, tmp_path
     with booted(str(vm), build_dir, str(tmp_path), trace=str(trace)) as g:
         # programs from the guest's own root write files and check them
         g.run("mkdir /data && head -c 3000000 /dev/urandom > /data/before.bin && cp /bin/ls /data/ls")
-        status, out = g.run("/data/ls /data && sha256sum /data/before.bin")
+        _, out = g.run("/data/ls /data && sha256sum /data/before.bin")
         assert "before.bin" in out and "ls" in out
         before_sum = out.split()[-2]
         g.run("echo written-before-the-snapshot > /data/before.txt && sync")

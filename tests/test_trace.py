@@ -57,7 +57,8 @@ def test_bad_records_are_named_with_their_line(line, words):
 
 
 def _read(path):
-    lines = open(path).read().splitlines(keepends=True)
+    with open(path) as f:
+        lines = f.read().splitlines(keepends=True)
     return T.parse_header(lines[0]), [T.parse_record(x, i) for i, x in enumerate(lines[1:], 2)]
 
 

@@ -11,7 +11,6 @@ import tempfile
 from ..errors import VdiskError
 from . import guest
 
-
 #: what the recorded boot does once its userland is up, standing in for an init
 #: system's start-up: walk the file system's metadata, run the package tools (which
 #: read its database), load every program in /usr/bin once, write a boot log, sync

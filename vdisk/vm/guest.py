@@ -103,7 +103,7 @@ class GuestBuildError(VdiskError):
 
 def _run(cmd: list[str], cwd: str | None = None, what: str | None = None) -> str:
     try:
-        p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False)
     except FileNotFoundError:
         raise GuestBuildError(f"{cmd[0]} is missing (run scripts/setup.sh)") from None
     if p.returncode != 0:
@@ -126,7 +126,7 @@ def host_mirror(release: str) -> str:
     for path in sorted(glob.glob("/etc/apt/sources.list.d/*.sources")):
         with open(path) as f:
             for stanza in f.read().split("\n\n"):
-                fields = dict(re.findall(r"^(\w[\w-]*):\s*(.*)$", stanza, re.M))
+                fields = dict(re.findall(r"^(\w[\w-]*):\s*(.*)$", stanza, re.MULTILINE))
                 if release in fields.get("Suites", "").split() and "deb" in fields.get("Types", "").split():
                     return fields["URIs"].split()[0]
     for path in ["/etc/apt/sources.list", *sorted(glob.glob("/etc/apt/sources.list.d/*.list"))]:
@@ -288,6 +288,7 @@ def build(out_dir: str, *, log=lambda msg: None) -> dict:
         _root_fs(work, release, mirror, raw, log)
         log("vdisk convert -c -O vdk (the golden image)")
         import vdisk
+
         from ..ops.convert import convert
 
         with vdisk.open(raw, format="raw", read_only=True) as src:

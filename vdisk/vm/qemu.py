@@ -65,9 +65,9 @@ class Guest:
         """Start QEMU and wait until the guest's agent says it is ready."""
         t0 = time.monotonic()
         try:
-            self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                         stderr=open(os.path.join(self.run_dir, "qemu.stderr"), "wb"),
-                                         start_new_session=True)
+            with open(os.path.join(self.run_dir, "qemu.stderr"), "wb") as err:
+                self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                             stderr=err, start_new_session=True)
         except FileNotFoundError:
             raise GuestError(f"{QEMU} is missing (run scripts/setup.sh: Debian package qemu-system-x86)") from None
         deadline = t0 + boot_timeout
@@ -148,7 +148,7 @@ class Guest:
             self.proc.kill()
             self.proc.wait(timeout=30)
 
-    def __enter__(self) -> Guest:
+    def __enter__(self) -> Guest:  # noqa: PYI034
         return self
 
     def __exit__(self, *exc) -> None:
