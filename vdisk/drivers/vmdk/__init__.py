@@ -97,7 +97,7 @@ class VmdkDriver(BlockDriver):
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
-    def probe(cls, head: bytes) -> bool:
+    def probe(cls, head: bytes, tail: bytes = b"") -> bool:
         return head[:4] == V.MAGIC or V.looks_like_descriptor(head)
 
     @classmethod
