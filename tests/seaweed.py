@@ -318,3 +318,103 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
+
+
+class FaultProxy:
+    """A TCP proxy on 127.0.0.1 in front of the S3 gateway that injects faults: in mode
+    ``"error"`` it answers the next requests ``503 Slow Down`` and closes the
+    connection (at most ``budget`` times; None: all), in ``"slow"`` it holds each chunk
+    of a request ``delay`` seconds before passing it on, in ``"ok"`` it passes
+    everything.  Good enough for an HTTP/1.1 client: a fault hits the request whose
+    bytes arrive while it is set."""
+
+    def __init__(self, upstream_port: int):
+        import threading
+
+        self.upstream = (HOST, upstream_port)
+        self.mode = "ok"
+        self.delay = 0.0
+        self.budget: int | None = None
+        self.injected = 0
+        self._lock = threading.Lock()
+        self._sock = socket.socket()
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((HOST, 0))
+        self._sock.listen(64)
+        self.port = self._sock.getsockname()[1]
+        self._stop = False
+        self._conns: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def set(self, mode: str, *, budget: int | None = None, delay: float = 0.0) -> None:
+        with self._lock:
+            self.mode, self.budget, self.delay = mode, budget, delay
+
+    def _fault(self) -> str:
+        with self._lock:
+            if self.mode == "error":
+                if self.budget is not None:
+                    if self.budget <= 0:
+                        return "ok"
+                    self.budget -= 1
+                self.injected += 1
+            return self.mode
+
+    def _accept(self) -> None:
+        import threading
+
+        while not self._stop:
+            try:
+                c, _ = self._sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+
+    def _serve(self, c: socket.socket) -> None:
+        import select
+
+        try:
+            u = socket.create_connection(self.upstream, timeout=10)
+        except OSError:
+            c.close()
+            return
+        self._conns += [c, u]
+        try:
+            while not self._stop:
+                r, _, _ = select.select([c, u], [], [], 1.0)
+                if c in r:
+                    data = c.recv(65536)
+                    if not data:
+                        return
+                    f = self._fault()
+                    if f == "error":
+                        body = b"<Error><Code>SlowDown</Code><Message>injected</Message></Error>"
+                        c.sendall(b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nConnection: close\r\n"
+                                  + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+                        return
+                    if f == "slow":
+                        time.sleep(self.delay)
+                    u.sendall(data)
+                if u in r:
+                    data = u.recv(65536)
+                    if not data:
+                        return
+                    c.sendall(data)
+        except OSError:
+            return
+        finally:
+            c.close()
+            u.close()
+
+    def close(self) -> None:
+        self._stop = True
+        self._sock.close()
+        for s in self._conns:
+            try:
+                s.close()
+            except OSError:
+                pass

@@ -23,7 +23,7 @@ import time
 
 import pytest
 from imagetools import jrun, run
-from seaweed import Cluster
+from seaweed import Cluster, FaultProxy
 
 import vdisk
 
@@ -300,6 +300,59 @@ def test_a_dead_store_is_one_clear_error(cluster, monkeypatch):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "s3://vdisk-test/gone" in lines[0] and "failed" in lines[0]
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.fuse
+@pytest.mark.timeout(240)
+def test_store_errors_and_slowness_are_retried_then_eio(s3pool, cluster, tmp_path, monkeypatch):
+    """Between client and gateway, a proxy that answers 503 or is slow: a few errors are
+    retried away; a store that keeps failing gives one clear error to a command and
+    EIO to a reader of a mount (which then goes on once the store is back)."""
+    from vdisk.export.fuse.testing import Rig
+
+    proxy = FaultProxy(cluster.state["ports"]["s3"])
+    rig = Rig(str(tmp_path))
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        monkeypatch.setenv("VDISK_S3_ATTEMPTS", "3")
+        monkeypatch.setenv("VDISK_S3_READ_TIMEOUT", "2")
+        monkeypatch.setenv("VDISK_RUN_DIR", str(tmp_path / "run"))
+        img = f"{s3pool}/disk"
+        run("create", img, "8M")
+        data = pattern(21, 4 * MiB)
+        with vdisk.open(img) as w:
+            w.write(0, data)
+        proxy.set("error", budget=2)  # transient: retried with backoff
+        assert content(img)[:4 * MiB] == data
+        assert proxy.injected == 2
+        proxy.set("slow", delay=0.1)  # slow, within the timeouts: only slower
+        assert content(img)[:4 * MiB] == data
+        proxy.set("error")  # down for good: bounded retries, then one line naming the store
+        r = run("info", img, code=1)
+        assert r.stderr.count("\n") == 1 and f"{s3pool}" in r.stderr and "SlowDown" in r.stderr
+        proxy.set("ok")
+        mnt = str(tmp_path / "mnt")
+        rig.mount(img, mnt)
+        proxy.set("error")
+        fd = os.open(os.path.join(mnt, "disk"), os.O_RDONLY | os.O_DIRECT)
+        try:
+            import mmap
+
+            buf = mmap.mmap(-1, 65536)
+            with pytest.raises(OSError) as ei:
+                os.preadv(fd, [buf], 2 * MiB)  # never read by the mount: must be fetched
+            assert ei.value.errno == 5  # EIO, not a hang
+            proxy.set("ok")
+            assert os.preadv(fd, [buf], 2 * MiB) == 65536 and bytes(buf) == data[2 * MiB:2 * MiB + 65536]
+        finally:
+            os.close(fd)
+        rig.umount(mnt)
+        logs = "".join(f.read_text(errors="replace") for f in (tmp_path / "run").iterdir() if f.suffix == ".log")
+        assert "SlowDown" in logs and s3pool in logs  # the mount's log says why
+    finally:
+        proxy.set("ok")
+        rig.cleanup()
+        proxy.close()
 
 
 # ---------------------------------------------------------------------------- lazy clones
