@@ -200,11 +200,33 @@ class VdiDriver(BlockDriver):
         return self.hdr.offset_data + e * self.cluster_size
 
     def read(self, offset: int, length: int) -> bytes:
+        """Pieces in consecutive host blocks are read with one pread (no copy to join them)."""
         out = []
+        run_at, run_n = -1, 0  # the pending host range
+        zeros = 0  # the pending run of zeros
         for b, within, _pos, n in self._pieces(offset, length):
             e = self.bmap[b]
-            out.append(bytes(n) if e >= C.BLOCK_ZERO else self.host.pread(self._at(e) + within, n))
-        return b"".join(out)
+            if e >= C.BLOCK_ZERO:
+                if run_n:
+                    out.append(self.host.pread(run_at, run_n))
+                    run_n = 0
+                zeros += n
+                continue
+            if zeros:
+                out.append(bytes(zeros))
+                zeros = 0
+            at = self._at(e) + within
+            if run_n and run_at + run_n == at:
+                run_n += n
+                continue
+            if run_n:
+                out.append(self.host.pread(run_at, run_n))
+            run_at, run_n = at, n
+        if run_n:
+            out.append(self.host.pread(run_at, run_n))
+        if zeros:
+            out.append(bytes(zeros))
+        return out[0] if len(out) == 1 else b"".join(out)
 
     def write(self, offset: int, data: bytes) -> None:
         view = memoryview(data)
