@@ -253,7 +253,49 @@ def test_flushed_data_survives_kill_9_of_the_writer(s3pool):
         assert w.read(MiB, 2 * MiB) == data
         assert w.read(0, 900) in (bytes(900), b"unflushed" * 100)
     assert jrun("check", img)["vdisk-result"] == "clean"
-    assert "No errors" in run("pool", "check", s3pool.rpartition("/")[0] + "/" + s3pool.rpartition("/")[2]).stdout
+    assert "No errors" in run("pool", "check", s3pool).stdout
+
+
+def test_kill_9_of_a_writer_mid_commit(s3pool):
+    """The writer writes and flushes 256 KiB chunks in a loop and is killed at some
+    point inside that loop (mostly inside a flush: packs going up, the generation being
+    put); the next writer opens the image without repair, every acknowledged chunk is
+    there, and the one in flight is wholly there or wholly absent."""
+    img = f"{s3pool}/disk"
+    run("create", img, "16M")
+    a = _child(f"""
+        import vdisk
+        from test_pool_s3 import pattern
+        img = vdisk.open({img!r})
+        print("open", flush=True)
+        for i in range(64):
+            img.write(i * 262144, pattern(300 + i, 262144))
+            img.flush()
+            print(i, flush=True)
+    """)
+    _expect(a, "open")
+    acked = -1
+    while acked < 5:
+        acked = int(a.stdout.readline())
+    a.kill()  # SIGKILL, while it is in a later write or flush
+    a.wait(30)
+    for line in a.stdout.read().split():
+        acked = int(line)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            w = vdisk.open(img, read_only=True)
+            break
+        except vdisk.errors.ImageLocked:
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+    with w:
+        for i in range(acked + 1):
+            assert w.read(i * 262144, 262144) == pattern(300 + i, 262144), f"acknowledged chunk {i} lost"
+        nxt = w.read((acked + 1) * 262144, 262144)
+        assert nxt in (bytes(262144), pattern(301 + acked, 262144))
+    assert jrun("check", img)["vdisk-result"] == "clean"
+    assert "No errors" in run("pool", "check", s3pool).stdout
 
 
 # ---------------------------------------------------------------------------- faults
@@ -266,8 +308,8 @@ def test_a_volume_server_killed_during_writes(s3pool, cluster):
     acked: dict[int, bytes] = {}
     failures = []
     with vdisk.open(img) as w:
-        for i in range(24):
-            if i == 8:
+        for i in range(16):
+            if i == 6:
                 cluster.kill("volume2")
             chunk = pattern(100 + i, MiB)
             try:
@@ -279,14 +321,14 @@ def test_a_volume_server_killed_during_writes(s3pool, cluster):
                 break  # a failed flush is final for this open (as a failed fsync)
     cluster.restart("volume2")
     cluster.wait_ready()
-    assert len(acked) >= 8
+    assert len(acked) >= 6
     for f in failures:
         assert "s3://" in f  # a clear error naming the store
     got = content(img)
     for i, chunk in acked.items():
         assert got[i * MiB:(i + 1) * MiB] == chunk, f"flushed MiB {i} lost"
     assert jrun("check", img)["vdisk-result"] == "clean"
-    print(f"volume server down: {len(acked) - 8} of {24 - 8} MiB flushes went on, {len(failures)} failed")
+    print(f"volume server down: {len(acked) - 6} of {16 - 6} MiB flushes went on, {len(failures)} failed")
 
 
 def test_a_dead_store_is_one_clear_error(cluster, monkeypatch):
