@@ -203,39 +203,40 @@ class VhdxDriver(BlockDriver):
             pos = nxt
 
     def write(self, offset: int, data: bytes) -> None:
-        view = memoryview(data).cast("B")
+        if not isinstance(data, (bytes, bytearray)):
+            data = bytes(data)
         for pos, block, within, n in self._pieces(offset, len(data)):
-            piece = view[pos - offset:pos - offset + n]
+            a = pos - offset
             state, off = self._entry(block)
             fresh = False
             if state != V.PAYLOAD_FULLY_PRESENT:
-                if piece == _ZEROS[:n] if n <= len(_ZEROS) else not any(piece):
+                if data[a:a + 16] == _ZEROS[:min(16, n)] and data.count(0, a, a + n) == n:
                     continue  # the block reads as zeros already
                 off = self._allocate(block)
                 fresh = True
             self._before_change()
-            self._write_sparse(off + within, piece, fresh)
+            self._write_sparse(off + within, data, a, a + n, fresh)
 
-    def _write_sparse(self, at: int, piece: memoryview, fresh: bool) -> None:
-        """pwrite ``piece`` at file offset ``at``, leaving out the 4 KiB granules that are
-        all zeros where the file holds zeros already (a block allocated just now, which
-        is a hole, or zeros read back), so that converting a disk with runs of zeros
-        keeps the file sparse, as qemu-img's does."""
-        n = len(piece)
-        i = 0
+    def _write_sparse(self, at: int, data: bytes, start: int, end: int, fresh: bool) -> None:
+        """pwrite ``data[start:end]`` at file offset ``at``, leaving out the 4 KiB granules
+        that are all zeros where the file holds zeros already (a block allocated just
+        now, which is a hole, or zeros read back), so that converting a disk with runs
+        of zeros keeps the file sparse, as qemu-img's does."""
+        view = memoryview(data)
+        i = start
         run = None
-        while i < n:
-            end = min(n, i + _GRANULE - (at + i) % _GRANULE)
-            chunk = piece[i:end]
-            skip = chunk == _ZEROS[:end - i] and (fresh or self.host.pread(at + i, end - i) == chunk)
+        while i < end:
+            nxt = min(end, i + _GRANULE - (at + i - start) % _GRANULE)
+            skip = (data[i:i + 8] == _ZEROS[:min(8, nxt - i)] and data[i:nxt] == _ZEROS[:nxt - i]
+                    and (fresh or self.host.pread(at + i - start, nxt - i) == data[i:nxt]))
             if skip and run is not None:
-                self.host.pwrite(at + run, bytes(piece[run:i]))
+                self.host.pwrite(at + run - start, view[run:i])
                 run = None
             elif not skip and run is None:
                 run = i
-            i = end
+            i = nxt
         if run is not None:
-            self.host.pwrite(at + run, bytes(piece[run:]))
+            self.host.pwrite(at + run - start, view[run:end])
 
     def _before_change(self) -> None:
         if self._headers_updated:

@@ -9,7 +9,8 @@ Contract:
   signature, its length (a multiple of 4 KiB, inside the log), its sequence number
   (non-zero), its log GUID (the header's), its CRC-32C over the whole entry, each
   descriptor (signature, sequence number, 4 KiB alignment) and each data sector
-  (signature, sequence number).  The active sequence is the valid entry with the
+  (signature, sequence number), and its length exactly its descriptor sectors
+  plus one sector per data descriptor, as [MS-VHDX] lays an entry out.  The active sequence is the valid entry with the
   highest sequence number (the head) together with the entries from the one its
   ``tail`` names up to it, each starting where the previous one ends with the next
   sequence number ([MS-VHDX], "Log Sequence").  The writes are bounded before they are
@@ -127,6 +128,8 @@ def _entry_writes(buf: bytes, h: V.LogEntryHeader, dsec: int) -> list | None:
             data_pos += V.LOG_SECTOR
             writes.append((d.file_offset, d.leading + middle + d.trailing))
     except CorruptImage:
+        return None
+    if data_pos != len(buf):  # the entry is exactly its descriptor sectors and data sectors
         return None
     return writes
 
