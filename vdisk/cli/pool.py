@@ -83,7 +83,8 @@ def pool() -> None:
     stored one as a delta against it, the rest zstd-compressed.  Its images are
     POOL/IMAGE (POOL/IMAGE@SNAP for a snapshot) for every other command: create,
     convert -O pool, snapshot, clone (native, O(1), inside a pool), rm, mount, ...
-    (formats/pool.md describes the layout)."""
+    POOL may be s3://BUCKET[/PREFIX], a pool on an S3 object store, whose images
+    have one writer at a time (a lease).  (formats/pool.md describes the layout.)"""
 
 
 # ---------------------------------------------------------------------- create
@@ -94,7 +95,10 @@ def pool() -> None:
 @click.argument("pool_dir", metavar="POOL")
 def pool_create(options, output, pool_dir):
     """Create an empty pool in the directory POOL (created; it must be empty if it
-    exists).
+    exists), or at s3://BUCKET[/PREFIX] in an S3 object store (the bucket is made if
+    missing; the prefix must hold no object; endpoint and credentials from
+    AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE,
+    ~/.aws).
 
     \b
     JSON: {pool, pool-id, settings: {dedup, delta, compression, zstd_level}}
