@@ -529,3 +529,18 @@ def test_a_log_that_would_corrupt_the_image_is_refused_before_writing(tmp_path):
         with pytest.raises(vdisk.errors.CorruptImage, match="outside the file"):
             vdisk.open(path, read_only=ro)
     assert path.read_bytes() == before
+
+
+def test_differencing_disk_refuses_a_changed_parent(tmp_path):
+    """parent_linkage names the parent's DataWriteGuid; a write to the parent changes
+    it (vdisk changes it before the first write, as the spec asks), and the child is
+    then refused instead of read as a mix of old and new."""
+    _, expect = G.make_differencing(str(tmp_path))
+    child = tmp_path / "child.vhdx"
+    assert read_all(child) == expect
+    with vdisk.open(tmp_path / "parent.vhdx") as p:
+        p.write(3 * MiB, b"changed")
+    with pytest.raises(vdisk.errors.CorruptImage, match="parent was changed"):
+        vdisk.open(child, read_only=True)
+    with vdisk.open(child, read_only=True, backing=False) as top:  # the disk alone still opens
+        assert top.read(0, MiB) == expect[:MiB]

@@ -38,8 +38,8 @@ and flushed, as the spec asks.
     ``relative_path`` becomes the backing reference (format vhdx), followed under
     the one backing-reference policy of :func:`vdisk.open`; blocks not present
     come from the parent, partially present ones sector by sector from the
-    chunk's sector bitmap.  The parent's DataWriteGuid is not compared with the
-    locator's ``parent_linkage`` (vdisk has no way yet to ask the parent for it).
+    chunk's sector bitmap; the locator's ``parent_linkage`` must be the parent's
+    DataWriteGuid (``attach_backing``).
 
 What it refuses: writing differencing disks, parents named only by absolute
 Windows paths, unknown required regions and metadata items (UnsupportedFeature),
@@ -124,6 +124,24 @@ class VhdxDriver(BlockDriver):
         drv = cls(host, store, layout, read_only, state)
         drv._headers_updated = not read_only and state != "clean"
         return drv
+
+    def attach_backing(self, backing) -> None:
+        """Also checks a differencing disk's ``parent_linkage`` against its parent's
+        DataWriteGuid when the parent is a VHDX disk: a parent written since the child
+        was made no longer holds what the child was made on, and reading the pair
+        would give a mix of old and new data.  (The block layer hands a driver only
+        a reader of its backing image; the parent's header is reached through the
+        reader's image, the one place this driver looks past that interface.)"""
+        super().attach_backing(backing)
+        linkage = self.layout.parent_linkage
+        parent = getattr(getattr(backing, "_image", None), "driver", None)
+        if backing is None or linkage is None or not isinstance(parent, VhdxDriver):
+            return
+        want = linkage.strip().strip("{}").lower()
+        have = str(parent.layout.header.data_write_guid)
+        if want != have:
+            raise CorruptImage(f"vhdx: the parent was changed since this differencing disk was made (its "
+                               f"DataWriteGuid is {have}, the parent locator names {want})")
 
     def close(self) -> None:
         try:
