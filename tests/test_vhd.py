@@ -491,3 +491,26 @@ def test_a_parent_that_is_not_the_one_recorded_is_refused(image_dir):
         vdisk.open(str(child))
     with vdisk.open(str(child), backing=False, read_only=True) as c:  # alone, it still opens
         assert c.size == 4 * MiB
+
+
+def test_a_guessed_raw_image_cannot_be_turned_into_a_fixed_vhd(image_dir):
+    """Probing reads a fixed VHD's footer at the end of a file: a guest of a raw image
+    whose format was guessed may not write one there (as it may not write a header at
+    the start); named raw, it may."""
+    p = str(image_dir / "disk.img")
+    with open(p, "wb") as f:
+        f.write(bytes(MiB))
+    from vdisk.drivers.vhd import footer_for
+
+    foot = C.encode_footer(footer_for(MiB - 512, C.TYPE_FIXED, C.NO_DATA_OFFSET, bytes(16)))
+    with vdisk.open(p) as img:  # format guessed: raw
+        with pytest.raises(vdisk.errors.ReadOnlyImage, match="guessed"):
+            img.write(MiB - 512, foot)
+        with pytest.raises(vdisk.errors.ReadOnlyImage, match="guessed"):
+            img.write(MiB - 1024, bytes(512) + foot)
+        img.write(MiB - 512, foot[:60])  # no checksum: not a valid footer, allowed...
+    with pytest.raises(UnsupportedFeature, match="VHD footer"):  # ...and then refused by name, never raw
+        vdisk.detect_format(p)
+    with vdisk.open(p, format="raw") as img:
+        img.write(MiB - 512, foot)
+    assert vdisk.detect_format(p) == "vpc"
