@@ -105,22 +105,22 @@ class VhdxDriver(BlockDriver):
         hdr, slot = load_headers(host, size)
         store = host
         state = "clean"
+        writes: list = []
         if hdr.log_guid != V.ZERO_GUID and hdr.log_length:
             writes, last = L.scan(host, hdr, size)
             if writes:
                 store = L.Overlay(host, writes, last)
                 state = "replayed in memory"
-                if not read_only:
-                    # the replayed state must be a valid image before the file is changed
-                    load_layout(store, hdr, slot, store.size())
-                    L.replay(host, writes, last)
-                    store, state = host, "replayed"
-            if not read_only:
-                hdr, slot = _rewrite_headers(host, hdr, slot, V.ZERO_GUID, new_file_guid=True)
-        layout = load_layout(store, hdr, slot, store.size())
+        layout = load_layout(store, hdr, slot, store.size())  # the replayed state, checked before any write
         if layout.has_parent and not read_only:
             raise UnsupportedFeature("vhdx: writing differencing disks is not supported (they are read-only "
                                      "in vdisk; convert the chain to write it)")
+        if not read_only and hdr.log_guid != V.ZERO_GUID:
+            if writes:
+                L.replay(host, writes, last)
+                store, state = host, "replayed"
+            hdr, slot = _rewrite_headers(host, hdr, slot, V.ZERO_GUID, new_file_guid=True)
+            layout = load_layout(store, hdr, slot, store.size())
         drv = cls(host, store, layout, read_only, state)
         drv._headers_updated = not read_only and state != "clean"
         return drv
