@@ -540,7 +540,7 @@ def test_differencing_disk_refuses_a_changed_parent(tmp_path):
     assert read_all(child) == expect
     with vdisk.open(tmp_path / "parent.vhdx") as p:
         p.write(3 * MiB, b"changed")
-    with pytest.raises(vdisk.errors.CorruptImage, match="parent was changed"):
+    with pytest.raises(vdisk.errors.BackingError, match="parent was changed"):
         vdisk.open(child, read_only=True)
     with vdisk.open(child, read_only=True, backing=False) as top:  # the disk alone still opens
         assert top.read(0, MiB) == expect[:MiB]

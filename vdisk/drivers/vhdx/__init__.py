@@ -39,7 +39,7 @@ and flushed, as the spec asks.
     the one backing-reference policy of :func:`vdisk.open`; blocks not present
     come from the parent, partially present ones sector by sector from the
     chunk's sector bitmap; the locator's ``parent_linkage`` must be the parent's
-    DataWriteGuid (``attach_backing``).
+    DataWriteGuid (``verify_backing``).
 
 What it refuses: writing differencing disks, parents named only by absolute
 Windows paths, unknown required regions and metadata items (UnsupportedFeature),
@@ -51,7 +51,7 @@ from __future__ import annotations
 import uuid
 
 from ...codec import vhdx as V
-from ...errors import CorruptImage, UnsupportedFeature, UsageError
+from ...errors import BackingError, CorruptImage, UnsupportedFeature, UsageError
 from ...host import HostStorage
 from .. import register
 from ..base import BackingRef, BlockDriver, CheckResult, CreateOptions, Extent, Status
@@ -125,23 +125,28 @@ class VhdxDriver(BlockDriver):
         drv._headers_updated = not read_only and state != "clean"
         return drv
 
-    def attach_backing(self, backing) -> None:
-        """Also checks a differencing disk's ``parent_linkage`` against its parent's
-        DataWriteGuid when the parent is a VHDX disk: a parent written since the child
-        was made no longer holds what the child was made on, and reading the pair
-        would give a mix of old and new data.  (The block layer hands a driver only
-        a reader of its backing image; the parent's header is reached through the
-        reader's image, the one place this driver looks past that interface.)"""
-        super().attach_backing(backing)
+    def verify_backing(self, backing: BlockDriver) -> None:
+        """A differencing disk's ``parent_linkage`` must be its parent's DataWriteGuid:
+        a parent written since the child was made no longer holds what the child was
+        made on, and reading the pair would give a mix of old and new data
+        (``BackingError``).  Checked only when the locator has a linkage and the
+        parent is a VHDX disk."""
         linkage = self.layout.parent_linkage
-        parent = getattr(getattr(backing, "_image", None), "driver", None)
-        if backing is None or linkage is None or not isinstance(parent, VhdxDriver):
+        if linkage is None or not isinstance(backing, VhdxDriver):
             return
         want = linkage.strip().strip("{}").lower()
-        have = str(parent.layout.header.data_write_guid)
+        have = str(backing.layout.header.data_write_guid)
         if want != have:
-            raise CorruptImage(f"vhdx: the parent was changed since this differencing disk was made (its "
+            raise BackingError(f"vhdx: the parent was changed since this differencing disk was made (its "
                                f"DataWriteGuid is {have}, the parent locator names {want})")
+
+    def attach_backing(self, backing) -> None:
+        """As the base class; also :meth:`verify_backing`, for a chain layer that does
+        not call it itself (the parent's driver is reached through the reader's image)."""
+        super().attach_backing(backing)
+        parent = getattr(getattr(backing, "_image", None), "driver", None)
+        if parent is not None:
+            self.verify_backing(parent)
 
     def close(self) -> None:
         try:
