@@ -242,13 +242,14 @@ class Cluster:
         self.kill(name)
         self._spawn(name, self._args(name))
 
-    def stop(self) -> None:
-        """SIGTERM to every server at once, SIGKILL to those still there after 5 s."""
+    def stop(self, graceful: bool = True) -> None:
+        """SIGTERM to every server at once, SIGKILL to those still there after 5 s
+        (``graceful`` False: SIGKILL at once, for a cluster whose data is thrown away)."""
         pids = [(n, self.state.get("pids", {}).get(n)) for n in reversed(self.NAMES)]
         pids = [(n, p) for n, p in pids if p and self.alive(n)]
         for _, pid in pids:
             try:
-                os.killpg(pid, signal.SIGTERM)
+                os.killpg(pid, signal.SIGTERM if graceful else signal.SIGKILL)
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + 5

@@ -44,7 +44,7 @@ def cluster(tmp_path_factory):
             mp.delenv("AWS_PROFILE", raising=False)
             yield c
     finally:
-        c.stop()
+        c.stop(graceful=False)
 
 
 @pytest.fixture
@@ -559,4 +559,4 @@ def test_two_hosts_in_their_own_network_namespaces(three_namespaces, tmp_path, m
         assert 2 * MiB <= b["fetched"] < 2.2 * MiB, b
         print(f"host B: read {2 * MiB} bytes of a 16 MiB golden image's clone, fetched {b['fetched']}")
     finally:
-        c.stop()
+        c.stop(graceful=False)
