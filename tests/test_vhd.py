@@ -514,3 +514,19 @@ def test_a_guessed_raw_image_cannot_be_turned_into_a_fixed_vhd(image_dir):
     with vdisk.open(p, format="raw") as img:
         img.write(MiB - 512, foot)
     assert vdisk.detect_format(p) == "vpc"
+
+
+@pytest.mark.parametrize("fmt", ["vpc", "vdi"])
+def test_zero_granules_of_new_blocks_stay_holes_but_zeros_over_data_are_written(image_dir, fmt):
+    p = image_dir / f"z.{fmt}"
+    vdisk.create(str(p), 8 * MiB, format=fmt)
+    want = bytearray(8 * MiB)
+    with vdisk.open(str(p)) as img:
+        for off, data in ((0, b"d" * 8192 + bytes(1 << 20) + b"e" * 100),  # a new block: its zeros stay holes
+                          (4096, bytes(8192)),  # zeros over written data: written
+                          (3 * MiB - 4096, b"f" * 10 + bytes(65536 * 3))):
+            img.write(off, data)
+            want[off:off + len(data)] = data
+        used = p.stat().st_blocks * 512
+    assert read_all(p) == bytes(want)
+    assert used < 256 * 1024, used  # 8 KiB, 4 KiB, 4 KiB of data and the metadata, not MiBs of zeros

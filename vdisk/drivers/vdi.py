@@ -234,7 +234,7 @@ class VdiDriver(BlockDriver):
             e = self.bmap[b]
             if e >= C.BLOCK_ZERO:
                 e = self._allocate(b)
-            piece = view[pos - offset:pos - offset + n]
+            piece = data if n == len(data) else view[pos - offset:pos - offset + n]
             fresh = fresh_granules(self, b, self._at(e))
             if fresh is not None:
                 fresh_write(self.host, self._at(e), fresh, within, piece)

@@ -88,37 +88,48 @@ def host_extents(host: HostStorage, guest: int, hoff: int, n: int) -> list[Exten
 
 GRANULE = 4096
 _ZERO_GRANULE = bytes(GRANULE)
+_BIG = 64 * GRANULE
+_ZERO_BIG = bytes(_BIG)
 
 
 def fresh_write(host: HostStorage, hbase: int, written: bytearray, within: int, data) -> None:
     """Write ``data`` at ``within`` of a block that this session allocated at host
     ``hbase`` beyond the old end of the file (so it reads as zeros where never
     written): whole 4 KiB granules of zeros that were never written are left out,
-    as holes.  ``written`` flags the granules written so far."""
-    data = bytes(data)
+    as holes.  ``written`` flags the granules written so far.  Zero granules are
+    found with ``bytes.find`` (no look at the bytes between two zero runs)."""
+    if not isinstance(data, bytes):
+        data = bytes(data)
     n = len(data)
     g0, g1 = within // GRANULE, (within + n - 1) // GRANULE
-    if data.find(_ZERO_GRANULE) < 0:
-        host.pwrite(hbase + within, data)
-        written[g0:g1 + 1] = b"\x01" * (g1 - g0 + 1)
-        return
-    run = -1
-    pos, end = within, within + n
-    while pos < end:
-        g = pos // GRANULE
-        g_end = min(end, (g + 1) * GRANULE)
-        if pos == g * GRANULE and g_end - pos == GRANULE and not written[g] and \
-                data[pos - within:g_end - within] == _ZERO_GRANULE:
-            if run >= 0:
-                host.pwrite(hbase + run, data[run - within:pos - within])
-                run = -1
-        else:
-            written[g] = 1
-            if run < 0:
-                run = pos
-        pos = g_end
-    if run >= 0:
-        host.pwrite(hbase + run, data[run - within:])
+    skip: list[int] = []  # granules (block numbering) left out, ascending
+    i = 0
+    while True:
+        p = data.find(_ZERO_GRANULE, i)
+        if p < 0:
+            break
+        a = -(-(within + p) // GRANULE) * GRANULE - within  # the first granule boundary at or after p
+        while True:
+            if a + _BIG <= n and data.startswith(_ZERO_BIG, a):
+                step = _BIG
+            elif a + GRANULE <= n and data.startswith(_ZERO_GRANULE, a):
+                step = GRANULE
+            else:
+                break
+            g = (within + a) // GRANULE
+            skip.extend(x for x in range(g, g + step // GRANULE) if not written[x])
+            a += step
+        i = max(a, p + 1)
+    written[g0:g1 + 1] = b"\x01" * (g1 - g0 + 1)
+    pos = 0  # relative to data
+    for g in skip:
+        written[g] = 0
+        lo = g * GRANULE - within
+        if lo > pos:
+            host.pwrite(hbase + within + pos, data[pos:lo])
+        pos = lo + GRANULE
+    if pos < n:
+        host.pwrite(hbase + within + pos, data[pos:] if pos else data)
 
 
 def is_hole(host: HostStorage, off: int, n: int) -> bool:
@@ -644,7 +655,7 @@ class VhdDriver(BlockDriver):
                 self._diff_write(b, within, view[pos - offset:pos - offset + n])
                 continue
             e = self._writable_block(b, whole=(within == 0 and n == self.cluster_size))
-            piece = view[pos - offset:pos - offset + n]
+            piece = data if n == len(data) else view[pos - offset:pos - offset + n]
             fresh = fresh_granules(self, b, e * C.SECTOR + self.bmsize) if not self.differencing else None
             if fresh is not None:
                 fresh_write(self.host, e * C.SECTOR + self.bmsize, fresh, within, piece)
