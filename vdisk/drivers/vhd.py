@@ -46,7 +46,13 @@ from array import array
 
 from .. import budget
 from ..codec import vhd as C
-from ..errors import BackingError, CorruptImage, NotSupported, UnsupportedFeature, UsageError
+from ..errors import (
+    BackingError,
+    CorruptImage,
+    NotSupported,
+    UnsupportedFeature,
+    UsageError,
+)
 from ..host import HostStorage
 from . import register
 from .base import BackingRef, BlockDriver, CheckResult, CreateOptions, Extent, Status
