@@ -117,6 +117,11 @@ def test_every_command_on_an_s3_pool(s3pool, tmp_path):
     run("rm", f"{s3pool}/clone")
     run("rm", img)
     assert [i["name"] for i in jrun("pool", "ls", s3pool)] == ["empty"]
+    from vdisk.pool.s3 import S3Backend
+
+    leases = S3Backend(s3pool).list("leases/")
+    assert leases == []  # the removed images' went with them; "empty" was never opened for writing
+    assert jrun("pool", "info", s3pool)["objects"]["other"]["count"] == 0
 
 
 def test_pool_create_refuses_a_used_prefix_and_bad_urls(s3pool, cluster):

@@ -217,6 +217,11 @@ class PoolDriver(BlockDriver):
                 img.read_only = True  # nothing left to flush
             finally:
                 img.close()
+            if not pool.local:  # its leases go with it
+                from ..pool.lease import lease_dir
+
+                for n in pool.backend.list(lease_dir(img.image_id)):
+                    pool.backend.delete(n)
         finally:
             pool.close()
 

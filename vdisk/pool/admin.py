@@ -166,7 +166,7 @@ def _object_stats(backend: be.Backend) -> dict:
     out["other"] = {"count": 0, "bytes": 0}
     for name in backend.list(""):
         top = name.split("/", 1)[0]
-        if top == "locks":
+        if top in ("locks", "leases"):
             continue
         k = kinds.get(top, "other")
         out[k]["count"] += 1

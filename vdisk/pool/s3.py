@@ -125,6 +125,7 @@ class S3Backend(be.Backend):
         self._failed: HostIOError | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._readers: ThreadPoolExecutor | None = None
+        self._sizes: dict[str, int] = {}  # of immutable objects, as the last listing gave them
         #: bytes received from the store (bodies of gets), and requests made
         self.bytes_fetched = 0
         self.gets = 0
@@ -249,6 +250,7 @@ class S3Backend(be.Backend):
     def delete(self, name: str) -> None:
         self._writable()
         self.cache.drop(name)
+        self._sizes.pop(name, None)
         self._call("delete", name, self.client.delete_object, Key=self.key(name))
 
     # ------------------------------------------------------------------ reads
@@ -362,6 +364,9 @@ class S3Backend(be.Backend):
         p = self._pending(name)
         if p is not None:
             return len(p)
+        n = self._sizes.get(name, -1)
+        if n >= 0:
+            return n
         r = self._call("stat", name, self.client.head_object, Key=self.key(name))
         return int(r["ContentLength"])
 
@@ -378,6 +383,8 @@ class S3Backend(be.Backend):
                 n = o["Key"][len(base):]
                 if be._NAME.match(n):
                     out.append(n)
+                    if not n.startswith(UNCACHED_PREFIXES):  # immutable: its size too
+                        self._sizes[n] = int(o.get("Size", -1))
             if not r.get("IsTruncated"):
                 break
             token = r.get("NextContinuationToken")
