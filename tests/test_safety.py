@@ -270,7 +270,7 @@ def test_relative_backing_is_relative_to_the_new_image_as_in_qemu_img(tmp_path, 
         assert img.driver.backing_ref.filename == "base.qcow2"
 
 
-# ------------------------------------------------------------------ formats vdisk does not support
+# ------------------------------------------------------------------ foreign formats
 def _vhd_fixed(path, size=MiB):
     footer = bytearray(512)
     footer[0:8] = b"conectix"
@@ -279,24 +279,48 @@ def _vhd_fixed(path, size=MiB):
         f.write(bytes(size) + bytes(footer))
 
 
-@pytest.mark.parametrize("kind", ["vhd-fixed", "vhd-dynamic", "vhdx", "vdi", "vmdk", "qed", "luks"])
+_MAGICS = {"vhd-dynamic": (0, b"conectix"), "vhdx": (0, b"vhdxfile"), "vmdk": (0, b"KDMV"),
+           "vmdk-cowd": (0, b"COWD"), "qed": (0, b"QED\0"), "luks": (0, b"LUKS\xba\xbe"),
+           "vdi": (0x40, b"\x7f\x10\xda\xbe")}
+
+
+def _magic_only(path, kind):
+    if kind == "vhd-fixed":
+        _vhd_fixed(path)
+        return
+    head = bytearray(MiB)
+    off, magic = _MAGICS[kind]
+    head[off:off + len(magic)] = magic
+    with open(path, "wb") as f:
+        f.write(bytes(head))
+
+
+@pytest.mark.parametrize("kind", ["vmdk-cowd", "qed", "luks"])
 def test_foreign_formats_are_refused_by_name_never_taken_for_raw(image_dir, run_vdisk, kind):
     p = str(image_dir / f"x.{kind}")
-    if kind == "vhd-fixed":
-        _vhd_fixed(p)
-    else:
-        head = bytearray(MiB)
-        magic = {"vhd-dynamic": (0, b"conectix"), "vhdx": (0, b"vhdxfile"), "vmdk": (0, b"KDMV"),
-                 "qed": (0, b"QED\0"), "luks": (0, b"LUKS\xba\xbe"),
-                 "vdi": (0x40, b"\x7f\x10\xda\xbe")}[kind]
-        head[magic[0]:magic[0] + len(magic[1])] = magic[1]
-        open(p, "wb").write(bytes(head))
+    _magic_only(p, kind)
     before = open(p, "rb").read()
-    name = {"vhd-fixed": "VHD", "vhd-dynamic": "VHD", "vhdx": "VHDX", "vdi": "VDI", "vmdk": "VMDK",
-            "qed": "QED", "luks": "LUKS"}[kind]
+    name = {"vmdk-cowd": "VMware ESX COWD", "qed": "QED", "luks": "LUKS"}[kind]
     for args in (["info", p], ["resize", p, "+1M"], ["snapshot", "create", p, "s"], ["check", p]):
         r = run_vdisk(*args, expect=1)
         assert f"is a {name}" in r.stderr, args
+    assert open(p, "rb").read() == before
+    run_vdisk("info", "-f", "raw", p)  # named raw by the user: opened as raw
+
+
+@pytest.mark.parametrize("kind", ["vhd-fixed", "vhd-dynamic", "vhdx", "vdi", "vmdk"])
+def test_a_broken_image_of_a_supported_format_is_never_taken_for_raw(image_dir, run_vdisk, kind):
+    """A file with only the magic of a format vdisk reads is opened by that format's
+    driver and refused, naming the format and the file; it is never served as raw."""
+    p = str(image_dir / f"x.{kind}")
+    _magic_only(p, kind)
+    before = open(p, "rb").read()
+    word = {"vhd-fixed": "vhd", "vhd-dynamic": "vhd", "vhdx": "vhdx", "vdi": "vdi", "vmdk": "extent"}[kind]
+    for args in (["info", p], ["resize", p, "+1M"], ["snapshot", "create", p, "s"], ["check", p]):
+        r = run_vdisk(*args, expect=None)
+        assert r.returncode in (1, 2), (args, r.returncode, r.stderr)
+        assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+        assert word in r.stderr.lower() and "x." + kind in r.stderr, (args, r.stderr)
     assert open(p, "rb").read() == before
     run_vdisk("info", "-f", "raw", p)  # named raw by the user: opened as raw
 

@@ -51,7 +51,7 @@ from __future__ import annotations
 import uuid
 
 from ...codec import vhdx as V
-from ...errors import BackingError, CorruptImage, UnsupportedFeature, UsageError
+from ...errors import BackingError, CorruptImage, UnsupportedFeature, UsageError, VdiskError
 from ...host import HostStorage
 from .. import register
 from ..base import BackingRef, BlockDriver, CheckResult, CreateOptions, Extent, Status
@@ -100,7 +100,18 @@ class VhdxDriver(BlockDriver):
     @classmethod
     def open(cls, host: HostStorage, *, read_only: bool, snapshot: str | None = None) -> VhdxDriver:
         if snapshot is not None:
-            raise UsageError("vhdx images have no internal snapshots")
+            raise UsageError(f"{host.name}: vhdx images have no internal snapshots")
+        try:
+            return cls._open(host, read_only)
+        except VdiskError as exc:
+            # the layers below say "vhdx: ..."; the user needs to know which file
+            if not exc.message.startswith(host.name):
+                exc.message = f"{host.name}: {exc.message}"
+                exc.args = (exc.message,)
+            raise
+
+    @classmethod
+    def _open(cls, host: HostStorage, read_only: bool) -> VhdxDriver:
         size = host.size()
         hdr, slot = load_headers(host, size)
         store = host
