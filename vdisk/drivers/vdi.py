@@ -34,7 +34,13 @@ from ..errors import CorruptImage, NotSupported, UnsupportedFeature, UsageError
 from ..host import HostStorage
 from . import register
 from .base import BlockDriver, CheckResult, CreateOptions, Extent, Status
-from .vhd import GRANULE, fresh_granules, fresh_write, host_extents, merge_extents
+from .vhd.sparse import (
+    GRANULE,
+    fresh_granules,
+    fresh_write,
+    host_extents,
+    merge_extents,
+)
 
 MIN_BLOCK, MAX_BLOCK = 4096, 32 << 20
 MAX_BLOCKS = 0xFFFFFFF0
