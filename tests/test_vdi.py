@@ -302,3 +302,23 @@ def test_a_broken_vdi_is_refused_never_taken_for_raw(image_dir, run_vdisk):
         assert len(lines) == 1 and "vdi header" in lines[0], r.stderr
     assert p.read_bytes() == bytes(head)
     run_vdisk("info", "-f", "raw", p)
+
+
+def test_locks_keep_qemu_out_while_vdisk_writes_and_back(image_dir, require_qemu):
+    p = image_dir / "l.vdi"
+    vdisk.create(str(p), 4 * MiB, format="vdi")
+    with vdisk.open(str(p)) as img:
+        img.write(0, b"x")
+        r = qemu_img("info", "-f", "vdi", p, expect=None)
+        assert r.returncode != 0 and "lock" in r.stderr.lower()
+    proc = subprocess.Popen(["qemu-io", "-f", "vdi", str(p)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        proc.stdin.write("write -P 0x41 0 512\n")
+        proc.stdin.flush()
+        proc.stdout.readline()  # "wrote 512/512 bytes ...": qemu-io holds its write lock now
+        with pytest.raises(vdisk.errors.ImageLocked):
+            vdisk.open(str(p))
+    finally:
+        proc.communicate("quit\n", timeout=30)
+    assert read_all(p)[:512] == b"A" * 512
