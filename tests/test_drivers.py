@@ -78,6 +78,28 @@ def _pool_over_vdk(path, size):
     return lambda read_only=False: vdisk.open(name, read_only=read_only, allow_backing_dirs=beside)
 
 
+def _vmdk_child(path, size):
+    """A VMDK differencing disk (parentFileNameHint + parentCID) on a VMDK parent."""
+    base = path + ".base.vmdk"
+    vdisk.create(base, size, format="vmdk")
+    with vdisk.open(base, format="vmdk") as b:
+        b.write(0, b"B" * 100)
+        b.write_zeroes(0, 100)
+    vdisk.create(path, size, format="vmdk", backing_file=base, backing_format="vmdk")
+    return lambda read_only=False: vdisk.open(path, read_only=read_only)
+
+
+def _vpc_child(path, size):
+    """A differencing VHD (parent locator, relative path) on a dynamic VHD."""
+    base = path + ".base.vhd"
+    vdisk.create(base, size, format="vpc")
+    with vdisk.open(base, format="vpc") as b:
+        b.write(0, b"B" * 100)
+        b.write_zeroes(0, 100)
+    vdisk.create(path, size, format="vpc", backing_file=base, backing_format="vpc")
+    return lambda read_only=False: vdisk.open(path, read_only=read_only)
+
+
 FACTORIES = {
     "raw": _plain("raw"),
     "vdk": _plain("vdk"),
@@ -89,10 +111,25 @@ FACTORIES = {
     "qcow2": _plain("qcow2"),
     "qcow2-zstd": _plain("qcow2", compression="zstd"),
     "vdk-over-qcow2": _overlay("qcow2"),
+    "vmdk": _plain("vmdk"),
+    "vmdk-4k": _plain("vmdk", cluster_size=4096),
+    "vmdk-child": _vmdk_child,
+    "vdk-over-vmdk": _overlay("vmdk"),
     "pool": _pool,
     "pool-clone": _pool_clone,
     "vdk-over-pool": _vdk_over_pool,
     "pool-over-vdk": _pool_over_vdk,
+    "vhdx": _plain("vhdx"),
+    "vhdx-fixed-1m": _plain("vhdx", cluster_size=1 << 20, options={"subformat": "fixed"}),
+    "vdk-over-vhdx": _overlay("vhdx"),
+    "vpc": _plain("vpc"),
+    "vpc-fixed": _plain("vpc", options={"subformat": "fixed"}),
+    "vpc-4k": _plain("vpc", cluster_size=4096),
+    "vpc-child": _vpc_child,
+    "vdk-over-vpc": _overlay("vpc"),
+    "vdi": _plain("vdi"),
+    "vdi-static": _plain("vdi", options={"static": "on"}),
+    "vdk-over-vdi": _overlay("vdi"),
 }
 
 

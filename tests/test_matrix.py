@@ -41,11 +41,12 @@ LEVEL_WRITES = [
     ([6, 7, 8, 9, 21, 22], [12, 20]),
 ]
 
-SINGLE = ["raw", "vdk", "qcow2"]
-CHAINS = ["vdk/qcow2", "qcow2/vdk", "vdk/raw", "qcow2/raw", "vdk/qcow2/raw", "qcow2/vdk/raw"]
+SINGLE = ["raw", "vdk", "qcow2", "vmdk", "vpc", "vdi"]
+CHAINS = ["vdk/qcow2", "qcow2/vdk", "vdk/raw", "qcow2/raw", "vdk/qcow2/raw", "qcow2/vdk/raw", "vmdk/vmdk",
+          "vdk/vmdk", "vpc/vpc", "vdk/vdi"]
 KINDS = SINGLE + CHAINS
 WRITABLE_TOP = [k for k in KINDS if not k.startswith("raw")]  # snapshots, backing files
-QEMU_FORMATS = {"raw", "qcow2"}
+QEMU_FORMATS = {"raw", "qcow2", "vmdk", "vpc", "vdi"}
 
 
 def kind_id(kind: str) -> str:
@@ -76,7 +77,9 @@ class Chain:
         return self.models[0]
 
     def qemu_reads(self, depth: int = 0) -> bool:
-        return all(fmt in QEMU_FORMATS for _, fmt in self.layers[depth:])
+        # (QEMU reads a differencing VHD as if it had no parent)
+        return all(fmt in QEMU_FORMATS for _, fmt in self.layers[depth:]) and \
+            not any(fmt == "vpc" for _, fmt in self.layers[depth:-1])
 
     def expected(self, data: bytes | None = None, name: str = "expected.raw") -> Path:
         """A plain file with ``data`` (default: the top's content), for compare."""
@@ -266,7 +269,7 @@ def test_create(vd, image_dir, fmt, require_qemu):
     if fmt in QEMU_FORMATS:
         q = json.loads(qemu("info", "--output", "json", "-f", fmt, p).stdout)
         assert q["virtual-size"] == 3 * MiB
-        if fmt == "qcow2":
+        if fmt in ("qcow2", "vmdk"):
             qemu("check", p)
     assert_refused(vd("create", "-f", fmt, p, "1M", expect=None), "exist")
     assert image_size(p) == 3 * MiB
@@ -348,7 +351,7 @@ def test_check(vd, make_chain, kind, require_qemu):
         return
     res = json.loads(vd("check", "--output", "json", ch.top).stdout)
     assert res["vdisk-result"] == "clean" and res["corruptions"] == 0 and res["leaks"] == 0, res
-    if ch.fmt == "qcow2" and ch.qemu_reads():
+    if ch.fmt in ("qcow2", "vmdk") and ch.qemu_reads():
         qemu("check", ch.top)
 
 
@@ -398,7 +401,7 @@ def test_convert(vd, make_chain, kind, out, require_qemu):
     assert vdisk.detect_format(str(dst)) == out and backing_of(dst) is None
     if out in QEMU_FORMATS:
         qemu_compare(dst, out, ch.expected())
-    if out == "qcow2":
+    if out in ("qcow2", "vmdk"):
         qemu("check", dst)
     assert_clean(dst)
     assert_content(ch.top, ch.model, "source after convert")
@@ -586,7 +589,7 @@ def test_clone_full(vd, make_chain, kind):
 def test_clone_snapshot(vd, make_chain, kind):
     ch = make_chain(kind)
     c = ch.dir / "clone.vdk"
-    if ch.fmt == "raw":
+    if ch.fmt in ("raw", "vmdk", "vpc", "vdi"):  # no internal snapshots
         assert_refused(vd("clone", f"{ch.top}@s1", c, expect=None))
         assert not c.exists()
         return
@@ -645,6 +648,16 @@ def test_rebase(vd, make_chain, kind, require_qemu):
     """Onto another image (for a single image: giving it a backing file), content kept."""
     ch = make_chain(kind)
     other, _ = other_raw(ch.dir)
+    if ch.fmt == "vmdk":  # a VMDK's parent is a VMDK: parentFileNameHint records no format
+        assert_refused(vd("rebase", "-b", other, "-F", "raw", ch.top, expect=None), "must be a VMDK")
+        assert_content(ch.top, ch.model, "image whose rebase was refused")
+        assert backing_of(ch.top) == (None if len(ch.layers) == 1 else (ch.layers[1][0].name, "vmdk"))
+        return
+    if ch.fmt in ("vpc", "vdi"):  # a VHD's parent is a VHD; a VDI has none (VirtualBox's differencing: no)
+        assert_refused(vd("rebase", "-b", other, "-F", "raw", ch.top, expect=None), "VHD|backing file")
+        assert_content(ch.top, ch.model, "image whose rebase was refused")
+        assert backing_of(ch.top) == (None if len(ch.layers) == 1 else (ch.layers[1][0].name, ch.layers[1][1]))
+        return
     vd("rebase", "-b", other, "-F", "raw", ch.top)
     assert_content(ch.top, ch.model, "rebased image")
     assert backing_of(ch.top) == ("other.raw", "raw")

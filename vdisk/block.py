@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import builtins
 import os
+import posixpath
+import stat
 from collections.abc import Iterator
 
 from . import budget
@@ -46,12 +48,7 @@ PROBE_BYTES = 8192
 
 #: formats vdisk knows by their magic but cannot open: (name, offset, magic)
 FOREIGN_MAGICS = (
-    ("VHDX", 0, b"vhdxfile"),
-    ("VHD", 0, b"conectix"),
-    ("VDI", 0x40, b"\x7f\x10\xda\xbe"),
-    ("VMDK", 0, b"KDMV"),
-    ("VMDK (stream-optimized)", 0, b"COWD"),
-    ("VMDK descriptor", 0, b"# Disk DescriptorFile"),
+    ("VMware ESX COWD (vmfsSparse)", 0, b"COWD"),
     ("QED", 0, b"QED\x00"),
     ("LUKS", 0, b"LUKS\xba\xbe"),
     ("Parallels", 0, b"WithoutFreeSpace"),
@@ -59,7 +56,7 @@ FOREIGN_MAGICS = (
     ("bochs", 0, b"Bochs Virtual HD Image"),
     ("cloop", 0, b"#!/bin/sh\n#V2.0 Format"),
     ("DMG", -512, b"koly"),
-    ("VHD", -512, b"conectix"),
+    ("damaged VHD", -512, b"conectix"),
 )
 
 
@@ -101,10 +98,14 @@ def detect_format(path: str) -> str:
         raise VdiskError(f"{path}: is a directory, not an image file") from None
     except PermissionError:
         raise VdiskError(f"{path}: permission denied") from None
-    fmt = probe(head)
+    fmt = probe(head, tail)
     if fmt:
         return fmt
     other = foreign_format(head, tail)
+    if other == "damaged VHD":  # a footer at the end that no fixed disk has (probe() said no)
+        raise UnsupportedFeature(f"{path}: ends in a VHD footer that is not a valid fixed disk's (bad checksum "
+                                 "or disk type); give -f vpc to open it as a VHD anyway, or -f raw only if it "
+                                 "really is a raw disk")
     if other:
         raise UnsupportedFeature(f"{path}: is a {other} image, a format vdisk does not support; "
                                  "give -f raw only if it really is a raw disk")
@@ -171,6 +172,14 @@ def host_stat(path: str) -> os.stat_result:
     except FileNotFoundError:
         if not _pool_image(path):
             raise
+    if _is_url(path):  # a pool on an object store: no host object; the mounting user's, 0600
+        import time as _time
+
+        now = int(_time.time())
+        ns = now * 10**9
+        return os.stat_result((0o100600, 0, 0, 1, os.getuid(), os.getgid(), 0, now, now, now),
+                              {"st_atime": float(now), "st_mtime": float(now), "st_ctime": float(now),
+                               "st_atime_ns": ns, "st_mtime_ns": ns, "st_ctime_ns": ns})
     return os.stat(os.path.dirname(path) or ".")
 
 
@@ -301,6 +310,8 @@ class Image:
         self._check_write(offset, len(data))
         if self.guard_probe and offset < PROBE_BYTES and data:
             self._check_probe(offset, data)
+        if self.guard_probe and offset + len(data) > self.size - 512 and data and self.size >= 1024:
+            self._check_probe_tail(offset, data)
         if data:
             self.driver.write(offset, bytes(data) if not isinstance(data, bytes) else data)
 
@@ -312,6 +323,17 @@ class Image:
         other = probe(bytes(head)) or foreign_format(bytes(head))
         if other:
             raise ReadOnlyImage(f"{self.filename}: refusing to write a {other} header into an image whose "
+                                "format was guessed as raw; open it with -f raw to allow it")
+
+    def _check_probe_tail(self, offset: int, data: bytes) -> None:
+        """As ``_check_probe``, for the last 512 bytes (a fixed VHD's footer)."""
+        start = self.size - 512
+        tail = bytearray(self.driver.read(start, 512))
+        lo = max(offset, start)
+        tail[lo - start:offset + len(data) - start] = data[lo - offset:]
+        other = probe(b"", bytes(tail))
+        if other:
+            raise ReadOnlyImage(f"{self.filename}: refusing to write a {other} footer into an image whose "
                                 "format was guessed as raw; open it with -f raw to allow it")
 
     def write_zeroes(self, offset: int, length: int) -> None:
@@ -474,8 +496,27 @@ def _merge(extents: list[Extent]) -> list[Extent]:
     return out
 
 
+def _is_url(path) -> bool:
+    return isinstance(path, str) and path.startswith("s3://")
+
+
+def abspath(path: str) -> str:
+    """``os.path.abspath``, except that an ``s3://`` name (an image in a pool on an
+    object store) is absolute as it is."""
+    return path if _is_url(path) else os.path.abspath(path)
+
+
+def normpath(path: str) -> str:
+    """``os.path.normpath``, keeping an ``s3://`` name's scheme."""
+    return "s3://" + posixpath.normpath(path[5:]).lstrip("/") if _is_url(path) else os.path.normpath(path)
+
+
+def _realpath(path: str) -> str:
+    return path.rstrip("/") if _is_url(path) else os.path.realpath(path)
+
+
 def _allowed_dirs(top_path: str, extra: list[str] | None) -> list[str]:
-    dirs = [os.path.dirname(os.path.realpath(top_path))]
+    dirs = [os.path.dirname(_realpath(top_path))]
     env = os.environ.get("VDISK_BACKING_DIRS", "")
     dirs += [os.path.realpath(p) for p in env.split(":") if p]
     dirs += [os.path.realpath(p) for p in (extra or [])]
@@ -505,7 +546,7 @@ def check_backing_allowed(overlay_path: str, backing_path: str, *, unsafe_backin
     if unsafe_backing:
         return
     allowed = _allowed_dirs(overlay_path, allow_backing_dirs)
-    if not _is_under(os.path.realpath(backing_path), allowed):
+    if not _is_under(_realpath(backing_path), allowed):
         raise BackingError(
             f"{overlay_path}: backing file {backing_path} lies outside the directories vdisk follows backing "
             f"files into ({', '.join(allowed)}), so the image could not be opened; add its directory to "
@@ -514,8 +555,12 @@ def check_backing_allowed(overlay_path: str, backing_path: str, *, unsafe_backin
 
 def resolve_backing_path(overlay_path: str, ref: BackingRef) -> str:
     """The host path a backing reference names: relative names are relative to the overlay."""
-    if os.path.isabs(ref.filename):
+    if os.path.isabs(ref.filename) or _is_url(ref.filename):
         return ref.filename
+    if _is_url(overlay_path):
+        from .pool import url_join
+
+        return url_join(overlay_path, ref.filename)
     return os.path.join(os.path.dirname(os.path.abspath(overlay_path)), ref.filename)
 
 
@@ -577,6 +622,38 @@ def open(
     return img
 
 
+class _SiblingFiles:
+    """Opens the other files a multi-file image names (VMDK extents) for its driver,
+    under the backing-file policy: relative to the image, inside the allowed
+    directories (``allowed`` None: anywhere, ``unsafe_backing``), each file once in
+    the whole chain and never the image itself, with the image's lock mode."""
+
+    def __init__(self, path: str, allowed: list[str] | None, seen: set, lock: str, sync: bool):
+        self.path, self.allowed, self.seen, self.lock, self.sync = path, allowed, seen, lock, sync
+
+    def open(self, name: str, *, read_only: bool) -> HostFile:
+        fpath = name if os.path.isabs(name) else os.path.join(os.path.dirname(os.path.abspath(self.path)), name)
+        if self.allowed is not None and not _is_under(os.path.realpath(fpath), self.allowed):
+            raise BackingError(
+                f"{self.path}: extent file {name!r} lies outside the allowed directories "
+                f"({', '.join(self.allowed)}); allow it with VDISK_BACKING_DIRS",
+                option_hint=("unsafe_backing", "or --unsafe-backing"))
+        try:
+            st = os.stat(fpath)
+        except FileNotFoundError:
+            raise ImageNotFound(f"{self.path}: extent file {fpath} does not exist") from None
+        except OSError as exc:
+            raise BackingError(f"{self.path}: extent file {fpath}: {exc.strerror}") from None
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            raise BackingError(f"{self.path}: extent file {fpath} is not a regular file or block device")
+        key = (st.st_dev, st.st_ino)
+        if key in self.seen:
+            raise BackingError(f"{self.path}: extent file {name!r} is named twice in the chain "
+                               "(or is the image itself)")
+        self.seen.add(key)
+        return HostFile(fpath, read_only=read_only, lock=self.lock, sync=self.sync)
+
+
 def _open_node(path, fmt, read_only, snapshot, with_backing, allowed, seen, depth, sync=True, lock="auto",
                writable_depth=None) -> Image:
     if depth >= MAX_CHAIN_DEPTH:
@@ -601,8 +678,11 @@ def _open_node(path, fmt, read_only, snapshot, with_backing, allowed, seen, dept
         driver = cls.open_named(path, read_only=read_only, snapshot=snapshot, force_share=lock == "shared")
     else:
         host = HostFile(path, read_only=read_only, lock=lock, sync=sync)
+        extra = {}
+        if getattr(cls, "opens_siblings", False):  # a multi-file format (VMDK): its extent files
+            extra["siblings"] = _SiblingFiles(path, allowed, seen, lock, sync)
         try:
-            driver = cls.open(host, read_only=read_only, snapshot=snapshot)
+            driver = cls.open(host, read_only=read_only, snapshot=snapshot, **extra)
         except BaseException:
             host.close()
             raise
@@ -611,7 +691,7 @@ def _open_node(path, fmt, read_only, snapshot, with_backing, allowed, seen, dept
         ref = driver.backing_ref
         if ref is not None and with_backing:
             bpath = resolve_backing_path(path, ref)
-            real = os.path.realpath(bpath)
+            real = _realpath(bpath)
             if allowed is not None and not _is_under(real, allowed):
                 raise BackingError(
                     f"{path}: backing file {ref.filename!r} lies outside the allowed directories "
@@ -625,6 +705,7 @@ def _open_node(path, fmt, read_only, snapshot, with_backing, allowed, seen, dept
                                  "which is immutable")
             below = _open_node(bpath, ref.format, not rw, ref.snapshot, True, allowed, seen, depth + 1,
                                writable_depth=writable_depth)
+            driver.verify_backing(below.driver)
         elif writable_depth is not None and writable_depth > depth:
             raise UsageError(f"{path}: the backing chain ends here, above the image to write into")
         return Image(driver, path, below, snapshot)
@@ -667,7 +748,7 @@ def create(
     if backing_file is not None:
         if not cls.supports_backing:
             raise UsageError(f"{format} images cannot have a backing file")
-        bpath = os.path.join(os.path.dirname(os.path.abspath(path)), os.fspath(backing_file))
+        bpath = resolve_backing_path(path, BackingRef(os.fspath(backing_file), "", None))
         if not exists(bpath):
             hint = "" if os.path.isabs(backing_file) else " (a relative backing file is relative to the new image)"
             raise ImageNotFound(f"backing file {bpath}: no such file{hint}")
@@ -677,7 +758,11 @@ def create(
                 raise UsageError(f"backing file {bpath}: give its format with -F (raw is never probed)")
         get_driver(backing_format)
         check_backing_allowed(path, bpath, unsafe_backing=unsafe_backing, allow_backing_dirs=allow_backing_dirs)
-        rel = os.path.relpath(os.path.abspath(bpath), os.path.dirname(os.path.abspath(path)))
+        if _is_url(path) or _is_url(bpath):  # in one bucket: relative to the image; else the URL
+            same = _is_url(path) and _is_url(bpath) and path[5:].split("/")[0] == bpath[5:].split("/")[0]
+            rel = posixpath.relpath(bpath[5:], posixpath.dirname(path[5:])) if same else bpath
+        else:
+            rel = os.path.relpath(os.path.abspath(bpath), os.path.dirname(os.path.abspath(path)))
         ref = BackingRef(rel, backing_format, backing_snapshot)
         with open(bpath, read_only=True, format=backing_format, snapshot=backing_snapshot,
                   unsafe_backing=unsafe_backing, allow_backing_dirs=_allowed_dirs(path, allow_backing_dirs)) as b:

@@ -10,7 +10,8 @@ from .base import BlockDriver
 
 _DRIVERS: dict[str, type[BlockDriver]] = {}
 #: format name -> module (in this package) that implements it
-KNOWN_FORMATS = {"raw": "raw", "vdk": "vdk", "qcow2": "qcow2", "pool": "pool"}
+KNOWN_FORMATS = {"raw": "raw", "vdk": "vdk", "qcow2": "qcow2", "pool": "pool", "vmdk": "vmdk", "vhdx": "vhdx",
+                 "vpc": "vhd", "vdi": "vdi"}
 
 
 def register(cls: type[BlockDriver]) -> type[BlockDriver]:
@@ -49,12 +50,24 @@ def all_drivers() -> dict[str, type[BlockDriver]]:
 MAGICS: dict[str, tuple[tuple[int, bytes], ...]] = {
     "vdk": ((0, b"\x89VDK\r\n\x1a\n"), (4096, b"\x89VDK\r\n\x1a\n")),
     "qcow2": ((0, b"QFI\xfb"),),
+    "vmdk": ((0, b"KDMV"), (0, b"# Disk DescriptorFile")),
+    "vhdx": ((0, b"vhdxfile"),),
+    "vpc": ((0, b"conectix"),),
+    "vdi": ((0x40, b"\x7f\x10\xda\xbe"),),
 }
+#: formats that may carry their magic only in the file's last 512 bytes (a fixed VHD's
+#: one footer): the driver's ``probe(head, tail)`` confirms (a fixed disk's valid footer)
+TAIL_MAGICS: dict[str, bytes] = {"vpc": b"conectix"}
 
 
-def probe(head: bytes) -> str | None:
-    """The format whose magic ``head`` carries, or None.  Raw is never probed."""
+def probe(head: bytes, tail: bytes = b"") -> str | None:
+    """The format whose magic ``head`` (or ``tail``, the file's last 512 bytes, see
+    ``TAIL_MAGICS``) carries, or None.  Raw is never probed."""
     for name, magics in MAGICS.items():
         if any(head[off:off + len(m)] == m for off, m in magics):
             return name
+    if len(tail) >= 512:
+        for name, magic in TAIL_MAGICS.items():
+            if tail[-512:-512 + len(magic)] == magic and get_driver(name).probe(head, tail):
+                return name
     return None

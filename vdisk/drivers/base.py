@@ -117,6 +117,16 @@ class BackingReader(Protocol):
     def block_status(self, offset: int, length: int) -> list[Extent]: ...
 
 
+class SiblingFiles(Protocol):
+    """What a driver of a multi-file format (``opens_siblings``, e.g. VMDK's extent
+    files) is handed to open the other files its image names: the chain layer
+    resolves ``name`` relative to the image, applies the backing-file policy
+    (allowed directories, each file once, never the image itself) and the image's
+    lock mode.  The driver owns and closes what it opens."""
+
+    def open(self, name: str, *, read_only: bool) -> HostStorage: ...
+
+
 class BlockDriver(abc.ABC):
     """One image file in one format.  Subclasses set the class attributes and implement
     the required methods; the optional ones have a fallback or raise ``NotSupported``.
@@ -127,6 +137,8 @@ class BlockDriver(abc.ABC):
     default_cluster_size: ClassVar[int] = 65536
     #: the -o options ``create`` takes: name -> one line of help (``vdisk create -o help``)
     create_options: ClassVar[dict[str, str]] = {}
+    #: ``open`` takes a keyword ``siblings`` (:class:`SiblingFiles`): the image names other files
+    opens_siblings: ClassVar[bool] = False
 
     #: guest size in bytes; updated by ``resize``
     size: int
@@ -161,6 +173,11 @@ class BlockDriver(abc.ABC):
         """Open the image in ``host``.  Validates every header field and table bound
         before use (``CorruptImage``/``UnsupportedFeature`` otherwise).  With
         ``snapshot``, opens that snapshot's state, read-only."""
+
+    def verify_backing(self, backing: BlockDriver) -> None:
+        """Called by the chain layer after opening the image ``backing_ref`` names:
+        raise ``BackingError`` if it is not the image this one was made on (VMDK
+        compares CIDs).  Default: any image will do."""
 
     def attach_backing(self, backing: BackingReader | None) -> None:
         """Called once by the chain layer after ``open``, with the image below (or None)."""
