@@ -53,7 +53,7 @@ def split_snapshot_spec(spec: str) -> tuple[str, str | None]:
 def backing_spec(image: str, spec: str) -> tuple[str, str | None]:
     """A ``-b BACKING[@SNAP]`` value as qemu-img reads it: a relative BACKING is
     relative to ``image``'s directory.  Returns (BACKING as given, SNAP)."""
-    base_dir = os.path.dirname(os.path.abspath(image))
+    base_dir = os.path.dirname(block.abspath(image))
     if "@" in spec and not block.exists(os.path.join(base_dir, spec)):
         path, _, snap = spec.rpartition("@")
         if not snap or not path:
@@ -90,7 +90,7 @@ def _hold_format(path: str) -> str:
 
 
 def _holder_path(base: str, holder_file: str) -> str:
-    return os.path.relpath(os.path.abspath(holder_file), os.path.dirname(os.path.abspath(base)))
+    return os.path.relpath(block.abspath(holder_file), os.path.dirname(block.abspath(base)))
 
 
 def _refuse_unholdable_snapshot(src: str, fmt: str, snap: str | None) -> None:
@@ -135,7 +135,7 @@ def clone(src_spec: str, dst: str, *, full: bool = False, compression: str | Non
                     durable=True)
             return CloneResult(dst, False, src, snap, img.size)
     _refuse_unholdable_snapshot(src, src_fmt, snap)
-    abs_src = os.path.abspath(src)
+    abs_src = block.abspath(src)
     if src_fmt not in HOLD_FORMATS:
         # raw and qcow2: an overlay on the file as it is (as qemu-img create -b); no holds
         block.create(dst, None, format=fmt, backing_file=abs_src, backing_format=src_fmt,
@@ -177,7 +177,7 @@ def _same_pool(a: str, b: str) -> bool:
     from .. import pool
 
     wa, wb = pool.split(a), pool.split(b)
-    return wa is not None and wb is not None and os.path.realpath(wa[0]) == os.path.realpath(wb[0])
+    return wa is not None and wb is not None and block._realpath(wa[0]) == block._realpath(wb[0])
 
 
 def _snapshot_info(path: str, snap: str) -> SnapshotInfo:
@@ -254,7 +254,7 @@ def hold_plan(overlay_path: str, ref: BackingRef | None, image_id: str | None) -
         if rec is not None and rec.holds > len(rec.holders):
             return HoldPlan(base, ref.snapshot, None, format=ref.format)  # made by vdisk 0.1, held without identity
         return None
-    recorded = os.path.join(os.path.dirname(os.path.abspath(base)), mine[0].path)
+    recorded = os.path.join(os.path.dirname(block.abspath(base)), mine[0].path)
     if not _same_file(recorded, overlay_path) and block.exists(recorded) and _image_id_of(recorded) == image_id:
         return HoldPlan(base, ref.snapshot, mine[0], copy_of=recorded, format=ref.format)
     return HoldPlan(base, ref.snapshot, mine[0], format=ref.format)
@@ -295,14 +295,14 @@ def dependants(path: str) -> list[Dependant]:
     out: list[Dependant] = []
     seen: set[str] = set()
     fmt = block.detect_format(path)
-    base_dir = os.path.dirname(os.path.abspath(path))
+    base_dir = os.path.dirname(block.abspath(path))
     if fmt in HOLD_FORMATS:
         with block.open(path, read_only=True, format=fmt, backing=False, force_share=True) as img:
             snaps = img.snapshot_list(hidden=True)
         for s in snaps:
             label = f"#{s.id}" if s.hidden else s.name
             for h in s.holders:
-                where = os.path.normpath(os.path.join(base_dir, h.path))
+                where = block.normpath(os.path.join(base_dir, h.path))
                 present = block.exists(where) and _image_id_of(where) == h.image_id
                 out.append(Dependant(where, label, present))
                 seen.add(where)
@@ -320,8 +320,8 @@ def dependants(path: str) -> list[Dependant]:
         except VdiskError:
             continue
         if ref is not None and _same_file(block.resolve_backing_path(cand, ref), path):
-            out.append(Dependant(os.path.normpath(cand), ref.snapshot, True))
-            seen.add(os.path.normpath(cand))
+            out.append(Dependant(block.normpath(cand), ref.snapshot, True))
+            seen.add(block.normpath(cand))
     return out
 
 
@@ -358,13 +358,13 @@ def stale_holds(path: str) -> list[StaleHold]:
     """Holds on ``path``'s snapshots whose holder is not at its recorded place with
     its identity (deleted by hand, or a clone whose creation was cut short)."""
     out = []
-    base_dir = os.path.dirname(os.path.abspath(path))
+    base_dir = os.path.dirname(block.abspath(path))
     with block.open(path, read_only=True, format=_hold_format(path), backing=False, force_share=True) as img:
         snaps = img.snapshot_list(hidden=True)
     for s in snaps:
         label = f"#{s.id}" + ("" if s.hidden else f" ({s.name})")
         for h in s.holders:
-            where = os.path.normpath(os.path.join(base_dir, h.path))
+            where = block.normpath(os.path.join(base_dir, h.path))
             if not block.exists(where):
                 out.append(StaleHold(f"#{s.id}", h, f"snapshot {label}: holder {h.image_id} is not at {where}"))
             elif _image_id_of(where) != h.image_id:
@@ -474,12 +474,12 @@ def rebase(path: str, new_backing: str | None, new_format: str | None = None, *,
             new_format = block.detect_format(new_path)
             if new_format == "raw":
                 raise UsageError(f"new backing file {new_path}: give its format with -F (raw is never probed)")
-        block.check_backing_allowed(path, os.path.abspath(new_path), unsafe_backing=unsafe_backing)
+        block.check_backing_allowed(path, block.abspath(new_path), unsafe_backing=unsafe_backing)
     if new_path is not None and block.exists(new_path):
         _refuse_unholdable_snapshot(new_path, new_format, new_snap)
         # before taking the overlay's write lock: a loop would reach the overlay itself
         with block.open(new_path, read_only=True, format=new_format, snapshot=new_snap,
-                        unsafe_backing=unsafe_backing, allow_backing_dirs=[os.path.dirname(os.path.abspath(path))]) as nb:
+                        unsafe_backing=unsafe_backing, allow_backing_dirs=[os.path.dirname(block.abspath(path))]) as nb:
             _check_no_loop(path, nb)
     with block.open(path, read_only=True, backing=False) as cur:
         image_id = cur.driver.image_id
@@ -519,12 +519,12 @@ def _rebase(path, new_path, new_format, new_snap, unsafe, progress, unsafe_backi
                              "delete them first (or rebase -u if the new backing holds the same data)")
         new_ref = None
         if new_path is not None:
-            rel = os.path.relpath(os.path.abspath(new_path), os.path.dirname(os.path.abspath(path)))
+            rel = os.path.relpath(block.abspath(new_path), os.path.dirname(block.abspath(path)))
             new_ref = BackingRef(rel, new_format, new_snap)
             if not unsafe:
                 with block.open(new_path, read_only=True, format=new_format, snapshot=new_snap,
                                 unsafe_backing=unsafe_backing,
-                                allow_backing_dirs=[os.path.dirname(os.path.abspath(path))]) as nb:
+                                allow_backing_dirs=[os.path.dirname(block.abspath(path))]) as nb:
                     if top.backing is None:
                         # zeros copied in must stay explicit, hiding the new backing's
                         # data (without a backing image a driver may store them as holes)
@@ -609,7 +609,7 @@ def remove(path: str, *, recursive: bool = False, dry_run: bool = False,
 def _plan_remove(path: str, recursive: bool, order: list[str], visiting: set[str]) -> None:
     if not block.exists(path):
         raise ImageNotFound(f"{path}: no such file")
-    key = os.path.realpath(path)
+    key = block._realpath(path)
     if key in visiting or any(_same_file(p, path) for p in order):
         return
     visiting.add(key)

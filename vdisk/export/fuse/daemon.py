@@ -412,7 +412,7 @@ def serve(
     "kernel" (default: $VDISK_FUSE_ENGINE, else DEFAULT_ENGINE).  ``trace``: record
     every request to the disk in this file (formats/trace.md)."""
     image_path, snapshot = vdisk.block.split_image_spec(image_path)
-    image_path = os.path.abspath(image_path)
+    image_path = vdisk.block.abspath(image_path)
     mountpoint = os.path.abspath(mountpoint)
     ename = engine_name(engine)
     check_mountpoint(mountpoint)
@@ -490,7 +490,7 @@ def spawn(
     if engine is not None:
         engine_name(engine)  # refuse an unknown one here, in the caller
     file_path, snapshot = vdisk.block.split_image_spec(image_path)
-    file_path = os.path.abspath(file_path)
+    file_path = vdisk.block.abspath(file_path)
     image_path = file_path + (f"@{snapshot}" if snapshot is not None else "")
     mountpoint = os.path.abspath(mountpoint)
     if not vdisk.block.exists(file_path):
