@@ -43,6 +43,7 @@ COMMANDS: dict[str, str] = {
     "convert": "vdisk.cli.convert:convert",
     "create": "vdisk.cli.create:create",
     "flatten": "vdisk.cli.flatten:flatten",
+    "fleet": "vdisk.cli.fleet:fleet",
     "info": "vdisk.cli.info:info",
     "map": "vdisk.cli.map:map_",
     "measure": "vdisk.cli.measure:measure",
@@ -51,6 +52,7 @@ COMMANDS: dict[str, str] = {
     "rebase": "vdisk.cli.rebase:rebase",
     "resize": "vdisk.cli.resize:resize",
     "rm": "vdisk.cli.rm:rm",
+    "serve": "vdisk.cli.serve:serve",
     "snapshot": "vdisk.cli.snapshot:snapshot",
     "umount": "vdisk.cli.mount:umount_command",
 }
