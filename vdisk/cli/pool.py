@@ -465,3 +465,62 @@ def pool_dedup(then_gc, output, progress, quiet, pool_dir):
 
     if not quiet or output == "json":
         emit(output, data, human)
+
+
+# ---------------------------------------------------------------------- replicate
+@pool.command("replicate")
+@click.option("--once", is_flag=True, help="Ship what is committed now, then exit.")
+@click.option("--interval", type=float, default=1.0, show_default=True, metavar="S",
+              help="Seconds between passes when running continuously.")
+@output_option()
+@quiet_option()
+@click.argument("src", metavar="SRC")
+@click.argument("dst", metavar="DST")
+def pool_replicate(once, interval, output, quiet, src, dst):
+    """Ship every committed generation of the pool SRC to DST (a directory or
+    s3://BUCKET[/PREFIX]: empty, or a replica of SRC made by this command),
+    incrementally: the objects DST lacks, then the generation's commit point, last,
+    so that DST always opens as a complete earlier generation of SRC.  Runs until
+    SIGINT/SIGTERM, or with --once ships what is committed now.  One line per
+    generation shipped: its objects, bytes, and lag (now - its commit time).  DST
+    is read-only until `vdisk pool promote DST`.
+
+    \b
+    JSON (--once): {source, replica, pool-id, passes, generations, objects, bytes,
+                    generation, lag, max-lag}
+    """
+    import sys
+
+    from vdisk.pool.replicate import replicate, status_line
+
+    def report(r):
+        if not quiet and output != "json":
+            click.echo(status_line(r))
+            sys.stdout.flush()
+
+    res = replicate(src, dst, once=once, interval=interval, report=report)
+
+    def human(r):
+        lag = "-" if r["lag"] is None else f"{r['lag']:.2f} s"
+        return (f"{r['replica']}: generation {r['generation']} of {r['source']} "
+                f"({r['generations']} shipped, {r['objects']} objects, {format_size(r['bytes'])}; last lag {lag})")
+
+    if output == "json" or not quiet:
+        emit(output, json_keys(res) if output == "json" else res, human)
+
+
+@pool.command("promote")
+@output_option()
+@click.argument("pool_dir", metavar="POOL")
+def pool_promote(output, pool_dir):
+    """Make the replica POOL a pool of its own (failover): it opens for writing
+    from its newest shipped generation on.  Stop `vdisk pool replicate` first.
+
+    \b
+    JSON: {pool, pool-id, was-replica-of, generation}
+    """
+    from vdisk.pool.replicate import promote
+
+    res = promote(pool_dir)
+    emit(output, json_keys(res) if output == "json" else res,
+         lambda r: f"promoted {r['pool']} (was a replica of {r['was_replica_of']}) at generation {r['generation']}")

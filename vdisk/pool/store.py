@@ -38,6 +38,8 @@ from . import backend as be
 from .index import SegmentIndex, new_object_name
 
 CONFIG = "config"
+#: present in a replica (vdisk pool replicate): every commit is refused until promoted
+REPLICA = "replica"
 GEN_PREFIX = "gen/"
 KEEP_GENERATIONS = 8
 NODE_CACHE = 4096  # decoded nodes kept (12 KiB each: 48 MiB)
@@ -97,6 +99,12 @@ class Pool:
         self.pool_id = str(self.config.get("pool_id", ""))
         self.settings = dict(DEFAULT_SETTINGS)
         self.settings.update(self.config.get("settings", {}))
+        try:
+            marker = pc.decode_json_object(pc.CONFIG_MAGIC, self.backend.get(REPLICA), f"{url}: replica")
+        except be.ObjectMissing:
+            marker = None
+        #: the source this pool is a read-only replica of (formats/pool.md 13.6), or None
+        self.replica_of: str | None = str(marker.get("replica_of")) if marker is not None else None
         if lock and self.local:
             try:
                 self._gc_lock = be.lock(self.backend, "gc", exclusive=False)
@@ -187,6 +195,11 @@ class Pool:
             raise HostIOError(f"{self.url}: an earlier sync of the pool's objects failed ({self.sync_failed}); "
                               "the image must be reopened (its writes since the last flush are lost)",
                               self._sync_errno)
+        if self.replica_of is not None:
+            from ..errors import ReadOnlyImage
+
+            raise ReadOnlyImage(f"{self.url}: is a replica of {self.replica_of} (read-only; "
+                                "`vdisk pool promote` makes it writable)")
         self.seal_pack()
         try:
             self.backend.barrier()
