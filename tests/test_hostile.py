@@ -24,57 +24,36 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
 from crash import figures
 
 HERE = Path(__file__).parent
-PROBE = HERE / "hostile" / "probe.py"
 TIME_LIMIT = 1.0  # seconds for all the steps of one image (interpreter start-up excluded)
 RSS_LIMIT_MIB = 200
 CHILD_TIMEOUT = 30.0
 
 sys.path.insert(0, str(HERE / "hostile"))
-import gen  # noqa: E402
+import gen
+import judge
+from judge import is_error
 
 CORPUS = tempfile.mkdtemp(prefix="vdisk-hostile-")
 atexit.register(shutil.rmtree, CORPUS, True)
 CASES = gen.generate(CORPUS)
-from test_found_bugs import _OPEN  # noqa: E402 - the one list of open bugs
+from test_found_bugs import _OPEN
 
 OPEN_BUGS = set() if os.environ.get("VDISK_FOUND_BUGS") == "1" else set(_OPEN)
 _results: dict[str, str] = {}
 
 
 def run_probe(path: str, fmt: str, snapshot: str | None = None, rw: bool = True) -> dict:
-    env = dict(os.environ, PROBE_RW="1" if rw else "0")
-    env.pop("VDISK_BACKING_DIRS", None)
-    r = subprocess.run([sys.executable, str(PROBE), path, fmt, snapshot or ""], capture_output=True, text=True,
-                       timeout=CHILD_TIMEOUT, env=env, cwd=os.path.dirname(path))
-    assert r.returncode == 0, f"probe died (exit {r.returncode}): {r.stderr[-2000:]}"
-    return json.loads(r.stdout.strip().splitlines()[-1])
-
-
-def is_error(step: str | None) -> bool:
-    return bool(step) and step != "ok" and not step.startswith("BUG") and step not in ("clean", "leaks", "corrupt")
+    return judge.run_probe(path, fmt, snapshot, rw, timeout=CHILD_TIMEOUT)
 
 
 def evaluate(case: gen.Case, res: dict) -> list[str]:
     """What is wrong with the way vdisk treated this hostile image (empty: refused properly)."""
-    bad = []
+    bad = judge.generic_faults(res, TIME_LIMIT, RSS_LIMIT_MIB)
     if "fatal" in res:
-        return [f"probe: {res['fatal']}"]
-    for step in ("open", "read", "block_status", "check", "open_rw", "close"):
-        v = res.get(step)
-        if v and v.startswith("BUG"):
-            bad.append(f"{step}: a non-VdiskError escaped: {v}")
-        elif is_error(v) and "\n" in v:
-            bad.append(f"{step}: message is not one line: {v!r}")
-        elif is_error(v) and v.split(":", 1)[0] == "VdiskError":
-            bad.append(f"{step}: bare VdiskError, not a named subclass: {v}")
-    if res["seconds"] > TIME_LIMIT:
-        bad.append(f"took {res['seconds']} s (limit {TIME_LIMIT})")
-    if res["maxrss_mib"] > RSS_LIMIT_MIB:
-        bad.append(f"peak RSS {res['maxrss_mib']} MiB (limit {RSS_LIMIT_MIB})")
+        return bad
     opened = res["open"] == "ok"
     if case.open == "fail" and opened:
         bad.append("opened, but must be refused at open")

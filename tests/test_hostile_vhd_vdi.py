@@ -31,30 +31,21 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).parent
-PROBE = HERE / "hostile" / "probe.py"
 GEN = HERE / "hostile" / "gen_vhd_vdi.py"
 TIME_LIMIT = 1.0
 RSS_LIMIT_MIB = 200
 
 sys.path.insert(0, str(HERE / "hostile"))
 import gen_vhd_vdi as gen
+import judge
 
 CORPUS = tempfile.mkdtemp(prefix="vdisk-hostile-vhd-vdi-")
 atexit.register(shutil.rmtree, CORPUS, True)
 CASES = gen.generate(CORPUS)
 
 
-def run_probe(path: str, fmt: str) -> dict:
-    env = dict(os.environ, PROBE_RW="1")
-    env.pop("VDISK_BACKING_DIRS", None)
-    r = subprocess.run([sys.executable, str(PROBE), path, fmt, ""], capture_output=True, text=True, timeout=60,
-                       env=env, cwd=os.path.dirname(path), check=False)
-    assert r.returncode == 0, f"probe died (exit {r.returncode}): {r.stderr[-2000:]}"
-    return json.loads(r.stdout.strip().splitlines()[-1])
-
-
-def _is_error(v) -> bool:
-    return bool(v) and v != "ok" and not v.startswith("BUG") and v not in ("clean", "leaks", "corrupt")
+run_probe = judge.run_probe
+_is_error = judge.is_error
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
@@ -65,18 +56,8 @@ def test_hostile_image(case):
     res = run_probe(path, case.format)
     with open(path, "wb") as f:  # the read-write open may repair: later cases see the file as made
         f.write(before)
-    bad = []
     assert "fatal" not in res, res
-    for step in ("open", "read", "block_status", "check", "open_rw", "close"):
-        v = res.get(step)
-        if v and v.startswith("BUG"):
-            bad.append(f"{step}: a non-VdiskError escaped: {v}")
-        elif _is_error(v) and ("\n" in v or v.startswith("VdiskError:")):
-            bad.append(f"{step}: not one line from a named error: {v!r}")
-    if res["seconds"] > TIME_LIMIT:
-        bad.append(f"took {res['seconds']} s (limit {TIME_LIMIT})")
-    if res["maxrss_mib"] > RSS_LIMIT_MIB:
-        bad.append(f"peak RSS {res['maxrss_mib']} MiB (limit {RSS_LIMIT_MIB})")
+    bad = judge.generic_faults(res, TIME_LIMIT, RSS_LIMIT_MIB)
     opened = res["open"] == "ok"
     if case.open == "fail" and opened:
         bad.append("opened, but must be refused at open")

@@ -136,7 +136,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-PROBE = HERE / "hostile" / "probe.py"
 TIME_LIMIT = 1.0
 RSS_LIMIT_MIB = 200
 FUZZ_TIME_LIMIT = 2.0
@@ -144,6 +143,7 @@ EXAMPLES = max(20, int(os.environ.get("VDISK_FUZZ_EXAMPLES", "1500")) // 10)
 
 sys.path.insert(0, str(HERE / "hostile"))
 import gen_vhdx as G
+import judge
 
 from vdisk.codec import vhdx as V
 
@@ -153,32 +153,16 @@ CASES = G.generate(CORPUS)
 
 
 def run_probe(path: str) -> dict:
-    env = dict(os.environ, PROBE_RW="1")
-    env.pop("VDISK_BACKING_DIRS", None)
-    r = subprocess.run([sys.executable, str(PROBE), path, "vhdx", ""], capture_output=True, text=True, timeout=60,
-                       check=False, env=env, cwd=os.path.dirname(path))
-    assert r.returncode == 0, f"probe died (exit {r.returncode}): {r.stderr[-2000:]}"
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return judge.run_probe(path, "vhdx")
 
 
-def _is_error(step: str | None) -> bool:
-    return bool(step) and step != "ok" and step not in ("clean", "leaks", "corrupt")
+_is_error = judge.is_error
 
 
 def evaluate(case, res: dict) -> list[str]:
-    bad = []
+    bad = judge.generic_faults(res, TIME_LIMIT, RSS_LIMIT_MIB)
     if "fatal" in res:
-        return [f"probe: {res['fatal']}"]
-    for step in ("open", "read", "block_status", "check", "open_rw", "close"):
-        v = res.get(step)
-        if v and v.startswith("BUG"):
-            bad.append(f"{step}: a non-VdiskError escaped: {v}")
-        elif _is_error(v) and ("\n" in v or v.split(":", 1)[0] == "VdiskError"):
-            bad.append(f"{step}: not a one-line message of a named error: {v!r}")
-    if res["seconds"] > TIME_LIMIT:
-        bad.append(f"took {res['seconds']} s (limit {TIME_LIMIT})")
-    if res["maxrss_mib"] > RSS_LIMIT_MIB:
-        bad.append(f"peak RSS {res['maxrss_mib']} MiB (limit {RSS_LIMIT_MIB})")
+        return bad
     opened = res["open"] == "ok"
     if case.open == "fail":
         if opened:

@@ -39,7 +39,6 @@ from hypothesis import strategies as st
 from vdisk.codec import vmdk as V
 
 HERE = Path(__file__).parent
-PROBE = HERE / "hostile" / "probe.py"
 WORKER = HERE / "hostile" / "gen_vmdk.py"  # its --worker mode
 TIME_LIMIT = 1.0
 RSS_LIMIT_MIB = 200
@@ -48,42 +47,22 @@ FUZZ_TIME_LIMIT = 2.0
 
 sys.path.insert(0, str(HERE / "hostile"))
 import gen_vmdk
+import judge
+from judge import is_error
 
 CORPUS = tempfile.mkdtemp(prefix="vdisk-hostile-vmdk-")
 atexit.register(shutil.rmtree, CORPUS, True)
 CASES = gen_vmdk.generate(CORPUS)
 
 
-def run_probe(path: str, fmt: str) -> dict:
-    env = dict(os.environ, PROBE_RW="1")
-    env.pop("VDISK_BACKING_DIRS", None)
-    r = subprocess.run([sys.executable, str(PROBE), path, fmt], capture_output=True, text=True, timeout=60, env=env,
-                       cwd=os.path.dirname(path), check=False)
-    assert r.returncode == 0, f"probe died (exit {r.returncode}): {r.stderr[-2000:]}"
-    return json.loads(r.stdout.strip().splitlines()[-1])
-
-
-def is_error(step: str | None) -> bool:
-    return bool(step) and step != "ok" and not step.startswith("BUG") and step not in ("clean", "leaks", "corrupt")
+run_probe = judge.run_probe
 
 
 def evaluate(case, res: dict) -> list[str]:
     """What is wrong with the way vdisk treated this image (empty: all is well)."""
+    bad = judge.generic_faults(res, TIME_LIMIT, RSS_LIMIT_MIB)
     if "fatal" in res:
-        return [f"probe: {res['fatal']}"]
-    bad = []
-    for step in ("open", "read", "block_status", "check", "open_rw", "close"):
-        v = res.get(step)
-        if v and v.startswith("BUG"):
-            bad.append(f"{step}: a non-VdiskError escaped: {v}")
-        elif is_error(v) and "\n" in v:
-            bad.append(f"{step}: message is not one line: {v!r}")
-        elif is_error(v) and v.split(":", 1)[0] == "VdiskError":
-            bad.append(f"{step}: bare VdiskError, not a named subclass: {v}")
-    if res["seconds"] > TIME_LIMIT:
-        bad.append(f"took {res['seconds']} s (limit {TIME_LIMIT})")
-    if res["maxrss_mib"] > RSS_LIMIT_MIB:
-        bad.append(f"peak RSS {res['maxrss_mib']} MiB (limit {RSS_LIMIT_MIB})")
+        return bad
     opened = res["open"] == "ok"
     if case.open == "fail" and opened:
         bad.append("opened, but must be refused at open")
