@@ -39,7 +39,15 @@ from concurrent.futures import ThreadPoolExecutor
 from ..codec import pool as pc
 from ..errors import ImageExists, ImageNotFound, UsageError, VdiskError
 from . import backend as be
-from .store import CONFIG, GEN_PREFIX, KEEP_GENERATIONS, REPLICA, Pool, gen_name, open_backend
+from .store import (
+    CONFIG,
+    GEN_PREFIX,
+    KEEP_GENERATIONS,
+    REPLICA,
+    Pool,
+    gen_name,
+    open_backend,
+)
 
 COPIED_PREFIXES = ("packs/", "index/")
 COPY_THREADS = 8
