@@ -10,6 +10,9 @@ refused until ``vdisk pool promote``, and after it the replica takes writes.  Th
 lag of every shipped generation is reported.  Local -> local here without servers;
 local -> S3 and S3 -> S3 (a second bucket) on the real SeaweedFS cluster
 (tests/seaweed.py), started once for the module.
+
+Also the live hand-over of an s3:// image from one mount (host A) to another (host
+B) under a model workload (issue 16 item 5, minimal: unmount and mount).
 """
 
 from __future__ import annotations
