@@ -215,6 +215,16 @@ def test_refusals(tmp_path):
     (junk / "file").write_bytes(b"x")
     r = run("pool", "replicate", "--once", src, junk, code=1)
     assert "not a vdisk pool" in r.stderr
+    # a first attempt that died after its marker, before the config: taken up again
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / "replica").write_bytes(b"partial")
+    assert jrun("pool", "replicate", "--once", src, half)["generation"] >= 1
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    (hidden / "NOT-AN-OBJECT").write_bytes(b"x")  # a file no object name matches is still refused
+    r = run("pool", "replicate", "--once", src, hidden, code=1)
+    assert "not a vdisk pool" in r.stderr
     r = run("pool", "replicate", "--once", str(tmp_path / "nothing"), str(tmp_path / "d2"), code=1)
     assert "not a vdisk pool" in r.stderr
     r = run("pool", "replicate", "--interval", "0", src, str(tmp_path / "d3"), code=1)

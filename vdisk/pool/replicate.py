@@ -67,10 +67,6 @@ def _gen_numbers(backend: be.Backend) -> list[int]:
     return sorted(out)
 
 
-def _is_empty_local(url: str) -> bool:
-    return not os.path.exists(url) or (os.path.isdir(url) and not os.listdir(url))
-
-
 def open_destination(src: Pool, dst_url: str) -> be.Backend:
     """The replica's backend, made a replica of ``src`` if it is empty; refuses a
     store that holds anything else."""
@@ -80,13 +76,16 @@ def open_destination(src: Pool, dst_url: str) -> be.Backend:
     if not dst_url.startswith("s3://"):
         if os.path.exists(dst_url) and not os.path.isdir(dst_url):
             raise NotAReplica(f"{dst_url}: exists and is not a directory")
-        empty = _is_empty_local(dst_url)
         os.makedirs(dst_url, exist_ok=True)
     dst = open_backend(dst_url)
     try:
         if dst_url.startswith("s3://"):
             dst.ensure_bucket()
-            empty = not dst.list("")
+            names = dst.list("")
+        else:
+            names = os.listdir(dst_url)  # every file, not only those named like objects
+        # empty, or only the marker of a first attempt that died before the config
+        empty = not [n for n in names if n != REPLICA]
         if empty:
             marker = {"replica_of": src.url, "pool_id": src.pool_id, "since": time.time()}
             dst.put(REPLICA, pc.encode_json_object(pc.CONFIG_MAGIC, marker))
