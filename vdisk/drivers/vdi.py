@@ -59,6 +59,9 @@ def _flag(name: str, text) -> bool:
 class VdiDriver(BlockDriver):
     format_name = "vdi"
     default_cluster_size = C.DEFAULT_BLOCK_SIZE
+    #: writing part of a new block reads nothing back (the rest stays a hole), so
+    #: ``convert`` need not widen data runs to whole blocks
+    fresh_partial_writes = True
     create_options = {
         "static": "on: every block allocated at creation (a VirtualBox \"fixed\" image; sparse on the host, as "
                   "qemu-img makes it); off (the default): a dynamic image",

@@ -39,6 +39,7 @@ from typing import Iterator
 from .. import block
 from ..block import Image
 from ..errors import ImageNotFound, UsageError, VdiskError
+from ..drivers.vhd.sparse import zero_runs
 from .compare import ProgressFn, chunk_size_for, chunks, data_runs, is_zero, zeros
 
 
@@ -55,7 +56,9 @@ class ConvertStats:
 
 def _sparse_write(dst: Image, off: int, data: bytes, gran: int, stats: ConvertStats) -> None:
     """Write ``data`` at ``off`` into a destination that reads as zeros, leaving out
-    every ``gran``-aligned piece that is all zeros."""
+    every ``gran``-aligned piece that is all zeros.  The zero pieces are found by
+    :func:`zero_runs` (``find`` and doubling memcmp, no Python step per piece): a
+    4 KiB loop here was 175 000 ``is_zero`` calls per GiB of a static VDI."""
     n = len(data)
     if is_zero(data):
         stats.zero_bytes_dropped += n
@@ -66,23 +69,16 @@ def _sparse_write(dst: Image, off: int, data: bytes, gran: int, stats: ConvertSt
         dst.write(off, data)
         stats.bytes_written += n
         return
-    end = off + n
-    run = -1  # start of the pending non-zero run, or -1
-    pos = off
-    while pos < end:
-        g_end = min(end, (pos // gran + 1) * gran)
-        if is_zero(data[pos - off : g_end - off]):
-            if run >= 0:
-                dst.write(run, data[run - off : pos - off])
-                stats.bytes_written += pos - run
-                run = -1
-            stats.zero_bytes_dropped += g_end - pos
-        elif run < 0:
-            run = pos
-        pos = g_end
-    if run >= 0:
-        dst.write(run, data[run - off :])
-        stats.bytes_written += end - run
+    pos = 0  # relative to data: the start of what is not written yet
+    for a, b in zero_runs(data, 0, n, off, gran):
+        if a > pos:
+            dst.write(off + pos, data[pos:a])
+            stats.bytes_written += a - pos
+        stats.zero_bytes_dropped += b - a
+        pos = b
+    if pos < n:
+        dst.write(off + pos, data[pos:] if pos else data)
+        stats.bytes_written += n - pos
 
 
 def _widen(runs: list[tuple[int, int, bool]], gran: int, size: int) -> list[tuple[int, int, bool]]:
@@ -108,6 +104,19 @@ def _widen(runs: list[tuple[int, int, bool]], gran: int, size: int) -> list[tupl
     if pos < size:
         out.append((pos, size, False))
     return out
+
+
+#: the widest a data run is widened to for a destination whose driver writes part of a
+#: new block without reading anything back (``fresh_partial_writes``): widening to its
+#: whole block (32 MiB for VHDX) would only read, check and drop the source's holes
+WIDEN_MAX = 1 << 20
+
+
+def widen_granularity(dst: Image, gran: int) -> int:
+    """What :func:`_plan` widens data runs to for ``dst``."""
+    if getattr(getattr(dst, "driver", None), "fresh_partial_writes", False):
+        return min(gran, WIDEN_MAX)
+    return gran
 
 
 def _plan(src: Image, chunk: int, gran: int) -> Iterator[tuple[int, int, bool]]:
@@ -178,7 +187,7 @@ def copy_content(
     chunk = chunk_size or chunk_size_for(src, dst)
     gran = granularity or max(dst.cluster_size or 0, 4096)
     tick = progress or (lambda n: None)
-    plan = _plan(src, chunk, gran)
+    plan = _plan(src, chunk, widen_granularity(dst, gran))
     if read_ahead > 0:
         pieces = _read_ahead(src, plan, read_ahead)
     else:

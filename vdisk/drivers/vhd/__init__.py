@@ -96,6 +96,9 @@ class VhdDriver(DataMixin, ResizeMixin, BlockDriver):
     format_name = "vpc"
     supports_backing = True
     default_cluster_size = DEFAULT_BLOCK
+    #: writing part of a new block reads nothing back (the rest stays a hole), so
+    #: ``convert`` need not widen data runs to whole blocks
+    fresh_partial_writes = True
     create_options = {
         "subformat": "dynamic (the default: space is allocated as the guest writes) or fixed (the whole disk "
                      "up front, as Azure requires)",

@@ -117,3 +117,76 @@ def merge_extents(ext: list[Extent]) -> list[Extent]:
                 continue
         out.append(e)
     return out
+
+
+_ZBUF = bytes(4 << 20)
+_ZVIEW = memoryview(_ZBUF)
+
+
+def is_zero_at(data, a: int, n: int) -> bool:
+    """True if ``data[a:a+n]`` (inside ``data``) is all zeros: compared in place
+    (``startswith`` a view of a shared zero buffer, memcmp speed, no copy)."""
+    step = len(_ZBUF)
+    while n > step:
+        if not data.startswith(_ZVIEW, a):
+            return False
+        a += step
+        n -= step
+    return data.startswith(_ZVIEW[:n], a)
+
+
+def zero_runs(data, start: int, end: int, base: int, gran: int = GRANULE) -> list[tuple[int, int]]:
+    """The maximal runs ``(a, b)`` (indices into ``data``) of ``data[start:end]`` made
+    of whole pieces that are all zeros, a piece being a ``gran``-aligned range of
+    addresses (``data[i]`` is at address ``base + i``) clipped to ``[start, end)``.
+
+    Without a Python step per piece: ``find`` of a zero needle skips the data between
+    zero runs, and a run is measured by comparisons that double in length (then
+    halve), so a run of k pieces costs O(log k) memcmp calls.  ``data`` is ``bytes``
+    or ``bytearray``."""
+    out: list[tuple[int, int]] = []
+    if end <= start:
+        return out
+    needle = _ZVIEW[:min(gran, GRANULE)]
+    nl = len(needle)
+
+    def piece_end(a: int) -> int:
+        return min(end, a + gran - (base + a) % gran)
+
+    def grow(e: int) -> int:  # ``e``: end of a zero piece; returns the end of its run
+        step = gran
+        while e < end:
+            e2 = min(end, e + step)
+            if is_zero_at(data, e, e2 - e):
+                e = e2
+                step *= 2
+            elif step > gran:
+                step //= 2
+            else:
+                break
+        return e
+
+    i = start
+    e = piece_end(start)
+    if e - start < nl:  # a clipped first piece too short for the needle: look at it directly
+        if is_zero_at(data, start, e - start):
+            i = grow(e)
+            out.append((start, i))
+        else:
+            i = e
+    while i < end:
+        k = data.find(needle, i, end)
+        if k < 0:
+            r = (base + end) % gran  # a clipped last piece too short for the needle
+            last = end - r
+            if 0 < r < nl and last >= i and is_zero_at(data, last, r):
+                out.append((last, end))
+            break
+        g = max(i, k - (base + k) % gran)  # the piece holding the zero run's start
+        ge = piece_end(g)
+        if is_zero_at(data, g, ge - g):
+            i = grow(ge)
+            out.append((g, i))
+        else:
+            i = ge
+    return out
