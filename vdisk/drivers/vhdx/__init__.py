@@ -57,11 +57,11 @@ from .. import register
 from ..base import BackingRef, BlockDriver, CheckResult, CreateOptions, Extent, Status
 from . import log as L
 from .create import CREATE_OPTIONS, create_image
+from ..vhd.sparse import host_extents, is_zero_at, zero_runs
 from .load import bat_bytes, load_headers, load_layout
 
 _ZERO_STATES = (V.PAYLOAD_ZERO, V.PAYLOAD_UNMAPPED, V.PAYLOAD_UNDEFINED)
 _GRANULE = 4096
-_ZEROS = bytes(1 << 20)
 
 
 @register
@@ -69,6 +69,9 @@ class VhdxDriver(BlockDriver):
     format_name = "vhdx"
     default_cluster_size = 32 << 20
     create_options = CREATE_OPTIONS
+    #: writing part of a new block reads nothing back (the rest stays a hole), so
+    #: ``convert`` need not widen data runs to whole 32 MiB blocks
+    fresh_partial_writes = True
 
     def __init__(self, host: HostStorage, store: HostStorage, layout, read_only: bool, log_state: str):
         self.host = host  # the file
@@ -244,7 +247,7 @@ class VhdxDriver(BlockDriver):
             state, off = self._entry(block)
             fresh = False
             if state != V.PAYLOAD_FULLY_PRESENT:
-                if data[a:a + 16] == _ZEROS[:min(16, n)] and data.count(0, a, a + n) == n:
+                if is_zero_at(data, a, n):
                     continue  # the block reads as zeros already
                 off = self._allocate(block)
                 fresh = True
@@ -256,21 +259,25 @@ class VhdxDriver(BlockDriver):
         that are all zeros where the file holds zeros already (a block allocated just
         now, which is a hole, or zeros read back), so that converting a disk with runs
         of zeros keeps the file sparse, as qemu-img's does."""
+        skips = zero_runs(data, start, end, at - start, _GRANULE)  # no Python step per granule
+        if not fresh:
+            skips = [r for a, b in skips for r in self._file_zeros(at - start, a, b)]
         view = memoryview(data)
-        i = start
-        run = None
-        while i < end:
-            nxt = min(end, i + _GRANULE - (at + i - start) % _GRANULE)
-            skip = (data[i:i + 8] == _ZEROS[:min(8, nxt - i)] and data[i:nxt] == _ZEROS[:nxt - i]
-                    and (fresh or self.host.pread(at + i - start, nxt - i) == data[i:nxt]))
-            if skip and run is not None:
-                self.host.pwrite(at + run - start, view[run:i])
-                run = None
-            elif not skip and run is None:
-                run = i
-            i = nxt
-        if run is not None:
-            self.host.pwrite(at + run - start, view[run:end])
+        pos = start  # the start of what is not written yet
+        for a, b in skips:
+            if a > pos:
+                self.host.pwrite(at + pos - start, view[pos:a])
+            pos = b
+        if pos < end:
+            self.host.pwrite(at + pos - start, view[pos:end])
+
+    def _file_zeros(self, shift: int, a: int, b: int) -> list[tuple[int, int]]:
+        """The runs of whole granules of ``[a, b)`` (file offset ``shift + a`` on) where
+        the file reads as zeros (what it does not hold counts as not zero)."""
+        old = self.host.pread(shift + a, b - a)
+        if len(old) < b - a:
+            old += b"\x01" * (b - a - len(old))
+        return [(a + x, a + y) for x, y in zero_runs(old, 0, b - a, shift + a, _GRANULE)]
 
     def _before_change(self) -> None:
         if self._headers_updated:
@@ -305,8 +312,15 @@ class VhdxDriver(BlockDriver):
 
     def block_status(self, offset: int, length: int) -> list[Extent]:
         out: list[Extent] = []
+        holes = self.store is self.host  # (not through a log replayed in memory)
         for pos, block, within, n in self._pieces(offset, length):
             state, off = self._entry(block)
+            if state == V.PAYLOAD_FULLY_PRESENT and holes:
+                # ZERO over the file's holes in the block (SEEK_HOLE), as the VHD and VDI
+                # drivers do: convert then neither reads nor checks them
+                for e in host_extents(self.host, pos, off + within, n):
+                    self._append_merged(out, e)
+                continue
             if state == V.PAYLOAD_FULLY_PRESENT:
                 e = Extent(pos, n, Status.DATA, host_offset=off + within)
             elif state == V.PAYLOAD_PARTIALLY_PRESENT:
@@ -320,14 +334,19 @@ class VhdxDriver(BlockDriver):
                 e = Extent(pos, n, Status.ZERO)
             else:
                 e = Extent(pos, n, Status.UNALLOCATED)
-            if out and out[-1].status == e.status and (
-                    e.host_offset is None or out[-1].host_offset + out[-1].length == e.host_offset):
-                p = out[-1]
-                e = Extent(p.offset, p.length + n, p.status, p.host_offset)
-                out[-1] = e
-            else:
-                out.append(e)
+            self._append_merged(out, e)
         return out
+
+    @staticmethod
+    def _append_merged(out: list[Extent], e: Extent) -> None:
+        """Append ``e``, merged into the last extent if of the same status and (for
+        data) contiguous in the file."""
+        if out and out[-1].status == e.status and out[-1].end == e.offset and (
+                e.host_offset is None or out[-1].host_offset + out[-1].length == e.host_offset):
+            p = out[-1]
+            out[-1] = Extent(p.offset, p.length + e.length, p.status, p.host_offset)
+        else:
+            out.append(e)
 
     def resize(self, new_size: int) -> None:
         """See :mod:`.resize`."""
