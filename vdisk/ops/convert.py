@@ -39,7 +39,6 @@ from typing import Iterator
 from .. import block
 from ..block import Image
 from ..errors import ImageNotFound, UsageError, VdiskError
-from ..drivers.vhd.sparse import zero_runs
 from .compare import ProgressFn, chunk_size_for, chunks, data_runs, is_zero, zeros
 
 
@@ -57,7 +56,7 @@ class ConvertStats:
 def _sparse_write(dst: Image, off: int, data: bytes, gran: int, stats: ConvertStats) -> None:
     """Write ``data`` at ``off`` into a destination that reads as zeros, leaving out
     every ``gran``-aligned piece that is all zeros.  The zero pieces are found by
-    :func:`zero_runs` (``find`` and doubling memcmp, no Python step per piece): a
+    ``vdisk.drivers.vhd.sparse.zero_runs`` (``find`` and doubling memcmp, no Python step per piece): a
     4 KiB loop here was 175 000 ``is_zero`` calls per GiB of a static VDI."""
     n = len(data)
     if is_zero(data):
@@ -69,6 +68,8 @@ def _sparse_write(dst: Image, off: int, data: bytes, gran: int, stats: ConvertSt
         dst.write(off, data)
         stats.bytes_written += n
         return
+    from ..drivers.vhd.sparse import zero_runs  # here: the vhd package costs start-up time
+
     pos = 0  # relative to data: the start of what is not written yet
     for a, b in zero_runs(data, 0, n, off, gran):
         if a > pos:
