@@ -346,6 +346,30 @@ def test_interrupted_import_resumes(tmp_path):
         apply(s, dst, resume=True)
 
 
+def test_an_import_stopped_by_a_truncated_stream_resumes_with_the_whole_stream(tmp_path):
+    img, dst, s = _prepared(tmp_path)
+    whole = Path(s).read_bytes()
+    last = _record_positions(s)[-2]
+    Path(s).write_bytes(whole[:last[4] + 50])  # the last DATA record is cut
+    with pytest.raises(DiffStreamError, match="truncated in record"):
+        apply(s, dst)
+    assert '"records": 2' in Path(progress_path(s)).read_text()
+    Path(s).write_bytes(whole)
+    assert apply(s, dst, resume=True).resumed_records == 2
+    assert same(dst, f"{img}@B")
+
+
+def test_resume_with_another_stream_of_the_same_header_is_refused(tmp_path):
+    img, dst, s = _prepared(tmp_path)
+    with pytest.raises(Interrupted):
+        apply(s, dst, checkpoint_every=1, stop_after=3)  # checkpointed after 2
+    # the stream from A to C has the same header, the same record 0, another record 1
+    os.unlink(s)
+    export(f"{img}@A", f"{img}@C", s)
+    with pytest.raises(UsageError, match="another stream"):
+        apply(s, dst, resume=True)
+
+
 def test_resume_into_another_image_is_refused(tmp_path):
     _img, dst, s = _prepared(tmp_path)
     with pytest.raises(Interrupted):

@@ -20,8 +20,9 @@ Resumable, precisely:
 - import applies records in order, each after its checksum and its base check
   hold.  Every ``checkpoint_every`` records (and when it stops on an error) it
   flushes the image and then writes ``FILE.import-progress`` (JSON: the stream's
-  header checksum and size, the image, the number of records applied).
-  ``resume=True`` verifies and skips that many records.  A record applied after the
+  header checksum, the image, the number of records applied and the digest of
+  their checksums).  ``resume=True`` verifies and skips that many records, and
+  refuses if their digest differs (another stream).  A record applied after the
   last checkpoint is applied again; this is harmless because a record whose range
   already holds its result is accepted in place of its base.  The progress file is
   removed once the END record is verified.  An import is not atomic: a stream that
@@ -346,14 +347,15 @@ def import_diff(path: str, image: Image, *, image_name: str, resume: bool = Fals
                              f"{header.size}-byte disk")
         stream_size = os.fstat(f.fileno()).st_size
         ppath = progress_path(path)
-        ident = {"stream": f"{header.checksum:016x}", "stream_size": stream_size, "image": _image_id(image_name)}
+        ident = {"stream": f"{header.checksum:016x}", "image": _image_id(image_name)}
         skip = 0
+        prefix = None
         if resume:
             state = _load_progress(ppath)
             if any(state.get(k) != v for k, v in ident.items()):
                 raise UsageError(f"{ppath}: records an import of another stream or into another image; "
                                  "remove it to import from the start")
-            skip = state["records"]
+            skip, prefix = state["records"], state.get("prefix")
         elif os.path.lexists(ppath):
             raise UsageError(f"{ppath}: an interrupted import of this stream is in the way; give --resume "
                              "to continue it, or remove it")
@@ -361,18 +363,25 @@ def import_diff(path: str, image: Image, *, image_name: str, resume: bool = Fals
         digest = xxhash.xxh3_64()
         applied = skip  # records whose effects are in the image
         checkpointed = skip
+        applied_digest = prefix
         done = 0
 
         def checkpoint() -> None:
             nonlocal checkpointed
             if applied > checkpointed:
                 image.flush()
-                _save_progress(ppath, dict(ident, records=applied))
+                _save_progress(ppath, dict(ident, records=applied, prefix=applied_digest))
                 checkpointed = applied
 
         try:
             for index, rec, payload, _end in read_records(f, path, header):
+                if index == skip and resume and prefix != f"{digest.intdigest():016x}":
+                    raise UsageError(f"{ppath}: records an import of another stream (its first {skip} records "
+                                     "differ); remove it to import from the start")
                 if rec.kind == END:
+                    if index < skip:
+                        raise UsageError(f"{ppath}: records {skip} applied records, but the stream has {index}; "
+                                         "remove it to import from the start")
                     if rec.offset != index or rec.length != summary.data_bytes or \
                             rec.base_hash != digest.intdigest():
                         raise DiffStreamError(f"{path}: END record does not match the records before it "
@@ -397,6 +406,7 @@ def import_diff(path: str, image: Image, *, image_name: str, resume: bool = Fals
                 else:
                     image.write_zeroes(rec.offset, rec.length)
                 applied = index + 1
+                applied_digest = f"{digest.intdigest():016x}"
                 done += 1
                 tick(rec.length)
                 if stop_after is not None and done >= stop_after:
