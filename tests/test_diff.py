@@ -497,3 +497,26 @@ def test_a_killed_cli_export_resumes(tmp_path):
     with vdisk.open(dst, format="raw") as d:
         import_diff(str(out), d, image_name=dst)
     assert Path(dst).read_bytes() == Path(img).read_bytes()
+
+
+def test_every_flipped_byte_is_refused_with_a_named_error(tmp_path):
+    import random
+
+    img, dst, s = _prepared(tmp_path)
+    whole = Path(s).read_bytes()
+    recs = _record_positions(s)
+    spots = list(range(codec.HEADER_SIZE)) + [r[4] + k for r in recs for k in range(codec.RECORD_SIZE)]
+    rnd = random.Random(7)
+    spots += [rnd.randrange(len(whole)) for _ in range(20)]
+    pristine = str(tmp_path / "pristine.vdk")
+    shutil.copy(dst, pristine)
+    bad = tmp_path / "bad"
+    for at in spots:
+        data = bytearray(whole)
+        data[at] ^= 1 << rnd.randrange(8)
+        bad.write_bytes(bytes(data))
+        with pytest.raises(VdiskError):
+            apply(bad, dst)
+        if os.path.exists(progress_path(bad)):
+            os.unlink(progress_path(bad))
+            shutil.copy(pristine, dst)
