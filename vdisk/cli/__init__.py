@@ -42,6 +42,7 @@ COMMANDS: dict[str, str] = {
     "compare": "vdisk.cli.compare:compare",
     "convert": "vdisk.cli.convert:convert",
     "create": "vdisk.cli.create:create",
+    "diff": "vdisk.cli.diff:diff",
     "flatten": "vdisk.cli.flatten:flatten",
     "fleet": "vdisk.cli.fleet:fleet",
     "info": "vdisk.cli.info:info",
