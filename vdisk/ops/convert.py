@@ -56,7 +56,7 @@ class ConvertStats:
 def _sparse_write(dst: Image, off: int, data: bytes, gran: int, stats: ConvertStats) -> None:
     """Write ``data`` at ``off`` into a destination that reads as zeros, leaving out
     every ``gran``-aligned piece that is all zeros.  The zero pieces are found by
-    ``vdisk.drivers.vhd.sparse.zero_runs`` (a strided look at the pieces' first bytes,
+    ``vdisk.zeros.zero_runs`` (a strided look at the pieces' first bytes,
     then memcmp; no Python step per piece): a 4 KiB loop here was 175 000 ``is_zero``
     calls per GiB of a static VDI, and a ``find`` of a 4 KiB zero needle over every
     chunk cost 0.04-0.1 s per GiB."""
@@ -68,7 +68,7 @@ def _sparse_write(dst: Image, off: int, data: bytes, gran: int, stats: ConvertSt
         dst.write(off, data)
         stats.bytes_written += n
         return
-    from ..drivers.vhd.sparse import zero_runs  # here: the vhd package costs start-up time
+    from ..zeros import zero_runs
 
     pos = 0  # relative to data: the start of what is not written yet
     for a, b in zero_runs(data, 0, n, off, gran):

@@ -51,13 +51,20 @@ from __future__ import annotations
 import uuid
 
 from ...codec import vhdx as V
-from ...errors import BackingError, CorruptImage, UnsupportedFeature, UsageError, VdiskError
+from ...errors import (
+    BackingError,
+    CorruptImage,
+    UnsupportedFeature,
+    UsageError,
+    VdiskError,
+)
 from ...host import HostStorage
+from ...zeros import is_zero_at, zero_runs
 from .. import register
 from ..base import BackingRef, BlockDriver, CheckResult, CreateOptions, Extent, Status
+from ..vhd.sparse import host_extents
 from . import log as L
 from .create import CREATE_OPTIONS, create_image
-from ..vhd.sparse import host_extents, is_zero_at, zero_runs
 from .load import bat_bytes, load_headers, load_layout
 
 _ZERO_STATES = (V.PAYLOAD_ZERO, V.PAYLOAD_UNMAPPED, V.PAYLOAD_UNDEFINED)
