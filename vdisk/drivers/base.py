@@ -18,7 +18,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
-from ..errors import NotSupported
+from ..errors import NotSupported, UsageError
 from ..host import HostStorage
 
 
@@ -105,6 +105,30 @@ class CreateOptions:
     extra: dict = field(default_factory=dict)  # format-specific -o options, already split
     #: the new image's identity (32 hex digits), for formats that record one; None: a new random one
     image_id: str | None = None
+
+
+def on_off(what: str, value) -> bool:
+    """A boolean ``-o`` option (``on``/``off``, ``true``/``false``, ``yes``/``no``,
+    ``1``/``0``, or a bool); ``what`` names it in the error ("vdi: static")."""
+    if isinstance(value, bool):
+        return value
+    v = str(value).strip().lower()
+    if v in ("on", "true", "yes", "1"):
+        return True
+    if v in ("off", "false", "no", "0"):
+        return False
+    raise UsageError(f"{what} must be on or off (got {value!r})")
+
+
+def block_pieces(offset: int, length: int, block_size: int):
+    """Cut ``[offset, offset + length)`` at multiples of ``block_size``: yields
+    (block index, offset within the block, guest offset, length) for each piece."""
+    pos, end = offset, offset + length
+    while pos < end:
+        b, within = divmod(pos, block_size)
+        n = min(block_size - within, end - pos)
+        yield b, within, pos, n
+        pos += n
 
 
 class BackingReader(Protocol):

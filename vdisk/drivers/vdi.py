@@ -33,7 +33,15 @@ from ..codec import vdi as C
 from ..errors import CorruptImage, NotSupported, UnsupportedFeature, UsageError
 from ..host import HostStorage
 from . import register
-from .base import BlockDriver, CheckResult, CreateOptions, Extent, Status
+from .base import (
+    BlockDriver,
+    CheckResult,
+    CreateOptions,
+    Extent,
+    Status,
+    block_pieces,
+    on_off,
+)
 from .vhd.sparse import (
     GRANULE,
     fresh_granules,
@@ -45,14 +53,6 @@ from .vhd.sparse import (
 MIN_BLOCK, MAX_BLOCK = 4096, 32 << 20
 MAX_BLOCKS = 0xFFFFFFF0
 DATA_ALIGN = 1 << 20  # vdisk's images start their data here (as VirtualBox's do): room for the map to grow
-
-
-def _flag(name: str, text) -> bool:
-    if text in (True, "on", "true", "yes", "1"):
-        return True
-    if text in (False, "off", "false", "no", "0"):
-        return False
-    raise UsageError(f"vdi: {name} must be on or off (got {text!r})")
 
 
 @register
@@ -84,7 +84,7 @@ class VdiDriver(BlockDriver):
     @classmethod
     def create(cls, host: HostStorage, size: int, opts: CreateOptions) -> None:
         extra = dict(opts.extra)
-        static = _flag("static", extra.pop("static", "off"))
+        static = on_off("vdi: static", extra.pop("static", "off"))
         if extra:
             raise UsageError(f"unknown vdi option(s): {', '.join(sorted(extra))} (see -o help)")
         if opts.backing is not None:
@@ -197,13 +197,7 @@ class VdiDriver(BlockDriver):
 
     # ------------------------------------------------------------------ data path
     def _pieces(self, offset: int, length: int):
-        bs = self.cluster_size
-        pos, end = offset, offset + length
-        while pos < end:
-            b, within = divmod(pos, bs)
-            n = min(bs - within, end - pos)
-            yield b, within, pos, n
-            pos += n
+        return block_pieces(offset, length, self.cluster_size)
 
     def _at(self, e: int) -> int:
         return self.hdr.offset_data + e * self.cluster_size

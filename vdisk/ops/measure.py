@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..block import Image
-from ..drivers.base import Status
+from ..drivers.base import Status, on_off
 from ..errors import UsageError
 
 MEASURE_FORMATS = ("raw", "qcow2", "vdk")
@@ -99,15 +99,6 @@ def data_usage(img: Image, cluster_size: int, span: int | None = None) -> tuple[
                 spans += s1 - s0 + 1
                 last_s = s1
     return clusters, spans
-
-
-def _bool_opt(key: str, value: str) -> bool:
-    v = str(value).strip().lower()
-    if v in ("on", "true", "yes", "1"):
-        return True
-    if v in ("off", "false", "no", "0"):
-        return False
-    raise UsageError(f"{key} must be on or off (got {value!r})")
 
 
 def _no_options(fmt: str, options: dict[str, Any]) -> None:
@@ -165,7 +156,7 @@ def _measure_qcow2(size: int, data_clusters: int | None, cluster_size: int | Non
         if compat in ("0.10", "v2", "2") and bits != 16:
             raise UsageError("qcow2: compat=0.10 images have 16-bit refcounts")
         order = bits.bit_length() - 1
-    extended_l2 = _bool_opt("extended_l2", opts.pop("extended_l2", "off"))
+    extended_l2 = on_off("extended_l2", opts.pop("extended_l2", "off"))
     if extended_l2 and cs < 16384:
         raise UsageError("qcow2: extended_l2 needs a cluster size of at least 16K")
     prealloc = str(opts.pop("preallocation", "off")).lower()
@@ -174,7 +165,7 @@ def _measure_qcow2(size: int, data_clusters: int | None, cluster_size: int | Non
     ctype = opts.pop("compression_type", None)
     if ctype is not None and ctype not in ("zlib", "zstd"):
         raise UsageError(f"qcow2: compression_type must be zlib or zstd (got {ctype!r})")
-    _bool_opt("lazy_refcounts", opts.pop("lazy_refcounts", "off"))
+    on_off("lazy_refcounts", opts.pop("lazy_refcounts", "off"))
     _no_options("qcow2", opts)
 
     virtual = _align(size, cs)

@@ -54,7 +54,7 @@ from ...codec import vhd as C
 from ...errors import CorruptImage, NotSupported, UnsupportedFeature, UsageError
 from ...host import HostStorage
 from .. import register
-from ..base import BackingRef, BlockDriver, CheckResult, CreateOptions
+from ..base import BackingRef, BlockDriver, CheckResult, CreateOptions, on_off
 from .data import DataMixin
 from .layout import ALIGN, MAX_SIZE, footer_for
 from .resize import ResizeMixin
@@ -82,14 +82,6 @@ __all__ = [
 MIN_BLOCK, MAX_BLOCK = C.SECTOR, 32 << 20
 DEFAULT_BLOCK = 2 << 20
 MAX_LOCATOR_BYTES = 8192
-
-def _parse_bool(name: str, text) -> bool:
-    if text in (True, "on", "true", "yes", "1"):
-        return True
-    if text in (False, "off", "false", "no", "0"):
-        return False
-    raise UsageError(f"vpc: {name} must be on or off (got {text!r})")
-
 
 @register
 class VhdDriver(DataMixin, ResizeMixin, BlockDriver):
@@ -148,7 +140,7 @@ class VhdDriver(DataMixin, ResizeMixin, BlockDriver):
     def create(cls, host: HostStorage, size: int, opts: CreateOptions) -> None:
         extra = dict(opts.extra)
         sub = extra.pop("subformat", "dynamic")
-        exact = _parse_bool("force_size", extra.pop("force_size", "on"))
+        exact = on_off("vpc: force_size", extra.pop("force_size", "on"))
         bsize = extra.pop("block_size", None)
         if extra:
             raise UsageError(f"unknown vpc option(s): {', '.join(sorted(extra))} (see -o help)")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ...codec import vhd as C
 from ...errors import CorruptImage
-from ..base import Extent, Status
+from ..base import Extent, Status, block_pieces
 from .layout import ALIGN
 from .sparse import GRANULE, fresh_granules, fresh_write, host_extents, merge_extents
 
@@ -54,13 +54,7 @@ class DataMixin:
 
     # ------------------------------------------------------------------ data path
     def _pieces(self, offset: int, length: int):
-        bs = self.cluster_size
-        pos, end = offset, offset + length
-        while pos < end:
-            b, within = divmod(pos, bs)
-            n = min(bs - within, end - pos)
-            yield b, within, pos, n
-            pos += n
+        return block_pieces(offset, length, self.cluster_size)
 
     def read(self, offset: int, length: int) -> bytes:
         if not self.dynamic:

@@ -61,7 +61,15 @@ from ...errors import (
 from ...host import HostStorage
 from ...zeros import is_zero_at, zero_runs
 from .. import register
-from ..base import BackingRef, BlockDriver, CheckResult, CreateOptions, Extent, Status
+from ..base import (
+    BackingRef,
+    BlockDriver,
+    CheckResult,
+    CreateOptions,
+    Extent,
+    Status,
+    block_pieces,
+)
 from ..vhd.sparse import host_extents
 from . import log as L
 from .create import CREATE_OPTIONS, create_image
@@ -190,18 +198,12 @@ class VhdxDriver(BlockDriver):
         return v & V.BAT_STATE_MASK, (v >> V.BAT_OFFSET_SHIFT) << 20
 
     def _pieces(self, offset: int, length: int):
-        bs = self.cluster_size
-        pos, end = offset, offset + length
-        while pos < end:
-            block, within = divmod(pos, bs)
-            n = min(bs - within, end - pos)
-            yield pos, block, within, n
-            pos += n
+        return block_pieces(offset, length, self.cluster_size)
 
     # ------------------------------------------------------------------ data path
     def read(self, offset: int, length: int) -> bytes:
         out = bytearray()
-        for pos, block, within, n in self._pieces(offset, length):
+        for block, within, pos, n in self._pieces(offset, length):
             state, off = self._entry(block)
             if state == V.PAYLOAD_FULLY_PRESENT:
                 out += self.store.pread(off + within, n)
@@ -249,7 +251,7 @@ class VhdxDriver(BlockDriver):
     def write(self, offset: int, data: bytes) -> None:
         if not isinstance(data, (bytes, bytearray)):
             data = bytes(data)
-        for pos, block, within, n in self._pieces(offset, len(data)):
+        for block, within, pos, n in self._pieces(offset, len(data)):
             a = pos - offset
             state, off = self._entry(block)
             fresh = False
@@ -320,7 +322,7 @@ class VhdxDriver(BlockDriver):
     def block_status(self, offset: int, length: int) -> list[Extent]:
         out: list[Extent] = []
         holes = self.store is self.host  # (not through a log replayed in memory)
-        for pos, block, within, n in self._pieces(offset, length):
+        for block, within, pos, n in self._pieces(offset, length):
             state, off = self._entry(block)
             if state == V.PAYLOAD_FULLY_PRESENT and holes:
                 # ZERO over the file's holes in the block (SEEK_HOLE), as the VHD and VDI
