@@ -5,11 +5,12 @@ An image that a read-write ``vdisk mount`` serves is locked by the mount's daemo
 command that changes its snapshots (create, delete, revert, rename, the holds of
 linked clones) must then ask the daemon over its control socket, so that the change
 happens between FUSE requests and a snapshot holds every write the mount
-acknowledged before it.  :func:`writable` makes that one decision for every caller:
-it yields an opened :class:`~vdisk.block.Image` or, when a mount holds the image, a
-:class:`MountedImage` with the same snapshot methods.  The CLI passes it to the
-operations (``vdisk.ops.chain`` takes the opener as a parameter), which therefore
-never open a mount's control socket themselves.
+acknowledged before it.  :class:`Session` makes that one decision for every caller:
+its :meth:`~Session.writable` yields an opened :class:`~vdisk.block.Image` or, when a
+mount holds the image, a :class:`MountedImage` with the same snapshot methods.  It is
+an :class:`~vdisk.ops.context.OpenContext`, the object operations open every image
+through, so the CLI passes :data:`SESSION` to them and they never reach a mount, nor
+open a file, themselves.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Iterator
 from . import block
 from .drivers.base import Holder, SnapshotInfo
 from .errors import ImageLocked
+from .ops.context import OpenContext
 
 
 def snapshot_from_json(res) -> SnapshotInfo:
@@ -76,16 +78,24 @@ def _mount_owns(path: str) -> bool:
     return control.request(path, {"op": "ping"}) is not None
 
 
-@contextlib.contextmanager
-def writable(path: str, fmt: str | None = None) -> Iterator[block.Image | MountedImage]:
-    """``path`` opened read-write (its own layer, no backing chain), or, if a
-    read-write mount holds it, a :class:`MountedImage` that asks the mount."""
-    try:
-        img = block.open(path, format=fmt, backing=False)
-    except ImageLocked:
-        if not _mount_owns(path):
-            raise
-        yield MountedImage(path)
-        return
-    with img:
-        yield img
+class Session(OpenContext):
+    """Opens images for the CLI's operations; a change to the snapshots of an image
+    that a read-write mount holds goes to that mount."""
+
+    @contextlib.contextmanager
+    def writable(self, path: str, fmt: str | None = None) -> Iterator[block.Image | MountedImage]:
+        """``path`` opened read-write (its own layer, no backing chain), or, if a
+        read-write mount holds it, a :class:`MountedImage` that asks the mount."""
+        try:
+            img = block.open(path, format=fmt, backing=False)
+        except ImageLocked:
+            if not _mount_owns(path):
+                raise
+            yield MountedImage(path)
+            return
+        with img:
+            yield img
+
+
+#: the session of a command
+SESSION = Session()

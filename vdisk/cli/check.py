@@ -78,8 +78,8 @@ def check(ctx, fmt, output, repair, unsafe_backing, force_share, filename):
     """
     if repair and force_share:
         raise UsageError("-r repairs the image and -U shares it with a writer: not both")
-    from ..ops.chain import HOLD_FORMATS, release_stale_holds, stale_holds
-    from ..session import writable
+    from ..ops.holds import HOLD_FORMATS, release_stale_holds, stale_holds
+    from ..session import SESSION
     from ..ops.mapping import cluster_stats, json_safe
 
     results = []
@@ -106,9 +106,9 @@ def check(ctx, fmt, output, repair, unsafe_backing, force_share, filename):
         released = []
         if img.format in HOLD_FORMATS and img.snapshot is None:
             if repaired_here:
-                released = release_stale_holds(img.filename, writable)
+                released = release_stale_holds(img.filename, SESSION)
                 repaired += released
-            leaks += [f"a hold that nothing uses: {h.reason}" for h in stale_holds(img.filename)]
+            leaks += [f"a hold that nothing uses: {h.reason}" for h in stale_holds(img.filename, SESSION)]
         code = 2 if res.corruptions else 3 if leaks else 0
         if code == 2 or (code == 3 and worst != 2):
             worst = code

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from vdisk.session import writable
+from vdisk.session import SESSION
 
 from vdisk.cli.options import progress_option, unsafe_backing_option
 from vdisk.cli.progress import progress_bar
@@ -54,6 +54,6 @@ def clone(full, compress, fmt, unsafe_backing, progress, source, dest):
             comp = "zlib" if fmt == "qcow2" else "zstd"
         with progress_bar(size, "clone", force=progress) as bar:
             _clone(source, dest, full=True, compression=comp, progress=bar.update, fmt=fmt,
-                   unsafe_backing=unsafe_backing, writable=writable)
+                   unsafe_backing=unsafe_backing, ctx=SESSION)
     else:
-        _clone(source, dest, fmt=fmt, unsafe_backing=unsafe_backing, writable=writable)
+        _clone(source, dest, fmt=fmt, unsafe_backing=unsafe_backing, ctx=SESSION)

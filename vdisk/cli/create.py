@@ -80,13 +80,13 @@ def create(fmt, opts, backing_file, backing_format, unsafe_backing, quiet, filen
         backing_file, snap = backing_spec(filename, backing_file)
         if snap is not None:
             from ..ops.chain import clone as _clone
-            from ..session import writable
+            from ..session import SESSION
 
             if backing_format not in (None, "vdk", "pool") or size is not None or kw:
                 raise UsageError("-b BACKING@SNAP makes a linked clone of the snapshot: "
                                  "no -F other than vdk or pool, no size and no -o")
             _clone(os.path.join(os.path.dirname(os.path.abspath(filename)), backing_file) + "@" + snap,
-                   filename, fmt=fmt, unsafe_backing=unsafe_backing, writable=writable)
+                   filename, fmt=fmt, unsafe_backing=unsafe_backing, ctx=SESSION)
             if not quiet:
                 click.echo(f"Formatting '{filename}', fmt={fmt} backing_file={backing_file}@{snap}")
             return

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from vdisk.session import writable
+from vdisk.session import SESSION
 
 from vdisk import block
 from vdisk.cli.options import progress_option, unsafe_backing_option
@@ -21,4 +21,4 @@ def flatten(unsafe_backing, progress, filename):
     with block.open(filename, read_only=True, backing=False) as img:
         size = img.size
     with progress_bar(size, "flatten", force=progress) as bar:
-        _flatten(filename, progress=bar.update, unsafe_backing=unsafe_backing, writable=writable)
+        _flatten(filename, progress=bar.update, unsafe_backing=unsafe_backing, ctx=SESSION)

@@ -6,7 +6,7 @@ import os
 
 import click
 
-from vdisk.session import writable
+from vdisk.session import SESSION
 
 from vdisk import block
 from vdisk.cli.options import progress_option, unsafe_backing_option
@@ -36,4 +36,4 @@ def rebase(backing, backing_format, unsafe, unsafe_backing, progress, filename):
         size = img.size
     with progress_bar(size, "rebase", force=progress and not unsafe) as bar:
         _rebase(filename, new, backing_format, unsafe=unsafe, progress=bar.update, unsafe_backing=unsafe_backing,
-                writable=writable)
+                ctx=SESSION)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from vdisk.session import writable
+from vdisk.session import SESSION
 
 from vdisk.ops.chain import remove
 
@@ -25,6 +25,6 @@ def rm(recursive, dry_run, verbose, filenames):
     shares its identity: removing the copy releases nothing while the original is
     where it was made."""
     for f in filenames:
-        remove(f, recursive=recursive, dry_run=dry_run, writable=writable,
+        remove(f, recursive=recursive, dry_run=dry_run, ctx=SESSION,
                removed=(lambda p: click.echo(f"would remove {p}" if dry_run else f"removed {p}"))
                if dry_run or verbose else None)

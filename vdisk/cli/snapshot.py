@@ -15,7 +15,7 @@ from vdisk.cli.options import force_share_option, format_option, output_option
 from vdisk.cli.output import emit, table
 from vdisk.drivers.base import SnapshotInfo
 from vdisk.errors import ImageLocked
-from vdisk.session import writable
+from vdisk.session import SESSION
 from vdisk.sizes import format_size
 
 #: qemu-img snapshot's flags -> (subcommand, takes a snapshot name)
@@ -77,7 +77,7 @@ def snapshot() -> None:
 @click.argument("name")
 def snapshot_create(fmt, filename, name):
     """Take snapshot NAME of FILENAME's current state (O(1) for vdk)."""
-    with writable(filename, fmt) as img:
+    with SESSION.writable(filename, fmt) as img:
         img.snapshot_create(name)
 
 
@@ -89,7 +89,7 @@ def snapshot_delete(fmt, filename, name):
     """Delete snapshot NAME, freeing what nothing else references.  A snapshot that
     linked clones depend on disappears from the list but keeps its data until the
     last clone is flattened, rebased or removed."""
-    with writable(filename, fmt) as img:
+    with SESSION.writable(filename, fmt) as img:
         img.snapshot_delete(name)
 
 
@@ -99,7 +99,7 @@ def snapshot_delete(fmt, filename, name):
 @click.argument("name")
 def snapshot_revert(fmt, filename, name):
     """Make FILENAME's current state equal to snapshot NAME (later snapshots stay)."""
-    with writable(filename, fmt) as img:
+    with SESSION.writable(filename, fmt) as img:
         img.snapshot_revert(name)
 
 
@@ -111,7 +111,7 @@ def snapshot_revert(fmt, filename, name):
 def snapshot_rename(fmt, filename, name, new_name):
     """Rename snapshot NAME of FILENAME to NEW_NAME.  Linked clones name their
     snapshot by id, so they go on reading it."""
-    with writable(filename, fmt) as img:
+    with SESSION.writable(filename, fmt) as img:
         img.snapshot_rename(name, new_name)
 
 
@@ -136,7 +136,7 @@ def snapshot_list(fmt, output, force_share, filename):
         with block.open(filename, format=fmt, read_only=True, backing=False, force_share=force_share) as img:
             snaps = img.snapshot_list(space=True)
     except ImageLocked:
-        with writable(filename, fmt) as img:  # a mount holds it: ask the mount
+        with SESSION.writable(filename, fmt) as img:  # a mount holds it: ask the mount
             snaps = img.snapshot_list()
     rows = [snapshot_json(s) for s in snaps]
 

@@ -28,10 +28,27 @@ import vdisk
 
 from .. import block
 from ..ops import chain
+from ..ops.context import OpenContext
 from .model import BLOCK, DiskModel, Golden
 from .spec import FleetSpec
 
 GOLDEN_SNAPSHOT = "base"
+
+
+class _ThroughOpenImage(OpenContext):
+    """Opens images here, but takes holds on ``path`` through its image ``img``,
+    which the VM holds open for writing (as a mount would)."""
+
+    def __init__(self, path: str, img: vdisk.Image):
+        self.path, self.img = path, img
+
+    @contextlib.contextmanager
+    def writable(self, path: str, fmt: str | None = None):
+        if not block.same_image(path, self.path):
+            with super().writable(path, fmt) as other:
+                yield other
+            return
+        yield self.img
 
 
 class Disk:
@@ -163,11 +180,7 @@ class Layout:
             img.flush()
             img.snapshot_create(snap)
 
-            @contextlib.contextmanager
-            def through_open_image(path: str, fmt: str | None = None):
-                yield img
-
-            chain.clone(f"{src.path}@{snap}", clone_path, fmt=src.format, writable=through_open_image)
+            chain.clone(f"{src.path}@{snap}", clone_path, fmt=src.format, ctx=_ThroughOpenImage(src.path, img))
             return
         # qcow2: external snapshot
         img.flush()

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 import vdisk
 
 from ..errors import UsageError
-from ..ops import chain
+from ..ops import chain, holds
 from .disks import VM, Disk, Layout
 from .spec import EventSpec
 
@@ -131,7 +131,7 @@ class Mirror:
         self.dst_path = dst_path
         self.dst_format = dst_format
         self.size = disk.image.size
-        deps = chain.dependants(disk.path) if disk.format in ("vdk", "pool") else []
+        deps = holds.dependants(disk.path) if disk.format in ("vdk", "pool") else []
         if deps:
             raise EventError(f"{disk.path}: cannot migrate, {len(deps)} image(s) depend on it "
                              f"({deps[0].path}); their snapshots would go with the source")

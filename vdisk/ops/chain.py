@@ -1,35 +1,26 @@
 """Operations on chains of images: linked and full clones, commit, rebase, flatten, remove.
 
-All of them work through the ``Image`` API and open chains only through
-:func:`vdisk.open`, which enforces the backing-reference policy; none lifts it
-except when its caller passes ``unsafe_backing``.
+All of them work through the ``Image`` API, and every image they touch is opened,
+created or removed through the :class:`~vdisk.ops.context.OpenContext` their caller
+passes (``ctx``, default :data:`~vdisk.ops.context.LOCAL`): its ``open`` is
+:func:`vdisk.open`, which enforces the backing-reference policy and the locks (none
+of these operations lifts the policy except when its caller passes
+``unsafe_backing``), and its ``writable`` is where a change to another image's
+snapshots goes (the CLI's :class:`vdisk.session.Session` hands it to the mount that
+holds the image).  No operation opens a file or talks to a mount itself.
 
-A linked clone of a vdk image is an overlay whose backing reference names a
-snapshot of the source by id (``#N``), and the source records the clone as a
-*holder* of that snapshot, by the clone's identity (the image id in its header)
-and the place it was made (relative to the source's directory).  Deleting the
-snapshot then only hides it, and its data stays until the last holder is
-flattened, rebased elsewhere or removed with ``vdisk rm``.  A file copied with
-``cp`` keeps the identity of its original; ``rm`` of such a copy releases nothing
-while the original is still at its recorded place.  Formats that cannot record a
-holder (raw, qcow2) cannot be the source of a clone of a snapshot.
-
-Images in a pool (``POOL/IMAGE``) record holders as vdk files do, with paths
-relative to the pool's directory (an image of the same pool is named by its name).
-A linked clone of a pool image into the same pool is a *native* clone: the new
-image shares its parent snapshot's tree, and the pool records the clone and its
-hold in one catalog generation (``vdisk.drivers.pool``), so no separate hold is
-taken or released here.
-
-Operations that change another image's snapshots (holds, the snapshot a clone of a
-live image takes) open it with the ``writable`` opener they are given: the default
-opens the file here; the CLI passes :func:`vdisk.session.writable`, which hands the
-request to the mount that holds the image.  No operation talks to a mount itself.
+A linked clone of a vdk or pool image is an overlay on a snapshot of its source,
+named by id (``#N``), and the source records the clone as a holder of that snapshot
+(:mod:`vdisk.ops.holds`).  A file copied with ``cp`` keeps the identity of its
+original; ``rm`` of such a copy releases nothing while the original is still at its
+recorded place.  A linked clone of a pool image into the same pool is a *native*
+clone: the new image shares its parent snapshot's tree, and the pool records the
+clone and its hold in one catalog generation (``vdisk.drivers.pool``), so no
+separate hold is taken or released here.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import uuid
 from dataclasses import dataclass
@@ -37,12 +28,13 @@ from typing import Callable
 
 from .. import block
 from ..drivers.base import BackingRef, Holder, SnapshotInfo, Status
-from ..errors import BackingError, ImageNotFound, SnapshotNotFound, UsageError, VdiskError
+from ..errors import BackingError, ImageNotFound, SnapshotNotFound, UsageError
+from .context import LOCAL, OpenContext
+from .holds import (HOLD_FORMATS, Dependant, dependants, hold, hold_plan, holder_path, refuse_unholdable_snapshot,
+                    release, same_file)
 
 ProgressFn = Callable[[int], None]
 CHUNK = 4 << 20
-#: formats whose snapshots record their holders, so that a linked clone may depend on them
-HOLD_FORMATS = ("vdk", "pool")
 
 
 def split_snapshot_spec(spec: str) -> tuple[str, str | None]:
@@ -62,44 +54,6 @@ def backing_spec(image: str, spec: str) -> tuple[str, str | None]:
     return spec, None
 
 
-Opener = Callable[..., "contextlib.AbstractContextManager"]
-
-
-@contextlib.contextmanager
-def open_writable(path: str, fmt: str | None = None):
-    """The default opener of the operations below: ``path`` opened read-write here
-    (the CLI passes :func:`vdisk.session.writable`, which also reaches a mount)."""
-    with block.open(path, format=fmt, backing=False) as img:
-        yield img
-
-
-def _hold(base: str, snap: str, holder: Holder | None, delta: int, writable: Opener,
-          fmt: str | None = None) -> SnapshotInfo:
-    with writable(base, fmt or _hold_format(base)) as img:
-        return img.snapshot_hold(snap, delta, holder)
-
-
-def _hold_format(path: str) -> str:
-    """The format of ``path`` if it can record holds, else vdk (which then fails to
-    open it, naming why): a hold is never asked of a probed raw file."""
-    try:
-        fmt = block.detect_format(path)
-    except VdiskError:
-        return "vdk"
-    return fmt if fmt in HOLD_FORMATS else "vdk"
-
-
-def _holder_path(base: str, holder_file: str) -> str:
-    return os.path.relpath(block.abspath(holder_file), os.path.dirname(block.abspath(base)))
-
-
-def _refuse_unholdable_snapshot(src: str, fmt: str, snap: str | None) -> None:
-    if snap is not None and fmt not in HOLD_FORMATS:
-        raise UsageError(
-            f"{src}: a {fmt} image cannot record that a clone depends on its snapshot {snap!r}, so the snapshot "
-            "could be deleted under the clone (qemu-img snapshot -d would do it); make a full copy instead "
-            "(vdisk clone --full, or vdisk convert), or convert the image to vdk first")
-
 
 # ------------------------------------------------------------------------------ clone
 @dataclass
@@ -113,7 +67,7 @@ class CloneResult:
 
 def clone(src_spec: str, dst: str, *, full: bool = False, compression: str | None = None,
           progress: ProgressFn | None = None, fmt: str | None = None, unsafe_backing: bool = False,
-          writable: Opener = open_writable) -> CloneResult:
+          ctx: OpenContext = LOCAL) -> CloneResult:
     """``vdisk clone SRC[@SNAP] DST``: a linked clone (O(1), shares data with SRC's
     snapshot) or, with ``full``, an independent copy, in format ``fmt`` (default: vdk,
     or pool for ``POOL/IMAGE``).  A linked clone of a pool image into the same pool is
@@ -129,18 +83,18 @@ def clone(src_spec: str, dst: str, *, full: bool = False, compression: str | Non
     if full:
         from .convert import convert
 
-        with block.open(src, read_only=True, format=src_fmt, snapshot=snap, unsafe_backing=unsafe_backing) as img:
+        with ctx.open(src, read_only=True, format=src_fmt, snapshot=snap, unsafe_backing=unsafe_backing) as img:
             cluster = img.cluster_size if src_fmt == fmt else None
             convert(img, dst, format=fmt, cluster_size=cluster, compression=compression, progress=progress,
                     durable=True)
             return CloneResult(dst, False, src, snap, img.size)
-    _refuse_unholdable_snapshot(src, src_fmt, snap)
+    refuse_unholdable_snapshot(src, src_fmt, snap)
     abs_src = block.abspath(src)
     if src_fmt not in HOLD_FORMATS:
         # raw and qcow2: an overlay on the file as it is (as qemu-img create -b); no holds
-        block.create(dst, None, format=fmt, backing_file=abs_src, backing_format=src_fmt,
+        ctx.create(dst, None, format=fmt, backing_file=abs_src, backing_format=src_fmt,
                      unsafe_backing=unsafe_backing)
-        with block.open(dst, read_only=True, backing=False) as img:
+        with ctx.open(dst, read_only=True, backing=False) as img:
             return CloneResult(dst, True, src, None, img.size)
     if fmt not in HOLD_FORMATS:
         raise UsageError(f"a linked clone of a {src_fmt} image is an overlay on one of its snapshots, which only "
@@ -149,26 +103,26 @@ def clone(src_spec: str, dst: str, *, full: bool = False, compression: str | Non
     # Refuse what block.create would refuse before anything is written into the source.
     block.check_backing_allowed(dst, abs_src, unsafe_backing=unsafe_backing)
     if snap is None:
-        snap = _auto_snapshot(src, dst, writable, src_fmt)
+        snap = _auto_snapshot(src, dst, ctx, src_fmt)
     if src_fmt == "pool" and fmt == "pool" and _same_pool(src, dst):
         # A native clone: the pool records the clone and its hold in one generation.
-        info = _snapshot_info(src, snap)
-        block.create(dst, info.size, format="pool", backing_file=abs_src, backing_format="pool",
+        info = _snapshot_info(src, snap, ctx)
+        ctx.create(dst, info.size, format="pool", backing_file=abs_src, backing_format="pool",
                      backing_snapshot=f"#{info.id}", unsafe_backing=unsafe_backing)
         return CloneResult(dst, True, src, info.name, info.size)
-    holder = Holder(uuid.uuid4().hex, _holder_path(src, dst))
+    holder = Holder(uuid.uuid4().hex, holder_path(src, dst))
     # The hold is committed before the clone exists: a crash in between leaves a hold
     # whose holder is missing (found and released by `vdisk check -r leaks`), never a
     # clone whose snapshot can vanish.
-    info = _hold(src, snap, holder, +1, writable, src_fmt)
+    info = hold(src, snap, holder, +1, ctx, src_fmt)
     try:
-        with block.open(src, read_only=True, format=src_fmt, snapshot=f"#{info.id}") as view:
+        with ctx.open(src, read_only=True, format=src_fmt, snapshot=f"#{info.id}") as view:
             cluster = view.cluster_size if fmt == src_fmt else None
-        block.create(dst, info.size, format=fmt, cluster_size=cluster, backing_file=abs_src,
+        ctx.create(dst, info.size, format=fmt, cluster_size=cluster, backing_file=abs_src,
                      backing_format=src_fmt, backing_snapshot=f"#{info.id}", unsafe_backing=unsafe_backing,
                      image_id=holder.image_id)
     except BaseException:
-        _hold(src, f"#{info.id}", holder, -1, writable, src_fmt)
+        hold(src, f"#{info.id}", holder, -1, ctx, src_fmt)
         raise
     return CloneResult(dst, True, src, info.name, info.size)
 
@@ -180,9 +134,9 @@ def _same_pool(a: str, b: str) -> bool:
     return wa is not None and wb is not None and block._realpath(wa[0]) == block._realpath(wb[0])
 
 
-def _snapshot_info(path: str, snap: str) -> SnapshotInfo:
+def _snapshot_info(path: str, snap: str, ctx: OpenContext) -> SnapshotInfo:
     """Snapshot ``snap`` (a name or ``#ID``, also a hidden one by id) of ``path``."""
-    with block.open(path, read_only=True, backing=False, force_share=True) as img:
+    with ctx.open(path, read_only=True, backing=False, force_share=True) as img:
         snaps = img.snapshot_list(hidden=True)
     for s in snaps:
         if (snap == f"#{s.id}") or (snap == s.name and not s.hidden):
@@ -190,7 +144,7 @@ def _snapshot_info(path: str, snap: str) -> SnapshotInfo:
     raise SnapshotNotFound(f"{path}: no snapshot {snap!r}")
 
 
-def _auto_snapshot(src: str, dst: str, writable: Opener, fmt: str = "vdk") -> str:
+def _auto_snapshot(src: str, dst: str, ctx: OpenContext, fmt: str = "vdk") -> str:
     """Cloning the live state of a vdk image: snapshot it first, so the source stays writable."""
     base = "clone-" + os.path.basename(dst).replace("/", "_").replace("@", "_").lstrip("#") or "clone"
     base = base.encode()[:200].decode(errors="ignore")
@@ -204,185 +158,8 @@ def _auto_snapshot(src: str, dst: str, writable: Opener, fmt: str = "vdk") -> st
         img.snapshot_create(name)
         return name
 
-    with writable(src, fmt) as img:
+    with ctx.writable(src, fmt) as img:
         return make(img)
-
-
-# ------------------------------------------------------------------------------ holds
-@dataclass(frozen=True)
-class HoldPlan:
-    """What removing (or rebasing) an overlay does to the hold it has on its base."""
-
-    base: str  # the base image's path
-    snapshot: str  # selector of the held snapshot
-    holder: Holder | None  # None: a hold counted without identity (vdisk 0.1)
-    copy_of: str | None = None  # the overlay is a copy of this holder: release nothing
-    format: str = "vdk"  # the base image's format
-
-
-def _image_id_of(path: str) -> str | None:
-    try:
-        with block.open(path, read_only=True, backing=False, force_share=True) as img:
-            return img.driver.image_id
-    except VdiskError:
-        return None
-
-
-def _same_file(a: str, b: str) -> bool:
-    """The same image: the same file, or the same image of the same pool."""
-    return block.same_image(a, b)
-
-
-def hold_plan(overlay_path: str, ref: BackingRef | None, image_id: str | None) -> HoldPlan | None:
-    """Which hold ``overlay_path`` (with backing reference ``ref`` and identity
-    ``image_id``) has on its base, if any; decided before the overlay changes."""
-    if ref is None or ref.format not in HOLD_FORMATS or not ref.snapshot or not ref.snapshot.startswith("#"):
-        return None
-    base = block.resolve_backing_path(overlay_path, ref)
-    if not block.exists(base):
-        return None  # the base is gone already: nothing is held
-    if image_id is None:
-        return HoldPlan(base, ref.snapshot, None, format=ref.format)
-    try:
-        with block.open(base, read_only=True, format=ref.format, backing=False, force_share=True) as b:
-            snaps = {f"#{s.id}": s for s in b.snapshot_list(hidden=True)}
-    except VdiskError as exc:
-        raise BackingError(f"{overlay_path}: cannot read the holds of its base {base}: {exc}") from None
-    rec = snaps.get(ref.snapshot)
-    mine = [h for h in rec.holders if h.image_id == image_id] if rec else []
-    if not mine:
-        if rec is not None and rec.holds > len(rec.holders):
-            return HoldPlan(base, ref.snapshot, None, format=ref.format)  # made by vdisk 0.1, held without identity
-        return None
-    recorded = os.path.join(os.path.dirname(block.abspath(base)), mine[0].path)
-    if not _same_file(recorded, overlay_path) and block.exists(recorded) and _image_id_of(recorded) == image_id:
-        return HoldPlan(base, ref.snapshot, mine[0], copy_of=recorded, format=ref.format)
-    return HoldPlan(base, ref.snapshot, mine[0], format=ref.format)
-
-
-def release(plan: HoldPlan | None, what: str, writable: Opener = open_writable) -> None:
-    """Carry out ``plan`` after the overlay let go of its base.  A release that fails
-    is an error naming what is left held, never silence."""
-    if plan is None or plan.copy_of is not None:
-        return
-    try:
-        if plan.holder is None:
-            _hold(plan.base, plan.snapshot, None, -1, writable, plan.format)
-        else:
-            _hold(plan.base, plan.snapshot, Holder(plan.holder.image_id, plan.holder.path), -1, writable,
-                  plan.format)
-    except SnapshotNotFound:
-        return  # released already (by check -r, or a retried command)
-    except VdiskError as exc:
-        raise VdiskError(f"{what}, but its hold on {plan.base} snapshot {plan.snapshot} stays: {exc}; "
-                         f"`vdisk check -r leaks {plan.base}` releases holds whose holder is gone") from None
-
-
-@dataclass(frozen=True)
-class Dependant:
-    """An image that reads through another: a holder of one of its snapshots, or an
-    overlay on it found next to it."""
-
-    path: str
-    snapshot: str | None  # the snapshot it depends on (name, or #id when hidden)
-    present: bool  # found at its recorded place with its identity
-
-
-def dependants(path: str) -> list[Dependant]:
-    """Images that depend on ``path``: the holders its snapshots record (vdk, pool;
-    a holder's path is relative to ``path``'s directory, a pool's for a pool image),
-    and overlays next to it (:func:`_neighbours`) whose backing file is ``path``."""
-    out: list[Dependant] = []
-    seen: set[str] = set()
-    fmt = block.detect_format(path)
-    base_dir = os.path.dirname(block.abspath(path))
-    if fmt in HOLD_FORMATS:
-        with block.open(path, read_only=True, format=fmt, backing=False, force_share=True) as img:
-            snaps = img.snapshot_list(hidden=True)
-        for s in snaps:
-            label = f"#{s.id}" if s.hidden else s.name
-            for h in s.holders:
-                where = block.normpath(os.path.join(base_dir, h.path))
-                present = block.exists(where) and _image_id_of(where) == h.image_id
-                out.append(Dependant(where, label, present))
-                seen.add(where)
-            for _ in range(s.holds - len(s.holders)):
-                out.append(Dependant("(a clone made by vdisk 0.1, identity not recorded)", label, False))
-    for cand in _neighbours(base_dir):
-        if cand in seen or _same_file(cand, path):
-            continue
-        try:
-            cfmt = block.detect_format(cand)
-            if cfmt == "raw":
-                continue
-            with block.open(cand, read_only=True, format=cfmt, backing=False, force_share=True) as o:
-                ref = o.driver.backing_ref
-        except VdiskError:
-            continue
-        if ref is not None and _same_file(block.resolve_backing_path(cand, ref), path):
-            out.append(Dependant(block.normpath(cand), ref.snapshot, True))
-            seen.add(block.normpath(cand))
-    return out
-
-
-def _neighbours(base_dir: str, limit: int = 100000) -> list[str]:
-    """The images next to those in ``base_dir``, where :func:`dependants` looks for
-    overlays: the images in it (files, or a pool's images), and across a pool's
-    boundary, which a pool's directory is one level below: for a pool, the files beside
-    it; for a directory, the images of the pools in it."""
-    from .. import pool
-
-    out = block.images_in(base_dir, limit)
-    if pool.is_pool_dir(base_dir):
-        return out + block.images_in(os.path.dirname(base_dir), limit)
-    try:
-        entries = sorted(e.path for e in os.scandir(base_dir) if e.is_dir(follow_symlinks=False))
-    except OSError:
-        return out
-    for d in entries[:limit]:
-        if len(out) >= limit:
-            break
-        if pool.is_pool_dir(d):
-            out += block.images_in(d, limit - len(out))
-    return out
-
-
-@dataclass(frozen=True)
-class StaleHold:
-    snapshot: str
-    holder: Holder | None  # None: a hold without identity
-    reason: str
-
-
-def stale_holds(path: str) -> list[StaleHold]:
-    """Holds on ``path``'s snapshots whose holder is not at its recorded place with
-    its identity (deleted by hand, or a clone whose creation was cut short)."""
-    out = []
-    base_dir = os.path.dirname(block.abspath(path))
-    with block.open(path, read_only=True, format=_hold_format(path), backing=False, force_share=True) as img:
-        snaps = img.snapshot_list(hidden=True)
-    for s in snaps:
-        label = f"#{s.id}" + ("" if s.hidden else f" ({s.name})")
-        for h in s.holders:
-            where = block.normpath(os.path.join(base_dir, h.path))
-            if not block.exists(where):
-                out.append(StaleHold(f"#{s.id}", h, f"snapshot {label}: holder {h.image_id} is not at {where}"))
-            elif _image_id_of(where) != h.image_id:
-                out.append(StaleHold(f"#{s.id}", h, f"snapshot {label}: {where} is not holder {h.image_id}"))
-    return out
-
-
-def release_stale_holds(path: str, writable: Opener = open_writable) -> list[str]:
-    """Release every hold :func:`stale_holds` finds; returns what was released."""
-    done = []
-    for st in stale_holds(path):
-        try:
-            _hold(path, st.snapshot, st.holder, -1, writable)
-        except SnapshotNotFound:
-            continue
-        done.append(f"released a hold whose holder is gone ({st.reason})")
-    return done
-
 
 # ------------------------------------------------------------------------------ commit
 def _extents(img: block.Image, want) -> list[tuple[int, int, Status]]:
@@ -390,7 +167,7 @@ def _extents(img: block.Image, want) -> list[tuple[int, int, Status]]:
 
 
 def commit(path: str, *, keep: bool = False, progress: ProgressFn | None = None, base: str | None = None,
-           unsafe_backing: bool = False) -> int:
+           unsafe_backing: bool = False, ctx: OpenContext = LOCAL) -> int:
     """Write the overlay's data into its backing image (or, with ``base``, into that
     deeper image of its chain, together with the data of the images between), then
     empty the overlay (unless ``keep``; with a deeper ``base`` the overlay is kept, as
@@ -398,7 +175,7 @@ def commit(path: str, *, keep: bool = False, progress: ProgressFn | None = None,
     Returns the number of guest bytes committed.  An overlay with internal snapshots
     is refused: they read through the same backing image, and snapshots do not change."""
     depth = 1
-    with block.open(path, read_only=True, unsafe_backing=unsafe_backing) as probe:
+    with ctx.open(path, read_only=True, unsafe_backing=unsafe_backing) as probe:
         if probe.backing is None:
             raise UsageError(f"{path}: has no backing image to commit into")
         ref = probe.driver.backing_ref
@@ -411,12 +188,12 @@ def commit(path: str, *, keep: bool = False, progress: ProgressFn | None = None,
         if base is not None:
             nodes = list(probe.chain())[1:]
             for depth, node in enumerate(nodes, start=1):  # noqa: B007
-                if _same_file(node.filename, base):
+                if same_file(node.filename, base):
                     break
             else:
                 raise UsageError(f"{base}: is not in the backing chain of {path}")
             keep = keep or depth > 1
-    with block.open(path, unsafe_backing=unsafe_backing, writable_depth=depth) as top:
+    with ctx.open(path, unsafe_backing=unsafe_backing, writable_depth=depth) as top:
         target = top
         for _ in range(depth):
             target = target.backing
@@ -440,7 +217,7 @@ def commit(path: str, *, keep: bool = False, progress: ProgressFn | None = None,
             done += n
         target.flush()  # durable in the target before the overlay lets go of it
     if not keep:
-        with block.open(path, backing=False) as top:
+        with ctx.open(path, backing=False) as top:
             top.make_empty()
     return done
 
@@ -448,13 +225,13 @@ def commit(path: str, *, keep: bool = False, progress: ProgressFn | None = None,
 # ------------------------------------------------------------------------------ rebase
 def _check_no_loop(path: str, new_base: block.Image) -> None:
     for node in new_base.chain():
-        if _same_file(node.filename, path):
+        if same_file(node.filename, path):
             raise BackingError(f"{path}: rebasing onto {new_base.filename} would make the chain loop")
 
 
 def rebase(path: str, new_backing: str | None, new_format: str | None = None, *, unsafe: bool = False,
            progress: ProgressFn | None = None, unsafe_backing: bool = False,
-           writable: Opener = open_writable) -> None:
+           ctx: OpenContext = LOCAL) -> None:
     """Point ``path`` at ``new_backing`` (``None``: no backing; a path as the caller
     sees it, optionally ``@SNAP``).  Safe mode first copies into the overlay every
     range where the old and the new backing differ, so the guest content does not
@@ -476,15 +253,15 @@ def rebase(path: str, new_backing: str | None, new_format: str | None = None, *,
                 raise UsageError(f"new backing file {new_path}: give its format with -F (raw is never probed)")
         block.check_backing_allowed(path, block.abspath(new_path), unsafe_backing=unsafe_backing)
     if new_path is not None and block.exists(new_path):
-        _refuse_unholdable_snapshot(new_path, new_format, new_snap)
+        refuse_unholdable_snapshot(new_path, new_format, new_snap)
         # before taking the overlay's write lock: a loop would reach the overlay itself
-        with block.open(new_path, read_only=True, format=new_format, snapshot=new_snap,
+        with ctx.open(new_path, read_only=True, format=new_format, snapshot=new_snap,
                         unsafe_backing=unsafe_backing, allow_backing_dirs=[os.path.dirname(block.abspath(path))]) as nb:
             _check_no_loop(path, nb)
-    with block.open(path, read_only=True, backing=False) as cur:
+    with ctx.open(path, read_only=True, backing=False) as cur:
         image_id = cur.driver.image_id
         cur_format = cur.format
-        old_plan = hold_plan(path, cur.driver.backing_ref, image_id)
+        old_plan = hold_plan(path, cur.driver.backing_ref, image_id, ctx)
     held: Holder | None = None
     if new_path is not None and new_snap and new_format in HOLD_FORMATS:
         if cur_format not in HOLD_FORMATS:
@@ -493,23 +270,23 @@ def rebase(path: str, new_backing: str | None, new_format: str | None = None, *,
         if image_id is None:
             raise UsageError(f"{path}: has no identity (made by vdisk 0.1) to hold a snapshot with; "
                              "make a new clone instead (vdisk clone)")
-        held = Holder(image_id, _holder_path(new_path, path))
-        info = _hold(new_path, new_snap, held, +1, writable, new_format)
+        held = Holder(image_id, holder_path(new_path, path))
+        info = hold(new_path, new_snap, held, +1, ctx, new_format)
         new_snap = f"#{info.id}"
     try:
-        _rebase(path, new_path, new_format, new_snap, unsafe, progress, unsafe_backing)
+        _rebase(path, new_path, new_format, new_snap, unsafe, progress, unsafe_backing, ctx)
     except BaseException:
         if held is not None:
-            _hold(new_path, new_snap, held, -1, writable, new_format)
+            hold(new_path, new_snap, held, -1, ctx, new_format)
         raise
-    if old_plan is not None and held is not None and _same_file(old_plan.base, new_path) \
+    if old_plan is not None and held is not None and same_file(old_plan.base, new_path) \
             and old_plan.snapshot == new_snap:
         return  # onto the same snapshot again: the one record was refreshed, keep it
-    release(old_plan, f"rebased {path}", writable)
+    release(old_plan, f"rebased {path}", ctx)
 
 
-def _rebase(path, new_path, new_format, new_snap, unsafe, progress, unsafe_backing) -> BackingRef | None:
-    with block.open(path, unsafe_backing=unsafe_backing, backing=not unsafe) as top:
+def _rebase(path, new_path, new_format, new_snap, unsafe, progress, unsafe_backing, ctx) -> BackingRef | None:
+    with ctx.open(path, unsafe_backing=unsafe_backing, backing=not unsafe) as top:
         old_ref = top.driver.backing_ref
         if not unsafe and top.driver.has_snapshots() and (old_ref is not None or new_path is not None):
             # Internal snapshots read through the same backing reference (what they do
@@ -522,7 +299,7 @@ def _rebase(path, new_path, new_format, new_snap, unsafe, progress, unsafe_backi
             rel = os.path.relpath(block.abspath(new_path), os.path.dirname(block.abspath(path)))
             new_ref = BackingRef(rel, new_format, new_snap)
             if not unsafe:
-                with block.open(new_path, read_only=True, format=new_format, snapshot=new_snap,
+                with ctx.open(new_path, read_only=True, format=new_format, snapshot=new_snap,
                                 unsafe_backing=unsafe_backing,
                                 allow_backing_dirs=[os.path.dirname(block.abspath(path))]) as nb:
                     if top.backing is None:
@@ -566,9 +343,9 @@ def _read_zero_extended(img: block.Image | None, off: int, n: int) -> bytes:
 
 
 def flatten(path: str, *, progress: ProgressFn | None = None, unsafe_backing: bool = False,
-            writable: Opener = open_writable) -> None:
+            ctx: OpenContext = LOCAL) -> None:
     """Pull all data the backing chain provides into ``path`` and drop the reference."""
-    rebase(path, None, unsafe=False, progress=progress, unsafe_backing=unsafe_backing, writable=writable)
+    rebase(path, None, unsafe=False, progress=progress, unsafe_backing=unsafe_backing, ctx=ctx)
 
 
 # ------------------------------------------------------------------------------ remove
@@ -584,7 +361,7 @@ def _describe(deps: list[Dependant]) -> str:
 
 
 def remove(path: str, *, recursive: bool = False, dry_run: bool = False,
-           removed: Callable[[str], None] | None = None, writable: Opener = open_writable) -> list[str]:
+           removed: Callable[[str], None] | None = None, ctx: OpenContext = LOCAL) -> list[str]:
     """Delete an image file, releasing the hold its backing reference has on a snapshot.
 
     An image that others depend on (holders of its snapshots, overlays next to it) is
@@ -593,27 +370,27 @@ def remove(path: str, *, recursive: bool = False, dry_run: bool = False,
     releases such holds once it is really gone.  Returns the paths removed (or, with
     ``dry_run``, that would be), each reported to ``removed`` as it goes."""
     order: list[str] = []
-    _plan_remove(os.fspath(path), recursive, order, set())
+    _plan_remove(os.fspath(path), recursive, order, set(), ctx)
     if dry_run:
         for p in order:
             if removed:
                 removed(p)
         return order
     for p in order:
-        _remove_one(p, writable)
+        _remove_one(p, ctx)
         if removed:
             removed(p)
     return order
 
 
-def _plan_remove(path: str, recursive: bool, order: list[str], visiting: set[str]) -> None:
+def _plan_remove(path: str, recursive: bool, order: list[str], visiting: set[str], ctx: OpenContext) -> None:
     if not block.exists(path):
         raise ImageNotFound(f"{path}: no such file")
     key = block._realpath(path)
-    if key in visiting or any(_same_file(p, path) for p in order):
+    if key in visiting or any(same_file(p, path) for p in order):
         return
     visiting.add(key)
-    deps = dependants(path)
+    deps = dependants(path, ctx)
     missing = [d for d in deps if not d.present]
     if missing:
         raise UsageError(f"{path}: snapshots are held by images that are not where they were made: "
@@ -623,13 +400,14 @@ def _plan_remove(path: str, recursive: bool, order: list[str], visiting: set[str
         raise UsageError(f"{path}: images depend on it: {_describe(deps)}; remove them first, "
                          "or all of them with `vdisk rm -r`")
     for d in deps:
-        _plan_remove(d.path, recursive, order, visiting)
+        _plan_remove(d.path, recursive, order, visiting, ctx)
     order.append(path)
 
 
-def _remove_one(path: str, writable: Opener) -> None:
+def _remove_one(path: str, ctx: OpenContext) -> None:
     fmt = block.detect_format(path)
-    with block.open(path, format=fmt, backing=False) as img:  # read-write: refuses an image in use
-        plan = hold_plan(path, img.driver.backing_ref, img.driver.image_id)
-    block.remove(path)
-    release(plan, f"removed {path}", writable)
+    with ctx.open(path, format=fmt, backing=False) as img:  # read-write: refuses an image in use
+        plan = hold_plan(path, img.driver.backing_ref, img.driver.image_id, ctx)
+    ctx.remove(path)
+    release(plan, f"removed {path}", ctx)
+

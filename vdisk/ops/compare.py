@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -196,6 +195,8 @@ def compare(
                 return res
             tick(n)
         return res
+
+    from concurrent.futures import ThreadPoolExecutor  # here: its import costs every command ~10 ms
 
     with ThreadPoolExecutor(1, "vdisk-compare-a") as pool_a, ThreadPoolExecutor(1, "vdisk-compare-b") as pool_b:
         queue: deque = deque()
