@@ -28,7 +28,7 @@ import vdisk
 from vdisk.drivers.vdk import validate_snapshot_name
 from vdisk.errors import UsageError
 from vdisk.ops import convert
-from vdisk.ops.convert import PARTIAL_MARK, remove_stale_partials
+from vdisk.ops.tmpfile import PARTIAL_MARK, remove_stale_partials
 
 MiB = 1 << 20
 TiB = 1 << 40
@@ -279,7 +279,7 @@ def test_next_convert_removes_what_a_killed_convert_left_without_o_tmpfile(tmp_p
     out = tmp_path / "out"
     out.mkdir()
     # (``vdisk.ops.convert`` the attribute is the function; the module is in sys.modules)
-    _kill_convert(src, out, "sys.modules['vdisk.ops.convert']._open_unnamed = lambda d: None")
+    _kill_convert(src, out, "sys.modules['vdisk.ops.tmpfile'].open_unnamed = lambda d: None")
     left = _partials(out)
     assert len(left) == 1 and left[0].startswith(".dst.vdk" + PARTIAL_MARK), os.listdir(out)
     vdisk.create(str(tmp_path / "small.raw"), MiB, format="raw")

@@ -62,6 +62,7 @@ def convert(fmt, out_fmt, compress, opts, snapshot, snapshot_param, existing, ta
     it is in use); with -n, DST is written in place and must be as large as SRC.
     """
     from ..ops.convert import convert as do_convert
+    from ..session import SESSION
 
     kw = parse_o_options(opts)
     if "backing_file" in kw or "backing_format" in kw:
@@ -93,4 +94,4 @@ def convert(fmt, out_fmt, compress, opts, snapshot, snapshot_param, existing, ta
                        existing=existing, target_is_zero=target_is_zero,
                        sparse=sparse_size != 0, granularity=sparse_size or None,
                        backing_file=backing_file, backing_format=backing_format, rate_limit=rate_limit,
-                       read_ahead=coroutines or 2, unsafe_backing=unsafe_backing, **kw)
+                       read_ahead=coroutines or 2, unsafe_backing=unsafe_backing, ctx=SESSION, **kw)

@@ -86,7 +86,7 @@ def clone(src_spec: str, dst: str, *, full: bool = False, compression: str | Non
         with ctx.open(src, read_only=True, format=src_fmt, snapshot=snap, unsafe_backing=unsafe_backing) as img:
             cluster = img.cluster_size if src_fmt == fmt else None
             convert(img, dst, format=fmt, cluster_size=cluster, compression=compression, progress=progress,
-                    durable=True)
+                    durable=True, ctx=ctx)
             return CloneResult(dst, False, src, snap, img.size)
     refuse_unholdable_snapshot(src, src_fmt, snap)
     abs_src = block.abspath(src)

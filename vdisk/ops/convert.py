@@ -33,13 +33,15 @@ from __future__ import annotations
 
 import os
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 from .. import block
 from ..block import Image
 from ..errors import ImageNotFound, UsageError, VdiskError
+from . import tmpfile
 from .compare import ProgressFn, chunk_size_for, chunks, data_runs, is_zero, zeros
+from .context import LOCAL, OpenContext
 
 
 @dataclass
@@ -288,124 +290,11 @@ class _Throttle:
             time.sleep(ahead)
 
 
-def _refuse_if_in_use(path: str) -> None:
-    """Fail if another process holds ``path`` open through vdisk (a VM, a mount).
-    Opened as raw, so nothing in the file is parsed: only the lock is taken."""
-    block.open(path, format="raw", read_only=True, backing=False).close()
-
-
-#: what names a partial output: ``.NAME`` + PARTIAL_MARK + the PID of its convert
-PARTIAL_MARK = ".vdisk-convert-"
-
-
-def _pid_running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # EPERM: it runs, as another user
-        return True
-    return True
-
-
-def remove_stale_partials(directory: str) -> list[str]:
-    """Remove the partial outputs (``.NAME.vdisk-convert-PID``) in ``directory`` that
-    a killed convert left: those whose PID runs no more and that no process holds
-    open for writing.  Returns the paths removed.  Best effort: what cannot be
-    checked or removed is left alone."""
-    removed: list[str] = []
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return removed
-    me = os.getpid()
-    for name in names:
-        head, mark, pid = name.rpartition(PARTIAL_MARK)
-        if not mark or not head.startswith(".") or len(head) < 2 or not pid.isdigit():
-            continue
-        if int(pid) == me or _pid_running(int(pid)):
-            continue
-        path = os.path.join(directory, name)
-        try:
-            if os.path.islink(path) or not os.path.isfile(path):
-                continue
-            _refuse_if_in_use(path)  # a writer holds it (another PID namespace?): keep it
-            os.unlink(path)
-        except (OSError, VdiskError):
-            continue
-        removed.append(path)
-    return removed
-
-
-def _open_unnamed(directory: str) -> int | None:
-    """A descriptor of a new unnamed file in ``directory`` (O_TMPFILE) that can be
-    reopened and linked through ``/proc/self/fd``, or None where that is not
-    possible (the caller then uses a named partial file)."""
-    flag = getattr(os, "O_TMPFILE", 0)
-    if not flag:
-        return None
-    try:
-        fd = os.open(directory, flag | os.O_RDWR | os.O_CLOEXEC, 0o644)
-    except OSError:
-        return None  # EOPNOTSUPP, EISDIR (no O_TMPFILE), ...: the named fallback reports real errors
-    if not os.path.exists(f"/proc/self/fd/{fd}"):
-        os.close(fd)
-        return None
-    return fd
-
-
-def _create_in(path: str, size: int, fmt: str, cluster_size: int | None, compression: str | None,
-               options: dict | None, backing=None) -> None:
-    """``block.create`` into an existing, empty file (``path`` is ``/proc/self/fd/N``
-    of an unnamed one; ``block.create`` insists on making the file itself)."""
-    from ..drivers import get_driver
-    from ..drivers.base import CreateOptions
-    from ..host import HostFile
-
-    if size < 0:
-        raise UsageError("size must not be negative")
-    cls = get_driver(fmt)
-    host = HostFile(path)
-    try:
-        cls.create(host, size, CreateOptions(cluster_size=cluster_size, compression=compression,
-                                             extra=dict(options or {}), backing=backing))
-    finally:
-        host.close()
-
-
-def _link_into_place(proc_path: str, partial: str, target: str) -> None:
-    """Give the finished unnamed file the name ``target``: linked there directly if
-    nothing is there (atomic), else linked as ``partial`` and renamed over it."""
-    def link(dst: str) -> None:
-        # linkat(AT_SYMLINK_FOLLOW) follows the /proc link to the inode.  os.link calls
-        # plain link(2), which does not follow, unless it is given a directory fd.
-        dfd = os.open(os.path.dirname(dst) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.link(proc_path, os.path.basename(dst), dst_dir_fd=dfd, follow_symlinks=True)
-        finally:
-            os.close(dfd)
-
-    try:
-        link(target)
-        return
-    except FileExistsError:
-        pass
-    link(partial)
-    try:
-        os.replace(partial, target)
-    except BaseException:
-        try:
-            os.unlink(partial)
-        except OSError:
-            pass
-        raise
-
-
 def convert(
     src: Image,
     dst_path: str,
     *,
-    format: str | None = None,  # noqa: A002
+    format: str | None = None,
     cluster_size: int | None = None,
     compression: str | None = None,
     options: dict | None = None,
@@ -421,6 +310,7 @@ def convert(
     rate_limit: int | None = None,
     read_ahead: int = 2,
     unsafe_backing: bool = False,
+    ctx: OpenContext = LOCAL,
 ) -> ConvertStats:
     """Create ``dst_path`` in ``format`` (default: raw, or pool for ``POOL/IMAGE``)
     with ``src``'s guest size and content.
@@ -440,7 +330,9 @@ def convert(
     caps bytes per second.
 
     An image in a pool (``POOL/IMAGE``, format pool) is made in place under its name
-    and removed again if the copy fails; an existing one is never replaced."""
+    and removed again if the copy fails; an existing one is never replaced.  The
+    destination and ``-B``'s backing image are opened, created and removed through
+    ``ctx``."""
     from ..drivers import get_driver
 
     dst_path = os.fspath(dst_path)
@@ -455,7 +347,7 @@ def convert(
             raise ImageNotFound(f"{dst_path}: no such file (-n writes into an existing image)")
         if block.same_image(dst_path, src.filename):
             raise UsageError(f"{dst_path}: source and destination are the same file")
-        with block.open(dst_path, format=format, read_only=False, backing=False,
+        with ctx.open(dst_path, format=format, read_only=False, backing=False,
                         cache="writeback" if durable else "unsafe") as dst:
             stats = copy_content(src, dst, target_is_zero=target_is_zero, **copy_kw)
             dst.flush()
@@ -463,36 +355,36 @@ def convert(
     block.check_create_format(dst_path, format)
     if getattr(get_driver(format), "opens_by_name", False):
         return _convert_named(src, dst_path, format, cluster_size, compression, options, copy_kw, backing_file,
-                              backing_format, unsafe_backing)
+                              backing_format, unsafe_backing, ctx)
     target = os.path.realpath(dst_path) if os.path.islink(dst_path) else dst_path
     if os.path.exists(target):
         if not os.path.isfile(target):
             raise UsageError(f"{dst_path}: exists and is not a regular file")
         if block.same_image(target, src.filename):
             raise UsageError(f"{dst_path}: source and destination are the same file")
-        _refuse_if_in_use(target)
+        tmpfile.refuse_if_in_use(target, ctx)
     directory, base_name = os.path.split(os.path.abspath(target))
     if not os.path.isdir(directory):
         raise ImageNotFound(f"{dst_path}: directory {directory} does not exist")
     ref, base = None, None
     if backing_file is not None:
-        ref, base = _open_output_backing(target, backing_file, backing_format, format, unsafe_backing)
+        ref, base = _open_output_backing(target, backing_file, backing_format, format, unsafe_backing, ctx)
     try:
-        remove_stale_partials(directory)
-        partial = os.path.join(directory, f".{base_name}{PARTIAL_MARK}{os.getpid()}")
+        tmpfile.remove_stale_partials(directory, ctx)
+        partial = os.path.join(directory, f".{base_name}{tmpfile.PARTIAL_MARK}{os.getpid()}")
         if os.path.lexists(partial):
             os.unlink(partial)
-        unnamed = _open_unnamed(directory)
+        unnamed = tmpfile.open_unnamed(directory)
         tmp = f"/proc/self/fd/{unnamed}" if unnamed is not None else partial
         try:
             if unnamed is None and ref is None:
-                block.create(tmp, src.size, format=format, cluster_size=cluster_size, compression=compression,
+                ctx.create(tmp, src.size, format=format, cluster_size=cluster_size, compression=compression,
                              options=options)
             else:
                 if unnamed is None:
                     open(tmp, "xb").close()
-                _create_in(tmp, src.size, format, cluster_size, compression, options, backing=ref)
-            dst = block.open(tmp, format=format, read_only=False, backing=False,
+                tmpfile.create_in(tmp, src.size, format, cluster_size, compression, options, backing=ref)
+            dst = ctx.open(tmp, format=format, read_only=False, backing=False,
                              cache="writeback" if durable else "unsafe")
             try:
                 if base is not None:
@@ -505,7 +397,7 @@ def convert(
             if unnamed is None:
                 os.replace(partial, target)
             else:
-                _link_into_place(tmp, partial, target)
+                tmpfile.link_into_place(tmp, partial, target)
         except BaseException as exc:
             if unnamed is None:
                 try:
@@ -524,12 +416,13 @@ def convert(
         if base is not None:
             base.close()
     if durable:
-        _fsync_dir(directory)
+        tmpfile.fsync_dir(directory)
     return stats
 
 
 def _convert_named(src: Image, dst_path: str, fmt: str, cluster_size, compression, options, copy_kw: dict,
-                   backing_file: str | None, backing_format: str | None, unsafe_backing: bool) -> ConvertStats:
+                   backing_file: str | None, backing_format: str | None, unsafe_backing: bool,
+                   ctx: OpenContext) -> ConvertStats:
     """convert into an image a driver opens by name (a pool's): made under its name,
     removed again if the copy does not complete."""
     if block.exists(dst_path):
@@ -538,13 +431,13 @@ def _convert_named(src: Image, dst_path: str, fmt: str, cluster_size, compressio
     ref, base = None, None
     create_kw: dict = {}
     if backing_file is not None:
-        ref, base = _open_output_backing(dst_path, backing_file, backing_format, fmt, unsafe_backing)
+        ref, base = _open_output_backing(dst_path, backing_file, backing_format, fmt, unsafe_backing, ctx)
         create_kw = {"backing_file": ref.filename, "backing_format": ref.format, "unsafe_backing": unsafe_backing}
     try:
-        block.create(dst_path, src.size, format=fmt, cluster_size=cluster_size, compression=compression,
+        ctx.create(dst_path, src.size, format=fmt, cluster_size=cluster_size, compression=compression,
                      options=options, **create_kw)
         try:
-            dst = block.open(dst_path, format=fmt, read_only=False, backing=False)
+            dst = ctx.open(dst_path, format=fmt, read_only=False, backing=False)
             try:
                 if base is not None:
                     dst.attach_backing_image(base)  # so zeros over the base's data stay explicit
@@ -554,7 +447,7 @@ def _convert_named(src: Image, dst_path: str, fmt: str, cluster_size, compressio
                 dst.close()
         except BaseException:
             try:
-                block.remove(dst_path)
+                ctx.remove(dst_path)
             except (OSError, VdiskError):
                 pass
             raise
@@ -565,7 +458,7 @@ def _convert_named(src: Image, dst_path: str, fmt: str, cluster_size, compressio
 
 
 def _open_output_backing(target: str, backing_file: str, backing_format: str | None, fmt: str,
-                         unsafe_backing: bool):
+                         unsafe_backing: bool, ctx: OpenContext):
     """``-B``: the backing reference the new image will store, and the backing image
     opened (as the new image will see it) to compare against."""
     from ..drivers import get_driver
@@ -582,18 +475,7 @@ def _open_output_backing(target: str, backing_file: str, backing_format: str | N
         if backing_format == "raw":
             raise UsageError(f"backing file {bpath}: give its format with -F (raw is never probed)")
     block.check_backing_allowed(target, bpath, unsafe_backing=unsafe_backing)
-    base = block.open(bpath, read_only=True, format=backing_format, unsafe_backing=unsafe_backing,
+    base = ctx.open(bpath, read_only=True, format=backing_format, unsafe_backing=unsafe_backing,
                       allow_backing_dirs=[directory])
     ref = BackingRef(os.path.relpath(os.path.abspath(bpath), directory), backing_format)
     return ref, base
-
-
-def _fsync_dir(directory: str) -> None:
-    try:
-        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass

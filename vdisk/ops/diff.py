@@ -44,6 +44,7 @@ from ..block import Image
 from ..codec import diff as codec
 from ..codec.diff import DATA, END, ZERO, DiffStreamError
 from ..errors import ImageExists, UsageError, VdiskError
+from . import tmpfile
 from .compare import chunks, data_runs, is_zero, overlay_runs
 
 DEFAULT_CHUNK = 1 << 20
@@ -266,21 +267,9 @@ def export_diff(base: Image | None, target: Image, path: str, *, resume: bool = 
         os.fsync(f.fileno())
         summary.stream_size = f.tell()
     os.rename(part, path)
-    _fsync_dir(path)
+    tmpfile.fsync_dir(os.path.dirname(os.path.abspath(path)))
     return summary
 
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # -- import -------------------------------------------------------------------------
