@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from vdisk.errors import UsageError
 from vdisk.export.nbd import proto
+from vdisk.export.nbd.handshake import Handshake
 from vdisk.export.nbd.server import parse_address
 
 EXPORT = proto.Export("disk", 1 << 30, description="a test disk")
@@ -20,15 +21,15 @@ FIXED = struct.pack(">I", proto.FLAG_C_FIXED_NEWSTYLE)
 FIXED_NZ = struct.pack(">I", proto.FLAG_C_FIXED_NEWSTYLE | proto.FLAG_C_NO_ZEROES)
 
 
-def started(exports=(EXPORT,), flags=FIXED) -> proto.Handshake:
-    hs = proto.Handshake(list(exports))
+def started(exports=(EXPORT,), flags=FIXED) -> Handshake:
+    hs = Handshake(list(exports))
     hs.greeting()
     assert hs.bytes_needed() == 4
     assert hs.receive(flags) == b""
     return hs
 
 
-def send(hs: proto.Handshake, option: int, data: bytes = b"") -> list[tuple[int, int, bytes]]:
+def send(hs: Handshake, option: int, data: bytes = b"") -> list[tuple[int, int, bytes]]:
     """Feed one option, exactly as many bytes as the machine asks for at a time."""
     msg = proto.client_option(option, data)
     out = b""
@@ -42,7 +43,7 @@ def send(hs: proto.Handshake, option: int, data: bytes = b"") -> list[tuple[int,
 
 
 def test_greeting_layout():
-    hs = proto.Handshake([EXPORT])
+    hs = Handshake([EXPORT])
     g = hs.greeting()
     assert g[:8] == b"NBDMAGIC" and g[8:16] == b"IHAVEOPT"
     assert struct.unpack(">H", g[16:]) == (proto.FLAG_FIXED_NEWSTYLE | proto.FLAG_NO_ZEROES,)
@@ -50,7 +51,7 @@ def test_greeting_layout():
 
 
 def test_unknown_client_flags_end_the_handshake():
-    hs = proto.Handshake([EXPORT])
+    hs = Handshake([EXPORT])
     hs.greeting()
     with pytest.raises(proto.ProtocolError, match="unknown handshake flags 0x4"):
         hs.receive(struct.pack(">I", 4 | proto.FLAG_C_FIXED_NEWSTYLE))

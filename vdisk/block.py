@@ -20,7 +20,7 @@ import posixpath
 from collections.abc import Iterator
 
 from . import budget
-from .drivers import get_driver, probe
+from .drivers import foreign_format, get_driver, probe
 from .drivers.base import (
     BackingRef,
     BlockDriver,
@@ -64,34 +64,6 @@ from .paths import (  # noqa: F401 - the block layer's API since before they had
 
 MAX_CHAIN_DEPTH = 64
 PROBE_BYTES = 8192
-
-
-#: formats vdisk knows by their magic but cannot open: (name, offset, magic)
-FOREIGN_MAGICS = (
-    ("VMware ESX COWD (vmfsSparse)", 0, b"COWD"),
-    ("QED", 0, b"QED\x00"),
-    ("LUKS", 0, b"LUKS\xba\xbe"),
-    ("Parallels", 0, b"WithoutFreeSpace"),
-    ("Parallels", 0, b"WithouFreSpacExt"),
-    ("bochs", 0, b"Bochs Virtual HD Image"),
-    ("cloop", 0, b"#!/bin/sh\n#V2.0 Format"),
-    ("DMG", -512, b"koly"),
-    ("damaged VHD", -512, b"conectix"),
-)
-
-
-def foreign_format(head: bytes, tail: bytes = b"") -> str | None:
-    """The name of a disk format vdisk recognises but does not support, or None.
-    ``tail`` is the file's last 512 bytes (VHD's footer, DMG's trailer)."""
-    for name, off, magic in FOREIGN_MAGICS:
-        buf = tail if off < 0 else head[off:]
-        if off < 0 and len(tail) < 512:
-            continue
-        if buf.startswith(magic):
-            return name
-    if head[:4] == b"QFI\xfb" and head[4:8] in (b"\x00\x00\x00\x01",):
-        return "qcow (version 1)"
-    return None
 
 
 def detect_format(path: str) -> str:

@@ -1,5 +1,9 @@
 """Block drivers, by format name.  Each driver module registers itself on import;
-a driver is imported when its format is first named (or when probing a file)."""
+a driver is imported when its format is first named (or when probing a file).
+
+Also the magic tables, read without importing any driver: :func:`probe` names the
+format vdisk opens that a file's first bytes (or last 512) carry, and
+:func:`foreign_format` the formats vdisk recognises only to refuse them by name."""
 
 from __future__ import annotations
 
@@ -70,4 +74,32 @@ def probe(head: bytes, tail: bytes = b"") -> str | None:
         for name, magic in TAIL_MAGICS.items():
             if tail[-512:-512 + len(magic)] == magic and get_driver(name).probe(head, tail):
                 return name
+    return None
+
+
+#: formats vdisk knows by their magic but cannot open: (name, offset, magic)
+FOREIGN_MAGICS = (
+    ("VMware ESX COWD (vmfsSparse)", 0, b"COWD"),
+    ("QED", 0, b"QED\x00"),
+    ("LUKS", 0, b"LUKS\xba\xbe"),
+    ("Parallels", 0, b"WithoutFreeSpace"),
+    ("Parallels", 0, b"WithouFreSpacExt"),
+    ("bochs", 0, b"Bochs Virtual HD Image"),
+    ("cloop", 0, b"#!/bin/sh\n#V2.0 Format"),
+    ("DMG", -512, b"koly"),
+    ("damaged VHD", -512, b"conectix"),
+)
+
+
+def foreign_format(head: bytes, tail: bytes = b"") -> str | None:
+    """The name of a disk format vdisk recognises but does not support, or None.
+    ``tail`` is the file's last 512 bytes (VHD's footer, DMG's trailer)."""
+    for name, off, magic in FOREIGN_MAGICS:
+        buf = tail if off < 0 else head[off:]
+        if off < 0 and len(tail) < 512:
+            continue
+        if buf.startswith(magic):
+            return name
+    if head[:4] == b"QFI\xfb" and head[4:8] in (b"\x00\x00\x00\x01",):
+        return "qcow (version 1)"
     return None

@@ -49,6 +49,7 @@ from vdisk.errors import VdiskError
 
 from . import control
 from .fs import DISK_INO, SNAPDIR_INO, VdiskFS
+from .mountpoint import MountError, check_mountpoint, is_mounted, mount_options
 
 log = logging.getLogger("vdisk.export.fuse")
 
@@ -57,11 +58,7 @@ READY_TIMEOUT = 120.0
 #: pyfuse3 worker tasks.  The data handlers never await, so a second worker could only
 #: wait on pyfuse3's read lock: measured, one worker costs less CPU per request than
 #: four (vdisk/export/fuse/PERFORMANCE.md).  VDISK_FUSE_MAX_TASKS overrides it for experiments.
-MAX_TASKS = int(os.environ.get("VDISK_FUSE_MAX_TASKS", "1"))
-
-
-class MountError(VdiskError):
-    """The mount could not be set up (mountpoint missing, busy, daemon died...)."""
+MAX_TASKS = 1
 
 
 def secure_run_dir() -> str:
@@ -83,79 +80,6 @@ def open_log(path: str) -> int:
         if exc.errno == errno.ELOOP:
             raise MountError(f"{path}: the log file is a symbolic link; refusing to follow it") from None
         raise MountError(f"{path}: cannot open the log file: {exc.strerror}") from None
-
-
-def mount_options(read_only: bool, extra: list[str] | None = None) -> set[str]:
-    opts = set(pyfuse3.default_options)
-    opts.add("fsname=vdisk")
-    opts.add("subtype=vdisk")
-    # The kernel sends at most max_pages (negotiated by libfuse from max_write: 1 MiB
-    # with libfuse 3.14 and the default fuse.max_pages_limit) per request anyway;
-    # max_read only caps reads lower than that, so leave it unlimited.
-    if read_only:
-        opts.add("ro")
-    if os.geteuid() == 0:
-        # Root: let other users (a VM runner, a loop device owner) use the mount; the
-        # file modes (default_permissions) still apply.
-        opts.add("allow_other")
-    for o in extra or []:
-        opts.add(o)
-    return opts
-
-
-def _dead_mount(mountpoint: str) -> MountError:
-    return MountError(
-        f"{mountpoint}: a dead FUSE mount is still there (its daemon died); "
-        f"run `vdisk umount {mountpoint}` (or fusermount3 -u -z) first"
-    )
-
-
-def check_mountpoint(mountpoint: str) -> None:
-    try:
-        st = os.stat(mountpoint)
-    except FileNotFoundError:
-        raise MountError(f"{mountpoint}: mountpoint does not exist") from None
-    except OSError as exc:
-        if exc.errno == errno.ENOTCONN:
-            raise _dead_mount(mountpoint) from None
-        raise MountError(f"{mountpoint}: {exc.strerror}") from None
-    import stat as _stat
-
-    if not _stat.S_ISDIR(st.st_mode):
-        raise MountError(f"{mountpoint}: mountpoint is not a directory")
-    m = is_mounted(mountpoint)
-    if m is not None:
-        if m[0].startswith("fuse"):
-            try:
-                pid = os.getxattr(mountpoint, "user.vdisk.pid").decode()
-            except OSError as exc:
-                if exc.errno == errno.ENOTCONN:
-                    raise _dead_mount(mountpoint) from None
-            else:
-                raise MountError(f"{mountpoint}: a vdisk mount is there already (daemon pid {pid})")
-        raise MountError(f"{mountpoint}: something is mounted there already ({m[0]})")
-
-
-def _mountinfo() -> list[tuple[str, str, str]]:
-    """(mountpoint, fstype, source) of every mount, from /proc/self/mountinfo."""
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields = left.split()
-            rfields = right.split()
-            if len(fields) >= 5 and len(rfields) >= 2:
-                mp = fields[4].encode().decode("unicode_escape")
-                out.append((mp, rfields[0], rfields[1]))
-    return out
-
-
-def is_mounted(mountpoint: str) -> tuple[str, str] | None:
-    real = os.path.realpath(mountpoint) if os.path.exists(mountpoint) else os.path.abspath(mountpoint)
-    for mp, fstype, source in _mountinfo():
-        if mp == real or mp == os.path.abspath(mountpoint):
-            return fstype, source
-    return None
 
 
 # ---------------------------------------------------------------- engines
@@ -196,7 +120,7 @@ class Pyfuse3Engine:
         pass
 
     async def serve(self) -> None:
-        await pyfuse3.main(min_tasks=1, max_tasks=MAX_TASKS)
+        await pyfuse3.main(min_tasks=1, max_tasks=int(os.environ.get("VDISK_FUSE_MAX_TASKS", MAX_TASKS)))
 
     def terminate(self) -> None:
         pyfuse3.terminate()

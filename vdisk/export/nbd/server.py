@@ -89,6 +89,7 @@ from ...errors import (
     VdiskError,
 )
 from . import proto
+from .handshake import Handshake
 
 log = logging.getLogger("vdisk.export.nbd")
 
@@ -349,7 +350,7 @@ class NbdServer:
             log.info("%s: closed", name)
 
     def _handshake(self, conn: socket.socket) -> proto.Negotiated | None:
-        hs = proto.Handshake([self.export])
+        hs = Handshake([self.export])
         conn.settimeout(HANDSHAKE_TIMEOUT)
         conn.sendall(hs.greeting())
         while hs.state not in ("transmission", "closed"):
