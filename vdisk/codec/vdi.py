@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import array
 import struct
-import sys
 from dataclasses import dataclass, replace
 
 from ..errors import CorruptImage, UnsupportedFeature
+from . import u32_bytes, u32_table
 
 SIGNATURE = 0xBEDA107F
 SIGNATURE_OFFSET = 0x40
@@ -123,18 +123,11 @@ def encode_header(h: Header) -> bytes:
 
 def decode_map(buf: bytes, entries: int) -> array.array:
     """Block map entries as native integers (little-endian on disk)."""
-    a = array.array("I")
-    a.frombytes(bytes(buf[:4 * entries]))
-    if sys.byteorder == "big":
-        a.byteswap()
-    return a
+    return u32_table(buf, entries, "little")
 
 
 def encode_map(entries) -> bytes:
-    a = array.array("I", entries)
-    if sys.byteorder == "big":
-        a.byteswap()
-    return a.tobytes()
+    return u32_bytes(entries, "little")
 
 
 def lchs_geometry(disk_size: int) -> tuple[int, int, int, int]:

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import array
 import struct
-import sys
 from dataclasses import dataclass, replace
 
 from ..errors import CorruptImage
+from . import u32_bytes, u32_table
 
 SECTOR = 512
 FOOTER_COOKIE = b"conectix"
@@ -276,18 +276,11 @@ def bat_bytes(entries: int) -> int:
 
 def decode_bat(buf: bytes, entries: int) -> array.array:
     """BAT entries (sector offsets of blocks, BAT_UNUSED for none) as native integers."""
-    a = array.array("I")
-    a.frombytes(bytes(buf[:4 * entries]))
-    if sys.byteorder == "little":
-        a.byteswap()
-    return a
+    return u32_table(buf, entries, "big")
 
 
 def encode_bat(entries) -> bytes:
-    a = array.array("I", entries)
-    if sys.byteorder == "little":
-        a.byteswap()
-    return a.tobytes()
+    return u32_bytes(entries, "big")
 
 
 def bitmap_runs(bitmap: bytes, first: int, count: int) -> list[tuple[int, int, bool]]:

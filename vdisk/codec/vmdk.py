@@ -19,11 +19,11 @@ from __future__ import annotations
 import array
 import re
 import struct
-import sys
 import zlib
 from dataclasses import dataclass, replace
 
 from ..errors import CorruptImage, UnsupportedFeature
+from . import u32_bytes, u32_table
 
 SECTOR = 512
 MAGIC = b"KDMV"  # 0x564d444b little-endian
@@ -188,20 +188,11 @@ def decode_entries(buf: bytes) -> array.array:
     """Little-endian uint32 entries (grain directory or grain table), sector numbers."""
     if len(buf) % 4:
         raise CorruptImage("table length is not a multiple of 4 bytes")
-    a = array.array("I")
-    assert a.itemsize == 4
-    a.frombytes(buf)
-    if sys.byteorder == "big":
-        a.byteswap()
-    return a
+    return u32_table(buf, len(buf) // 4, "little")
 
 
 def encode_entries(a: array.array) -> bytes:
-    if sys.byteorder == "big":
-        b = array.array("I", a)
-        b.byteswap()
-        return b.tobytes()
-    return a.tobytes()
+    return u32_bytes(a, "little")
 
 
 # ---------------------------------------------------------------- streamOptimized markers
