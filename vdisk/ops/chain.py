@@ -31,7 +31,7 @@ from ..drivers.base import BackingRef, Holder, SnapshotInfo, Status
 from ..errors import BackingError, ImageNotFound, SnapshotNotFound, UsageError
 from .context import LOCAL, OpenContext
 from .holds import (HOLD_FORMATS, Dependant, dependants, hold, hold_plan, holder_path, refuse_unholdable_snapshot,
-                    release, same_file)
+                    release)
 
 ProgressFn = Callable[[int], None]
 CHUNK = 4 << 20
@@ -188,7 +188,7 @@ def commit(path: str, *, keep: bool = False, progress: ProgressFn | None = None,
         if base is not None:
             nodes = list(probe.chain())[1:]
             for depth, node in enumerate(nodes, start=1):  # noqa: B007
-                if same_file(node.filename, base):
+                if block.same_image(node.filename, base):
                     break
             else:
                 raise UsageError(f"{base}: is not in the backing chain of {path}")
@@ -225,7 +225,7 @@ def commit(path: str, *, keep: bool = False, progress: ProgressFn | None = None,
 # ------------------------------------------------------------------------------ rebase
 def _check_no_loop(path: str, new_base: block.Image) -> None:
     for node in new_base.chain():
-        if same_file(node.filename, path):
+        if block.same_image(node.filename, path):
             raise BackingError(f"{path}: rebasing onto {new_base.filename} would make the chain loop")
 
 
@@ -279,7 +279,7 @@ def rebase(path: str, new_backing: str | None, new_format: str | None = None, *,
         if held is not None:
             hold(new_path, new_snap, held, -1, ctx, new_format)
         raise
-    if old_plan is not None and held is not None and same_file(old_plan.base, new_path) \
+    if old_plan is not None and held is not None and block.same_image(old_plan.base, new_path) \
             and old_plan.snapshot == new_snap:
         return  # onto the same snapshot again: the one record was refreshed, keep it
     release(old_plan, f"rebased {path}", ctx)
@@ -387,7 +387,7 @@ def _plan_remove(path: str, recursive: bool, order: list[str], visiting: set[str
     if not block.exists(path):
         raise ImageNotFound(f"{path}: no such file")
     key = block._realpath(path)
-    if key in visiting or any(same_file(p, path) for p in order):
+    if key in visiting or any(block.same_image(p, path) for p in order):
         return
     visiting.add(key)
     deps = dependants(path, ctx)

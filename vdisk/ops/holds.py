@@ -26,6 +26,7 @@ from .context import LOCAL, OpenContext
 #: formats whose snapshots record their holders, so that a linked clone may depend on them
 HOLD_FORMATS = ("vdk", "pool")
 
+
 def hold(base: str, snap: str, holder: Holder | None, delta: int, ctx: OpenContext = LOCAL,
          fmt: str | None = None) -> SnapshotInfo:
     """Add ``delta`` holds by ``holder`` on snapshot ``snap`` of ``base``; returns the snapshot."""
@@ -55,7 +56,7 @@ def refuse_unholdable_snapshot(src: str, fmt: str, snap: str | None) -> None:
             "(vdisk clone --full, or vdisk convert), or convert the image to vdk first")
 
 
-# ------------------------------------------------------------------------------ holds
+# ------------------------------------------------------------------------------ hold plans
 @dataclass(frozen=True)
 class HoldPlan:
     """What removing (or rebasing) an overlay does to the hold it has on its base."""
@@ -73,11 +74,6 @@ def _image_id_of(path: str, ctx: OpenContext) -> str | None:
             return img.driver.image_id
     except VdiskError:
         return None
-
-
-def same_file(a: str, b: str) -> bool:
-    """The same image: the same file, or the same image of the same pool."""
-    return block.same_image(a, b)
 
 
 def hold_plan(overlay_path: str, ref: BackingRef | None, image_id: str | None,
@@ -103,7 +99,8 @@ def hold_plan(overlay_path: str, ref: BackingRef | None, image_id: str | None,
             return HoldPlan(base, ref.snapshot, None, format=ref.format)  # made by vdisk 0.1, held without identity
         return None
     recorded = os.path.join(os.path.dirname(block.abspath(base)), mine[0].path)
-    if not same_file(recorded, overlay_path) and block.exists(recorded) and _image_id_of(recorded, ctx) == image_id:
+    if not block.same_image(recorded, overlay_path) and block.exists(recorded) \
+            and _image_id_of(recorded, ctx) == image_id:
         return HoldPlan(base, ref.snapshot, mine[0], copy_of=recorded, format=ref.format)
     return HoldPlan(base, ref.snapshot, mine[0], format=ref.format)
 
@@ -156,7 +153,7 @@ def dependants(path: str, ctx: OpenContext = LOCAL) -> list[Dependant]:
             for _ in range(s.holds - len(s.holders)):
                 out.append(Dependant("(a clone made by vdisk 0.1, identity not recorded)", label, False))
     for cand in _neighbours(base_dir):
-        if cand in seen or same_file(cand, path):
+        if cand in seen or block.same_image(cand, path):
             continue
         try:
             cfmt = block.detect_format(cand)
@@ -166,7 +163,7 @@ def dependants(path: str, ctx: OpenContext = LOCAL) -> list[Dependant]:
                 ref = o.driver.backing_ref
         except VdiskError:
             continue
-        if ref is not None and same_file(block.resolve_backing_path(cand, ref), path):
+        if ref is not None and block.same_image(block.resolve_backing_path(cand, ref), path):
             out.append(Dependant(block.normpath(cand), ref.snapshot, True))
             seen.add(block.normpath(cand))
     return out
