@@ -69,6 +69,18 @@ class MappingMixin:
             return C.ext_l2_descriptor(self._l2(off, f" (L1 index {l1i})")[2 * l2i])
         return self._l2(off, f" (L1 index {l1i})")[l2i]
 
+    def _l2_slot(self, gci: int) -> tuple[array.array | None, int]:
+        """(the L2 table of guest cluster ``gci``, or None where there is none; the
+        index of its entry there).  Standard L2 entries: the entry is ``table[index]``,
+        as ``_entry`` returns it; for scanning a table's neighbouring entries."""
+        l1i, l2i = divmod(gci, self.l2_entries)
+        if l1i >= len(self.l1):
+            return None, l2i
+        off = self.l1[l1i] & C.OFFSET_MASK
+        if not off:
+            return None, l2i
+        return self._l2(off, f" (L1 index {l1i})"), l2i
+
     def _ext_bitmap(self, gci: int) -> int:
         l1i, l2i = divmod(gci, self.l2_entries)
         if l1i >= len(self.l1) or not self.l1[l1i] & C.OFFSET_MASK:

@@ -30,6 +30,9 @@ from ...codec import qcow2 as C
 from ...errors import CorruptImage
 from ..base import Extent, Status
 
+_CZ = C.FLAG_COMPRESSED | C.FLAG_ZERO
+_NOT_COPIED = ~C.FLAG_COPIED & 0xFFFFFFFFFFFFFFFF
+
 
 class ReadMixin:
     """read, block_status and the content of a whole guest cluster."""
@@ -40,51 +43,63 @@ class ReadMixin:
         if self.extl2:
             return self._read_ext(offset, length)
         cs = self.cluster_size
-        out = bytearray()
+        cbits = self.cluster_bits
+        nl2 = self.l2_entries
+        parts: list[bytes] = []  # joined once at the end (a single part is returned as is)
         pos = offset
         end = offset + length
         while pos < end:
             gci, coff = divmod(pos, cs)
-            e = self._entry(gci)
-            ent = C.decode_l2_entry(e, self.cluster_bits)
+            t, i = self._l2_slot(gci)
+            e = t[i] if t is not None else 0
             n = min(cs - coff, end - pos)
-            kind = ent.kind
-            if kind == C.NORMAL:
-                host = self._data_offset(ent, gci)
-                # extend over host-contiguous clusters
-                while pos + n < end and n < (4 << 20):
-                    e2 = C.decode_l2_entry(self._entry((pos + n) // cs), self.cluster_bits)
-                    if e2.kind != C.NORMAL or e2.host_offset != host + coff + n or e2.reserved:
+            if not e & _CZ and e & C.OFFSET_MASK:  # a standard data cluster
+                host = self._data_offset(C.decode_l2_entry(e, cbits), gci)
+                # extend over host-contiguous clusters of this L2 table: an entry that
+                # is exactly the next host cluster (COPIED aside) has no reserved bits
+                nxt = host + coff + n
+                j = i + 1
+                eof = self._eof
+                while pos + n < end and n < (4 << 20) and j < nl2:
+                    if t[j] & _NOT_COPIED != nxt or nxt >= eof:
                         break
-                    if e2.host_offset >= self._eof:
-                        break
-                    n += min(cs, end - pos - n)
+                    step = min(cs, end - pos - n)
+                    n += step
+                    nxt += step
+                    j += 1
                 if n > cs - coff:
                     # the run must not reach into metadata: one look-up for all of it;
                     # cut it before the first metadata cluster (the next round names it)
-                    first = (host >> self.cluster_bits) + 1
-                    hit = self._meta.first_in(first, (host + coff + n - 1 >> self.cluster_bits) + 1)
+                    first = (host >> cbits) + 1
+                    hit = self._meta.first_in(first, (host + coff + n - 1 >> cbits) + 1)
                     if hit is not None:
-                        n = (hit << self.cluster_bits) - host - coff
-                out += self.host.pread(host + coff, n)
-            elif kind == C.UNALLOCATED:
-                while pos + n < end:
-                    g2 = (pos + n) // cs
-                    if C.decode_l2_entry(self._entry(g2), self.cluster_bits).kind != C.UNALLOCATED:
-                        break
-                    n += min(cs, end - pos - n)
-                if self.backing is not None:
-                    out += self.backing.read(pos, n)
+                        n = (hit << cbits) - host - coff
+                parts.append(self.host.pread(host + coff, n))
+                pos += n
+                continue
+            ent = C.decode_l2_entry(e, cbits)
+            kind = ent.kind
+            if kind == C.UNALLOCATED:
+                if t is None:  # no L2 table: the rest of its range is unallocated
+                    n = min(end - pos, (nl2 - i) * cs - coff)
                 else:
-                    out += bytes(n)
+                    j = i + 1
+                    while pos + n < end and j < nl2 and (
+                            not t[j] or C.decode_l2_entry(t[j], cbits).kind == C.UNALLOCATED):
+                        n += min(cs, end - pos - n)
+                        j += 1
+                if self.backing is not None:
+                    parts.append(self.backing.read(pos, n))
+                else:
+                    parts.append(bytes(n))
             elif kind == C.ZERO:
                 if ent.reserved:
                     self._data_offset(ent, gci)  # raises
-                out += bytes(n)
+                parts.append(bytes(n))
             else:
-                out += self._decompress(e, ent, gci)[coff : coff + n]
+                parts.append(self._decompress(e, ent, gci)[coff : coff + n])
             pos += n
-        return bytes(out)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _read_ext(self, offset: int, length: int) -> bytes:
         out = bytearray()
@@ -142,7 +157,7 @@ class ReadMixin:
 
     def block_status(self, offset: int, length: int) -> list[Extent]:
         out: list[Extent] = []
-        for pos, n, kind, host in self._pieces(offset, length):
+        for pos, n, kind, host in (self._pieces(offset, length) if self.extl2 else self._runs(offset, length)):
             if kind == C.NORMAL:
                 ext = Extent(pos, n, Status.DATA, host_offset=host)
             elif kind == C.COMPRESSED:
@@ -163,3 +178,43 @@ class ReadMixin:
                     continue
             out.append(ext)
         return out
+
+    def _runs(self, offset: int, length: int):
+        """What ``_pieces`` yields for standard L2 entries, with neighbouring clusters
+        of one L2 table merged where ``block_status`` would merge them: data clusters
+        that are host-contiguous, and runs of unallocated or of zero clusters.  An
+        absent L2 table is one unallocated run; entries are scanned as integers, the
+        codec's decoder only for those that are not plain data or 0."""
+        cs = self.cluster_size
+        cbits = self.cluster_bits
+        nl2 = self.l2_entries
+        pos = offset
+        end = offset + length
+        while pos < end:
+            gci, coff = divmod(pos, cs)
+            t, i = self._l2_slot(gci)
+            if t is None:
+                n = min(end - pos, (nl2 - i) * cs - coff)
+                yield pos, n, C.UNALLOCATED, 0
+                pos += n
+                continue
+            e = t[i]
+            n = min(cs - coff, end - pos)
+            j = i + 1
+            if not e & _CZ and e & C.OFFSET_MASK:
+                host = (e & C.OFFSET_MASK) + coff
+                nxt = host + n
+                while pos + n < end and j < nl2 and t[j] & _NOT_COPIED == nxt:
+                    step = min(cs, end - pos - n)
+                    n += step
+                    nxt += step
+                    j += 1
+                yield pos, n, C.NORMAL, host
+            else:
+                kind = C.decode_l2_entry(e, cbits).kind
+                if kind in (C.UNALLOCATED, C.ZERO):
+                    while pos + n < end and j < nl2 and (t[j] == e or C.decode_l2_entry(t[j], cbits).kind == kind):
+                        n += min(cs, end - pos - n)
+                        j += 1
+                yield pos, n, kind, 0
+            pos += n

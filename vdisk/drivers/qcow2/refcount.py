@@ -34,10 +34,20 @@ below it), ``_pending_free`` (cluster -> references to drop at the next flush).
 
 from __future__ import annotations
 
+import array
+
 from ...codec import qcow2 as C
 from ...errors import CorruptImage, VdiskError
 from .limits import MAX_HOST_OFFSET, MAX_REFTABLE_BYTES, ceil_div
 from .tables import extend_zeros
+
+
+def _ones(blk, n: int):
+    """``n`` refcounts of 1 in the type of the refcount block ``blk`` (an array of the
+    codec's type code; a list for narrow refcounts)."""
+    if isinstance(blk, array.array):
+        return array.array(blk.typecode, [1]) * n
+    return [1] * n
 
 
 class RefcountMixin:
@@ -64,6 +74,20 @@ class RefcountMixin:
             off = self._create_refblock(ri)
         self._rb(off)[i] = value
         self._rbcache.mark_dirty(off)
+
+    def _rc_set_run(self, start: int, end: int) -> None:
+        """Refcount 1 for clusters ``[start, end)``: what ``_rc_set(c, 1)`` for each
+        does (a block is created where a range has none), one slice per block."""
+        rbe = self.rb_entries
+        c = start
+        while c < end:
+            ri, i = divmod(c, rbe)
+            k = min(rbe - i, end - c)
+            self._rc_set(c, 1)  # creates the block if needed, marks it dirty
+            if k > 1:
+                blk = self._rb(self.reftable[ri] & C.OFFSET_MASK)
+                blk[i + 1 : i + k] = _ones(blk, k - 1)
+            c += k
 
     def _create_refblock(self, ri: int) -> int:
         """A new refcount block for range ``ri``, placed at that range's first cluster
@@ -159,8 +183,7 @@ class RefcountMixin:
             self._reftable_dirty = True
         for cl in placed.values():
             self._rc_set(cl, 1)
-        for i in range(start, end):
-            self._rc_set(i, 1)
+        self._rc_set_run(start, end)
         # clusters before the first free one found are all in use: skip them next time
         self._free_hint = end if first_free == start else first_free
         return start * self.cluster_size

@@ -32,6 +32,8 @@ compressed cluster may go, or None).
 
 from __future__ import annotations
 
+import array
+
 from ...codec import qcow2 as C
 from ...errors import VdiskError
 from .limits import ceil_div
@@ -76,19 +78,20 @@ class WriteMixin:
             if n == cs and not self.compress_writes:
                 # full clusters needing allocation: allocate a run, write it at once
                 k = 1
-                while (
-                    pos + (k + 1) * cs <= end
-                    and l2i + k < self.l2_entries
-                    and not self._owned(t[l2i + k], gci + k)
-                    and k < 256
-                ):
-                    self._guard(t[l2i + k], gci + k)
+                while pos + (k + 1) * cs <= end and l2i + k < self.l2_entries and k < 256:
+                    e2 = t[l2i + k]
+                    if e2:  # an empty entry is neither owned nor pointing anywhere
+                        if self._owned(e2, gci + k):
+                            break
+                        self._guard(e2, gci + k)
                     k += 1
                 new = self._alloc(k)
                 self._pwrite(new, mv[pos - offset : pos - offset + k * cs])
                 for j in range(k):
-                    self._release_entry(t[l2i + j], gci + j)
-                    t[l2i + j] = (new + j * cs) | C.FLAG_COPIED
+                    if t[l2i + j]:
+                        self._release_entry(t[l2i + j], gci + j)
+                # the new entries, COPIED (bit 63: above every offset, so no carry)
+                t[l2i : l2i + k] = array.array("Q", range(new | C.FLAG_COPIED, (new | C.FLAG_COPIED) + k * cs, cs))
                 self._l2cache.mark_dirty(l2off)
                 pos += k * cs
                 continue

@@ -23,6 +23,7 @@ overflow marks the image broken (no more writes) and raises ``CorruptImage``.
 
 from __future__ import annotations
 
+import array
 import heapq
 
 from ...codec import vdk as C
@@ -74,6 +75,25 @@ class AllocMixin:
         t.dirty = True
         return c
 
+    def _alloc_many(self, n: int) -> list[int]:
+        """``n`` clusters, exactly those ``n`` calls of ``_alloc`` would return, in that
+        order: from the free heap (and the scan) while candidates are left, the rest
+        appended at the end of the host area in one step (contiguous)."""
+        t = self.txn
+        out: list[int] = []
+        while len(out) < n:
+            if t.free_heap:
+                out.append(self._alloc())
+                continue
+            if t.scan_pos < t.host_clusters:
+                if t.host_clusters - t.scan_pos > SCAN_CHUNK or 0 in t.rc[t.scan_pos:t.host_clusters]:
+                    out.append(self._alloc())  # scans (a chunk), then allocates
+                    continue
+                t.scan_pos = t.host_clusters  # what that scan would find: no free cluster
+            first = self._append(n - len(out))
+            out.extend(range(first, first + n - len(out)))
+        return out
+
     def _alloc_run(self, n: int) -> int:
         """``n`` contiguous clusters: one comes from the free list, more are appended."""
         if n == 1:
@@ -85,10 +105,16 @@ class AllocMixin:
         t = self.txn
         first = t.host_clusters
         t.host_clusters += n
-        t.rc.extend([0] * n)
-        for c in range(first, first + n):
-            self._set_rc(c, 1)
-            t.new_clusters.add(c)
+        if t.undo is None:  # no commit attempt open: nothing to log, set them all at once
+            t.rc.extend(array.array(t.rc.typecode, [1]) * n)
+            rpb = self.rc_per_block
+            t.rc_dirty.update(range(first // rpb, (first + n - 1) // rpb + 1))
+            t.new_clusters.update(range(first, first + n))
+        else:
+            t.rc.extend([0] * n)
+            for c in range(first, first + n):
+                self._set_rc(c, 1)
+                t.new_clusters.add(c)
         t.dirty = True
         return first
 

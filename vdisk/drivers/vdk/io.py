@@ -159,6 +159,12 @@ class IoMixin:
                 in_off = pos & (cs - 1)
                 n = min(cs - in_off, end - pos)
                 if n == cs:
+                    if not self.compression:
+                        # whole clusters up to the end of this L2 table or of the data: one step
+                        k = min((end - pos) >> cbits, ((((ci >> self.l2_bits) + 1) << self.l2_bits) - ci))
+                        self._store_run(ci, mv[pos - offset:pos - offset + (k << cbits)], k)
+                        pos += k << cbits
+                        continue
                     content = mv[pos - offset:pos - offset + cs]
                 else:
                     old = self._read_cluster(ci)
@@ -269,6 +275,56 @@ class IoMixin:
         self._wq.append((c << self.cbits, content))
         self._release_entry(desc, slen)
         _pack_l2(tbl, pos, (_T_DATA << _SHIFT) | (c << self.cbits), self.cluster_size, 0, csum, birth)
+
+    def _store_run(self, ci0: int, mv: memoryview, k: int) -> None:
+        """What ``_store(ci0 + j, mv[j * cs:(j + 1) * cs])`` for j < k does, for ``k``
+        whole, uncompressed clusters of one L2 table, with the clusters that need a
+        new host cluster allocated in one step (``_alloc_many``) and queued as one
+        write per host-contiguous run.  As in ``_store``, new clusters are allocated
+        before any replaced entry is released."""
+        cs = self.cluster_size
+        cbits = self.cbits
+        t = self.txn
+        tbl = self._l2_for_write(ci0 >> self.l2_bits)
+        birth = self.header.generation + 1
+        zero = self.zero_cluster
+        zero_desc = (_T_ZERO << _SHIFT) if self.backing is not None else 0
+        base = (ci0 & self.l2_mask) * _ESZ
+        checksum = C.checksum
+        fresh = []  # (j, old desc, old length, checksum): clusters that get a new host cluster
+        for j in range(k):
+            content = mv[j << cbits:(j + 1) << cbits]
+            pos = base + j * _ESZ
+            desc, slen, _codec, _csum, _birth = _unpack_l2(tbl, pos)
+            if content == zero:
+                self._release_entry(desc, slen)
+                _pack_l2(tbl, pos, zero_desc, 0, 0, 0, 0)
+                continue
+            csum = checksum(content)
+            if desc >> _SHIFT == _T_DATA:
+                c = (desc & _MASK) >> cbits
+                if c in t.new_clusters and t.rc[c] == 1:  # ours alone and not yet committed: rewrite in place
+                    self._wq.append((desc & _MASK, content))
+                    _pack_l2(tbl, pos, desc, cs, 0, csum, birth)
+                    continue
+            fresh.append((j, desc, slen, csum))
+        if not fresh:
+            return
+        clusters = self._alloc_many(len(fresh))
+        run_j = run_c = -2
+        run_n = 0
+        for (j, _desc, _slen, csum), c in zip(fresh, clusters):
+            _pack_l2(tbl, base + j * _ESZ, (_T_DATA << _SHIFT) | (c << cbits), cs, 0, csum, birth)
+            if j == run_j + run_n and c == run_c + run_n:
+                run_n += 1
+                continue
+            if run_n:
+                self._wq.append((run_c << cbits, mv[run_j << cbits:(run_j + run_n) << cbits]))
+            run_j, run_c, run_n = j, c, 1
+        self._wq.append((run_c << cbits, mv[run_j << cbits:(run_j + run_n) << cbits]))
+        for _j, desc, slen, _csum in fresh:
+            if desc:
+                self._release_entry(desc, slen)
 
     def write_zeroes(self, offset: int, length: int) -> None:
         self._zero_range(offset, length)
