@@ -445,7 +445,12 @@ def test_cli_snapshot_commands_go_through_the_mount(rig, tmp_path, run_vdisk):
     assert [r["name"] for r in rows] == ["s1"]
     r = run_vdisk("snapshot", "create", img, "s1", expect=None)
     assert r.returncode != 0 and "exists" in r.stderr
-    wait_until(lambda: run_vdisk("snapshot", "delete", img, "s1", expect=None).returncode == 0, 20,
+    wait_until(lambda: run_vdisk("snapshot", "rename", img, "s1", "s2", expect=None).returncode == 0, 20,
+               "the snapshot file to be released")
+    assert os.listdir(os.path.join(mnt, "snapshots")) == ["s2"]
+    with open(os.path.join(mnt, "snapshots", "s2"), "rb") as f:
+        assert f.read(9) == b"live data"
+    wait_until(lambda: run_vdisk("snapshot", "delete", img, "s2", expect=None).returncode == 0, 20,
                "the snapshot file to be released")
     assert os.listdir(os.path.join(mnt, "snapshots")) == []
     r = run_vdisk("mount", img, str(tmp_path), expect=None)

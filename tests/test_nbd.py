@@ -19,6 +19,7 @@ import pytest
 from conftest import vdisk_command
 
 import vdisk
+from vdisk.export.fuse import control
 from vdisk.export.nbd import proto
 
 pytestmark = pytest.mark.usefixtures("require_qemu")
@@ -488,6 +489,44 @@ def test_a_second_writer_is_refused_while_served(image_dir, serve, run_vdisk, so
     # QEMU's tools are kept out too (the same OFD locks)
     r = qemu("qemu-io", "-f", "raw", "-c", "write 0 4k", img, expect=1)
     assert "lock" in r.stderr.lower()
+
+
+def test_snapshot_commands_on_a_served_image_are_done_by_the_server(image_dir, serve, run_vdisk):
+    """The server holds the write lock; snapshot create, list, rename, delete, revert and
+    a linked clone's hold reach it over its control socket, as with a mount."""
+    img, clone = image_dir / "d.vdk", image_dir / "c.vdk"
+    vdisk.create(img, SIZE)
+    s = serve(img)
+    qemu_io(s.uri, "write -P 0x5a 0 64k")
+    run_vdisk("snapshot", "create", img, "s1")
+    rows = json.loads(run_vdisk("snapshot", "list", "--output", "json", img).stdout)
+    assert [r["name"] for r in rows] == ["s1"]
+    run_vdisk("clone", f"{img}@s1", clone)  # records its hold on s1 through the server
+    run_vdisk("snapshot", "rename", img, "s1", "gold")
+    qemu_io(s.uri, "write -P 0x11 0 64k")
+    run_vdisk("snapshot", "create", img, "s2")
+    qemu_io(s.uri, "write -P 0x22 0 64k")
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        client.connect(s.sock)
+        assert client.recv(8) == b"NBDMAGIC"  # the server has it as a connection now
+        r = run_vdisk("snapshot", "revert", img, "s2", expect=1)
+        assert "connected" in r.stderr and "Traceback" not in r.stderr
+    finally:
+        client.close()
+    deadline = time.monotonic() + 20
+    while run_vdisk("snapshot", "revert", img, "s2", expect=None).returncode != 0:
+        assert time.monotonic() < deadline, "the server still counts the closed connection"
+        time.sleep(0.1)
+    qemu_io(s.uri, "read -P 0x11 0 64k")
+    run_vdisk("snapshot", "delete", img, "gold")  # held by the clone: kept hidden for it
+    rows = json.loads(run_vdisk("snapshot", "list", "--output", "json", img).stdout)
+    assert [r["name"] for r in rows] == ["s2"]
+    assert s.stop() == 0
+    check_clean(run_vdisk, img)
+    with vdisk.open(clone, read_only=True) as c:
+        assert c.read(0, 65536) == b"\x5a" * 65536
+    assert not os.path.exists(control.socket_path(str(img)))  # removed on the way out
 
 
 def test_qemu_nbd_lists_the_export(image_dir, serve):

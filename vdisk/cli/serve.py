@@ -48,12 +48,18 @@ def serve(addresses, read_only, fmt, export_name, description, pid_file, max_con
     Several clients may connect at once (multi-conn); they all see one image.  Block status (base:allocation) shows the image's allocation, trim
     and write-zeroes reach the image.  Unix sockets are made mode 0600.  No TLS:
     listen on a unix socket or on an address only trusted hosts reach.
+
+    While it serves IMAGE read-write, `vdisk snapshot` (create, delete, rename, and
+    revert with no client connected) and `vdisk clone IMAGE@SNAP` work on IMAGE: the
+    server makes the change between two requests, so a snapshot holds every write
+    a client had a reply for, as with `vdisk mount`.
     """
     import logging
     import signal
 
     from ..block import split_image_spec
     from ..errors import UsageError
+    from ..export.nbd.control import NbdControl
     from ..export.nbd.server import NbdServer
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
@@ -64,7 +70,7 @@ def serve(addresses, read_only, fmt, export_name, description, pid_file, max_con
     img = open_image(image, fmt=fmt, read_only=read_only or snap is not None, unsafe_backing=unsafe_backing,
                      force_share=force_share)
     wrote_pid = False
-    server = None
+    server = ctl = None
     try:
         server = NbdServer(img, export_name=export_name, read_only=read_only, description=description,
                            max_connections=max_connections)
@@ -77,6 +83,9 @@ def serve(addresses, read_only, fmt, export_name, description, pid_file, max_con
             signal.signal(sig, stop)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         uris = [server.listen(a) for a in addresses]
+        if not server.read_only:  # snapshot commands on the image come to us
+            ctl = NbdControl(server, img.filename)
+            ctl.start()
         if pid_file:  # before the lines: whoever waits for a line finds the pid file too
             tmp = f"{pid_file}.tmp{os.getpid()}"
             with open(tmp, "w") as f:
@@ -90,6 +99,8 @@ def serve(addresses, read_only, fmt, export_name, description, pid_file, max_con
         server.serve_forever()
     finally:
         try:
+            if ctl is not None:
+                ctl.close()
             if server is not None:
                 server.close()
             img.close()

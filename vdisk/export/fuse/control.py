@@ -1,4 +1,5 @@
-"""The control channel of a read-write mount: a unix socket that takes JSON requests.
+"""The control channel of a read-write export (a mount; the NBD server speaks it too,
+:mod:`vdisk.export.nbd.control`): a unix socket that takes JSON requests.
 
 While ``vdisk mount`` has an image open read-write, it holds the image's write lock,
 so no other process can open it to take a snapshot.  The mount daemon listens on a
@@ -51,7 +52,8 @@ import struct
 from dataclasses import asdict
 
 from vdisk import errors as _errors
-from vdisk.errors import VdiskError
+from vdisk.drivers.base import Holder
+from vdisk.errors import UsageError, VdiskError
 
 log = logging.getLogger("vdisk.export.fuse.control")
 
@@ -217,6 +219,20 @@ def call(image_path: str, op: str, **args):
     return result(reply)
 
 
+def hold_args(req: dict) -> tuple[int, Holder | None]:
+    """(delta, holder) of a ``snapshot-hold`` request, checked (UsageError)."""
+    delta = req.get("delta")
+    if delta not in (1, -1):
+        raise UsageError("snapshot-hold: delta must be 1 or -1")
+    holder = req.get("holder")
+    if holder is None:
+        return delta, None
+    if not (isinstance(holder, dict) and isinstance(holder.get("image_id"), str)
+            and isinstance(holder.get("path"), str)):
+        raise UsageError("snapshot-hold: holder must be {image_id, path}")
+    return delta, Holder(holder["image_id"], holder["path"])
+
+
 def snapshot_to_json(info) -> dict:
     d = asdict(info)
     d.pop("extra", None)
@@ -274,36 +290,92 @@ async def _serve_one(conn, handler) -> None:
 
     with conn:
         try:
-            uid = peer_uid(conn)
-            if uid not in (0, os.geteuid()):
-                await conn.send(json.dumps({"ok": False, "error": "permission denied", "type": "VdiskError",
-                                            "exit_code": 1}).encode() + b"\n")
+            if peer_uid(conn) not in (0, os.geteuid()):
+                await conn.send(_line(DENIED))
                 return
             data = b""
-            with trio.move_on_after(30):
+            with trio.move_on_after(READ_TIMEOUT):
                 while not data.endswith(b"\n") and len(data) <= MAX_REQUEST:
                     chunk = await conn.recv(65536)
                     if not chunk:
                         break
                     data += chunk
-            try:
-                req = json.loads(data)
-                if not isinstance(req, dict) or not isinstance(req.get("op"), str):
-                    raise ValueError
-            except ValueError:
-                reply = {"ok": False, "error": "malformed request", "type": "UsageError", "exit_code": 1}
+            req = parse_request(data)
+            if req is None:
+                reply = MALFORMED
             else:
                 try:
                     reply = {"ok": True, "result": await handler(req)}
                 except Exception as exc:  # noqa: BLE001 - every failure becomes a reply
-                    if not isinstance(exc, VdiskError):
-                        log.exception("control request %r failed", req)
-                    else:
-                        log.info("control request %r refused: %s", req, exc)
-                    reply = error_reply(exc)
-            out = json.dumps(reply).encode() + b"\n"
+                    reply = failure_reply(req, exc)
+            out = _line(reply)
             while out:
                 n = await conn.send(out)
                 out = out[n:]
         except OSError as exc:
             log.warning("control connection: %s", exc)
+
+
+def serve_blocking(listen_sock: socket.socket, handler) -> None:
+    """Serve control requests in the calling thread, one connection at a time, until
+    ``listen_sock`` is shut down (``shutdown(SHUT_RDWR)`` wakes the accept).
+    ``handler(req) -> result`` runs in this thread; the caller makes it take what
+    locks it needs.  For exports without a trio loop (the NBD server)."""
+    while True:
+        try:
+            conn, _ = listen_sock.accept()
+        except OSError:
+            return
+        with conn:
+            try:
+                if peer_uid(conn) not in (0, os.geteuid()):
+                    conn.sendall(_line(DENIED))
+                    continue
+                conn.settimeout(READ_TIMEOUT)
+                data = b""
+                while not data.endswith(b"\n") and len(data) <= MAX_REQUEST:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                req = parse_request(data)
+                if req is None:
+                    reply = MALFORMED
+                else:
+                    try:
+                        reply = {"ok": True, "result": handler(req)}
+                    except Exception as exc:  # noqa: BLE001 - every failure becomes a reply
+                        reply = failure_reply(req, exc)
+                conn.sendall(_line(reply))
+            except OSError as exc:
+                log.warning("control connection: %s", exc)
+
+
+#: what a peer of another uid is told
+DENIED = {"ok": False, "error": "permission denied", "type": "VdiskError", "exit_code": 1}
+MALFORMED = {"ok": False, "error": "malformed request", "type": "UsageError", "exit_code": 1}
+#: seconds a client has to send its request
+READ_TIMEOUT = 30
+
+
+def _line(reply: dict) -> bytes:
+    return json.dumps(reply).encode() + b"\n"
+
+
+def parse_request(data: bytes) -> dict | None:
+    """The request one line holds, or None if it is not ``{"op": STR, ...}``."""
+    try:
+        req = json.loads(data)
+    except ValueError:
+        return None
+    return req if isinstance(req, dict) and isinstance(req.get("op"), str) else None
+
+
+def failure_reply(req: dict, exc: BaseException) -> dict:
+    """The reply to a request whose handler raised ``exc`` (logged: a refusal as
+    info, anything else, a bug, with its traceback)."""
+    if not isinstance(exc, VdiskError):
+        log.exception("control request %r failed", req)
+    else:
+        log.info("control request %r refused: %s", req, exc)
+    return error_reply(exc)

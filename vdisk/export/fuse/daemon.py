@@ -44,7 +44,6 @@ import trio
 
 import vdisk
 import vdisk.block
-from vdisk.drivers.base import Holder
 from vdisk.errors import VdiskError
 
 from . import control
@@ -227,18 +226,19 @@ class _Daemon:
             return {"name": name, "deleted": True}, self._snapdir_changed(bname, old.ino if old else 0)
         if op == "snapshot-hold":
             # a linked clone (vdisk clone) starts or stops depending on this snapshot
-            delta = req.get("delta")
-            if delta not in (1, -1):
-                raise vdisk.errors.UsageError("snapshot-hold: delta must be 1 or -1")
-            holder = req.get("holder")
-            if holder is not None:
-                if not (isinstance(holder, dict) and isinstance(holder.get("image_id"), str)
-                        and isinstance(holder.get("path"), str)):
-                    raise vdisk.errors.UsageError("snapshot-hold: holder must be {image_id, path}")
-                holder = Holder(holder["image_id"], holder["path"])
+            delta, holder = control.hold_args(req)
             info = fs.snapshot_hold(name, delta, holder)
             log.info("snapshot %s: hold %+d (linked clone %s)", name, delta, holder.path if holder else "-")
             return control.snapshot_to_json(info), []
+        if op == "snapshot-rename":
+            new_name = req.get("new_name")
+            if not isinstance(new_name, str) or not new_name:
+                raise vdisk.errors.UsageError("snapshot-rename: a new name is needed")
+            old = fs._snaps.get(bname)
+            info = fs.snapshot_rename(name, new_name)
+            log.info("snapshot %s renamed to %s (live)", name, new_name)
+            return control.snapshot_to_json(info), \
+                self._snapdir_changed(bname, old.ino if old else 0) + self._snapdir_changed(os.fsencode(new_name), 0)
         if op == "snapshot-revert":
             fs.snapshot_revert(name)
             log.info("disk reverted to snapshot %s", name)

@@ -232,6 +232,11 @@ class NbdServer:
         shown = f"[{host}]" if ":" in host else host
         return f"nbd://{shown}:{port}/{self.export.name}"
 
+    def connections(self) -> int:
+        """How many clients are connected now."""
+        with self._conns_lock:
+            return len(self._conns)
+
     def stop(self) -> None:
         """Make :meth:`serve_forever` return (safe from a signal handler or any thread)."""
         self._stopping = True
