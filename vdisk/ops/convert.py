@@ -133,7 +133,45 @@ def _plan(src: Image, chunk: int, gran: int) -> Iterator[tuple[int, int, bool]]:
                 yield off, n, True
 
 
+#: read-ahead pays only where reading waits (a device, a network, decompression):
+#: reads that the page cache serves at memory speed gain nothing from the overlap on a
+#: small machine and cost a thread handoff per chunk and page faults in the reader's
+#: malloc arena (measured on a 1 GiB convert: about 20% more CPU, no shorter wall
+#: time).  So the caller's thread reads and times a window of data first, and the
+#: reader thread starts only once a window was read slower than this (bytes a second).
+READ_AHEAD_BELOW = 1 << 30
+#: the data read per timed window
+READ_AHEAD_WINDOW = 32 << 20
+
+
 def _read_ahead(src: Image, plan: Iterator[tuple[int, int, bool]], depth: int) -> Iterator[tuple[int, int, bytes | None]]:
+    """Yield ``(offset, length, data)`` (data None for zero runs), reading in the
+    caller's thread while reads are fast, and with a reader thread ``depth`` data
+    chunks ahead from the first window that read slower than ``READ_AHEAD_BELOW``
+    (see there) to the end."""
+    import time
+
+    plan = iter(plan)
+    got, spent = 0, 0.0
+    clock = time.perf_counter
+    for off, n, has_data in plan:
+        if not has_data:
+            yield off, n, None
+            continue
+        t = clock()
+        data = src.read(off, n)
+        spent += clock() - t
+        got += n
+        yield off, n, data
+        if got >= READ_AHEAD_WINDOW:
+            if got < spent * READ_AHEAD_BELOW:
+                yield from _threaded_read_ahead(src, plan, depth)
+                return
+            got, spent = 0, 0.0
+
+
+def _threaded_read_ahead(src: Image, plan: Iterator[tuple[int, int, bool]],
+                         depth: int) -> Iterator[tuple[int, int, bytes | None]]:
     """Yield ``(offset, length, data)`` (data None for zero runs) while a reader thread
     fetches the next ``depth`` data chunks, so reading the source overlaps writing
     the destination.  Only that thread touches ``src``; only the caller touches the
@@ -181,7 +219,8 @@ def copy_content(
 
     ``granularity`` is the size of the zero pieces left unwritten (default: the
     destination's cluster size, at least 4 KiB).  ``read_ahead`` chunks are read by a
-    helper thread while the previous ones are written (0: no thread).  ``rate_limit``
+    helper thread while the previous ones are written, once the source's reads
+    turn out to wait (``READ_AHEAD_BELOW``; 0: never a thread).  ``rate_limit``
     caps the rate in guest bytes per second.  ``progress(n)`` gets guest bytes done
     since the previous call; the total is ``src.size``."""
     if dst.size < src.size:
@@ -338,8 +377,8 @@ def convert(
     dst_path = os.fspath(dst_path)
     if format is None:
         format = "pool" if block.default_format(dst_path) == "pool" else "raw"
-    copy_kw = dict(progress=progress, chunk_size=chunk_size, granularity=granularity, sparse=sparse,
-                   rate_limit=rate_limit, read_ahead=read_ahead)
+    copy_kw = {"progress": progress, "chunk_size": chunk_size, "granularity": granularity, "sparse": sparse,
+               "rate_limit": rate_limit, "read_ahead": read_ahead}
     if existing:
         if backing_file is not None:
             raise UsageError("-n writes into an existing image: it keeps its own backing file (no -B)")
