@@ -133,13 +133,18 @@ def _plan(src: Image, chunk: int, gran: int) -> Iterator[tuple[int, int, bool]]:
                 yield off, n, True
 
 
-#: read-ahead pays only where reading waits (a device, a network, decompression):
-#: reads that the page cache serves at memory speed gain nothing from the overlap on a
-#: small machine and cost a thread handoff per chunk and page faults in the reader's
-#: malloc arena (measured on a 1 GiB convert: about 20% more CPU, no shorter wall
-#: time).  So the caller's thread reads and times a window of data first, and the
-#: reader thread starts only once a window was read slower than this (bytes a second).
-READ_AHEAD_BELOW = 1 << 30
+#: read-ahead pays only where reading waits (a device, a network) or is slow work the
+#: reader thread can do beside the writer (decompression): reads that the page cache
+#: serves at memory speed gain nothing from the overlap on a small machine and cost a
+#: thread handoff per chunk and page faults in the reader's malloc arena (measured on
+#: a 1 GiB convert: about 20% more CPU, no shorter wall time).  So the caller's thread
+#: reads and times the data a window at a time, and the reader thread starts once two
+#: windows in a row (two, so that one window where the process lost its CPU does not
+#: count) either read slower than READ_AHEAD_BELOW bytes a second or spent less than
+#: READ_AHEAD_CPU of their wall time on the CPU (waiting).  A rate alone is no test:
+#: page-cache reads between page-cache writes ran at 0.6-3 GiB/s here.
+READ_AHEAD_BELOW = 256 << 20
+READ_AHEAD_CPU = 0.5
 #: the data read per timed window
 READ_AHEAD_WINDOW = 32 << 20
 
@@ -147,27 +152,29 @@ READ_AHEAD_WINDOW = 32 << 20
 def _read_ahead(src: Image, plan: Iterator[tuple[int, int, bool]], depth: int) -> Iterator[tuple[int, int, bytes | None]]:
     """Yield ``(offset, length, data)`` (data None for zero runs), reading in the
     caller's thread while reads are fast, and with a reader thread ``depth`` data
-    chunks ahead from the first window that read slower than ``READ_AHEAD_BELOW``
-    (see there) to the end."""
+    chunks ahead once two windows in a row were slow or waited (``READ_AHEAD_BELOW``,
+    see there), to the end."""
     import time
 
     plan = iter(plan)
-    got, spent = 0, 0.0
-    clock = time.perf_counter
+    got, spent, cpu, slow = 0, 0.0, 0.0, 0
+    clock, cpu_clock = time.perf_counter, time.thread_time
     for off, n, has_data in plan:
         if not has_data:
             yield off, n, None
             continue
-        t = clock()
+        t, c = clock(), cpu_clock()
         data = src.read(off, n)
         spent += clock() - t
+        cpu += cpu_clock() - c
         got += n
         yield off, n, data
         if got >= READ_AHEAD_WINDOW:
-            if got < spent * READ_AHEAD_BELOW:
+            slow = slow + 1 if got < spent * READ_AHEAD_BELOW or cpu < spent * READ_AHEAD_CPU else 0
+            if slow >= 2:
                 yield from _threaded_read_ahead(src, plan, depth)
                 return
-            got, spent = 0, 0.0
+            got, spent, cpu = 0, 0.0, 0.0
 
 
 def _threaded_read_ahead(src: Image, plan: Iterator[tuple[int, int, bool]],
