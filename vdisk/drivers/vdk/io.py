@@ -44,6 +44,15 @@ def _compress_pool() -> ThreadPoolExecutor:
     return _pool
 
 
+def _is_zero(content, zero: bytes) -> bool:
+    """``content == zero`` (one cluster), at memcmp speed also for a memoryview:
+    comparing a memoryview compares item by item (289 us for 64 KiB of zeros, against
+    2.5 us for bytes), so a view whose first byte is zero is compared as a copy."""
+    if type(content) is memoryview:
+        return not content[0] and content.tobytes() == zero
+    return content == zero
+
+
 class IoMixin:
     """read, write, write_zeroes/discard, block_status and cluster compression."""
 
@@ -216,7 +225,7 @@ class IoMixin:
         self._unwritten.clear()
 
     def _compress(self, content) -> bytes | None:
-        if content == self.zero_cluster:
+        if _is_zero(content, self.zero_cluster):
             return None
         return C.compress_cluster(content, self.header.compression_level)
 
@@ -251,7 +260,7 @@ class IoMixin:
         desc, slen, _codec, _csum, _birth = _unpack_l2(tbl, pos)
         kind = desc >> _SHIFT
         birth = self.header.generation + 1
-        if content == self.zero_cluster:
+        if _is_zero(content, self.zero_cluster):
             self._release_entry(desc, slen)
             _pack_l2(tbl, pos, (_T_ZERO << _SHIFT) if self.backing is not None else 0, 0, 0, 0, 0)
             return
@@ -296,7 +305,7 @@ class IoMixin:
             content = mv[j << cbits:(j + 1) << cbits]
             pos = base + j * _ESZ
             desc, slen, _codec, _csum, _birth = _unpack_l2(tbl, pos)
-            if content == zero:
+            if _is_zero(content, zero):
                 self._release_entry(desc, slen)
                 _pack_l2(tbl, pos, zero_desc, 0, 0, 0, 0)
                 continue
