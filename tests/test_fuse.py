@@ -630,3 +630,56 @@ def test_mount_image_at_snapshot_serves_the_snapshot_read_only(rig, tmp_path, ru
         assert i.read(0, 3) == b"new"
     run_vdisk("umount", mnt)
     rig.fuse_mounts.remove(mnt)
+
+
+def test_hand_over_between_two_mounts_without_unmounting(rig, tmp_path, run_vdisk):
+    """`vdisk mount --inactive` + `vdisk deactivate A; vdisk activate B`: the writer moves
+    from A to B with both mounted; B serves every write A acknowledged, A refuses
+    writes after, snapshot commands follow the writer, and it goes back the same way."""
+    img = str(tmp_path / "disk.vdk")
+    vdisk.create(img, 4 * MiB)
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    rig.mount(img, a)
+    os.makedirs(b)
+    r = run_vdisk("mount", "--inactive", img, b)
+    rig.fuse_mounts.append(b)
+    rig.pids.append(int(os.getxattr(b, "user.vdisk.pid")))
+    assert "(inactive)" in r.stdout
+    fa = os.open(os.path.join(a, "disk"), os.O_RDWR)
+    fb = os.open(os.path.join(b, "disk"), os.O_RDWR)  # a migration target opens its disk early
+    try:
+        os.pwrite(fa, b"A" * 4096, 0)
+        os.fsync(fa)
+        with pytest.raises(OSError) as exc:
+            os.pwrite(fb, b"x" * 4096, 0)
+        assert exc.value.errno == errno.EROFS
+        os.fsync(fb)  # nothing to make durable: succeeds
+        r = run_vdisk("activate", b, expect=1)  # A still writes
+        assert "in use" in r.stderr and "Traceback" not in r.stderr
+        run_vdisk("snapshot", "create", img, "on-a")  # goes to A, the writer
+        assert "inactive" in run_vdisk("deactivate", a).stdout
+        assert "active" in run_vdisk("activate", b).stdout
+        assert os.pread(fb, 4096, 0) == b"A" * 4096  # nothing A acknowledged is lost
+        os.pwrite(fb, b"B" * 4096, 4096)
+        os.fsync(fb)
+        with pytest.raises(OSError) as exc:
+            os.pwrite(fa, b"x" * 4096, 0)
+        assert exc.value.errno == errno.EROFS
+        run_vdisk("snapshot", "create", img, "on-b")  # now goes to B
+        assert sorted(os.listdir(os.path.join(b, "snapshots"))) == ["on-a", "on-b"]
+        run_vdisk("deactivate", b)
+        run_vdisk("activate", a)  # and back
+        assert os.pread(fa, 8192, 0) == b"A" * 4096 + b"B" * 4096
+        os.pwrite(fa, b"C" * 4096, 8192)
+        os.fsync(fa)
+    finally:
+        os.close(fa)
+        os.close(fb)
+    r = run_vdisk("activate", str(tmp_path), expect=1)
+    assert "no read-write or inactive vdisk mount" in r.stderr
+    rig.umount(a)
+    rig.umount(b)
+    run_vdisk("check", img)
+    with vdisk.open(img, read_only=True) as im:
+        assert im.read(0, 12288) == b"A" * 4096 + b"B" * 4096 + b"C" * 4096
+        assert [s.name for s in im.snapshot_list()] == ["on-a", "on-b"]

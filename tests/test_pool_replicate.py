@@ -12,7 +12,8 @@ local -> S3 and S3 -> S3 (a second bucket) on the real SeaweedFS cluster
 (tests/seaweed.py), started once for the module.
 
 Also the live hand-over of an s3:// image from one mount (host A) to another (host
-B) under a model workload (issue 16 item 5, minimal: unmount and mount).
+B) under a model workload (issue 16 item 5): by unmounting and mounting, and by
+deactivating one mount and activating the other.
 """
 
 from __future__ import annotations
@@ -289,12 +290,15 @@ def test_local_to_s3(cluster, tmp_path):
 # ---------------------------------------------------------------------------- live hand-over
 @pytest.mark.fuse
 @pytest.mark.timeout(180)
-def test_live_handover_between_mounts(cluster, tmp_path, monkeypatch):
-    """Live migration, minimal: a workload writes model rounds through host A's mount
-    of an s3:// image (each round pwrite + fsync, so each is a committed flush); A
-    hands over (its mount flushes and releases the lease as it unmounts); B mounts
-    the image (taking the lease at once: it was released, no ttl to wait for) and the
-    workload goes on through B's mount.  After every round the whole image read
+@pytest.mark.parametrize("how", ["remount", "activate"])
+def test_live_handover_between_mounts(cluster, tmp_path, monkeypatch, how):
+    """Live migration: a workload writes model rounds through host A's mount of an
+    s3:// image (each round pwrite + fsync, so each is a committed flush); A hands
+    over and the workload goes on through host B's mount.  ``remount``: A unmounts
+    (flushing and releasing the lease), B mounts (taking the lease at once: it was
+    released, no ttl to wait for).  ``activate``: B was mounted ``--inactive`` from
+    the start, ``vdisk deactivate A`` flushes and releases the lease with A still
+    mounted, ``vdisk activate B`` takes it.  After every round the whole image read
     through the current mount equals the model: no write lost or reordered across
     the hand-over.  The pause the workload sees is reported (figures:
     scripts/bench-pool-replicate)."""
@@ -326,9 +330,17 @@ def test_live_handover_between_mounts(cluster, tmp_path, monkeypatch):
     try:
         a, b = str(tmp_path / "a"), str(tmp_path / "b")
         rig.mount(img, a)
+        if how == "activate":
+            rig.mount(img, b, inactive=True)
         rounds(a, 6)
-        rig.umount(a)  # host A: flush, release the lease
-        rig.mount(img, b)  # host B: takes the lease, reads the state A committed
+        t = time.monotonic()
+        if how == "remount":
+            rig.umount(a)  # host A: flush, release the lease
+            rig.mount(img, b)  # host B: takes the lease, reads the state A committed
+        else:
+            run("deactivate", a)
+            run("activate", b)
+        print(f"hand-over ({how}): {time.monotonic() - t:.2f} s")
         with open(os.path.join(b, "disk"), "rb") as f:
             assert f.read() == model(k)  # nothing A acknowledged is lost
         rounds(b, 6)
@@ -340,6 +352,11 @@ def test_live_handover_between_mounts(cluster, tmp_path, monkeypatch):
             p.close()
         epoch, cur, _age = lm.current(S3Backend(pool), rec["id"])
         assert rec["writer"]["epoch"] == epoch >= 2 and cur and not cur.get("released")  # B holds it
+        if how == "activate":
+            with pytest.raises(OSError):  # A is inactive: it can never write over B
+                with open(os.path.join(a, "disk"), "r+b", buffering=0) as f:
+                    f.write(b"stale writer")
+            rig.umount(a)
         rig.umount(b)
     finally:
         rig.cleanup()

@@ -35,6 +35,7 @@ from .output import one_line
 
 #: built-in commands: name -> "module:attribute"
 COMMANDS: dict[str, str] = {
+    "activate": "vdisk.cli.mount:activate_command",
     "bench": "vdisk.cli.bench:bench",
     "check": "vdisk.cli.check:check",
     "clone": "vdisk.cli.clone:clone",
@@ -42,6 +43,7 @@ COMMANDS: dict[str, str] = {
     "compare": "vdisk.cli.compare:compare",
     "convert": "vdisk.cli.convert:convert",
     "create": "vdisk.cli.create:create",
+    "deactivate": "vdisk.cli.mount:deactivate_command",
     "diff": "vdisk.cli.diff:diff",
     "flatten": "vdisk.cli.flatten:flatten",
     "fleet": "vdisk.cli.fleet:fleet",

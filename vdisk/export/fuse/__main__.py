@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-direct-io", action="store_true")
     p.add_argument("--debug", action="store_true")
     p.add_argument("--trace", default=None)
+    p.add_argument("--inactive", action="store_true")
     p.add_argument("-o", dest="options", action="append", default=[])
     p.add_argument("image")
     p.add_argument("mountpoint")
@@ -84,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             ready=lambda: tell("READY"),
             options=a.options,
             trace=a.trace,
+            inactive=a.inactive,
         )
     except VdiskError as exc:
         log.error("%s", exc)

@@ -95,6 +95,15 @@ def socket_path(image_path: str) -> str:
     return os.path.join(run_dir(), f"{_image_key(image_path)}.sock")
 
 
+def mount_socket_path(mountpoint: str) -> str:
+    """The control socket of the mount on ``mountpoint`` itself, active or not
+    (``vdisk activate``/``deactivate`` talk to it; vdisk/export/fuse/activation.py)."""
+    import hashlib
+
+    digest = hashlib.sha256(os.fsencode(os.path.realpath(mountpoint))).hexdigest()[:32]
+    return os.path.join(run_dir(), f"mnt-{digest}.sock")
+
+
 def default_log_path(image_path: str) -> str:
     base = os.path.basename(image_path) or "image"
     return os.path.join(run_dir(), f"{base}.{_image_key(image_path)}.mount.log")
@@ -151,6 +160,12 @@ def request(image_path: str, req: dict, *, timeout: float = DEFAULT_TIMEOUT) -> 
         path = socket_path(image_path)
     except OSError:
         return None
+    return request_at(path, image_path, req, timeout=timeout)
+
+
+def request_at(path: str, what: str, req: dict, *, timeout: float = DEFAULT_TIMEOUT) -> dict | None:
+    """``req`` sent to the control socket ``path`` (errors name ``what``); None if
+    nobody listens there."""
     d = os.path.dirname(path)
     if not os.path.lexists(d):
         return None  # no mount has run here yet
@@ -167,7 +182,7 @@ def request(image_path: str, req: dict, *, timeout: float = DEFAULT_TIMEOUT) -> 
         except OSError as exc:
             if exc.errno in (errno.ENOENT, errno.ECONNREFUSED, errno.ENOTSOCK):
                 return None
-            raise VdiskError(f"{image_path}: cannot reach the mount's control socket {path}: {exc.strerror}") from None
+            raise VdiskError(f"{what}: cannot reach the mount's control socket {path}: {exc.strerror}") from None
         try:
             s.sendall(json.dumps(req).encode() + b"\n")
             data = b""
@@ -177,21 +192,21 @@ def request(image_path: str, req: dict, *, timeout: float = DEFAULT_TIMEOUT) -> 
                     break
                 data += chunk
                 if len(data) > 16 << 20:
-                    raise VdiskError(f"{image_path}: the mount's control reply is too large")
+                    raise VdiskError(f"{what}: the mount's control reply is too large")
         except socket.timeout:
-            raise VdiskError(f"{image_path}: the mount did not answer within {timeout:g} s") from None
+            raise VdiskError(f"{what}: the mount did not answer within {timeout:g} s") from None
         except OSError as exc:
-            raise VdiskError(f"{image_path}: control request failed: {exc.strerror or exc}") from None
+            raise VdiskError(f"{what}: control request failed: {exc.strerror or exc}") from None
     finally:
         s.close()
     if not data:
-        raise VdiskError(f"{image_path}: the mount closed the control connection without a reply")
+        raise VdiskError(f"{what}: the mount closed the control connection without a reply")
     try:
         reply = json.loads(data)
     except ValueError:
-        raise VdiskError(f"{image_path}: the mount sent a malformed control reply") from None
+        raise VdiskError(f"{what}: the mount sent a malformed control reply") from None
     if not isinstance(reply, dict) or "ok" not in reply:
-        raise VdiskError(f"{image_path}: the mount sent a malformed control reply")
+        raise VdiskError(f"{what}: the mount sent a malformed control reply")
     return reply
 
 
@@ -246,11 +261,12 @@ def error_reply(exc: BaseException) -> dict:
 
 
 # ---------------------------------------------------------------- server
-def bind_socket(image_path: str) -> socket.socket:
-    """Create the listening socket (replacing a stale one: we hold the write lock, so
-    no other live mount can own this image)."""
+def bind_socket(image_path: str, path: str | None = None) -> socket.socket:
+    """Create the listening socket of ``image_path`` (or at ``path``), replacing a
+    stale one: we hold the image's write lock (or the mountpoint), so no other live
+    server can own that name."""
     ensure_run_dir()
-    path = socket_path(image_path)
+    path = path or socket_path(image_path)
     try:
         os.unlink(path)
     except FileNotFoundError:
@@ -263,6 +279,45 @@ def bind_socket(image_path: str) -> socket.socket:
         os.umask(old)
     s.listen(16)
     return s
+
+
+class MountSockets:
+    """A mount's control sockets: its own (``mount``, while it can write or be
+    activated) and the image's (``image``, while it holds the image for writing)."""
+
+    def __init__(self, image_path: str, mountpoint: str):
+        self.image_path = image_path
+        self.mount_path = mount_socket_path(mountpoint)
+        self.mount = self.image = None
+        self._image_bound = False
+
+    def bind_mount(self) -> None:
+        self.mount = bind_socket(self.image_path, self.mount_path)
+
+    def bind_image(self):
+        self.image = bind_socket(self.image_path)
+        self._image_bound = True
+        return self.image
+
+    def unlink_image(self) -> None:
+        if self._image_bound:
+            self._image_bound = False
+            _unlink(socket_path(self.image_path))
+
+    def close(self) -> None:
+        self.unlink_image()
+        if self.mount is not None:
+            _unlink(self.mount_path)
+        for s in (self.mount, self.image):
+            if s is not None:
+                s.close()
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def peer_uid(sock: socket.socket) -> int:

@@ -47,6 +47,7 @@ import vdisk.block
 from vdisk.errors import VdiskError
 
 from . import control
+from .activation import Activation, open_inactive
 from .fs import DISK_INO, SNAPDIR_INO, VdiskFS
 from .mountpoint import MountError, check_mountpoint, is_mounted, mount_options
 
@@ -162,13 +163,36 @@ _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 # ---------------------------------------------------------------- the daemon
 class _Daemon:
-    def __init__(self, fs: VdiskFS, engine, image_path: str, mountpoint: str, listen_sock):
+    def __init__(self, fs: VdiskFS, engine, image_path: str, mountpoint: str, sockets: control.MountSockets,
+                 fmt: str | None):
         self.fs = fs
         self.engine = engine
         self.image_path = image_path
         self.mountpoint = mountpoint
-        self.listen_sock = listen_sock
+        self.sockets = sockets
+        self.activation = Activation(self, fmt)
         self.unmounted = False
+        self._nursery = None
+        self._image_scope = None
+
+    # the image's control socket comes and goes with activation (activation.py)
+    def start_image_socket(self) -> None:
+        sock = self.sockets.bind_image()
+        self._image_scope = trio.CancelScope()
+        self._nursery.start_soon(self._serve_image_socket, sock, self._image_scope)
+
+    def stop_image_socket(self) -> None:
+        self.sockets.unlink_image()  # now: a mount activated next must find its own
+        if self._image_scope is not None:
+            self._image_scope.cancel()
+            self._image_scope = None
+
+    async def _serve_image_socket(self, sock, scope) -> None:
+        with scope:
+            try:
+                await control.serve(sock, self.handle_control)
+            finally:
+                sock.close()
 
     async def handle_control(self, req: dict):
         """Control requests, run in the trio thread between FUSE requests: under the
@@ -188,6 +212,8 @@ class _Daemon:
         eng = self.engine
         if op == "ping":
             return "pong", []
+        if op in ("activate", "deactivate"):
+            return getattr(self.activation, op)(), [(eng.invalidate_inode, DISK_INO)]
         if op == "status":
             return {
                 "pid": os.getpid(),
@@ -197,6 +223,7 @@ class _Daemon:
                 "failed": fs.failed,
                 "snapshots": fs.snapshot_names(),
                 "engine": eng.name,
+                "active": not fs.inactive,
             }, []
         # Every successful reply carries a non-null result, so a client can tell
         # "done" from "no mount owns the image" (None from control.request).
@@ -283,9 +310,13 @@ class _Daemon:
 
     async def main(self, ready) -> None:
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             nursery.start_soon(self.signals, nursery)
-            if self.listen_sock is not None:
-                await nursery.start(control.serve, self.listen_sock, self.handle_control)
+            if self.sockets.mount is not None:
+                await nursery.start(control.serve, self.sockets.mount, self.handle_control)
+            if self.sockets.image is not None:
+                self._image_scope = trio.CancelScope()
+                nursery.start_soon(self._serve_image_socket, self.sockets.image, self._image_scope)
             ready()
             try:
                 await self.engine.serve()
@@ -330,19 +361,27 @@ def serve(
     options: list[str] | None = None,
     engine: str | None = None,
     trace: str | None = None,
+    inactive: bool = False,
 ) -> None:
     """Mount and serve until unmounted.  Raises VdiskError if the mount cannot be set
     up; ``ready()`` is called once the mount is live.  ``engine``: "pyfuse3" or
     "kernel" (default: $VDISK_FUSE_ENGINE, else DEFAULT_ENGINE).  ``trace``: record
-    every request to the disk in this file (formats/trace.md)."""
+    every request to the disk in this file (formats/trace.md).  ``inactive``: serve
+    the image read-only without its lock or lease until ``vdisk activate``
+    (vdisk/export/fuse/activation.py)."""
     image_path, snapshot = vdisk.block.split_image_spec(image_path)
     image_path = vdisk.block.abspath(image_path)
     mountpoint = os.path.abspath(mountpoint)
     ename = engine_name(engine)
+    if inactive and (read_only or snapshot is not None or trace is not None):
+        raise MountError("--inactive mounts the image itself read-write, untraced (no -r, no @SNAP, no --trace)")
     check_mountpoint(mountpoint)
     # IMAGE@SNAP serves that snapshot, read-only
-    image = vdisk.open(image_path, read_only=read_only or snapshot is not None, format=fmt, snapshot=snapshot)
-    listen_sock = None
+    if inactive:
+        image = open_inactive(image_path, fmt)
+    else:
+        image = vdisk.open(image_path, read_only=read_only or snapshot is not None, format=fmt, snapshot=snapshot)
+    sockets = control.MountSockets(image_path, mountpoint)
     fs = None
     try:
         if trace is not None:
@@ -354,20 +393,26 @@ def serve(
         xattrs = {"pid": str(os.getpid()), "image": image_path}
         if log_file:
             xattrs["log"] = log_file
-        if not image.read_only:
+        if inactive or not image.read_only:
             secure_run_dir()
-            listen_sock = control.bind_socket(image_path)
-            xattrs["socket"] = control.socket_path(image_path)
-        fs = VdiskFS(image, read_only=read_only or image.read_only, direct_io=direct_io, xattrs=xattrs)
+            sockets.bind_mount()
+            xattrs["socket"] = sockets.mount_path
+            if not inactive:
+                sockets.bind_image()
+        writable = inactive or not image.read_only
+        fs = VdiskFS(image, read_only=not writable, direct_io=direct_io, xattrs=xattrs)
+        if inactive:  # writable once activated; until then fs.inactive refuses writes
+            fs.read_only, fs.inactive = False, True
         eng = make_engine(ename, fs)
         # A stop signal that arrives once the mount is visible but before the daemon
         # listens for it must not kill the daemon unflushed: block them until then
         # (reader threads started meanwhile inherit the mask).
         signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-        eng.mount(mountpoint, read_only=image.read_only, options=options)
+        eng.mount(mountpoint, read_only=not writable, options=options)
         log.info("mounted %s (%s, %s) on %s, pid %d, engine %s", image_path, image.format,
-                 "read-only" if image.read_only else "read-write", mountpoint, os.getpid(), ename)
-        d = _Daemon(fs, eng, image_path, mountpoint, listen_sock)
+                 "inactive" if inactive else "read-only" if image.read_only else "read-write", mountpoint,
+                 os.getpid(), ename)
+        d = _Daemon(fs, eng, image_path, mountpoint, sockets, fmt)
         try:
             eng.start()
             trio.run(d.main, ready)
@@ -381,12 +426,7 @@ def serve(
                 log.exception("closing the %s engine", ename)
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
-        if listen_sock is not None:
-            try:
-                os.unlink(control.socket_path(image_path))
-            except OSError:
-                pass
-            listen_sock.close()
+        sockets.close()
         try:
             (fs if fs is not None else image).close()
         except VdiskError as exc:
@@ -407,6 +447,7 @@ def spawn(
     timeout: float = READY_TIMEOUT,
     engine: str | None = None,
     trace: str | None = None,
+    inactive: bool = False,
 ) -> tuple[int, str]:
     """Start the daemon in the background and wait until the mount is live.
     Returns (pid, log_file); raises the daemon's error if it could not mount.
@@ -433,6 +474,8 @@ def spawn(
     cmd = [sys.executable, "-m", "vdisk.export.fuse", "--ready-fd", str(w), "--log-file", log_file]
     if read_only:
         cmd.append("--read-only")
+    if inactive:
+        cmd.append("--inactive")
     if fmt:
         cmd += ["--format", fmt]
     if not direct_io:

@@ -144,6 +144,9 @@ class VdiskFS(pyfuse3.Operations):
         self.read_only = image.read_only if read_only is None else (read_only or image.read_only)
         #: why the mount turned read-only after a CorruptImage (None while healthy)
         self.failed: str | None = None
+        #: an inactive mount (vdisk/export/fuse/activation.py) serves a read-only,
+        #: lock-free view and refuses writes until it is activated
+        self.inactive = False
         self.direct_io = direct_io
         self.xattrs = {XATTR_PREFIX + k.encode(): v.encode() for k, v in (xattrs or {}).items()}
         self.disk_size = image.size
@@ -247,7 +250,28 @@ class VdiskFS(pyfuse3.Operations):
         self.disk_size = self.image.size
         self.reload_snapshots()
 
+    def swap_image(self, image: vdisk.Image, *, inactive: bool) -> vdisk.Image:
+        """Serve ``image`` from now on (as an inactive mount if ``inactive``) and
+        return the image served until now, for the caller to close.  Called under
+        the engine's lock.  Refused while a snapshot file is open: its view reads
+        through the old handle."""
+        if image.size != self.disk_size:
+            raise UsageError(f"{image.filename}: its size changed ({self.disk_size} -> {image.size} bytes) "
+                             "while the mount served it")
+        busy = [s.name for s in self._snaps.values() if s.opens]
+        if busy:
+            raise UsageError(f"snapshot {busy[0]!r} is open through the mount; close it first")
+        for snap in list(self._snaps.values()):
+            self._drop_snap(snap)
+        old, self.image = self.image, image
+        self._fh_image[DISK_INO] = image
+        self.inactive = inactive
+        self.reload_snapshots()
+        return old
+
     def _writable_or_raise(self) -> None:
+        if self.inactive:
+            raise UsageError("the mount is inactive: run `vdisk activate` on it first")
         if self.failed is not None:
             raise CorruptImage(f"the mount turned read-only after an error: {self.failed}")
         if self.read_only:
@@ -309,7 +333,7 @@ class VdiskFS(pyfuse3.Operations):
             raise self._data_error(exc, "read", fh, off, size) from None
 
     async def write(self, fh, off, buf):
-        if fh != DISK_INO or self.read_only or self.failed is not None:
+        if fh != DISK_INO or self.read_only or self.failed is not None or self.inactive:
             raise pyfuse3.FUSEError(errno.EROFS if fh == DISK_INO else errno.EBADF)
         n = len(buf)
         end = self.disk_size
@@ -325,7 +349,7 @@ class VdiskFS(pyfuse3.Operations):
         return n
 
     async def fsync(self, fh, datasync):
-        if fh != DISK_INO or self.read_only:
+        if fh != DISK_INO or self.read_only or self.inactive:
             return
         try:
             self.image.flush()
@@ -401,7 +425,7 @@ class VdiskFS(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.EROFS if inode in self._snap_by_ino else errno.EISDIR)
             new = attr.st_size
             if new != self.disk_size:
-                if self.read_only or self.failed is not None:
+                if self.read_only or self.failed is not None or self.inactive:
                     raise pyfuse3.FUSEError(errno.EROFS)
                 if new < self.disk_size:
                     # O_TRUNC / ftruncate would throw the disk away: refuse, like a

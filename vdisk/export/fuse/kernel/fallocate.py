@@ -31,7 +31,7 @@ def fallocate(fs, fh: int, off: int, length: int, mode: int) -> None:
     known = proto.FALLOC_FL_KEEP_SIZE | proto.FALLOC_FL_PUNCH_HOLE | proto.FALLOC_FL_ZERO_RANGE
     if mode & ~known or (mode & proto.FALLOC_FL_PUNCH_HOLE and mode & proto.FALLOC_FL_ZERO_RANGE):
         raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
-    if fh != DISK_INO or fs.read_only or fs.failed is not None:
+    if fh != DISK_INO or fs.read_only or fs.failed is not None or fs.inactive:
         raise pyfuse3.FUSEError(errno.EROFS if fh == DISK_INO else errno.EBADF)
     end = fs.disk_size
     if off + length > end:
