@@ -565,3 +565,36 @@ def test_two_hosts_in_their_own_network_namespaces(three_namespaces, tmp_path, m
         print(f"host B: read {2 * MiB} bytes of a 16 MiB golden image's clone, fetched {b['fetched']}")
     finally:
         c.stop(graceful=False)
+
+
+def test_read_caches_follow_writes_flushes_and_roots(tmp_path):
+    import random  # issue 16: clean leaves remembered per root, decoded blocks per blob
+
+    from vdisk.pool.image import PoolImage
+    from vdisk.pool.store import Pool, new_image_record
+    B, url = 4096, str(tmp_path / "pool")
+    p = Pool.create(url) or Pool(url)
+    p.commit(lambda cat: cat["images"].__setitem__("img", new_image_record(64 * MiB)))
+    img = PoolImage(p, "img", read_only=False)
+    a, b = random.Random(1).randbytes(3 * B), random.Random(2).randbytes(B)
+    img.write(B, a, None), img.flush()
+    old = img.root
+    assert img.read(B, 3 * B, None) == a and img.read(B + 100, 5000, None) == a[100:5100]
+    img.write(2 * B, b, None)  # a dirty leaf wins over the remembered clean one
+    assert img.read(B, 3 * B, None) == a[:B] + b + a[2 * B:]
+    img.flush()
+    assert img.read(2 * B, B, None) == b
+    img.root = old  # as snapshot_revert does: the remembered leaves go with the root
+    assert img.read(2 * B, B, None) == a[B:2 * B] and img.read(40 * MiB, 2 * B, None) == bytes(2 * B)
+    img.close(), p.close()
+
+
+def test_fast_ranges_fall_back_and_give_up():
+    from types import SimpleNamespace
+
+    from vdisk.pool import s3http
+    client = SimpleNamespace(meta=SimpleNamespace(endpoint_url="http://127.0.0.1:9"),  # nothing listens
+                             generate_presigned_url=lambda op, Params, ExpiresIn: "http://127.0.0.1:9/b/k?X=1")
+    f = s3http.FastRanges(client, "b", 0.5, 0.5)
+    assert all(f.get_range("k", 16, 4096) is None for _ in range(s3http.GIVE_UP + 1))  # the caller asks boto3
+    assert not f.on and f.fallbacks == s3http.GIVE_UP

@@ -31,6 +31,7 @@ from .store import BlobMismatch, Pool, root_of
 B = pc.BLOCK
 F = pc.FANOUT
 DIRTY_LIMIT = 4096  # dirty leaves (48 MiB) before a write commits on its own
+LEAF_MEMO = 4096  # clean leaves remembered by leaf index (references to the node cache's bytes)
 _EMPTY_NODE = bytes(pc.NODE_BYTES)
 _UNALLOC = pc.Entry(0, 0, 0, 0, pc.UNALLOCATED)
 _POOL = None
@@ -119,10 +120,33 @@ class PoolImage:
         return pool.image_record(name)
 
     # ------------------------------------------------------------------ tree
+    @property
+    def root(self) -> pc.Entry:
+        """The committed tree's root; setting it forgets the clean leaves looked up."""
+        return self._root
+
+    @root.setter
+    def root(self, e: pc.Entry) -> None:
+        self._root = e
+        self._leaves: dict[int, bytes | None] = {}
+
     def _leaf(self, li: int) -> bytes | bytearray | None:
         d = self.dirty.get(li)
         if d is not None:
             return d
+        try:
+            return self._leaves[li]
+        except KeyError:
+            pass
+        leaf = self._clean_leaf(li)
+        if len(self._leaves) >= LEAF_MEMO:
+            self._leaves.clear()
+        self._leaves[li] = leaf
+        return leaf
+
+    def _clean_leaf(self, li: int) -> bytes | None:
+        """The leaf ``li`` of the committed tree (None: unallocated), walked from the
+        root through the pool's node cache."""
         e = self.root
         for level in range(pc.LEVELS - 1):
             if e.kind == pc.UNALLOCATED:
@@ -212,46 +236,62 @@ class PoolImage:
             if backing is not None:
                 return _read_backing(backing, bn * B, B)
             return pc.ZERO_BLOCK
+        if e.kind == pc.ZERO:
+            return pc.ZERO_BLOCK
         try:
-            return self.pool.decode_block(e, self.what)
+            return self.pool.cached_block(e, self.what)
         except BlobMismatch:
             raise ChecksumMismatch(f"{self.what}: checksum mismatch at guest offset {bn * B:#x}", bn * B) from None
         except CorruptImage:  # again, for the message that names the guest offset
             return self.pool.decode_block(e, f"{self.what}: block at guest offset {bn * B:#x}")
 
-    def read(self, offset: int, length: int, backing) -> bytes:
-        """Guest bytes; the leaf of each run of 512 blocks is looked up once.  On an
-        object store the blobs of the range are fetched first, adjacent ones in one
-        request, several requests at once (``backend.prefetch``)."""
-        out = bytearray()
-        pos, end = offset, offset + length
-        if length > B and hasattr(self.pool.backend, "prefetch"):
-            self._prefetch(offset, end)
-        leaf_index, leaf = -1, None
-        while pos < end:
-            bn = pos // B
-            inner = pos - bn * B
-            n = min(B - inner, end - pos)
-            if bn >> 9 != leaf_index:
-                leaf_index = bn >> 9
-                leaf = self._leaf(leaf_index)
-            e = _UNALLOC if leaf is None else pc.unpack_entry(leaf, bn & (F - 1), self.what)
-            blk = self._block(e, bn, backing)
-            out += blk[inner: inner + n] if n != B else blk
-            pos += n
-        return bytes(out)
+    def _entries(self, first: int, last: int) -> list[pc.Entry]:
+        """The entries of blocks ``first`` to ``last`` (inclusive); each leaf looked up once."""
+        out = []
+        what = self.what
+        bn = first
+        while bn <= last:
+            leaf = self._leaf(bn >> 9)
+            stop = min(last, bn | (F - 1))
+            if leaf is None:
+                out += [_UNALLOC] * (stop - bn + 1)
+            else:
+                out += [pc.unpack_entry(leaf, i & (F - 1), what) for i in range(bn, stop + 1)]
+            bn = stop + 1
+        return out
 
-    def _prefetch(self, offset: int, end: int) -> None:
+    def read(self, offset: int, length: int, backing) -> bytes:
+        """Guest bytes; the leaf of each run of 512 blocks is looked up once, and a
+        block read before is served from the pool's cache of decoded blocks (a warm
+        4 KiB read is a leaf and a dict lookup).  On an object store the blobs of the
+        range that are not cached are fetched first, adjacent ones in one request,
+        several requests at once (``backend.prefetch``)."""
+        if length <= 0:
+            return b""
+        first, last = offset // B, (offset + length - 1) // B
+        entries = self._entries(first, last)
+        if last > first and hasattr(self.pool.backend, "prefetch"):
+            self._prefetch(entries)
+        parts = [self._block(e, first + i, backing) for i, e in enumerate(entries)]
+        head, tail = offset - first * B, (last + 1) * B - offset - length
+        if len(parts) == 1:
+            blk = parts[0]
+            return blk if not head and not tail else blk[head: B - tail]
+        if head:
+            parts[0] = parts[0][head:]
+        if tail:
+            parts[-1] = parts[-1][: B - tail]
+        return b"".join(parts)
+
+    def _prefetch(self, entries: list[pc.Entry]) -> None:
         from .store import pack_name
 
-        want = []
-        pending = self.pool._pending_no if self.pool._pending is not None else None
-        for bn in range(offset // B, (end + B - 1) // B):
-            e = self.entry(bn)
-            if e.kind in (pc.RAW, pc.ZSTD, pc.DELTA) and e.pack != pending:
-                want.append((pack_name(e.pack), e.offset, e.length))
+        pool = self.pool
+        pending = pool._pending_no if pool._pending is not None else None
+        want = [(pack_name(e.pack), e.offset, e.length) for e in entries
+                if e.kind in pc.DATA_KINDS and e.pack != pending and not pool.has_block(e)]
         if len(want) > 1:
-            self.pool.backend.prefetch(want)
+            pool.backend.prefetch(want)
 
     # ------------------------------------------------------------------ writing
     @property

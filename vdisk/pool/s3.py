@@ -24,7 +24,15 @@ The backend contract (:mod:`.backend`) on S3:
     put the same bytes.)
 ``get``/``get_range``
     Served from the bounded cache of immutable objects (:mod:`.cache`) when they can
-    be; ``gen/`` objects, ``config`` and leases are never cached.
+    be; ``gen/`` objects, ``config`` and leases are never cached.  Ranged GETs (packs,
+    index segments) go through a presigned URL on keep-alive connections
+    (:mod:`.s3http`: none of botocore's per-request cost), boto3 repeating any that
+    does not answer 206 or 200.
+``pack_target``
+    Packs are sealed at ``VDISK_S3_PACK_KB`` (default 256 KiB) instead of 4 MiB: some
+    stores (SeaweedFS: its volume servers read a whole stored chunk to answer a range
+    of it) answer a 4 KiB range of a 4 MiB object three times slower than one of a
+    256 KiB object (BENCHMARKS.md, issue 16).
 
 Every request has a connect and a read timeout and is retried with exponential
 backoff by botocore's "standard" retry mode (5xx, throttling, timeouts, broken
@@ -56,6 +64,7 @@ WRITEBACK_PREFIXES = ("packs/", "index/")
 UNCACHED_PREFIXES = ("gen/", "leases/", "config")
 PREFETCH_GAP = 512  # bytes between two wanted ranges fetched with them rather than asked for apart
 PREFETCH_MAX = 8 << 20
+PREFETCH_THREADS = 8
 
 
 def _env_float(name: str, default: float) -> float:
@@ -131,6 +140,11 @@ class S3Backend(be.Backend):
         self.gets = 0
         self._stats_lock = threading.Lock()
         self.bytes_put = 0
+        from ..codec.pool import TARGET_PACK
+
+        kb = _env_float("VDISK_S3_PACK_KB", 256)
+        self.pack_target = max(64 << 10, min(TARGET_PACK, int(kb * 1024)))
+        self._fast = None  # made with the client (s3http.FastRanges), or False: not used
 
     # ------------------------------------------------------------------ client
     @property
@@ -308,6 +322,35 @@ class S3Backend(be.Backend):
         hit = self.cache.get(name, offset, length)
         if hit is not None:
             return hit
+        data = self._fetch_range(name, offset, length)
+        self.cache.put(name, offset, data)
+        return data
+
+    def _fast_ranges(self):
+        f = self._fast
+        if f is None:
+            from . import s3http
+
+            f = False
+            if s3http.enabled():
+                try:
+                    f = s3http.FastRanges(self.client, self.bucket, self.connect_timeout, self.read_timeout,
+                                          maxsize=PREFETCH_THREADS * 2)
+                except (ImportError, AttributeError, TypeError, ValueError):  # boto3 does every request
+                    f = False
+            self._fast = f
+        return f
+
+    def _fetch_range(self, name: str, offset: int, length: int) -> bytes:
+        """One ranged GET from the store (no cache)."""
+        fast = self._fast_ranges()
+        if fast:
+            data = fast.get_range(self.key(name), offset, length)
+            if data is not None:
+                with self._stats_lock:
+                    self.bytes_fetched += len(data)
+                    self.gets += 1
+                return data
         from botocore.exceptions import ClientError
 
         try:
@@ -323,9 +366,7 @@ class S3Backend(be.Backend):
             if isinstance(exc, BotoCoreError):
                 raise self._error("get", name, exc) from None
             raise
-        data = self._read_body(r, name)[:length]
-        self.cache.put(name, offset, data)
-        return data
+        return self._read_body(r, name)[:length]
 
     def prefetch(self, ranges: list[tuple[str, int, int]]) -> None:
         """Fetch the byte ranges ``(name, offset, length)`` into the cache: those of one
@@ -351,7 +392,7 @@ class S3Backend(be.Backend):
             self._fetch_quietly(*jobs[0])
             return
         if self._readers is None:
-            self._readers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="vdisk-s3-get")
+            self._readers = ThreadPoolExecutor(max_workers=PREFETCH_THREADS, thread_name_prefix="vdisk-s3-get")
         list(self._readers.map(lambda j: self._fetch_quietly(*j), jobs))
 
     def _fetch_quietly(self, name: str, offset: int, length: int) -> None:
@@ -431,3 +472,6 @@ class S3Backend(be.Backend):
             if self._readers is not None:
                 self._readers.shutdown(wait=True)
                 self._readers = None
+            if self._fast:
+                self._fast.close()
+            self._fast = None

@@ -44,6 +44,7 @@ GEN_PREFIX = "gen/"
 KEEP_GENERATIONS = 8
 NODE_CACHE = 4096  # decoded nodes kept (12 KiB each: 48 MiB)
 BASE_CACHE = 1024  # decoded delta bases kept (4 MiB)
+BLOCK_CACHE_MB = 64  # decoded blocks of reads kept (VDISK_POOL_BLOCK_CACHE_MB)
 COMMIT_RETRIES = 1000
 
 DEFAULT_SETTINGS = {"dedup": True, "delta": True, "compression": "zstd", "zstd_level": 3}
@@ -86,6 +87,8 @@ class Pool:
         self.backend = backend or open_backend(url)
         #: a directory (OFD locks) or an object store (leases and fencing)
         self.local = isinstance(self.backend, be.LocalBackend)
+        #: a pack is sealed once it holds this much (an object store may want smaller ones)
+        self.pack_target = int(getattr(self.backend, "pack_target", pc.TARGET_PACK))
         #: (image name, image id, lease epoch) of the image this Pool writes on an
         #: object store: every commit checks that the catalog still names the epoch
         self.fence: tuple[str, str, int] | None = None
@@ -121,6 +124,9 @@ class Pool:
         self._sealed: list[int] = []  # packs put since the last commit
         self._nodes: OrderedDict[tuple[int, int], bytes] = OrderedDict()
         self._bases: OrderedDict[tuple[int, int], bytes] = OrderedDict()
+        #: decoded, verified data blocks of reads: (pack, offset) -> (entry hash, block)
+        self._blocks: OrderedDict[tuple[int, int], tuple[int, bytes]] = OrderedDict()
+        self._block_limit = block_cache_blocks()
         self._cctx = None
         self._merged_away: set[str] = set()
         self.closed = False
@@ -297,7 +303,7 @@ class Pool:
         n = len(payload)
         if n > pc.MAX_BLOB:
             raise VdiskError(f"{self.url}: blob of {n} bytes is too large")
-        if self._pending is None or len(self._pending) + n > pc.TARGET_PACK:
+        if self._pending is None or len(self._pending) + n > self.pack_target:
             self.seal_pack()
             self._new_pack()
         off = len(self._pending)
@@ -362,6 +368,26 @@ class Pool:
         if verify and pc.entry_hash(block) != e.hash:
             raise BlobMismatch(f"{what}: checksum mismatch")
         return block
+
+    def cached_block(self, e: pc.Entry, what: str) -> bytes:
+        """``decode_block`` for the image read path, through a bounded cache of decoded
+        blocks that were checked against their hash when read from the store (a blob
+        never changes: packs are immutable and their numbers never reused).  ``check``,
+        ``scrub`` and ``gc`` call ``decode_block`` itself, which always reads the store."""
+        hit = self._blocks.get(e.loc)
+        if hit is not None and hit[0] == e.hash:
+            self._blocks.move_to_end(e.loc)
+            return hit[1]
+        block = self.decode_block(e, what)
+        if self._block_limit:
+            self._blocks[e.loc] = (e.hash, block)
+            if len(self._blocks) > self._block_limit:
+                self._blocks.popitem(last=False)
+        return block
+
+    def has_block(self, e: pc.Entry) -> bool:
+        hit = self._blocks.get(e.loc)
+        return hit is not None and hit[0] == e.hash
 
     def _base(self, e: pc.Entry, what: str) -> bytes:
         b = _lru_get(self._bases, e.loc)
@@ -452,6 +478,19 @@ class Pool:
         self.backend.close()
         if self._gc_lock is not None:
             self._gc_lock.release()
+
+
+def block_cache_blocks() -> int:
+    """Blocks the cache of decoded blocks holds: ``VDISK_POOL_BLOCK_CACHE_MB`` (default
+    64 MiB; 0 turns it off)."""
+    try:
+        mb = float(os.environ.get("VDISK_POOL_BLOCK_CACHE_MB", BLOCK_CACHE_MB))
+    except ValueError:
+        from ..errors import UsageError
+
+        raise UsageError(f"VDISK_POOL_BLOCK_CACHE_MB={os.environ.get('VDISK_POOL_BLOCK_CACHE_MB')!r}: "
+                         "expected a number") from None
+    return max(0, int(mb * (1 << 20)) // pc.BLOCK)
 
 
 def _lru_get(cache: OrderedDict, key):
