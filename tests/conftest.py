@@ -85,7 +85,7 @@ TIERS = {
               "test_model", "test_ops", "test_qcow2", "test_qcow2_safety", "test_safety", "test_vdk_safety",
               "test_rundir", "test_found_bugs", "test_pool", "test_pool_model", "test_pool_commands",
               "test_pool_admin", "test_diff", "test_vmdk", "test_vhdx", "test_fleet",
-              "test_vhd", "test_vdi"],
+              "test_vhd", "test_vdi", "test_cmdserver"],
     "tier3": ["test_fuse", "test_fuse_kernel", "test_fuse_pyfuse3", "test_locks_qemu", "test_qcow2_qemu",
               "test_mount_powercut", "test_locking", "test_nbd", "test_guest", "test_fleet_tools", "test_pool_s3",
               "test_pool_replicate"],

@@ -39,6 +39,7 @@ COMMANDS: dict[str, str] = {
     "bench": "vdisk.cli.bench:bench",
     "check": "vdisk.cli.check:check",
     "clone": "vdisk.cli.clone:clone",
+    "command-server": "vdisk.cli.cmdserver:command_server",
     "commit": "vdisk.cli.commit:commit",
     "compare": "vdisk.cli.compare:compare",
     "convert": "vdisk.cli.convert:convert",
