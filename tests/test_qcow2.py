@@ -16,6 +16,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 import vdisk
 from vdisk.codec import qcow2 as C
+from vdisk.codec import qcow2_snapshot as CS
 from vdisk.drivers.base import Status
 from vdisk.errors import BackingError, CorruptImage, SnapshotExists, SnapshotNotFound, UnsupportedFeature
 from vdisk.testing import check_block_driver
@@ -91,13 +92,13 @@ def test_refblock_round_trip(order):
 
 
 def test_snapshot_table_round_trip():
-    s1 = C.Snapshot(0x40000, 2, "1", "first", 100, 5, 0, 0, 1 << 20, b"\0" * 8, 24)
-    s2 = C.Snapshot(0x50000, 1, "2", "zweite", 200, 6, 7, 0, 1 << 21)
-    raw = C.encode_snapshot_table([s1, s2])
+    s1 = CS.Snapshot(0x40000, 2, "1", "first", 100, 5, 0, 0, 1 << 20, b"\0" * 8, 24)
+    s2 = CS.Snapshot(0x50000, 1, "2", "zweite", 200, 6, 7, 0, 1 << 21)
+    raw = CS.encode_snapshot_table([s1, s2])
     assert len(raw) % 8 == 0
-    assert C.decode_snapshot_table(raw, 2) == [s1, s2]
+    assert CS.decode_snapshot_table(raw, 2) == [s1, s2]
     with pytest.raises(CorruptImage):
-        C.decode_snapshot_table(raw[:50], 2)
+        CS.decode_snapshot_table(raw[:50], 2)
 
 
 @pytest.mark.parametrize("ctype", [C.COMPRESSION_ZLIB, C.COMPRESSION_ZSTD])

@@ -19,6 +19,7 @@ import pytest
 
 import vdisk
 from vdisk.codec import qcow2 as C
+from vdisk.codec import qcow2_snapshot as QS
 from vdisk.codec import zstd as Z
 from vdisk.errors import CorruptImage, UsageError
 
@@ -662,9 +663,9 @@ def test_many_big_overlapping_snapshot_l1_tables_open_quickly(tmp_path):
     end = os.path.getsize(p)
     l1s_at = (end + 511) // 512 * 512  # zeros past the image's clusters
     table_at = l1s_at + 64 * MiB
-    snaps = [C.Snapshot(l1_table_offset=l1s_at + 512 * i, l1_size=4 << 20, id=str(i + 1), name=f"s{i}",
+    snaps = [QS.Snapshot(l1_table_offset=l1s_at + 512 * i, l1_size=4 << 20, id=str(i + 1), name=f"s{i}",
                         disk_size=1 * MiB) for i in range(2000)]
-    blob = C.encode_snapshot_table(snaps)
+    blob = QS.encode_snapshot_table(snaps)
     with open(p, "r+b") as f:
         f.seek(table_at)
         f.write(blob)

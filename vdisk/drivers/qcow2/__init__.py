@@ -96,6 +96,7 @@ from __future__ import annotations
 import array
 
 from ...codec import qcow2 as C
+from ...codec import qcow2_snapshot as CS
 from ...host import HostStorage
 from .. import register
 from ..base import BackingRef, BlockDriver
@@ -221,9 +222,9 @@ class Qcow2Driver(
     # write
     _ctail: tuple[int, int] | None  # (next free byte, end of its cluster) for compressed data
     # snapshots
-    snapshots: list[C.Snapshot]
+    snapshots: list[CS.Snapshot]
     _snap_table_bytes: int  # bytes of the snapshot table in the file
-    _snapshot_view: C.Snapshot | None  # the snapshot an image opened with snapshot= shows
+    _snapshot_view: CS.Snapshot | None  # the snapshot an image opened with snapshot= shows
 
     def __init__(self, host: HostStorage, read_only: bool):
         """A driver with nothing loaded yet: ``open`` then reads the image."""

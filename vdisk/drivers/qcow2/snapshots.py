@@ -33,6 +33,7 @@ import dataclasses
 import time
 
 from ...codec import qcow2 as C
+from ...codec import qcow2_snapshot as CS
 from ...errors import CorruptImage, SnapshotExists, SnapshotNotFound, UsageError
 from ..base import SnapshotInfo
 from ..names import validate_snapshot_name
@@ -43,7 +44,7 @@ from .tables import nonzero
 class SnapshotMixin:
     """The snapshot table and the snapshot_* operations."""
 
-    def _read_snapshot_table(self, offset: int, count: int) -> list[C.Snapshot]:
+    def _read_snapshot_table(self, offset: int, count: int) -> list[CS.Snapshot]:
         self._snap_table_bytes = 0
         if count == 0:
             return []
@@ -54,16 +55,16 @@ class SnapshotMixin:
         pos = offset
         limit = min(self._eof, offset + MAX_SNAPSHOT_TABLE_BYTES)
         for i in range(count):
-            if pos + C.SNAPSHOT_FIXED_SIZE > limit:
+            if pos + CS.SNAPSHOT_FIXED_SIZE > limit:
                 raise CorruptImage(f"{self.host.name}: qcow2 snapshot table entry {i} lies past the end of the file")
-            extra, length = C.snapshot_entry_lengths(self.host.pread(pos, C.SNAPSHOT_FIXED_SIZE))
-            if extra > C.MAX_SNAPSHOT_EXTRA:
+            extra, length = CS.snapshot_entry_lengths(self.host.pread(pos, CS.SNAPSHOT_FIXED_SIZE))
+            if extra > CS.MAX_SNAPSHOT_EXTRA:
                 raise CorruptImage(f"{self.host.name}: qcow2 snapshot {i} has {extra} bytes of extra data (too many)")
             total = (length + 7) & ~7
             # the padding of the last entry need not exist in the file
             if pos + length > limit:
                 raise CorruptImage(f"{self.host.name}: qcow2 snapshot table entry {i} runs past the end of the file")
-            snap, _ = C.decode_snapshot(self.host.pread(pos, total), 0)
+            snap, _ = CS.decode_snapshot(self.host.pread(pos, total), 0)
             if snap.l1_size * 8 > MAX_L1_BYTES:
                 raise CorruptImage(f"{self.host.name}: qcow2 snapshot {snap.name!r} L1 table is too large")
             if snap.l1_size and (snap.l1_table_offset % cs or snap.l1_table_offset == 0):
@@ -73,7 +74,7 @@ class SnapshotMixin:
         self._snap_table_bytes = pos - offset
         return snaps
 
-    def _find_snapshot(self, name: str) -> C.Snapshot:
+    def _find_snapshot(self, name: str) -> CS.Snapshot:
         if name.startswith("#") and name[1:].isdigit():  # #ID: by id only
             for s in self.snapshots:
                 if s.id == name[1:]:
@@ -101,10 +102,10 @@ class SnapshotMixin:
             )
         return out
 
-    def _write_snapshot_table(self, snaps: list[C.Snapshot]) -> None:
+    def _write_snapshot_table(self, snaps: list[CS.Snapshot]) -> None:
         """Write a new snapshot table elsewhere and point the header at it (on flush)."""
         cs = self.cluster_size
-        data = C.encode_snapshot_table(snaps)
+        data = CS.encode_snapshot_table(snaps)
         old_off, old_n = self.hdr.snapshots_offset, self.hdr.nb_snapshots
         old_clusters = ceil_div(self._snap_table_bytes, cs) if old_n else 0
         if data:
@@ -146,7 +147,7 @@ class SnapshotMixin:
         self._add_tree_refs(self.l1, +1)
         ids = [int(s.id) for s in self.snapshots if s.id.isdigit()]
         now = time.time()
-        snap = C.Snapshot(
+        snap = CS.Snapshot(
             l1_table_offset=l1_off,
             l1_size=n_l1,
             id=str(max(ids, default=0) + 1),
