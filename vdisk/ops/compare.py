@@ -129,6 +129,17 @@ class CompareResult:
         return self.size_a != self.size_b
 
 
+def overlay_pieces(runs_a, runs_b, chunk: int) -> Iterator[tuple[int, int, bool, bool]]:
+    """``(offset, length, read_a, read_b)`` pieces of two sides' data runs: a span
+    where neither side has data is one piece, any other is cut into ``chunk``s."""
+    for s, e, da, db in overlay_runs(runs_a, runs_b):
+        if not da and not db:
+            yield s, e - s, False, False
+        else:
+            for off, n in chunks(s, e, chunk):
+                yield off, n, da, db
+
+
 def _plan(a: Image, b: Image, chunk: int) -> Iterator[tuple[int, int, bool, bool]]:
     """``(offset, length, read_a, read_b)`` pieces covering ``max(a.size, b.size)``.
     A side not read reads as zeros there (no data, or past its end).  All block
@@ -139,12 +150,7 @@ def _plan(a: Image, b: Image, chunk: int) -> Iterator[tuple[int, int, bool, bool
     bigger_is_a = a.size > b.size
     bigger = a if bigger_is_a else b
     tail = data_runs(bigger, common, bigger.size)
-    for s, e, da, db in overlay_runs(runs_a, runs_b):
-        if not da and not db:
-            yield s, e - s, False, False
-        else:
-            for off, n in chunks(s, e, chunk):
-                yield off, n, da, db
+    yield from overlay_pieces(runs_a, runs_b, chunk)
     for s, e, has in tail:
         if not has:
             yield s, e - s, False, False

@@ -45,7 +45,7 @@ from ..codec import diff as codec
 from ..codec.diff import DATA, END, ZERO, DiffStreamError
 from ..errors import ImageExists, UsageError, VdiskError
 from . import tmpfile
-from .compare import chunks, data_runs, is_zero, overlay_runs
+from .compare import chunks, data_runs, is_zero, overlay_pieces
 
 DEFAULT_CHUNK = 1 << 20
 #: import reads the target in pieces of at most this for its base checks
@@ -160,12 +160,7 @@ def _plan(base: Image | None, target: Image, start: int, chunk: int) -> Iterator
     size = target.size
     runs_b = data_runs(target, start, size)
     runs_a = data_runs(base, start, size) if base is not None else [(start, size, False)] if size > start else []
-    for s, e, da, db in overlay_runs(runs_a, runs_b):
-        if not da and not db:
-            yield s, e - s, False, False
-        else:
-            for off, n in chunks(s, e, chunk):
-                yield off, n, da, db
+    yield from overlay_pieces(runs_a, runs_b, chunk)
 
 
 def _records(base: Image | None, target: Image, start: int, chunk: int, tick: ProgressFn
