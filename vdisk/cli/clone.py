@@ -40,6 +40,10 @@ def clone(full, compress, fmt, unsafe_backing, progress, source, dest):
     Between a pool and a file, or two pools, the clone is an overlay on the
     snapshot as above (a pool image follows backing files in its pool's directory,
     so a file beside the pool needs VDISK_BACKING_DIRS)."""
+    if full:
+        from vdisk.hostmem import keep_freed_buffers
+
+        keep_freed_buffers()
     if compress and not full:
         raise click.UsageError("-c goes with --full")
     if full:

@@ -23,6 +23,9 @@ def commit(keep, base, unsafe_backing, progress, filename):
 
     Refused for an overlay with internal snapshots (they read through the backing
     image) and for one whose backing image is a snapshot (snapshots do not change)."""
+    from vdisk.hostmem import keep_freed_buffers
+
+    keep_freed_buffers()
     with block.open(filename, read_only=True, backing=False) as img:
         size = img.size
     with progress_bar(size, "commit", force=progress) as bar:

@@ -61,9 +61,11 @@ def convert(fmt, out_fmt, compress, opts, snapshot, snapshot_param, existing, ta
     so DST is sparse.  An existing DST is replaced once the copy is complete (unless
     it is in use); with -n, DST is written in place and must be as large as SRC.
     """
+    from ..hostmem import keep_freed_buffers
     from ..ops.convert import convert as do_convert
     from ..session import SESSION
 
+    keep_freed_buffers()
     kw = parse_o_options(opts)
     if "backing_file" in kw or "backing_format" in kw:
         raise UsageError("set the destination's backing file with -B (and -F), not with -o")

@@ -64,8 +64,10 @@ def export(fmt, from_start, resume, progress, quiet, unsafe_backing, output, ima
     JSON keys: records, data_records, zero_records, data_bytes, zero_bytes,
     stream_size, size, full, resumed_records."""
     from ..errors import UsageError
+    from ..hostmem import keep_freed_buffers
     from ..ops.diff import export_diff
 
+    keep_freed_buffers()
     if len(images) > 2:
         raise UsageError("diff export takes at most two images (A and B) and FILE")
     if from_start:
@@ -104,8 +106,10 @@ def import_(fmt, resume, progress, quiet, unsafe_backing, output, file, image):
     continue an interrupted import.
 
     JSON keys: as for export."""
+    from ..hostmem import keep_freed_buffers
     from ..ops.diff import import_diff
 
+    keep_freed_buffers()
     with open_image(image, fmt=fmt, read_only=False, unsafe_backing=unsafe_backing) as img, \
             progress_bar(img.size, "Importing", force=progress, quiet=quiet) as bar:
         summary = import_diff(file, img, image_name=image, resume=resume, progress=bar.update)

@@ -18,6 +18,9 @@ from vdisk.ops.chain import flatten as _flatten
 @click.argument("filename")
 def flatten(unsafe_backing, progress, filename):
     """Copy everything FILENAME reads from its backing chain into it and drop the backing reference."""
+    from vdisk.hostmem import keep_freed_buffers
+
+    keep_freed_buffers()
     with block.open(filename, read_only=True, backing=False) as img:
         size = img.size
     with progress_bar(size, "flatten", force=progress) as bar:

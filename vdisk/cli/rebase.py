@@ -28,6 +28,9 @@ from vdisk.ops.chain import rebase as _rebase
 def rebase(backing, backing_format, unsafe, unsafe_backing, progress, filename):
     """Move overlay FILENAME onto another backing image, keeping its guest content:
     every range where the old and the new backing differ is copied into FILENAME first."""
+    from vdisk.hostmem import keep_freed_buffers
+
+    keep_freed_buffers()
     new = None
     if backing:
         path, snap = backing_spec(filename, backing)

@@ -1,0 +1,47 @@
+"""Process memory tuning for the commands that stream a disk's data.
+
+A copy (convert, commit, rebase, flatten, a full clone, diff export and import)
+reads and writes the data in chunks of 1-2 MiB, each a fresh ``bytes`` object.
+glibc's malloc hands a block that size out of the heap and, when it is freed,
+gives the heap's top back to the kernel (its trim threshold follows the largest
+freed block), so the next chunk faults its pages in again: about 110 000 minor
+page faults and 0.3-1.5 s of kernel time per GiB converted, measured with
+``/usr/bin/time`` on ``vdisk convert`` of scripts/bench-convert's 1 GiB image
+(qemu-img reuses its buffers: 4 700 faults).  Keeping freed memory in the process
+up to a bound brings vdisk to 5 900 faults.
+
+:func:`keep_freed_buffers` raises glibc's thresholds with ``mallopt`` for the
+current process only; a library user decides for their own process.  On another
+C library it does nothing.
+"""
+
+from __future__ import annotations
+
+_M_TRIM_THRESHOLD = -1  # from glibc's <malloc.h>
+_M_MMAP_THRESHOLD = -3
+
+#: free memory the heap may keep at its top before it is returned to the kernel
+TRIM_THRESHOLD = 64 << 20
+#: blocks below this come from the heap (glibc's largest allowed value on 64-bit)
+MMAP_THRESHOLD = 32 << 20
+
+_done = False
+
+
+def keep_freed_buffers() -> bool:
+    """Let this process keep up to ``TRIM_THRESHOLD`` bytes of freed heap for its
+    next chunks.  Returns whether glibc took the settings (False elsewhere)."""
+    global _done
+    if _done:
+        return True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    _done = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    return _done
