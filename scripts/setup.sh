@@ -5,7 +5,8 @@
 #     fio (benchmarks), e2fsprogs and util-linux (mkfs.ext4, losetup on a mounted disk),
 #     qemu-system-x86 and debootstrap (real guests: scripts/guest, tests/test_guest.py);
 #   - a virtualenv in .venv at the repository root with vdisk installed in editable mode
-#     together with its test dependencies.
+#     together with its test dependencies, and vdisk's launcher over pip's `vdisk` console
+#     script (vdisk/cmdserver/launcher.py: the same, without pip's `import re`).
 # Idempotent and quick when nothing changed: apt is skipped when dpkg says every package
 # is installed; pip is skipped while pyproject.toml and the Python are the same as at the
 # last successful install (stamp file .venv/.vdisk-setup-stamp).
@@ -96,6 +97,11 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ] || [ ! -x .venv/bin/vdisk ]; the
     .venv/bin/python -c 'import vdisk, pyfuse3, trio, pytest, pytest_timeout' || die "the venv cannot import vdisk's dependencies"
     echo "$want" >"$STAMP"
 fi
+
+# The vdisk launcher over pip's console script (vdisk/cmdserver/launcher.py): pip's starts
+# with `import re`, 12-15 ms of every command.  At every run, also when pip was skipped,
+# so that a `pip install -e .` run by hand is undone here.
+.venv/bin/python -m vdisk.cmdserver.launcher .venv/bin/vdisk || die "cannot write the vdisk launcher"
 
 # Byte-compile the sources: a command that compiles its modules at every start (as
 # with PYTHONDONTWRITEBYTECODE) pays tens of milliseconds for it.  Quick when current.
