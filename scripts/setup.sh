@@ -6,7 +6,7 @@
 #     qemu-system-x86 and debootstrap (real guests: scripts/guest, tests/test_guest.py);
 #   - a virtualenv in .venv at the repository root with vdisk installed in editable mode
 #     together with its test dependencies, and vdisk's launcher over pip's `vdisk` console
-#     script (vdisk/cmdserver/launcher.py: the same, without pip's `import re`).
+#     script (vdisk/cmdserver/launcher.py: the same under python -S, without pip's `import re`).
 # Idempotent and quick when nothing changed: apt is skipped when dpkg says every package
 # is installed; pip is skipped while pyproject.toml and the Python are the same as at the
 # last successful install (stamp file .venv/.vdisk-setup-stamp).
@@ -99,8 +99,9 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ] || [ ! -x .venv/bin/vdisk ]; the
 fi
 
 # The vdisk launcher over pip's console script (vdisk/cmdserver/launcher.py): pip's starts
-# with `import re`, 12-15 ms of every command.  At every run, also when pip was skipped,
-# so that a `pip install -e .` run by hand is undone here.
+# with `import re`, 12-15 ms of every command; the launcher also runs python -S (site, ~2 ms).
+# At every run, also when pip was skipped, so that a `pip install -e .` run by hand is
+# undone here.
 .venv/bin/python -m vdisk.cmdserver.launcher .venv/bin/vdisk || die "cannot write the vdisk launcher"
 
 # Byte-compile the sources: a command that compiles its modules at every start (as

@@ -442,4 +442,13 @@ def test_launcher_does_not_import_re(server, image, tmp_path):
     imported = {line.split("|")[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
     assert "vdisk.cmdserver.client" in imported, r.stderr
     assert "re" not in imported and "enum" not in imported, sorted(imported)
+    assert "site" not in imported, sorted(imported)  # python -S: a served command needs no site-packages
     assert r.stdout == server.vdisk("info", image, in_process=True).stdout
+    # in-process (no server), the client imports site itself: click and the rest are found
+    e["VDISK_NO_COMMAND_SERVER"] = "1"
+    r2 = subprocess.run([str(script), "info", str(image)], env=e, capture_output=True, text=True, timeout=60,
+                        stdin=subprocess.DEVNULL)
+    assert r2.returncode == 0, r2.stderr
+    imported2 = {line.split("|")[-1].strip() for line in r2.stderr.splitlines() if line.startswith("import time:")}
+    assert {"site", "click", "vdisk.cli"} <= imported2, sorted(imported2)
+    assert r2.stdout == r.stdout

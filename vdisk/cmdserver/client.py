@@ -215,6 +215,10 @@ def main() -> None:
         code = run_on_server(argv)
         if code is not None:
             os._exit(code & 0xFF)
+    if sys.flags.no_site:  # the launcher runs python -S: in-process needs site-packages
+        import site
+
+        site.main()
     from vdisk.cli import main as in_process
 
     in_process()
