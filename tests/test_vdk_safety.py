@@ -15,6 +15,7 @@ Timings are CPU time of this process (``time.process_time``) with generous bound
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -25,8 +26,9 @@ import pytest
 from conftest import vdisk_command
 
 import vdisk
+from vdisk.codec import vdk as C
 from vdisk.drivers.vdk import validate_snapshot_name
-from vdisk.errors import UsageError
+from vdisk.errors import ChecksumMismatch, UsageError
 from vdisk.ops import convert
 from vdisk.ops.tmpfile import PARTIAL_MARK, remove_stale_partials
 
@@ -451,3 +453,185 @@ def test_frees_wait_for_their_own_header_after_a_failed_header_sync():
     assert reopened.read(cs, cs) in (bytes(cs), b"C" * cs)
     res = reopened.check()
     assert not res.corruptions, res.corruptions
+
+
+# -- the request path and commit costs of issue 14 item 4:
+# The vdk request path and commit costs of issue 14 item 4:
+#
+# 1. a commit defers the hole punch of the clusters its successor will allocate again
+#    (a copy-on-write transaction frees about what it allocates), never punches a
+#    cluster the durable header or the open transaction references, and ``close``
+#    and ``check`` punch what waited;
+# 2. a transaction that mostly frees (a discard) still gives the space back at its
+#    commit;
+# 3. a partial write reads the old cluster through ``_cluster_for_merge``, which
+#    verifies its checksum (a damaged cluster is not laundered into a new checksum),
+#    and a rewrite of a cluster private to the transaction stays in place.
+
+CS = 65536
+
+
+def _count_punches(img) -> list[tuple[int, int]]:
+    calls: list[tuple[int, int]] = []
+    host = img.driver.host
+    inner = host.punch_hole
+
+    def punch_hole(off, n):
+        calls.append((off, n))
+        inner(off, n)
+
+    host.punch_hole = punch_hole
+    return calls
+
+
+def _allocated(path) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+def test_steady_writes_and_flushes_reuse_freed_clusters_without_punching(tmp_path):
+    path = str(tmp_path / "a.vdk")
+    size = 64 * MiB
+    vdisk.create(path, size, format="vdk")
+    rnd = random.Random(1)
+    shadow = bytearray(rnd.randbytes(size))
+    with vdisk.open(path) as img:
+        img.write(0, bytes(shadow))
+        img.flush()
+        calls = _count_punches(img)
+        for _ in range(6):
+            for _ in range(32):
+                off = rnd.randrange(size // 4096) * 4096
+                data = rnd.randbytes(4096)
+                img.write(off, data)
+                shadow[off:off + 4096] = data
+            img.flush()
+        host_clusters = img.driver.host_clusters
+        # the first commit after the fill may punch; later ones reuse what it kept
+        assert len(calls) <= 1, calls
+        deferred = set(img.driver._unpunched)
+        assert deferred, "the freed clusters wait for reuse"
+        rc = img.driver.rc
+        assert all(rc[c] == 0 for c in deferred)
+        res = img.check()  # punches what waited: no leaked space
+        assert not res.corruptions and res.leaked_clusters == 0, res
+        assert not img.driver._unpunched
+    # the host area did not grow by a transaction's worth per commit: freed clusters were reused
+    assert host_clusters <= size // CS + 200, host_clusters
+    with vdisk.open(path, read_only=True) as img:
+        assert img.read(0, size) == bytes(shadow)
+        res = img.check()
+        assert not res.corruptions and not res.leaks, res
+
+
+def test_close_punches_the_deferred_clusters(tmp_path):
+    path = str(tmp_path / "b.vdk")
+    vdisk.create(path, 16 * MiB, format="vdk")
+    rnd = random.Random(2)
+    with vdisk.open(path) as img:
+        img.write(0, rnd.randbytes(16 * MiB))
+        img.flush()
+        for _ in range(3):
+            for c in rnd.sample(range(256), 40):
+                img.write(c * CS + 4096, rnd.randbytes(4096))
+            img.flush()
+        deferred = sorted(img.driver._unpunched)
+        assert deferred
+        calls = _count_punches(img)
+    punched = {off // CS for off, n in calls for off in range(off, off + n, CS)}
+    assert set(deferred) <= punched, (deferred, calls)
+    with vdisk.open(path, read_only=True) as img:
+        res = img.check()
+        assert not res.corruptions and not res.leaks, res
+
+
+def test_discard_gives_the_space_back_at_its_commit(tmp_path):
+    path = str(tmp_path / "c.vdk")
+    vdisk.create(path, 64 * MiB, format="vdk")
+    with vdisk.open(path) as img:
+        img.write(0, os.urandom(32 * MiB))
+        img.flush()
+        full = _allocated(path)
+        img.discard(0, 16 * MiB)
+        img.flush()
+        after = _allocated(path)
+        assert after <= full - 15 * MiB, (full, after)
+        assert img.read(0, 16 * MiB) == bytes(16 * MiB)
+
+
+def test_deferred_punch_skips_clusters_still_referenced(tmp_path):
+    """A deferred cluster that was reused, or that is pending free (the durable
+    header still names it), is not punched."""
+    path = str(tmp_path / "d.vdk")
+    vdisk.create(path, 8 * MiB, format="vdk")
+    rnd = random.Random(3)
+    data = rnd.randbytes(8 * MiB)
+    with vdisk.open(path) as img:
+        img.write(0, data)
+        img.flush()
+        img.write(4096, b"x" * 4096)  # frees guest cluster 0's old host cluster at the commit
+        img.flush()
+        d = img.driver
+        t = d.txn
+        d._punch_deferred()  # what really waited
+        in_use = [c for c in range(d.host_clusters) if d.rc[c] > 0]
+        d._unpunched.update(in_use)  # as if they had been freed and reused since
+        calls = _count_punches(img)
+        d._punch_deferred()
+        assert not calls, calls
+        # a cluster pending free (refcount 0, the durable header names it) is not punched either
+        img.write(8192, b"y" * 4096)  # rewrite in place: guest cluster 0 is private now
+        img.write(3 * CS, b"z" * 4096)  # guest cluster 3's old cluster becomes pending free
+        assert t.pending_free
+        d._unpunched.update(t.pending_free)
+        d._punch_deferred()
+        assert not calls, calls
+    with vdisk.open(path, read_only=True) as img:
+        expect = bytearray(data)
+        expect[4096:8192] = b"x" * 4096
+        expect[8192:12288] = b"y" * 4096
+        expect[3 * CS:3 * CS + 4096] = b"z" * 4096
+        assert img.read(0, 8 * MiB) == bytes(expect)
+
+
+def test_partial_write_verifies_the_old_cluster(tmp_path):
+    path = str(tmp_path / "e.vdk")
+    vdisk.create(path, 4 * MiB, format="vdk")
+    with vdisk.open(path) as img:
+        img.write(0, os.urandom(4 * MiB))
+        img.flush()
+        d = img.driver
+        img.read(0, 4096)  # the L2 table is cached: the fast path of _cluster_for_merge
+        host_off = C.L2_ENTRY.unpack_from(d._l2(0), 5 * C.L2_ENTRY_SIZE)[0] & C.OFFSET_MASK
+        with open(path, "r+b") as f:  # damage guest cluster 5 on the host
+            f.seek(host_off + 100)
+            f.write(b"\xff" * 8)
+        with pytest.raises(ChecksumMismatch):
+            img.write(5 * CS + 4096, b"a" * 4096)
+        # the entry still names the damaged cluster with its old checksum: reads still fail
+        with pytest.raises(ChecksumMismatch):
+            img.read(5 * CS, 4096)
+
+
+def test_rewrite_of_a_private_cluster_stays_in_place(tmp_path):
+    path = str(tmp_path / "f.vdk")
+    vdisk.create(path, 4 * MiB, format="vdk")
+    base = os.urandom(4 * MiB)
+    with vdisk.open(path) as img:
+        img.write(0, base)
+        img.flush()
+        img.write(2 * CS + 4096, b"1" * 4096)  # copy-on-write: a new host cluster
+        d = img.driver
+        tbl = d._l2(0)
+        first = C.L2_ENTRY.unpack_from(tbl, 2 * C.L2_ENTRY_SIZE)[0] & C.OFFSET_MASK
+        host_clusters = d.host_clusters
+        img.write(2 * CS + 8192, b"2" * 4096)  # private to the transaction: in place
+        img.write(2 * CS, b"3" * 100)  # unaligned, in place too
+        assert C.L2_ENTRY.unpack_from(tbl, 2 * C.L2_ENTRY_SIZE)[0] & C.OFFSET_MASK == first
+        assert d.host_clusters == host_clusters
+    expect = bytearray(base)
+    expect[2 * CS + 4096:2 * CS + 8192] = b"1" * 4096
+    expect[2 * CS + 8192:2 * CS + 12288] = b"2" * 4096
+    expect[2 * CS:2 * CS + 100] = b"3" * 100
+    with vdisk.open(path, read_only=True) as img:
+        assert img.read(0, 4 * MiB) == bytes(expect)
+        assert not img.check().corruptions

@@ -121,6 +121,7 @@ class VdkDriver(LoadMixin, AllocMixin, TablesMixin, IoMixin, TxnMixin, SnapshotM
         self._unwritten: dict[int, bytes] = {}  # host offset -> data whose write failed (retried at commit)
         # -- the commit (txn)
         self._header_unsure = False  # a header write failed: it may or may not be durable
+        self._unpunched: set[int] = set()  # free clusters whose hole punch is deferred (txn._release_pending)
         self.slot = 0  # index of the header slot holding the current header
         self._slot_gen = hdr.generation
         self._closed = False

@@ -40,6 +40,7 @@ class CheckMixin:
             raise UsageError(f"{self.name}: open the image read-write to repair it")
         if not self.read_only:
             self._commit()
+            self._punch_deferred()  # free clusters whose punch waited are not leaked space
         res = CheckResult()
         cs = self.cluster_size
         cbits = self.cbits
