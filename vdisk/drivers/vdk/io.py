@@ -149,6 +149,24 @@ class IoMixin:
             data += bytes(self.cluster_size - n)
         return data
 
+    def _cluster_for_merge(self, ci: int) -> bytearray:
+        """Guest cluster ``ci`` as a new bytearray, for a partial write to patch.  A data
+        cluster whose L2 table is cached is read straight from the host and verified
+        against its entry's checksum, as ``read`` would, without ``read``'s general
+        path and its extra copy; anything else goes through ``_read_cluster``."""
+        cs = self.cluster_size
+        tbl = self.l2cache.get(ci >> self.l2_bits)
+        if tbl is not None and not self._unwritten and (ci + 1) << self.cbits <= self.size:
+            desc, _slen, _codec, csum, _b = _unpack_l2(tbl, (ci & self.l2_mask) * _ESZ)
+            if desc >> _SHIFT == _T_DATA:
+                buf = bytearray(self.host.pread(desc & _MASK, cs))
+                if len(buf) != cs or C.checksum(buf) != csum:
+                    raise ChecksumMismatch(
+                        f"{self.name}: data checksum mismatch in the cluster at guest offset {ci << self.cbits:#x}",
+                        ci << self.cbits)
+                return buf
+        return bytearray(self._read_cluster(ci))
+
     def write(self, offset: int, data: bytes) -> None:
         self._check_writable()
         cs = self.cluster_size
@@ -176,13 +194,12 @@ class IoMixin:
                         continue
                     content = mv[pos - offset:pos - offset + cs]
                 else:
-                    old = self._read_cluster(ci)
-                    merged = bytearray(old)
+                    merged = self._cluster_for_merge(ci)
                     merged[in_off:in_off + n] = mv[pos - offset:pos - offset + n]
                     if self._rewrite_part(ci, merged, in_off, n):
                         pos += n
                         continue
-                    content = bytes(merged)
+                    content = merged  # nothing changes it once queued: no bytes() copy
                 self._store(ci, content, compressed.get(ci) if compressed else None)
                 pos += n
         finally:
@@ -248,7 +265,7 @@ class IoMixin:
             return False
         if merged == self.zero_cluster:
             return False  # let _store turn it into a zero entry
-        self._wq.append((host + in_off, bytes(merged[in_off:in_off + n])))
+        self._wq.append((host + in_off, memoryview(merged)[in_off:in_off + n]))  # merged is not changed again
         _pack_l2(tbl, pos, desc, self.cluster_size, 0, C.checksum(merged), self.header.generation + 1)
         return True
 
