@@ -590,3 +590,45 @@ def test_geometry(cbits):
     assert C.rc_entries(cbits) * C.RC_ENTRY_SIZE == cs
     span = cs * C.l2_entries(cbits)
     assert [C.l1_entries_for(v, cbits) for v in (0, 1, span - 1, span, span + 1, 3 * span)] == [0, 1, 1, 1, 2, 3]
+
+
+def _held_table(n: int) -> tuple[C.SnapshotRecord, bytes]:
+    holders = tuple(C.HolderRecord(bytes([i % 251 + 1]) + bytes(14) + bytes([i // 251]), f"c/{i}.vdk" + "x" * (i % 9))
+                    for i in range(n))
+    rec = C.SnapshotRecord(1, "base", 1, 0, 1 << 30, 1 << 20, 8, 7, 0, n + 2, holders)
+    return rec, C.encode_snapshot_table([rec])
+
+
+def test_decoded_holders_re_encode_to_the_bytes_read():
+    rec, buf = _held_table(40)
+    (got,) = C.decode_snapshot_table(buf, 1)
+    assert got == rec
+    assert all(h.encoded is not None for h in got.holders)  # re-encoding reuses what was read
+    assert C.encode_snapshot_table([got]) == buf
+    # a holder made anew (no bytes kept) encodes the same as one read back
+    fresh = C.HolderRecord(got.holders[3].image_id, got.holders[3].path)
+    assert fresh == got.holders[3] and fresh.encode() == got.holders[3].encode()
+
+
+def test_a_table_whose_last_holder_lacks_its_padding_is_refused():
+    rec, buf = _held_table(3)
+    last = rec.holders[-1]
+    assert len(last.encode()) > 18 + len(last.path)  # the last record is padded
+    with pytest.raises(CorruptImage, match="length does not match"):
+        C.decode_snapshot_table(buf[:-1], 1)
+
+
+def test_snapshot_tables_decoded_again_are_equal_fresh_lists_and_errors_are_not_remembered():
+    rec, buf = _held_table(5)
+    first = C.decode_snapshot_table(buf, 1)
+    first.append("a caller's own change")
+    again = C.decode_snapshot_table(bytearray(buf), 1)  # the same bytes, another object
+    assert again == [rec]
+    bad = bytearray(buf)
+    struct.pack_into("<H", bad, 62, 4)  # holder_count 4 of 5 records: the length no longer matches
+    for _ in range(2):  # refused every time, not only the first
+        with pytest.raises(CorruptImage):
+            C.decode_snapshot_table(bytes(bad), 1)
+    with pytest.raises(CorruptImage):  # same bytes, but without the identity feature
+        C.decode_snapshot_table(buf, 1, identity=False)
+    assert C.decode_snapshot_table(buf, 1) == [rec]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import array
 import struct
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import xxhash
 
@@ -375,8 +375,13 @@ class HolderRecord:
 
     image_id: bytes
     path: str
+    #: the record's bytes as :func:`decode_snapshot_table` read and checked them (a
+    #: snapshot held by hundreds of clones re-encodes every holder at each commit)
+    encoded: bytes | None = field(default=None, compare=False, repr=False)
 
     def encode(self) -> bytes:
+        if self.encoded is not None:
+            return self.encoded
         path = self.path.encode()
         if len(self.image_id) != IMAGE_ID_SIZE or not any(self.image_id):
             raise ValueError("a holder needs a 16-byte image id")
@@ -418,9 +423,65 @@ def encode_snapshot_table(records) -> bytes:
     return b"".join(r.encode() for r in records)
 
 
+def _decode_holders(buf: bytes, pos: int, count: int, sid: int) -> tuple[tuple[HolderRecord, ...], int]:
+    """``count`` holder records from ``pos`` (8-aligned), each keeping its bytes, and
+    the position after them."""
+    unpack, hsize, end_of_table = _HOLDER.unpack_from, _HOLDER.size, len(buf)
+    holders = []
+    seen: set[bytes] = set()
+    for _ in range(count):
+        if pos + hsize > end_of_table:
+            raise CorruptImage(f"snapshot {sid}: holder records run past the snapshot table")
+        hid, plen = unpack(buf, pos)
+        end = pos + hsize + plen
+        if not 0 < plen <= MAX_HOLDER_PATH or end > end_of_table:
+            raise CorruptImage(f"snapshot {sid}: a holder path length of {plen}")
+        raw = buf[pos + hsize:end]
+        try:
+            hpath = raw.decode()
+        except UnicodeDecodeError:
+            raise CorruptImage(f"snapshot {sid}: a holder path that is not UTF-8") from None
+        if b"\0" in raw or hid == _NO_ID or hid in seen:
+            raise CorruptImage(f"snapshot {sid}: an invalid or duplicate holder record")
+        seen.add(hid)
+        nxt = (end + 7) & ~7  # pos is 8-aligned: the same as pos + _align(hsize + plen, 8)
+        if nxt > end_of_table:  # the last record's padding is missing
+            raise CorruptImage("snapshot table length does not match its records")
+        holders.append(HolderRecord(hid, hpath, buf[pos:nxt]))
+        pos = nxt
+    return tuple(holders), pos
+
+
+_NO_ID = bytes(IMAGE_ID_SIZE)
+
+
+#: tables up to this length are remembered once decoded (see decode_snapshot_table)
+_MEMO_MAX_TABLE = 1 << 20
+_MEMO_ENTRIES = 4
+_memo: dict[tuple[bytes, int, bool], tuple[SnapshotRecord, ...]] = {}
+
+
 def decode_snapshot_table(buf: bytes, count: int, *, identity: bool = True) -> list[SnapshotRecord]:
     """Decode ``count`` records.  ``identity`` says the header has INCOMPAT_IDENTITY;
-    without it, ``holder_count`` is reserved and must be zero."""
+    without it, ``holder_count`` is reserved and must be zero.
+
+    The result depends only on the arguments and its records are immutable, so the
+    last few small tables decoded are remembered: a linked clone opens its source
+    three times, and a snapshot that hundreds of clones hold has a table of hundreds
+    of holder records.  Only a table that decoded without error is remembered."""
+    buf = bytes(buf)
+    key = (buf, count, identity)
+    recs = _memo.get(key)
+    if recs is None:
+        recs = tuple(_decode_snapshot_table(buf, count, identity))
+        if len(buf) <= _MEMO_MAX_TABLE:
+            if len(_memo) >= _MEMO_ENTRIES:
+                del _memo[next(iter(_memo))]  # the oldest
+            _memo[key] = recs
+    return list(recs)
+
+
+def _decode_snapshot_table(buf: bytes, count: int, identity: bool) -> list[SnapshotRecord]:
     out = []
     pos = 0
     seen_ids: set[int] = set()
@@ -449,24 +510,10 @@ def decode_snapshot_table(buf: bytes, count: int, *, identity: bool = True) -> l
         if not flags & SNAP_HIDDEN:
             seen_names.add(name)
         pos += _align(_SNAP.size + name_len, 8)
-        holders = []
-        seen_holders: set[bytes] = set()
-        for _h in range(n_holders):
-            if pos + _HOLDER.size > len(buf):
-                raise CorruptImage(f"snapshot {sid}: holder records run past the snapshot table")
-            hid, plen = _HOLDER.unpack_from(buf, pos)
-            if not 0 < plen <= MAX_HOLDER_PATH or pos + _HOLDER.size + plen > len(buf):
-                raise CorruptImage(f"snapshot {sid}: a holder path length of {plen}")
-            try:
-                hpath = buf[pos + _HOLDER.size:pos + _HOLDER.size + plen].decode()
-            except UnicodeDecodeError:
-                raise CorruptImage(f"snapshot {sid}: a holder path that is not UTF-8") from None
-            if "\0" in hpath or not any(hid) or hid in seen_holders:
-                raise CorruptImage(f"snapshot {sid}: an invalid or duplicate holder record")
-            seen_holders.add(hid)
-            holders.append(HolderRecord(bytes(hid), hpath))
-            pos += _align(_HOLDER.size + plen, 8)
-        out.append(SnapshotRecord(sid, name, gen, ctime, vsize, l1_off, l1_n, l1_sum, flags, holds, tuple(holders)))
+        holders: tuple[HolderRecord, ...] = ()
+        if n_holders:
+            holders, pos = _decode_holders(buf, pos, n_holders, sid)
+        out.append(SnapshotRecord(sid, name, gen, ctime, vsize, l1_off, l1_n, l1_sum, flags, holds, holders))
     if pos != len(buf):
         raise CorruptImage("snapshot table length does not match its records")
     return out
