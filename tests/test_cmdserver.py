@@ -452,3 +452,37 @@ def test_launcher_does_not_import_re(server, image, tmp_path):
     imported2 = {line.split("|")[-1].strip() for line in r2.stderr.splitlines() if line.startswith("import time:")}
     assert {"site", "click", "vdisk.cli"} <= imported2, sorted(imported2)
     assert r2.stdout == r.stdout
+
+
+def _faults_writing_after_fork(populate: bool) -> tuple[int, int]:
+    """Minor faults a forked child takes writing one byte per page of 32 MiB its
+    parent had written, after populate_private_writable() or not; and what it populated."""
+    import resource
+
+    from vdisk.hostmem import populate_private_writable
+
+    buf = bytearray(b"\1" * (32 << 20))  # the parent's pages, shared with the child after fork
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            done = populate_private_writable() if populate else 0
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            for i in range(0, len(buf), 4096):
+                buf[i] = 2
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+            os.write(w, f"{faults} {done}".encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    out = os.read(r, 100).split()
+    os.close(r)
+    os.waitpid(pid, 0)
+    return int(out[0]), int(out[1])
+
+
+def test_an_idle_worker_copies_its_parents_pages_before_it_takes_a_command():
+    plain, _ = _faults_writing_after_fork(False)
+    populated, done = _faults_writing_after_fork(True)
+    assert plain >= 8000, plain  # one copy-on-write fault per page of the 32 MiB
+    assert done >= 32 << 20 and populated < 200, (populated, done)
