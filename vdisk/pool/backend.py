@@ -360,14 +360,22 @@ class LocalLock:
 
 
 class LockBusy(Exception):
-    """Someone else holds a lock this one conflicts with."""
+    """Someone else holds a lock this one conflicts with (on an object store, its one
+    argument describes the holder)."""
+
+    @property
+    def holder(self) -> str | None:
+        return str(self.args[0]) if self.args and " " in str(self.args[0]) else None
 
 
-def lock(backend: Backend, name: str, exclusive: bool) -> LocalLock:
+def lock(backend: Backend, name: str, exclusive: bool, *, what: str | None = None):
+    """A shared or exclusive lock ``name`` of the pool: an OFD lock on a local pool
+    (:class:`LocalLock`), an announced, renewed object on an object store
+    (:class:`~.objlock.ObjectLock`: a holder paused past the ttl loses it without
+    knowing, so nothing may rely on it alone for safety; ``pool gc`` fences writers
+    in the catalog too).  Refused at once with :class:`LockBusy`."""
     if not isinstance(backend, LocalBackend):
-        from ..errors import NotSupported
+        from .objlock import ObjectLock
 
-        raise NotSupported(f"{backend.url}: gc and offline dedup are not supported yet on pools on object "
-                           "stores (they need every writer out of the pool; writers there hold leases, not "
-                           "locks): the objects they would free stay until then")
+        return ObjectLock(backend, name, exclusive, what=what)
     return LocalLock(backend.root, name, exclusive)

@@ -61,7 +61,7 @@ _PREFIX_PART = re.compile(r"^[A-Za-z0-9._-]+$")
 #: objects written back (uploaded in the background until a barrier)
 WRITEBACK_PREFIXES = ("packs/", "index/")
 #: names whose content may change (catalog names can be re-used after pruning): never cached
-UNCACHED_PREFIXES = ("gen/", "leases/", "config")
+UNCACHED_PREFIXES = ("gen/", "leases/", "locks/", "config")
 PREFETCH_GAP = 512  # bytes between two wanted ranges fetched with them rather than asked for apart
 PREFETCH_MAX = 8 << 20
 PREFETCH_THREADS = 8
@@ -434,6 +434,38 @@ class S3Backend(be.Backend):
         with self._cond:
             out += [n for n in self._uploads if n.startswith(prefix)]
         return sorted(set(out))
+
+    def list_with_age(self, prefix: str) -> list[tuple[str, float]]:
+        """(name, age in seconds) of the objects under ``prefix``, by the store's clock:
+        the Date header of each list answer minus each object's LastModified (for the
+        ``gc`` lock, :mod:`.objlock`, which must not depend on host clocks agreeing)."""
+        base = f"{self.prefix}/" if self.prefix else ""
+        out: list[tuple[str, float]] = []
+        token = None
+        while True:
+            kw = {"Prefix": base + prefix, "MaxKeys": 1000}
+            if token:
+                kw["ContinuationToken"] = token
+            r = self._call("list", prefix or "/", self.client.list_objects_v2, **kw)
+            try:
+                now = parsedate_to_datetime(r["ResponseMetadata"]["HTTPHeaders"]["date"])
+            except (KeyError, TypeError, ValueError):
+                now = None
+            for o in r.get("Contents", []) or []:
+                n = o["Key"][len(base):]
+                if not be._NAME.match(n):
+                    continue
+                try:
+                    age = (now - o["LastModified"]).total_seconds() if now is not None else 0.0
+                except (KeyError, TypeError, ValueError):
+                    age = 0.0  # unknown: taken as fresh (it expires once the store says so)
+                out.append((n, age))
+            if not r.get("IsTruncated"):
+                break
+            token = r.get("NextContinuationToken")
+            if not token:
+                break
+        return sorted(out)
 
     # ------------------------------------------------------------------ pool-level
     def ensure_bucket(self) -> None:

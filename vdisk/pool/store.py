@@ -13,7 +13,10 @@ serialises calls per image); two images open in one process have two Pools.
 Between processes: an image has one writer (an exclusive lock ``locks/img-<id>``),
 readers of its live state share a lock that excludes the writer, readers of
 snapshots take none; every open Pool holds ``locks/gc`` shared, and ``pool gc``
-takes it exclusively (formats/pool.md 9).
+takes it exclusively (formats/pool.md 9).  On an object store the image locks are
+leases (:mod:`.lease`) and the gc lock is an announced object (:mod:`.objlock`),
+which a holder paused past its ttl loses unknowingly: there gc and dedup also fence
+every writer in the catalog (:mod:`.gc`).
 """
 
 from __future__ import annotations
@@ -108,14 +111,22 @@ class Pool:
             marker = None
         #: the source this pool is a read-only replica of (formats/pool.md 13.6), or None
         self.replica_of: str | None = str(marker.get("replica_of")) if marker is not None else None
-        if lock and self.local:
+        if lock:
             try:
                 self._gc_lock = be.lock(self.backend, "gc", exclusive=False)
-            except be.LockBusy:
+            except be.LockBusy as exc:
+                if exc.holder:  # an object store: gc and dedup hold it exclusively there
+                    raise ImageLocked(f"{url}: the pool is being garbage-collected or deduplicated by "
+                                      f"{exc.holder} (vdisk pool gc/dedup)") from None
                 raise ImageLocked(f"{url}: the pool is being garbage-collected (vdisk pool gc)") from None
         self.catalog: dict = {}
         self.generation = 0
-        self.reload()
+        try:
+            self.reload()
+        except BaseException:
+            if self._gc_lock is not None:
+                self._gc_lock.release()
+            raise
         self.fp = SegmentIndex(self.backend, pc.SEG_FP, self.catalog.get("fp_segments", []))
         self.sf = SegmentIndex(self.backend, pc.SEG_SF, self.catalog.get("sf_segments", []))
         self._pending: bytearray | None = None
