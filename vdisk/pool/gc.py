@@ -316,24 +316,99 @@ def collect(url: str, *, repack_below: float = REPACK_BELOW, dry_run: bool = Fal
 
     pool = Pool(url, lock=False)
     try:
-        try:
-            lk = be.lock(pool.backend, "gc", exclusive=True)
-        except be.LockBusy:
-            raise ImageLocked(f"{url}: the pool is in use (an image of it is open, or a check or dedup runs); "
-                              "gc needs it to itself: close its images and run gc again") from None
+        lk = _exclusive(pool, url, "gc")
+        leases: list = []
         try:
             pool.reload()
-            return _collect(pool, repack_below, dry_run, TMP_AGE if tmp_age is None else tmp_age)
+            guard = None
+            if not pool.local and not dry_run:
+                guard = _fence_writers(pool, url, "gc", leases)
+            return _collect(pool, repack_below, dry_run, TMP_AGE if tmp_age is None else tmp_age, guard)
         finally:
+            for ls in leases:
+                ls.release()
             lk.release()
     finally:
         pool.close()
 
 
-def _collect(pool: Pool, repack_below: float, dry_run: bool, tmp_age: float) -> GcReport:
+def _exclusive(pool: Pool, url: str, doing: str):
+    """The ``gc`` lock, exclusively: no process has the pool open (on an object store:
+    none that renewed its announcement within the ttl)."""
+    try:
+        return be.lock(pool.backend, "gc", exclusive=True, what=f"pool {doing}")
+    except be.LockBusy as exc:
+        by = f" by {exc.holder}" if exc.holder else ""
+        raise ImageLocked(f"{url}: the pool is in use{by} (an image of it is open, or a check, gc or dedup runs); "
+                          f"{doing} needs it to itself: close its images and run {doing} again") from None
+
+
+def _fence_writers(pool: Pool, url: str, doing: str, leases: list) -> Callable[[dict], None]:
+    """On an object store, with the ``gc`` lock held exclusively: make sure no writer
+    can commit any more what it wrote before (formats/pool.md 9).  The lock alone does
+    not: a writer paused past the ttl looks gone, and once resumed would commit trees
+    naming packs that gc, finding nothing live in them, deleted.  So: take every
+    image's lease (a fresh one -- a writer at work -- refuses, naming it), then commit
+    one generation naming this process's epoch as every image's writer; from then on a
+    paused writer's commit finds another epoch in the catalog and fails
+    (:class:`~.store.Fenced`).  Returns the guard that the commit of the work must
+    pass: the catalog it is built on is still the very one fenced and marked, so a
+    writer that took an image over while *this* process was paused past the ttl makes
+    that commit fail instead, before anything is deleted.  The leases are appended to
+    ``leases`` (the caller releases them)."""
+    from . import lease as lm
+    from .store import Fenced
+
+    fenced: dict[str, tuple[str, int, dict]] = {}
+    for name, rec in sorted(pool.catalog["images"].items()):
+        try:
+            image_id = str(rec["id"])
+            floor = int((rec.get("writer") or {}).get("epoch", 0))
+        except (KeyError, TypeError, ValueError):
+            raise CorruptImage(f"{url}/{name}: bad image id or writer in the catalog") from None
+        ls = lm.Lease(pool.backend, image_id, f"{url}/{name}")
+        try:
+            ls.acquire(floor)
+        except ImageLocked as exc:
+            raise ImageLocked(f"{exc}; {doing} needs every writer out of the pool: close it and run "
+                              f"{doing} again") from None
+        leases.append(ls)
+        fenced[name] = (image_id, ls.epoch, dict(ls.record))
+
+    def claim_all(cat: dict) -> None:
+        have = {n: str(r.get("id")) for n, r in cat["images"].items() if isinstance(r, dict)}
+        if have != {n: v[0] for n, v in fenced.items()}:
+            raise ImageLocked(f"{url}: images were created or removed while {doing} took the writers' leases; "
+                              f"run {doing} again")
+        for n, (_id, epoch, who) in fenced.items():
+            r = cat["images"][n]
+            w = r.get("writer") or {}
+            if int(w.get("epoch", 0)) >= epoch:
+                raise ImageLocked(f"{url}/{n}: image was taken for writing by {lm.describe(w)} while {doing} "
+                                  f"took its lease; run {doing} again")
+            r["writer"] = {k: who[k] for k in ("epoch", "host", "pid", "since")}
+            r["writer"]["by"] = f"pool {doing}"
+
+    if fenced:
+        pool.commit(claim_all)
+    marked = pool.catalog.get("commit_id")
+
+    def guard(cat: dict) -> None:
+        if cat.get("commit_id") != marked:
+            raise Fenced(f"{url}: {doing} was paused past its lock's ttl and the pool changed meanwhile "
+                         f"(generation {cat.get('generation')} is not the one it marked); nothing was "
+                         f"changed or deleted: run {doing} again")
+    return guard
+
+
+def _collect(pool: Pool, repack_below: float, dry_run: bool, tmp_age: float,
+             guard: Callable[[dict], None] | None = None) -> GcReport:
     backend = pool.backend
     rep = GcReport(pool.url, dry_run=dry_run)
     before = physical_bytes(backend)
+    # the segments there are now: only these may be swept (on an object store a writer
+    # that took over while gc was paused past its ttl may have put and listed new ones)
+    segments_seen = set(backend.list("index/"))
     errors: list[str] = []
     roots = roots_of(pool.catalog, pool.url, generation=pool.generation, errors=errors)
     _stop_on_damage(errors, pool.url, "gc")
@@ -417,7 +492,7 @@ def _collect(pool: Pool, repack_below: float, dry_run: bool, tmp_age: float) -> 
     rep.segments_rewritten = len(seg_made)
     mutations = [m for m in (cat_mutate, idx_mutate) if m is not None]
     if mutations:
-        pool.commit(lambda cat: [m(cat) for m in mutations])
+        pool.commit(lambda cat: [m(cat) for m in [guard, *mutations] if m is not None])
         pool.after_commit_indexes()
     rep.generation = pool.generation
 
@@ -438,7 +513,7 @@ def _collect(pool: Pool, repack_below: float, dry_run: bool, tmp_age: float) -> 
     listed = {str(r.get("name")) for key in ("fp_segments", "sf_segments") for r in pool.catalog.get(key) or []
               if isinstance(r, dict)}
     for name in backend.list("index/"):
-        if name not in listed:
+        if name not in listed and name in segments_seen:
             deleted += _delete(backend, name)
             rep.segments_deleted += 1
     if isinstance(backend, be.LocalBackend):
@@ -472,6 +547,27 @@ def offline_dedup(url: str, *, progress: Callable[[int, int], None] | None = Non
     """Make every entry naming a copy of a block name one stored blob (see the module
     docstring).  Refused (:class:`ImageLocked`) while an image of the pool is written,
     or while gc runs."""
+    if not url.startswith("s3://"):
+        return _offline_dedup_local(url, progress)
+    pool = Pool(url, lock=False)
+    try:
+        lk = _exclusive(pool, url, "dedup")
+        leases: list = []
+        try:
+            pool.reload()
+            guard = _fence_writers(pool, url, "dedup", leases)
+            return _dedup(pool, {str(rec["id"]) for rec in pool.catalog["images"].values()}, progress, guard)
+        finally:
+            for ls in leases:
+                ls.release()
+            lk.release()
+    finally:
+        pool.close()
+
+
+def _offline_dedup_local(url: str, progress) -> DedupReport:
+    """A local pool: every image's writer lock exclusively, the gc lock shared (readers
+    of snapshots may stay)."""
     pool = Pool(url)
     locks: list = []
     try:
@@ -491,7 +587,7 @@ def offline_dedup(url: str, *, progress: Callable[[int, int], None] | None = Non
         pool.close()
 
 
-def _dedup(pool: Pool, locked: set[str], progress) -> DedupReport:
+def _dedup(pool: Pool, locked: set[str], progress, guard: Callable[[dict], None] | None = None) -> DedupReport:
     rep = DedupReport(pool.url)
     errors: list[str] = []
     roots = renumber([r for r in roots_of(pool.catalog, pool.url, generation=pool.generation, errors=errors)
@@ -555,6 +651,8 @@ def _dedup(pool: Pool, locked: set[str], progress) -> DedupReport:
     mutate = _map_catalog(new_roots, {})
 
     def both(cat: dict) -> None:
+        if guard is not None:
+            guard(cat)
         mutate(cat)
         if idx_mutate is not None:
             idx_mutate(cat)

@@ -47,6 +47,8 @@ def describe(rec: dict, age: float | None = None) -> str:
     since = rec.get("since")
     when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(since)) if isinstance(since, (int, float)) else "?"
     out = f"host {rec.get('host', '?')} (pid {rec.get('pid', '?')}) since {when}, lease epoch {rec.get('epoch', '?')}"
+    if rec.get("by"):  # not a writer: pool gc or dedup, which fenced the writers (formats/pool.md 9)
+        out = f"{rec['by']} on {out}"
     if age is not None:
         out += f", renewed {age:.0f} s ago (expires {float(rec.get('ttl', DEFAULT_TTL)):.0f} s after a renewal)"
     return out

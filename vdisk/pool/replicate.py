@@ -164,11 +164,19 @@ def ship_once(src: Pool, dst: be.Backend, dst_url: str) -> list[dict]:
     copied: list[tuple[str, int]] = []
     lock = threading.Lock()
 
+    gone: list[str] = []
+
     def copy(name: str) -> None:
         try:
             data = src.backend.get(name)
         except be.ObjectMissing:
-            return  # an index segment merged away since: a generation naming it is skipped
+            # an index segment merged away since: a generation naming it is skipped; a
+            # pack: gc deleted it (this process was paused past its gc lock's ttl, on an
+            # object store), and the generations read may name it: none is shipped
+            if name.startswith("packs/"):
+                with lock:
+                    gone.append(name)
+            return
         dst.put(name, data)
         with lock:
             copied.append((name, len(data)))
@@ -181,6 +189,8 @@ def ship_once(src: Pool, dst: be.Backend, dst_url: str) -> list[dict]:
     dst.barrier()
     out: list[dict] = []
     n_obj, n_bytes = len(copied), sum(s for _, s in copied)
+    if gone:
+        return []  # the next pass reads the generations gc committed, and copies their packs
     for g, raw, cat in todo:
         segs = [r.get("name") for k in ("fp_segments", "sf_segments") for r in cat.get(k, [])]
         if any(s not in have for s in segs):
