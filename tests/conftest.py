@@ -88,7 +88,7 @@ TIERS = {
               "test_vhd", "test_vdi", "test_cmdserver"],
     "tier3": ["test_fuse", "test_fuse_kernel", "test_fuse_pyfuse3", "test_locks_qemu", "test_qcow2_qemu",
               "test_mount_powercut", "test_locking", "test_nbd", "test_guest", "test_fleet_tools", "test_pool_s3",
-              "test_pool_replicate"],
+              "test_pool_replicate", "test_pool_s3_gc"],
     "tier4": ["test_crash", "test_faults", "test_flush_failure", "test_hostile", "test_fuzz", "test_pool_crash", "test_hostile_vmdk",
               "test_hostile_vhdx", "test_hostile_vhd_vdi"],
 }
