@@ -349,6 +349,12 @@ def pool_gc(dry_run, output, pool_dir):
     trees that reach them rewritten, sharing kept), index segments no longer listed
     and temporary files older than an hour are deleted.  Refused while any image of
     the pool is open (gc needs the pool to itself); a crash during gc loses nothing.
+    On an object store (s3://) "open" means a process that renewed its
+    announcement in locks/gc/ within the lease ttl (VDISK_S3_LEASE_TTL), and gc
+    also takes every image's lease (refused, naming the holder, while one is held)
+    and commits a generation naming itself as every image's writer before it
+    marks: a writer paused past the ttl then fails its next commit ("lost its
+    lease") instead of committing data gc freed (formats/pool.md 13.7).
 
     \b
     JSON keys:
@@ -438,7 +444,8 @@ def pool_dedup(then_gc, output, progress, quiet, pool_dir):
     one copy, after a byte-for-byte comparison; the trees are rewritten (sharing
     between snapshots and clones kept) and committed.  The copies no longer used
     stay until `vdisk pool gc` (or --gc) frees them.  Refused while an image of the
-    pool is being written.
+    pool is being written.  On an object store (s3://) dedup, like gc, needs the
+    pool to itself and fences every writer first (formats/pool.md 13.7).
 
     \b
     JSON: {dedup: {pool, images, data-blobs, duplicate-blobs, duplicate-bytes,
