@@ -236,7 +236,7 @@ class TxnMixin:
         except BaseException:
             self._header_unsure = True
             raise
-        self._release_pending(keep=allocated)
+        self._release_pending(allocated)
 
     def _write_header(self, h: C.Header) -> None:
         """Write ``h`` over the slot that does not hold the current header, then sync.
@@ -248,22 +248,25 @@ class TxnMixin:
         self.host.pwrite(C.SLOT_OFFSETS[self.slot], data + bytes(C.SLOT_SIZE - len(data)))
         self.host.flush()
 
-    def _release_pending(self, keep: int = 0) -> None:
+    def _release_pending(self, allocated: int | None = None) -> None:
         """Step 6: the newest generation is durable, so what its transaction freed
         (``held_free``) may be reused.  The frees of the transaction open now are not
         touched: the durable header may still reference them.
 
-        Hole punching is deferred for up to ``keep`` (at most ``PUNCH_SLACK_BYTES``
-        worth) of the lowest free clusters, the ones the allocator hands out next:
-        ``keep`` is what the committed transaction allocated, a prediction of what
-        the next one will.  A copy-on-write transaction frees about as many clusters
-        as it allocates (the replaced data and tables), so in a steady stream of
-        writes and flushes the freed clusters are rewritten by the next transaction
-        instead of being punched and allocated again by the host file system (a
-        fallocate punch of 64 KiB costs ~100 us on ext4 mounted with ``discard``;
-        it was most of a commit).  A transaction that mostly frees (a discard)
-        allocates little, so nearly all it frees is punched at once.  The rest is
-        punched by ``close`` and ``check`` (``_punch_deferred``)."""
+        Hole punching: with ``allocated`` (what the committed transaction allocated),
+        only the transaction's net frees are punched -- as many clusters as it freed
+        beyond what it allocated, the highest free ones -- and the punch of the rest
+        is deferred (at most ``PUNCH_SLACK_BYTES`` of them; past that, the highest go
+        too).  A copy-on-write transaction frees about as many clusters as it
+        allocates (the replaced data and tables), so in a stream of writes and
+        flushes the freed clusters are rewritten by the next transaction (the
+        allocator hands out the lowest free cluster first) instead of being punched
+        and allocated again by the host file system: a fallocate punch of 64 KiB
+        costs ~100 us on ext4 mounted with ``discard``, and was most of a commit.  A
+        transaction that mostly frees (a discard, a snapshot deletion) still gives
+        that space back at once.  ``close`` and ``check`` punch what waited
+        (``_punch_deferred``).  Without ``allocated`` (a header written again after a
+        failure), everything free is punched, as before."""
         t = self.txn
         freed = sorted(t.held_free)
         for c in freed:
@@ -275,19 +278,21 @@ class TxnMixin:
             rc = t.rc
             freed = sorted(set(freed).union(c for c in t.held_dropped if c < len(rc) and rc[c] == 0))
             t.held_dropped.clear()
-        if self._unpunched or keep:
+        if allocated is None or not (self._unpunched or allocated):
             self._unpunched.update(freed)
-            self._punch_deferred(min(keep, PUNCH_SLACK_BYTES >> self.cbits))
-        else:
-            self._punch(freed)
+            self._punch_deferred()
+            return
+        self._unpunched.update(freed)
+        self._punch_deferred(max(0, len(freed) - allocated))
 
-    def _punch_deferred(self, keep: int = 0) -> None:
-        """Punch the clusters whose punch was deferred, except the ``keep`` lowest of
-        those still free.  Only clusters free in the current state *and* in the
-        durable one are punched: refcount 0 and neither pending nor held free (those
-        the durable header may still reference).  A deferred cluster reused since
-        (refcount > 0), or freed again and pending, leaves the set: its next release
-        adds it again."""
+    def _punch_deferred(self, punch: int | None = None) -> None:
+        """Punch the clusters whose punch was deferred: all of them (``punch`` None),
+        or the ``punch`` highest and any beyond ``PUNCH_SLACK_BYTES`` (the lowest
+        stay: the allocator hands them out first).  Only clusters free in the current
+        state *and* in the durable one are punched: refcount 0 and neither pending
+        nor held free (those the durable header may still reference).  A deferred
+        cluster reused since (refcount > 0), or freed again and pending, leaves the
+        set: its next release adds it again."""
         t = self.txn
         rc = t.rc
         if not self._unpunched:
@@ -298,6 +303,7 @@ class TxnMixin:
         n = min(len(rc), t.host_clusters)
         free = sorted(c for c in self._unpunched
                       if c < n and rc[c] == 0 and c not in t.pending_free and c not in t.held_free)
+        keep = 0 if punch is None else max(0, min(len(free) - punch, PUNCH_SLACK_BYTES >> self.cbits))
         self._unpunched = set(free[:keep])
         self._punch(free[keep:])
 
