@@ -9,7 +9,7 @@ freed block), so the next chunk faults its pages in again: about 110 000 minor
 page faults and 0.3-1.5 s of kernel time per GiB converted, measured with
 ``/usr/bin/time`` on ``vdisk convert`` of scripts/bench-convert's 1 GiB image
 (qemu-img reuses its buffers: 4 700 faults).  Keeping freed memory in the process
-up to a bound brings vdisk to 5 900 faults.
+up to a bound brings vdisk to about 5 200 faults.
 
 :func:`keep_freed_buffers` raises glibc's thresholds with ``mallopt`` for the
 current process only; a library user decides for their own process.  On another
