@@ -9,8 +9,6 @@ The Python API::
         img.flush()
 """
 
-from .errors import VdiskError
-
 __all__ = ["Image", "VdiskError", "create", "detect_format", "open"]
 __version__ = "0.1.0"
 
@@ -19,7 +17,13 @@ _FROM_BLOCK = {"Image", "create", "detect_format", "open"}
 
 def __getattr__(name: str):
     # The block layer loads on first use, so `vdisk --help` and commands that open no
-    # image do not pay for it (command start-up is part of performance).
+    # image do not pay for it (command start-up is part of performance); the errors
+    # too, which the command's client (vdisk.cmdserver.client) never needs.
+    if name == "VdiskError":
+        from .errors import VdiskError
+
+        globals()[name] = VdiskError
+        return VdiskError
     if name in _FROM_BLOCK:
         from . import block
 
