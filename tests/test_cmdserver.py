@@ -443,6 +443,7 @@ def test_launcher_does_not_import_re(server, image, tmp_path):
     assert "vdisk.cmdserver.client" in imported, r.stderr
     assert "re" not in imported and "enum" not in imported, sorted(imported)
     assert "site" not in imported, sorted(imported)  # python -S: a served command needs no site-packages
+    assert "os" not in imported and "stat" not in imported, sorted(imported)  # the client needs only posix
     assert r.stdout == server.vdisk("info", image, in_process=True).stdout
     # in-process (no server), the client imports site itself: click and the rest are found
     e["VDISK_NO_COMMAND_SERVER"] = "1"

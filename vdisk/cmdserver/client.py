@@ -1,10 +1,11 @@
 """The ``vdisk`` entry point: hand the command to a running command server, else run
 it in-process.
 
-This module is what every ``vdisk`` command imports first, so it imports only what
-the interpreter has loaded anyway (``os``, ``sys``, ``stat``) and the built-in
-``_socket`` and ``_signal``: no click, no :mod:`vdisk.cli`, no ``socket``, ``enum``,
-``struct``, ``array`` or ``json`` (``python -X importtime`` shows the difference).
+This module is what every ``vdisk`` command imports first, so it imports only
+modules built into the interpreter (``posix``, ``_socket``, ``_signal``): not even
+``os`` and ``stat``, which the launcher's ``python -S`` has not loaded (1 ms), no
+click, no :mod:`vdisk.cli`, no ``socket``, ``enum``, ``struct``, ``array`` or
+``json`` (``python -X importtime`` shows the difference).
 
 It runs the command in-process (``vdisk.cli.main()``, behaviour unchanged) when no
 server runs (no socket, connection refused), for the commands never routed
@@ -28,8 +29,7 @@ The server answers lines: ``run PID`` then ``exit CODE``; or one of ``stale``,
 
 import _signal
 import _socket
-import os
-import stat
+import posix
 import sys
 
 MAGIC = b"vdisk-cmdserver"
@@ -43,33 +43,54 @@ IN_PROCESS = frozenset({"mount", "umount", "serve", "fleet", "bench", "command-s
 #: ``pool`` subcommands that always run in-process
 POOL_IN_PROCESS = frozenset({"replicate", "promote"})
 _FORWARDED = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP)
+_S_IFMT, _S_IFDIR = 0o170000, 0o040000
+
+
+def _fsencode(name: str) -> bytes:
+    return name.encode(sys.getfilesystemencoding(), sys.getfilesystemencodeerrors())
+
+
+def _environb() -> dict:
+    """The environment: ``os.environb`` where os is loaded (and may have changed it),
+    else the one the process started with."""
+    os = sys.modules.get("os")
+    return os.environb if os is not None else posix.environ
+
+
+def _getenv(name: str) -> str | None:
+    """What ``os.environ.get(name)`` gives."""
+    value = _environb().get(_fsencode(name))
+    return None if value is None else value.decode(sys.getfilesystemencoding(), sys.getfilesystemencodeerrors())
 
 
 def run_dir() -> str:
     """Where the server's socket lives: ``vdisk.export.fuse.control.run_dir()``,
     duplicated because importing control costs more than the whole client
     (json, logging, socket, dataclasses); tests/test_cmdserver.py checks they agree."""
-    if os.geteuid() == 0:
+    xdg = _getenv("XDG_RUNTIME_DIR")
+    if posix.geteuid() == 0:
         d = "/run/vdisk"
-    elif os.environ.get("XDG_RUNTIME_DIR"):
-        d = os.path.join(os.environ["XDG_RUNTIME_DIR"], "vdisk")
+    elif xdg:
+        d = xdg + "vdisk" if xdg.endswith("/") else xdg + "/vdisk"  # as os.path.join(xdg, "vdisk")
     else:
-        d = f"/tmp/vdisk-{os.getuid()}"
-    return os.environ.get("VDISK_RUN_DIR", d)
+        d = f"/tmp/vdisk-{posix.getuid()}"
+    found = _getenv("VDISK_RUN_DIR")
+    return d if found is None else found
 
 
 def run_dir_ok(d: str) -> bool:
     """``control.run_dir_problem(d) is None``, in short: a real directory of ours
     that no group or other user can write (else a socket there could be anyone's)."""
     try:
-        st = os.lstat(d)
+        st = posix.lstat(d)
     except OSError:
         return False
-    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022
+    return st.st_mode & _S_IFMT == _S_IFDIR and st.st_uid == posix.geteuid() and not st.st_mode & 0o022
 
 
 def socket_path() -> str:
-    return os.path.join(run_dir(), SOCKET_NAME)
+    d = run_dir()
+    return d + SOCKET_NAME if d.endswith("/") else d + "/" + SOCKET_NAME
 
 
 def routed(argv: list[str]) -> bool:
@@ -84,13 +105,14 @@ def routed(argv: list[str]) -> bool:
 
 def connect(path: str):
     """A connected socket to a server of our own uid, or None."""
-    if not run_dir_ok(os.path.dirname(path)):
+    head = path.rpartition("/")[0]  # its directory, as os.path.dirname gives it
+    if not run_dir_ok(head or ("/" if path.startswith("/") else "")):
         return None
     s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
     try:
         s.connect(path)
         cred = s.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)
-        if int.from_bytes(cred[4:8], sys.byteorder) != os.geteuid():
+        if int.from_bytes(cred[4:8], sys.byteorder) != posix.geteuid():
             s.close()
             return None
     except OSError:
@@ -100,11 +122,11 @@ def connect(path: str):
 
 
 def frame(kind: bytes, argv: list[str]) -> bytes:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    fields = [MAGIC, PROTOCOL, kind, os.fsencode(os.getcwd()), b"%o" % mask, b"%d" % len(argv)]
-    fields += [os.fsencode(a) for a in argv]
-    fields += [k + b"=" + v for k, v in os.environb.items()]
+    mask = posix.umask(0o022)
+    posix.umask(mask)
+    fields = [MAGIC, PROTOCOL, kind, posix.getcwdb(), b"%o" % mask, b"%d" % len(argv)]
+    fields += [_fsencode(a) for a in argv]
+    fields += [k + b"=" + v for k, v in _environb().items()]
     payload = b"\0".join(fields)
     return len(payload).to_bytes(4, "big") + payload
 
@@ -141,10 +163,10 @@ def _exit_by(sig: int) -> None:
     if sig == _signal.SIGINT:
         sys.stderr.write("vdisk: interrupted\n")
         sys.stderr.flush()
-        os._exit(130)
+        posix._exit(130)
     _signal.signal(sig, _signal.SIG_DFL)
-    os.kill(os.getpid(), sig)
-    os._exit(128 + sig)
+    posix.kill(posix.getpid(), sig)
+    posix._exit(128 + sig)
 
 
 def run_on_server(argv: list[str]) -> int | None:
@@ -162,7 +184,7 @@ def run_on_server(argv: list[str]) -> int | None:
     def forward(sig, _frame):
         if worker[0]:
             try:
-                os.kill(worker[0], sig)
+                posix.kill(worker[0], sig)
             except OSError:
                 pass
         pending.append(sig)
@@ -190,7 +212,7 @@ def run_on_server(argv: list[str]) -> int | None:
     for sig in pending:
         if worker[0] > 0:
             try:
-                os.kill(worker[0], sig)
+                posix.kill(worker[0], sig)
             except OSError:
                 pass
     line = lines.next()
@@ -211,10 +233,10 @@ def run_on_server(argv: list[str]) -> int | None:
 def main() -> None:
     """The ``vdisk`` console script."""
     argv = sys.argv[1:]
-    if routed(argv) and os.environ.get("VDISK_NO_COMMAND_SERVER", "") in ("", "0"):
+    if routed(argv) and (_getenv("VDISK_NO_COMMAND_SERVER") or "") in ("", "0"):
         code = run_on_server(argv)
         if code is not None:
-            os._exit(code & 0xFF)
+            posix._exit(code & 0xFF)
     if sys.flags.no_site:  # the launcher runs python -S: in-process needs site-packages
         import site
 
