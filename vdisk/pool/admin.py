@@ -16,7 +16,8 @@ from ..codec import pool as pc
 from ..errors import UsageError
 from . import backend as be
 from .check import PoolCheck, check_pool, stale_tmp_files
-from .gc import DedupReport, GcReport, collect, offline_dedup
+from .dedup import DedupReport, offline_dedup
+from .gc import GcReport, collect
 from .space import Root, accounting, bits, renumber, roots_of, scan
 from .store import Pool
 
@@ -351,7 +352,7 @@ def pool_gc(url: str, *, dry_run: bool = False, repack_below: float = 0.5) -> Gc
 
 
 def pool_dedup(url: str, *, gc: bool = False, progress: Callable[[int, int], None] | None = None) -> dict:
-    """Offline deduplication (:func:`vdisk.pool.gc.offline_dedup`), then, with ``gc``,
+    """Offline deduplication (:func:`vdisk.pool.dedup.offline_dedup`), then, with ``gc``,
     a gc that frees the duplicates.  Returns ``{"dedup": DedupReport, "gc": GcReport |
     None}``."""
     rep: DedupReport = offline_dedup(url, progress=progress)

@@ -1,5 +1,4 @@
-"""Garbage collection and offline deduplication of a pool (``vdisk pool gc``,
-``vdisk pool dedup``).
+"""Garbage collection of a pool (``vdisk pool gc``).
 
 **gc** runs with the pool to itself: it takes ``locks/gc`` exclusively, which every
 process that has the pool open holds shared (formats/pool.md 9), so no writer has
@@ -28,15 +27,8 @@ leaks; after it, the old packs are (they are deleted last).  Before deleting
 anything, the new generation is walked again and gc stops if it still reaches a
 pack about to go.
 
-**dedup** finds data blobs with equal content stored more than once -- an image
-written with ``dedup=off``, or duplicates two concurrent writers both stored --
-by grouping the blobs every tree reaches by entry hash and comparing each
-candidate with the group's first block byte for byte; every entry naming a
-duplicate is made to name one copy (a RAW or ZSTD one if there is one), DELTA
-blobs based on a duplicate are rewritten to be based on that copy, and the trees
-are rewritten as gc rewrites them.  It holds every image's writer lock (images
-being written are refused) and the gc lock shared, and frees nothing itself:
-``pool gc`` then frees the duplicates.
+Offline deduplication (``vdisk pool dedup``) is :mod:`.dedup`; it shares the tree
+rewriting, the locks and the fencing of writers defined here.
 """
 
 from __future__ import annotations
@@ -51,7 +43,7 @@ from ..errors import CorruptImage, ImageLocked, VdiskError
 from . import backend as be
 from .check import stale_tmp_files
 from .index import Segment, new_object_name
-from .space import Loc, Root, Scan, renumber, roots_of, scan
+from .space import Loc, Root, Scan, roots_of, scan
 from .store import GEN_PREFIX, Pool, pack_name
 
 REPACK_BELOW = 0.5  # repack a pack whose live blobs fill less than this fraction of it
@@ -87,22 +79,6 @@ class GcReport:
         return {k.replace("_", "-"): v for k, v in asdict(self).items()}
 
 
-@dataclass
-class DedupReport:
-    pool: str
-    images: int = 0
-    data_blobs: int = 0  # distinct data blobs the trees reach
-    duplicate_blobs: int = 0  # blobs no entry names any more (gc frees them)
-    duplicate_bytes: int = 0
-    collisions: int = 0  # equal hashes, different bytes: kept apart
-    deltas_rebased: int = 0
-    nodes_rewritten: int = 0
-    generation: int = 0
-
-    def to_json(self) -> dict:
-        return {k.replace("_", "-"): v for k, v in asdict(self).items()}
-
-
 # ---------------------------------------------------------------------- helpers
 def physical_bytes(backend: be.Backend) -> int:
     """Bytes of every object of the pool (lock files aside), and of temporary files."""
@@ -126,7 +102,7 @@ def _pack_number(name: str) -> int | None:
         return None
 
 
-def _stop_on_damage(errors: list[str], url: str, doing: str) -> None:
+def stop_on_damage(errors: list[str], url: str, doing: str) -> None:
     if errors:
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         raise CorruptImage(f"{url}: {doing} refused: the pool is damaged: {errors[0]}{more}; "
@@ -186,7 +162,7 @@ class Rewriter:
         return out
 
 
-def _map_catalog(new_roots: dict[pc.Entry, pc.Entry], reloc: dict[Loc, pc.Entry]) -> Callable[[dict], None]:
+def map_catalog(new_roots: dict[pc.Entry, pc.Entry], reloc: dict[Loc, pc.Entry]) -> Callable[[dict], None]:
     """A catalog mutation: each root and sketch reference named in the maps is
     replaced; anything else (changed by someone else meanwhile) is left alone."""
     def mutate(cat: dict) -> None:
@@ -294,7 +270,7 @@ def _relocate(pool: Pool, found: Scan, moving: set[int]) -> tuple[dict[Loc, pc.E
     return reloc, rebased
 
 
-def _rewrite_roots(pool: Pool, roots: list[Root], rw: Rewriter) -> dict[pc.Entry, pc.Entry]:
+def rewrite_roots(pool: Pool, roots: list[Root], rw: Rewriter) -> dict[pc.Entry, pc.Entry]:
     new_roots: dict[pc.Entry, pc.Entry] = {}
     for r in roots:
         if r.entry.kind == pc.UNALLOCATED or r.entry in new_roots:
@@ -316,13 +292,13 @@ def collect(url: str, *, repack_below: float = REPACK_BELOW, dry_run: bool = Fal
 
     pool = Pool(url, lock=False)
     try:
-        lk = _exclusive(pool, url, "gc")
+        lk = exclusive(pool, url, "gc")
         leases: list = []
         try:
             pool.reload()
             guard = None
             if not pool.local and not dry_run:
-                guard = _fence_writers(pool, url, "gc", leases)
+                guard = fence_writers(pool, url, "gc", leases)
             return _collect(pool, repack_below, dry_run, TMP_AGE if tmp_age is None else tmp_age, guard)
         finally:
             for ls in leases:
@@ -332,7 +308,7 @@ def collect(url: str, *, repack_below: float = REPACK_BELOW, dry_run: bool = Fal
         pool.close()
 
 
-def _exclusive(pool: Pool, url: str, doing: str):
+def exclusive(pool: Pool, url: str, doing: str):
     """The ``gc`` lock, exclusively: no process has the pool open (on an object store:
     none that renewed its announcement within the ttl)."""
     try:
@@ -343,7 +319,7 @@ def _exclusive(pool: Pool, url: str, doing: str):
                           f"{doing} needs it to itself: close its images and run {doing} again") from None
 
 
-def _fence_writers(pool: Pool, url: str, doing: str, leases: list) -> Callable[[dict], None]:
+def fence_writers(pool: Pool, url: str, doing: str, leases: list) -> Callable[[dict], None]:
     """On an object store, with the ``gc`` lock held exclusively: make sure no writer
     can commit any more what it wrote before (formats/pool.md 9).  The lock alone does
     not: a writer paused past the ttl looks gone, and once resumed would commit trees
@@ -411,9 +387,9 @@ def _collect(pool: Pool, repack_below: float, dry_run: bool, tmp_age: float,
     segments_seen = set(backend.list("index/"))
     errors: list[str] = []
     roots = roots_of(pool.catalog, pool.url, generation=pool.generation, errors=errors)
-    _stop_on_damage(errors, pool.url, "gc")
+    stop_on_damage(errors, pool.url, "gc")
     found = scan(pool, roots, errors=errors)
-    _stop_on_damage(errors, pool.url, "gc")
+    stop_on_damage(errors, pool.url, "gc")
     rep.live_bytes = sum(n for n, _, _ in found.meta.values())
 
     live_by_pack: dict[int, int] = {}
@@ -426,7 +402,7 @@ def _collect(pool: Pool, repack_below: float, dry_run: bool, tmp_age: float,
             packs[number] = (name, backend.size(name))
     missing = set(live_by_pack) - set(packs)
     if missing:
-        _stop_on_damage([f"{pack_name(min(missing))} is missing"], pool.url, "gc")
+        stop_on_damage([f"{pack_name(min(missing))} is missing"], pool.url, "gc")
     rep.packs_before = len(packs)
     dead = {p for p in packs if p not in live_by_pack}
     sparse = {p for p, (_name, size) in packs.items()
@@ -454,13 +430,13 @@ def _collect(pool: Pool, repack_below: float, dry_run: bool, tmp_age: float,
         moved, rebased = _relocate(pool, cur_found, sparse)
         rep.deltas_rebased += rebased
         rw = Rewriter(pool, moved, sparse)
-        new_roots = _rewrite_roots(pool, cur_roots, rw)
+        new_roots = rewrite_roots(pool, cur_roots, rw)
         rep.nodes_rewritten += rw.nodes_rewritten
         for old, tgt in reloc.items():  # compose: an old loc -> where its blob is now
             if tgt.loc in moved:
                 reloc[old] = moved[tgt.loc]
         reloc.update(moved)
-        mutate = _map_catalog(new_roots, moved)
+        mutate = map_catalog(new_roots, moved)
         cat_mutations.append(mutate)
         repacked |= sparse
         # walk the catalog about to be committed: what it does not reach goes, and
@@ -470,7 +446,7 @@ def _collect(pool: Pool, repack_below: float, dry_run: bool, tmp_age: float,
         errors = []
         cur_roots = roots_of(new_cat, pool.url, generation=pool.generation + 1, errors=errors)
         cur_found = scan(pool, cur_roots, errors=errors)
-        _stop_on_damage(errors, pool.url, "gc (walking the repacked trees)")
+        stop_on_damage(errors, pool.url, "gc (walking the repacked trees)")
         live_now: dict[int, int] = {}
         for (pk, _off), (n, _k, _h) in cur_found.meta.items():
             live_now[pk] = live_now.get(pk, 0) + n
@@ -540,124 +516,3 @@ def _delete(backend: be.Backend, name: str) -> int:
         return 0
     backend.delete(name)
     return size
-
-
-# ---------------------------------------------------------------------- offline dedup
-def offline_dedup(url: str, *, progress: Callable[[int, int], None] | None = None) -> DedupReport:
-    """Make every entry naming a copy of a block name one stored blob (see the module
-    docstring).  Refused (:class:`ImageLocked`) while an image of the pool is written,
-    or while gc runs."""
-    if not url.startswith("s3://"):
-        return _offline_dedup_local(url, progress)
-    pool = Pool(url, lock=False)
-    try:
-        lk = _exclusive(pool, url, "dedup")
-        leases: list = []
-        try:
-            pool.reload()
-            guard = _fence_writers(pool, url, "dedup", leases)
-            return _dedup(pool, {str(rec["id"]) for rec in pool.catalog["images"].values()}, progress, guard)
-        finally:
-            for ls in leases:
-                ls.release()
-            lk.release()
-    finally:
-        pool.close()
-
-
-def _offline_dedup_local(url: str, progress) -> DedupReport:
-    """A local pool: every image's writer lock exclusively, the gc lock shared (readers
-    of snapshots may stay)."""
-    pool = Pool(url)
-    locks: list = []
-    try:
-        for name, rec in sorted(pool.catalog["images"].items()):
-            try:
-                locks.append(be.lock(pool.backend, f"img-{rec['id']}", exclusive=True))
-            except be.LockBusy:
-                raise ImageLocked(f"{url}/{name}: image is open; dedup rewrites the trees of every image of the "
-                                  "pool: close it and run dedup again") from None
-            except (KeyError, TypeError, ValueError):
-                raise CorruptImage(f"{url}/{name}: bad image id in the catalog") from None
-        pool.reload()
-        return _dedup(pool, {str(rec["id"]) for rec in pool.catalog["images"].values()}, progress)
-    finally:
-        for lk in locks:
-            lk.release()
-        pool.close()
-
-
-def _dedup(pool: Pool, locked: set[str], progress, guard: Callable[[dict], None] | None = None) -> DedupReport:
-    rep = DedupReport(pool.url)
-    errors: list[str] = []
-    roots = renumber([r for r in roots_of(pool.catalog, pool.url, generation=pool.generation, errors=errors)
-                      if r.image_id in locked])
-    _stop_on_damage(errors, pool.url, "dedup")
-    rep.images = len({r.image for r in roots})
-    found = scan(pool, roots, errors=errors)
-    _stop_on_damage(errors, pool.url, "dedup")
-    by_hash: dict[int, list[Loc]] = {}
-    for loc, (_n, k, h) in found.meta.items():
-        if k in pc.DATA_KINDS:
-            by_hash.setdefault(h, []).append(loc)
-    rep.data_blobs = sum(len(v) for v in by_hash.values())
-    groups = [sorted(v) for v in by_hash.values() if len(v) > 1]
-    pack_live: dict[int, int] = {}
-    for (pk, _off), (n, _k, _h) in found.meta.items():
-        pack_live[pk] = pack_live.get(pk, 0) + n
-    reloc: dict[Loc, pc.Entry] = {}
-    for done, locs in enumerate(groups, 1):
-        # the copy kept: a plain (RAW or ZSTD) one if there is one (never a delta on a
-        # delta), in the pack holding the most live data (so the copies given up are in
-        # emptier packs, which gc deletes or repacks), the smallest
-        locs.sort(key=lambda loc: (found.meta[loc][1] == pc.DELTA, -pack_live[loc[0]], found.meta[loc][0], loc))
-        while len(locs) > 1:
-            keep = found.entry(locs[0])
-            ref = pool.decode_block(keep, f"{pool.url}: blob {keep.pack:016x}+{keep.offset}")
-            rest = []
-            for loc in locs[1:]:
-                e = found.entry(loc)
-                if pool.decode_block(e, f"{pool.url}: blob {e.pack:016x}+{e.offset}") == ref:
-                    reloc[loc] = keep
-                    rep.duplicate_blobs += 1
-                    rep.duplicate_bytes += e.length
-                else:
-                    rest.append(loc)
-            rep.collisions += len(rest)
-            locs = rest
-        if progress is not None:
-            progress(done, len(groups))
-    if not reloc:
-        rep.generation = pool.generation
-        return rep
-    # deltas based on a duplicate: based on the copy kept instead (equal bytes: same XOR)
-    rebased: dict[Loc, pc.Entry] = {}
-    for loc, base in sorted(found.bases.items()):
-        new_base = reloc.get(base.loc)
-        if new_base is None or loc in reloc:
-            continue
-        e = found.entry(loc)
-        payload = pool.read_stored(e, f"{pool.url}: delta blob")
-        rebased[loc] = pool.append_blob(pc.DELTA, new_base.pack_bytes() + payload[pc.DELTA_HEAD:], e.hash)
-    rep.deltas_rebased = len(rebased)
-    for loc, tgt in list(reloc.items()):
-        if tgt.loc in rebased:
-            reloc[loc] = rebased[tgt.loc]
-    reloc.update(rebased)
-    rw = Rewriter(pool, reloc, set())
-    new_roots = _rewrite_roots(pool, roots, rw)
-    rep.nodes_rewritten = rw.nodes_rewritten
-    idx_mutate, _made, _old = remap_indexes(pool, reloc, set())
-    mutate = _map_catalog(new_roots, {})
-
-    def both(cat: dict) -> None:
-        if guard is not None:
-            guard(cat)
-        mutate(cat)
-        if idx_mutate is not None:
-            idx_mutate(cat)
-
-    pool.commit(both)
-    pool.after_commit_indexes()
-    rep.generation = pool.generation
-    return rep
