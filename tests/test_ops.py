@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 
 import pytest
 
@@ -176,6 +178,76 @@ def test_convert_reports_progress_over_the_whole_disk(image_dir):
     with vdisk.open(src, format="raw", read_only=True) as img:
         convert(img, str(image_dir / "dst.raw"), progress=done.append)
     assert sum(done) == 9 * MiB + 512
+
+
+def _data_source(image_dir, mib: int) -> tuple[str, bytes]:
+    data = os.urandom(mib * MiB)
+    return make_raw(image_dir / "src.raw", mib * MiB, [(0, data)]), data
+
+
+def test_copy_content_writes_behind_the_reads_in_order_from_one_thread(image_dir):
+    src, data = _data_source(image_dir, 12)
+    dst = str(image_dir / "dst.vdk")
+    vdisk.create(dst, 12 * MiB)
+    writers, offsets = set(), []
+    with vdisk.open(src, format="raw", read_only=True) as s, vdisk.open(dst) as d:
+        real = d.write
+
+        def write(off, buf):
+            writers.add(threading.current_thread().name)
+            offsets.append(off)
+            return real(off, buf)
+
+        d.write = write
+        done = []
+        copy_content(s, d, write_behind=2, chunk_size=MiB, progress=done.append)
+        d.flush()
+    assert len(writers) == 1 and next(iter(writers)).startswith("vdisk-convert-write"), writers
+    assert offsets == sorted(offsets) and len(offsets) >= 12
+    assert sum(done) == 12 * MiB
+    assert read_all(dst, "vdk") == data
+
+
+def test_a_failed_write_behind_stops_the_copy_and_raises_it(image_dir):
+    from vdisk.errors import HostIOError
+
+    src, _data = _data_source(image_dir, 16)
+    dst = str(image_dir / "dst.raw")
+    vdisk.create(dst, 16 * MiB, format="raw")
+    calls = []
+    with vdisk.open(src, format="raw", read_only=True) as s, vdisk.open(dst, format="raw") as d:
+        def write(off, buf):
+            calls.append(off)
+            if len(calls) == 3:
+                raise HostIOError(f"{dst}: write failed: No space left on device")
+            time.sleep(0.01)  # the reads run ahead meanwhile: pieces are queued when it fails
+
+        d.write = write
+        with pytest.raises(HostIOError, match="No space left"):
+            copy_content(s, d, write_behind=2, chunk_size=MiB)
+    assert len(calls) == 3, calls  # nothing queued after the failed piece was written
+
+
+def test_convert_that_fails_in_its_writer_thread_leaves_no_file(image_dir, monkeypatch):
+    from vdisk.drivers.raw import RawDriver
+    from vdisk.errors import HostIOError
+
+    src, _data = _data_source(image_dir, 8)
+    real = RawDriver.write
+    seen = []
+
+    def failing(self, off, buf):
+        seen.append(threading.current_thread().name)
+        if len(seen) == 2:
+            raise HostIOError("write failed: Input/output error")
+        return real(self, off, buf)
+
+    monkeypatch.setattr(RawDriver, "write", failing)
+    with vdisk.open(src, format="raw", read_only=True) as img:
+        with pytest.raises(HostIOError, match="Input/output error"):
+            convert(img, str(image_dir / "dst.raw"), format="raw", chunk_size=MiB)
+    assert seen[-1].startswith("vdisk-convert-write")
+    assert sorted(os.listdir(image_dir)) == ["src.raw"]
 
 
 def test_copy_content_refuses_a_smaller_destination(image_dir):

@@ -32,7 +32,8 @@ from .progress import progress_bar
 @click.option("-r", "--rate-limit", "rate_limit", type=SIZE, default=None, metavar="RATE",
               help="At most RATE bytes a second (K, M, G suffixes).")
 @click.option("-m", "coroutines", type=click.IntRange(1, 16), default=None,
-              help="Source chunks read ahead while writing (qemu-img: parallel coroutines; default 2).")
+              help="Source chunks read ahead while writing (qemu-img: parallel coroutines; default 2); "
+                   "the destination is written by its own thread, two chunks behind the reads.")
 @click.option("-W", "out_of_order", is_flag=True,
               help="Accepted for qemu-img's sake: vdisk writes in order, which is never slower here.")
 @click.option("-T", "--source-cache", "src_cache", default=None, hidden=True,
