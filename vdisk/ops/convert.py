@@ -206,7 +206,7 @@ def _threaded_read_ahead(src: Image, plan: Iterator[tuple[int, int, bool]],
 #: while the caller's thread reads (and zero-checks) the next.  Both spend most of
 #: their time in the kernel copying pages, outside the GIL, so the two overlap on two
 #: CPUs as qemu-img's thread pool does: a 1 GiB raw -> qcow2 convert 0.37-0.46 s ->
-#: 0.24-0.29 s wall (BENCHMARKS "convert with writes behind the reads").
+#: 0.24-0.29 s wall without the final sync (BENCHMARKS "writes behind the reads").
 WRITE_BEHIND = 2
 
 
