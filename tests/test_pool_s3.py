@@ -597,3 +597,50 @@ def test_fast_ranges_fall_back_and_give_up():
     f = s3http.FastRanges(client, "b", 0.5, 0.5)
     assert all(f.get_range("k", 16, 4096) is None for _ in range(s3http.GIVE_UP + 1))  # the caller asks boto3
     assert not f.on and f.fallbacks == s3http.GIVE_UP
+
+
+def test_fast_ranges_reconnect_when_the_store_closed_a_kept_alive_connection():
+    """The store may close an idle keep-alive connection: the next GET on it fails once
+    and is repeated on a new connection, not handed to boto3 (and never gives up)."""
+    import http.server
+    import threading
+    from types import SimpleNamespace
+
+    from vdisk.pool import s3http
+
+    body = bytes(range(256)) * 64
+    conns = []
+
+    class H(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):
+            conns.append(self.client_address)
+            a, b = (int(x) for x in self.headers["Range"].removeprefix("bytes=").split("-"))
+            part = body[a:b + 1]
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {a}-{a + len(part) - 1}/{len(body)}")
+            self.send_header("Content-Length", str(len(part)))
+            self.end_headers()
+            self.wfile.write(part)
+            self.close_connection = True  # as an idle timeout would, without saying so
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        url = f"http://127.0.0.1:{srv.server_address[1]}/b/k?X-Amz-Signature=1"
+        client = SimpleNamespace(meta=SimpleNamespace(endpoint_url=url),
+                                 generate_presigned_url=lambda op, Params, ExpiresIn: url)
+        f = s3http.FastRanges(client, "b", 2.0, 2.0)
+        for off in (16, 4096, 9000):
+            assert f.get_range("k", off, 100) == body[off:off + 100]
+        assert (f.hits, f.fallbacks) == (3, 0) and len(conns) == 3
+        assert len({port for _h, port in conns}) == 3  # each on a new connection
+        f.close()
+    finally:
+        srv.shutdown()
+        srv.server_close()

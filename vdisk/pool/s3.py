@@ -334,8 +334,7 @@ class S3Backend(be.Backend):
             f = False
             if s3http.enabled():
                 try:
-                    f = s3http.FastRanges(self.client, self.bucket, self.connect_timeout, self.read_timeout,
-                                          maxsize=PREFETCH_THREADS * 2)
+                    f = s3http.FastRanges(self.client, self.bucket, self.connect_timeout, self.read_timeout)
                 except (ImportError, AttributeError, TypeError, ValueError):  # boto3 does every request
                     f = False
             self._fast = f
