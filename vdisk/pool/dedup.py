@@ -11,7 +11,7 @@ being written are refused) and the gc lock shared, and frees nothing itself:
 ``pool gc`` then frees the duplicates.
 
 On an object store it takes ``locks/gc`` exclusively instead and fences every writer
-through the catalog first, as gc does (:func:`.gc.fence_writers`).
+through the catalog first, as gc does (:func:`.gc.pool_to_itself`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from ..codec import pool as pc
 from ..errors import CorruptImage, ImageLocked
 from . import backend as be
-from .gc import Rewriter, exclusive, fence_writers, map_catalog, remap_indexes, rewrite_roots, stop_on_damage
+from .gc import Rewriter, map_catalog, pool_to_itself, remap_indexes, rewrite_roots, stop_on_damage
 from .space import Loc, renumber, roots_of, scan
 from .store import Pool
 
@@ -49,20 +49,8 @@ def offline_dedup(url: str, *, progress: Callable[[int, int], None] | None = Non
     or while gc runs."""
     if not url.startswith("s3://"):
         return _offline_dedup_local(url, progress)
-    pool = Pool(url, lock=False)
-    try:
-        lk = exclusive(pool, url, "dedup")
-        leases: list = []
-        try:
-            pool.reload()
-            guard = fence_writers(pool, url, "dedup", leases)
-            return _dedup(pool, {str(rec["id"]) for rec in pool.catalog["images"].values()}, progress, guard)
-        finally:
-            for ls in leases:
-                ls.release()
-            lk.release()
-    finally:
-        pool.close()
+    with pool_to_itself(url, "dedup") as (pool, guard):
+        return _dedup(pool, {str(rec["id"]) for rec in pool.catalog["images"].values()}, progress, guard)
 
 
 def _offline_dedup_local(url: str, progress) -> DedupReport:

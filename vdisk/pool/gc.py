@@ -33,6 +33,7 @@ rewriting, the locks and the fencing of writers defined here.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from collections.abc import Callable
@@ -290,16 +291,24 @@ def collect(url: str, *, repack_below: float = REPACK_BELOW, dry_run: bool = Fal
     not known without doing it)."""
     from .check import TMP_AGE
 
+    with pool_to_itself(url, "gc", fence=not dry_run) as (pool, guard):
+        return _collect(pool, repack_below, dry_run, TMP_AGE if tmp_age is None else tmp_age, guard)
+
+
+@contextlib.contextmanager
+def pool_to_itself(url: str, doing: str, *, fence: bool = True):
+    """The pool at ``url`` opened without announcing itself, with the ``gc`` lock held
+    exclusively (:func:`exclusive`) and, on an object store with ``fence``, every
+    writer fenced (:func:`fence_writers`): yields ``(pool, guard)``, guard None where
+    nothing was fenced.  Leases, lock and pool are let go on the way out."""
     pool = Pool(url, lock=False)
     try:
-        lk = exclusive(pool, url, "gc")
+        lk = exclusive(pool, url, doing)
         leases: list = []
         try:
             pool.reload()
-            guard = None
-            if not pool.local and not dry_run:
-                guard = fence_writers(pool, url, "gc", leases)
-            return _collect(pool, repack_below, dry_run, TMP_AGE if tmp_age is None else tmp_age, guard)
+            guard = fence_writers(pool, url, doing, leases) if fence and not pool.local else None
+            yield pool, guard
         finally:
             for ls in leases:
                 ls.release()

@@ -410,26 +410,32 @@ class S3Backend(be.Backend):
         r = self._call("stat", name, self.client.head_object, Key=self.key(name))
         return int(r["ContentLength"])
 
-    def list(self, prefix: str = "") -> list[str]:
+    def _list_pages(self, prefix: str):
+        """Each answer of listing ``prefix`` (1000 keys a page), with the key prefix
+        of this pool to strip from each object's Key."""
         base = f"{self.prefix}/" if self.prefix else ""
-        out: list[str] = []
         token = None
         while True:
             kw = {"Prefix": base + prefix, "MaxKeys": 1000}
             if token:
                 kw["ContinuationToken"] = token
             r = self._call("list", prefix or "/", self.client.list_objects_v2, **kw)
+            yield r, base
+            if not r.get("IsTruncated"):
+                return
+            token = r.get("NextContinuationToken")
+            if not token:
+                return
+
+    def list(self, prefix: str = "") -> list[str]:
+        out: list[str] = []
+        for r, base in self._list_pages(prefix):
             for o in r.get("Contents", []) or []:
                 n = o["Key"][len(base):]
                 if be._NAME.match(n):
                     out.append(n)
                     if not n.startswith(UNCACHED_PREFIXES):  # immutable: its size too
                         self._sizes[n] = int(o.get("Size", -1))
-            if not r.get("IsTruncated"):
-                break
-            token = r.get("NextContinuationToken")
-            if not token:
-                break
         with self._cond:
             out += [n for n in self._uploads if n.startswith(prefix)]
         return sorted(set(out))
@@ -438,14 +444,8 @@ class S3Backend(be.Backend):
         """(name, age in seconds) of the objects under ``prefix``, by the store's clock:
         the Date header of each list answer minus each object's LastModified (for the
         ``gc`` lock, :mod:`.objlock`, which must not depend on host clocks agreeing)."""
-        base = f"{self.prefix}/" if self.prefix else ""
         out: list[tuple[str, float]] = []
-        token = None
-        while True:
-            kw = {"Prefix": base + prefix, "MaxKeys": 1000}
-            if token:
-                kw["ContinuationToken"] = token
-            r = self._call("list", prefix or "/", self.client.list_objects_v2, **kw)
+        for r, base in self._list_pages(prefix):
             try:
                 now = parsedate_to_datetime(r["ResponseMetadata"]["HTTPHeaders"]["date"])
             except (KeyError, TypeError, ValueError):
@@ -459,11 +459,6 @@ class S3Backend(be.Backend):
                 except (KeyError, TypeError, ValueError):
                     age = 0.0  # unknown: taken as fresh (it expires once the store says so)
                 out.append((n, age))
-            if not r.get("IsTruncated"):
-                break
-            token = r.get("NextContinuationToken")
-            if not token:
-                break
         return sorted(out)
 
     # ------------------------------------------------------------------ pool-level
