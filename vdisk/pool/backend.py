@@ -360,12 +360,12 @@ class LocalLock:
 
 
 class LockBusy(Exception):
-    """Someone else holds a lock this one conflicts with (on an object store, its one
-    argument describes the holder)."""
+    """Someone else holds lock ``name``; ``holder`` describes who, where the lock can
+    tell (on an object store)."""
 
-    @property
-    def holder(self) -> str | None:
-        return str(self.args[0]) if self.args and " " in str(self.args[0]) else None
+    def __init__(self, name: str, holder: str | None = None):
+        super().__init__(holder or name)
+        self.name, self.holder = name, holder
 
 
 def lock(backend: Backend, name: str, exclusive: bool, *, what: str | None = None):

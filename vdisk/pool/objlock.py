@@ -59,6 +59,7 @@ class ObjectLock:
                  what: str | None = None):
         be._check_name(name)
         self.backend = backend
+        self.lock_name = name
         self.ttl = ttl_from_env() if ttl is None else ttl
         self.exclusive = exclusive
         kind = "exclusive" if exclusive else "shared"
@@ -83,7 +84,7 @@ class ObjectLock:
             raise
         if busy is not None:
             self._delete_quietly(self.name)
-            raise be.LockBusy(busy)
+            raise be.LockBusy(self.lock_name, busy)
         self._held = True
         self._thread = threading.Thread(target=self._renew_loop, name="vdisk-objlock", daemon=True)
         self._thread.start()

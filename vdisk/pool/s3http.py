@@ -24,6 +24,7 @@ Thread-safe: the URL table has a lock; each thread has connections of its own.
 
 from __future__ import annotations
 
+import http.client
 import os
 import threading
 import time
@@ -63,8 +64,6 @@ class FastRanges:
 
     def _conn(self, scheme: str, netloc: str, fresh: bool = False):
         """This thread's keep-alive connection to ``netloc`` (a new one if ``fresh``)."""
-        import http.client
-
         conns = self._local.__dict__.setdefault("conns", {})
         c = conns.get((scheme, netloc))
         if c is not None and not fresh:
@@ -84,8 +83,6 @@ class FastRanges:
         """(status, Content-Range, body) of one GET on this thread's connection; a
         connection reused from an earlier request that the server closed meanwhile is
         replaced once."""
-        import http.client
-
         scheme, netloc, path = target
         c, reused = self._conn(scheme, netloc)
         while True:
@@ -126,8 +123,6 @@ class FastRanges:
         caller asks boto3 instead."""
         if not self.on:
             return None
-        import http.client
-
         from botocore.exceptions import BotoCoreError
 
         try:
