@@ -363,3 +363,84 @@ def test_live_handover_between_mounts(cluster, tmp_path, monkeypatch, how):
     with vdisk.open(img, read_only=True) as im:
         assert im.read(0, SIZE) == model(12)
     assert jrun("check", img)["vdisk-result"] == "clean"
+
+
+@pytest.mark.fuse
+@pytest.mark.timeout(180)
+def test_live_handover_while_the_workload_writes(cluster, tmp_path, monkeypatch):
+    """Live migration with the workload running through it, not stopped for it: a
+    thread writes model rounds through host A's mount as fast as it can, each round
+    acknowledged by pwrite only (an fsync every 8th round), and ``vdisk deactivate A``
+    comes in the middle of that, unannounced.  Every round whose pwrite returned on A
+    must be on B after ``vdisk activate B`` (deactivation flushes what A acknowledged),
+    in order: B reads exactly the model after the last acknowledged round; the first
+    round A refused (EROFS) left nothing.  The workload resumes on B with that round;
+    the pause it saw (its last acknowledged write on A to its first on B) is reported."""
+    import errno
+    import threading
+
+    from vdisk.export.fuse.testing import Rig
+
+    monkeypatch.setenv("VDISK_RUN_DIR", str(tmp_path / "run"))
+    pool = f"s3://vdisk-repl-a/live-{os.urandom(3).hex()}"
+    run("pool", "create", pool)
+    img = f"{pool}/disk"
+    run("create", "-f", "pool", img, str(SIZE))
+    rig = Rig(str(tmp_path))
+    acked: list[tuple[int, float]] = []  # (round, when its pwrite returned)
+    refused: list[tuple[int, int]] = []  # (round, errno)
+
+    def workload(mnt: str) -> None:
+        fd = os.open(os.path.join(mnt, "disk"), os.O_RDWR)
+        try:
+            k = 0
+            while k < 2000:
+                k += 1
+                try:
+                    os.pwrite(fd, round_bytes(k), (k * 3 * CHUNK) % SIZE)
+                    if k % 8 == 0:
+                        os.fsync(fd)
+                except OSError as exc:
+                    refused.append((k, exc.errno))
+                    return
+                acked.append((k, time.monotonic()))
+        finally:
+            os.close(fd)
+
+    try:
+        a, b = str(tmp_path / "a"), str(tmp_path / "b")
+        rig.mount(img, a)
+        rig.mount(img, b, inactive=True)
+        th = threading.Thread(target=workload, args=(a,), daemon=True)
+        th.start()
+        deadline = time.monotonic() + 60
+        while len(acked) < 20:
+            assert th.is_alive() and time.monotonic() < deadline, refused
+            time.sleep(0.01)
+        run("deactivate", a)  # while the thread writes
+        th.join(60)
+        assert not th.is_alive() and refused and refused[0][1] == errno.EROFS, (refused, len(acked))
+        k, t_last = acked[-1]
+        assert refused[0][0] == k + 1 and [r for r, _ in acked] == list(range(1, k + 1))
+        with open(os.path.join(a, "disk"), "rb") as f:
+            assert f.read() == model(k)  # A, inactive, serves what it committed: every acknowledged round
+        run("activate", b)
+        fd = os.open(os.path.join(b, "disk"), os.O_RDWR)
+        try:
+            assert os.pread(fd, SIZE, 0) == model(k), f"B does not hold the model after round {k}"
+            for j in range(k + 1, k + 9):  # the workload goes on on B, from the refused round
+                os.pwrite(fd, round_bytes(j), (j * 3 * CHUNK) % SIZE)
+                if j == k + 1:
+                    pause = time.monotonic() - t_last
+                os.fsync(fd)
+            assert os.pread(fd, SIZE, 0) == model(k + 8)
+        finally:
+            os.close(fd)
+        print(f"hand-over under a running workload after {k} rounds: pause {pause:.2f} s")
+        rig.umount(a)
+        rig.umount(b)
+    finally:
+        rig.cleanup()
+    with vdisk.open(img, read_only=True) as im:
+        assert im.read(0, SIZE) == model(k + 8)
+    assert jrun("check", img)["vdisk-result"] == "clean"
