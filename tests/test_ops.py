@@ -193,19 +193,66 @@ def test_copy_content_writes_behind_the_reads_in_order_from_one_thread(image_dir
     with vdisk.open(src, format="raw", read_only=True) as s, vdisk.open(dst) as d:
         real = d.write
 
-        def write(off, buf):
+        real_prepare = d.prepare_write
+        preparers, prepared = set(), []
+
+        def write(off, buf, ready=None):
             writers.add(threading.current_thread().name)
             offsets.append(off)
-            return real(off, buf)
+            prepared.append(ready is not None)
+            return real(off, buf, ready)
 
-        d.write = write
+        def prepare_write(off, buf):
+            preparers.add(threading.current_thread().name)
+            return real_prepare(off, buf)
+
+        d.write, d.prepare_write = write, prepare_write
         done = []
         copy_content(s, d, write_behind=2, chunk_size=MiB, progress=done.append)
         d.flush()
     assert len(writers) == 1 and next(iter(writers)).startswith("vdisk-convert-write"), writers
+    # vdk's checksums were prepared in the reading thread, for every write
+    assert preparers == {threading.current_thread().name} and all(prepared), (preparers, prepared)
     assert offsets == sorted(offsets) and len(offsets) >= 12
     assert sum(done) == 12 * MiB
     assert read_all(dst, "vdk") == data
+    with vdisk.open(dst, read_only=True) as img:
+        assert img.check().exit_code == 0
+
+
+def test_prepared_vdk_writes_are_bound_to_their_bytes_and_offset(image_dir):
+    """``prepare_write``'s checksums are used only for the very bytes object and
+    offset they were made for; anything else is checksummed by the write itself."""
+    cs = 64 << 10
+    path = str(image_dir / "p.vdk")
+    vdisk.create(path, 8 * MiB)
+    a = os.urandom(cs) + bytes(cs) + os.urandom(2 * cs)  # a zero cluster inside
+    b = os.urandom(len(a))
+    with vdisk.open(path) as img:
+        ready = img.prepare_write(cs, a)
+        assert ready is not None
+        img.write(cs, a, ready)  # used: the bytes and offset it was made for
+        img.write(8 * cs, b, ready)  # other bytes, other offset: ignored
+        img.write(16 * cs, bytes(b), img.prepare_write(16 * cs, a))  # other bytes, same offset
+        img.write(24 * cs + 512, a, img.prepare_write(24 * cs, a))  # same bytes, other offset
+        img.flush()
+    with vdisk.open(path, read_only=True) as img:
+        assert img.read(cs, len(a)) == a
+        assert img.read(8 * cs, len(b)) == b
+        assert img.read(16 * cs, len(b)) == b
+        assert img.read(24 * cs + 512, len(a)) == a
+        result = img.check()
+        assert result.exit_code == 0, result
+        # the prepared zero cluster became no data at all
+        assert all(e.status.name != "DATA" for e in img.block_status(2 * cs, cs)), img.block_status(2 * cs, cs)
+        assert any(e.status.name == "DATA" for e in img.block_status(cs, cs))
+    raw = make_raw(image_dir / "r.raw", MiB, [])
+    with vdisk.open(raw, format="raw") as img:
+        assert img.prepare_write(0, a) is None  # raw has nothing to prepare
+    comp = str(image_dir / "c.vdk")
+    vdisk.create(comp, MiB, compression="zstd")
+    with vdisk.open(comp) as img:
+        assert img.prepare_write(0, a) is None  # checksums follow the compression
 
 
 def test_a_failed_write_behind_stops_the_copy_and_raises_it(image_dir):
@@ -216,7 +263,7 @@ def test_a_failed_write_behind_stops_the_copy_and_raises_it(image_dir):
     vdisk.create(dst, 16 * MiB, format="raw")
     calls = []
     with vdisk.open(src, format="raw", read_only=True) as s, vdisk.open(dst, format="raw") as d:
-        def write(off, buf):
+        def write(off, buf, ready=None):
             calls.append(off)
             if len(calls) == 3:
                 raise HostIOError(f"{dst}: write failed: No space left on device")

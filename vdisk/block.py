@@ -203,14 +203,27 @@ class Image:
             return b""
         return self.driver.read(offset, length)
 
-    def write(self, offset: int, data: bytes) -> None:
+    def write(self, offset: int, data: bytes, prepared: object | None = None) -> None:
+        """Write ``data`` at ``offset``; ``prepared``: what ``prepare_write(offset,
+        data)`` returned for these very bytes (None: nothing prepared)."""
         self._check_write(offset, len(data))
         if self.guard_probe and offset < PROBE_BYTES and data:
             self._check_probe(offset, data)
         if self.guard_probe and offset + len(data) > self.size - 512 and data and self.size >= 1024:
             self._check_probe_tail(offset, data)
         if data:
-            self.driver.write(offset, bytes(data) if not isinstance(data, bytes) else data)
+            if prepared is not None and type(data) is bytes:
+                self.driver.write(offset, data, prepared=prepared)
+            else:
+                self.driver.write(offset, bytes(data) if not isinstance(data, bytes) else data)
+
+    def prepare_write(self, offset: int, data: bytes) -> object | None:
+        """The driver's pure work for a later ``write(offset, data, prepared=...)`` of
+        exactly these bytes, which may be done in another thread than the write
+        (:meth:`BlockDriver.prepare_write`); None if the driver has none."""
+        if type(data) is not bytes or not data:
+            return None
+        return self.driver.prepare_write(offset, data)
 
     def _check_probe(self, offset: int, data: bytes) -> None:
         n = min(PROBE_BYTES, self.size)

@@ -225,6 +225,16 @@ class BlockDriver(abc.ABC):
         the image as it was after the previous flush, or with some of these writes:
         never with metadata pointing at unwritten or freed space."""
 
+    def prepare_write(self, offset: int, data: bytes) -> object | None:
+        """Work a later ``write(offset, data, prepared=...)`` of exactly these bytes can
+        skip, done now: a pure function of its arguments and of settings fixed at
+        open, so it may run in another thread while any other call runs on this
+        driver (``vdisk convert`` computes it in its reading thread while its writer
+        thread writes).  ``write`` uses the result only for the very ``data`` object
+        and ``offset`` it was made for, and otherwise does the work itself.  Default:
+        None (nothing to prepare); ``write`` then needs no ``prepared`` argument."""
+        return None
+
     def write_zeroes(self, offset: int, length: int) -> None:
         """Make the range read as zeros.  Fallback: write zero bytes."""
         step = 1 << 20

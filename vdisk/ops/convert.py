@@ -55,33 +55,42 @@ class ConvertStats:
     zero_bytes_dropped: int = 0  # read, found all-zero, not written
 
 
-def _sparse_write(dst: Image, off: int, data: bytes, gran: int, stats: ConvertStats) -> None:
-    """Write ``data`` at ``off`` into a destination that reads as zeros, leaving out
-    every ``gran``-aligned piece that is all zeros.  The zero pieces are found by
-    ``vdisk.zeros.zero_runs`` (a strided look at the pieces' first bytes,
-    then memcmp; no Python step per piece): a 4 KiB loop here was 175 000 ``is_zero``
-    calls per GiB of a static VDI, and a ``find`` of a 4 KiB zero needle over every
-    chunk cost 0.04-0.1 s per GiB."""
+def _sparse_pieces(dst: Image, off: int, data: bytes, gran: int) -> tuple[list, int]:
+    """What writing ``data`` at ``off`` into a destination that reads as zeros takes:
+    ``([(offset, bytes, prepared), ...], zero bytes left out)``, leaving out every
+    ``gran``-aligned piece that is all zeros, each write with what the destination's
+    driver prepared for it (``Image.prepare_write``: vdk's checksums).  Pure work:
+    ``copy_content`` runs it in its reading thread, beside the writer.  The zero
+    pieces are found by ``vdisk.zeros.zero_runs`` (a strided look at the pieces'
+    first bytes, then memcmp; no Python step per piece): a 4 KiB loop here was
+    175 000 ``is_zero`` calls per GiB of a static VDI, and a ``find`` of a 4 KiB zero
+    needle over every chunk cost 0.04-0.1 s per GiB."""
     n = len(data)
     if is_zero(data):
-        stats.zero_bytes_dropped += n
-        return
+        return [], n
     if n <= gran:
-        dst.write(off, data)
-        stats.bytes_written += n
-        return
+        return [(off, data, dst.prepare_write(off, data))], 0
     from ..zeros import zero_runs
 
+    out = []
+    dropped = 0
     pos = 0  # relative to data: the start of what is not written yet
     for a, b in zero_runs(data, 0, n, off, gran):
         if a > pos:
-            dst.write(off + pos, data[pos:a])
-            stats.bytes_written += a - pos
-        stats.zero_bytes_dropped += b - a
+            piece = data[pos:a]
+            out.append((off + pos, piece, dst.prepare_write(off + pos, piece)))
+        dropped += b - a
         pos = b
     if pos < n:
-        dst.write(off + pos, data[pos:] if pos else data)
-        stats.bytes_written += n - pos
+        piece = data[pos:] if pos else data
+        out.append((off + pos, piece, dst.prepare_write(off + pos, piece)))
+    return out, dropped
+
+
+class _Planned(tuple):
+    """A data piece whose destination writes ``_sparse_pieces`` planned already."""
+
+    __slots__ = ()
 
 
 def _widen(runs: list[tuple[int, int, bool]], gran: int, size: int) -> list[tuple[int, int, bool]]:
@@ -214,7 +223,8 @@ def _write_behind(pieces, put, tick, throttle, depth: int) -> None:
     """Run ``put(off, n, data)`` for each piece in one writer thread, at most
     ``depth`` pieces behind this thread's reads, in order.  The first error stops
     it: nothing queued after the failed piece is written, and it is raised here.
-    Only the writer thread touches the destination (and ``base``) meanwhile."""
+    Only the writer thread writes the destination (and reads ``base``) meanwhile;
+    the caller's thread calls only its ``prepare_write``, which drivers keep pure."""
     from concurrent.futures import ThreadPoolExecutor
 
     failed: list[bool] = []
@@ -292,21 +302,29 @@ def copy_content(
     else:
         pieces = ((off, n, src.read(off, n) if has else None) for off, n, has in plan)
     throttle = _Throttle(rate_limit) if rate_limit else None
+    if base is None and sparse and target_is_zero:
+        # the zero scan, the cuts and the driver's preparation run in this (reading)
+        # thread, so that the writer thread only writes
+        pieces = ((off, n, data if data is None else _Planned(_sparse_pieces(dst, off, data, gran)))
+                  for off, n, data in pieces)
 
-    def put(off: int, n: int, data: bytes | None) -> None:
+    def put(off: int, n: int, data) -> None:
         """The destination's side of one piece (the only code that changes ``stats``)."""
         if data is None:
             stats.bytes_skipped += n
             _zero_range(dst, off, n, target_is_zero, sparse, base, chunk)
         else:
             stats.bytes_read += n
-            if base is not None:
+            if type(data) is _Planned:
+                writes, dropped = data
+                stats.zero_bytes_dropped += dropped
+                for woff, piece, prepared in writes:
+                    dst.write(woff, piece, prepared)
+                    stats.bytes_written += len(piece)
+            elif base is not None:
                 _write_differences(dst, base, off, data, gran, stats)
-            elif sparse:
-                if target_is_zero:
-                    _sparse_write(dst, off, data, gran, stats)
-                else:
-                    _dense_or_zero_write(dst, off, data, gran, stats)
+            elif sparse:  # into a destination that may hold anything
+                _dense_or_zero_write(dst, off, data, gran, stats)
             else:
                 dst.write(off, data)
                 stats.bytes_written += n

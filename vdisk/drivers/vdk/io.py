@@ -53,8 +53,39 @@ def _is_zero(content, zero: bytes) -> bool:
     return content == zero
 
 
+class _Prepared:
+    """What ``prepare_write`` computed for one ``write(offset, data)``: the checksum of
+    each whole cluster of ``data`` from guest cluster ``first`` on (None: all zeros)."""
+
+    __slots__ = ("offset", "data", "first", "sums")
+
+    def __init__(self, offset: int, data: bytes, first: int, sums: list):
+        self.offset, self.data, self.first, self.sums = offset, data, first, sums
+
+
 class IoMixin:
     """read, write, write_zeroes/discard, block_status and cluster compression."""
+
+    def prepare_write(self, offset: int, data: bytes) -> _Prepared | None:
+        """The checksums (and zero tests) of the whole clusters of a later uncompressed
+        ``write(offset, data)``: reads only ``cluster_size``, ``cbits``, ``compression``
+        and ``zero_cluster``, fixed at open, so it may run in another thread."""
+        if self.compression:
+            return None  # compressed clusters are checksummed after compression
+        cs = self.cluster_size
+        cbits = self.cbits
+        first = (offset + cs - 1) >> cbits
+        last = (offset + len(data)) >> cbits
+        if last <= first:
+            return None
+        mv = memoryview(data)
+        zero = self.zero_cluster
+        checksum = C.checksum
+        sums = []
+        for ci in range(first, last):
+            content = mv[(ci << cbits) - offset:((ci + 1) << cbits) - offset]
+            sums.append(None if _is_zero(content, zero) else checksum(content))
+        return _Prepared(offset, data, first, sums)
 
     def read(self, offset: int, length: int) -> bytes:
         out = []
@@ -167,8 +198,12 @@ class IoMixin:
                 return buf
         return bytearray(self._read_cluster(ci))
 
-    def write(self, offset: int, data: bytes) -> None:
+    def write(self, offset: int, data: bytes, prepared: _Prepared | None = None) -> None:
         self._check_writable()
+        sums = None
+        if (type(prepared) is _Prepared and prepared.data is data and prepared.offset == offset
+                and not self.compression):
+            sums = prepared
         cs = self.cluster_size
         cbits = self.cbits
         end = offset + len(data)
@@ -189,7 +224,8 @@ class IoMixin:
                     if not self.compression:
                         # whole clusters up to the end of this L2 table or of the data: one step
                         k = min((end - pos) >> cbits, ((((ci >> self.l2_bits) + 1) << self.l2_bits) - ci))
-                        self._store_run(ci, mv[pos - offset:pos - offset + (k << cbits)], k)
+                        self._store_run(ci, mv[pos - offset:pos - offset + (k << cbits)], k,
+                                        sums.sums[ci - sums.first:ci - sums.first + k] if sums else None)
                         pos += k << cbits
                         continue
                     content = mv[pos - offset:pos - offset + cs]
@@ -302,12 +338,13 @@ class IoMixin:
         self._release_entry(desc, slen)
         _pack_l2(tbl, pos, (_T_DATA << _SHIFT) | (c << self.cbits), self.cluster_size, 0, csum, birth)
 
-    def _store_run(self, ci0: int, mv: memoryview, k: int) -> None:
+    def _store_run(self, ci0: int, mv: memoryview, k: int, sums: list | None = None) -> None:
         """What ``_store(ci0 + j, mv[j * cs:(j + 1) * cs])`` for j < k does, for ``k``
         whole, uncompressed clusters of one L2 table, with the clusters that need a
         new host cluster allocated in one step (``_alloc_many``) and queued as one
         write per host-contiguous run.  As in ``_store``, new clusters are allocated
-        before any replaced entry is released."""
+        before any replaced entry is released.  ``sums``: each cluster's checksum
+        (None: all zeros), from ``prepare_write``, else computed here."""
         cs = self.cluster_size
         cbits = self.cbits
         t = self.txn
@@ -322,11 +359,14 @@ class IoMixin:
             content = mv[j << cbits:(j + 1) << cbits]
             pos = base + j * _ESZ
             desc, slen, _codec, _csum, _birth = _unpack_l2(tbl, pos)
-            if _is_zero(content, zero):
+            if sums is not None:
+                csum = sums[j]
+            else:
+                csum = None if _is_zero(content, zero) else checksum(content)
+            if csum is None:
                 self._release_entry(desc, slen)
                 _pack_l2(tbl, pos, zero_desc, 0, 0, 0, 0)
                 continue
-            csum = checksum(content)
             if desc >> _SHIFT == _T_DATA:
                 c = (desc & _MASK) >> cbits
                 if c in t.new_clusters and t.rc[c] == 1:  # ours alone and not yet committed: rewrite in place
