@@ -7,7 +7,8 @@ prefix.  What is shown here: every command on ``s3://BUCKET/PREFIX/IMAGE``, the
 conditional put, the writer lease (a second writer's error names the holder; a
 writer that lost its lease while paused cannot commit over the new one), flushed
 data surviving a kill -9 of the writer, a volume server killed during writes, a lazy
-clone fetching about what its reader reads, a dead store giving one clear error, the
+clone fetching about what its reader reads, a dead store giving one clear error, a
+mount of IMAGE and of IMAGE@SNAP, the
 write-back of packs bounded, and ``vdisk diff export``/``import`` with s3:// images as
 source and as destination (to and from local pools and files; resumed after an
 interrupted export and a killed import).
@@ -504,6 +505,46 @@ def test_mount_an_s3_pool_image(s3pool, tmp_path, monkeypatch):
     assert got[MiB:2 * MiB] == data and got[:MiB] == bytes(MiB)
     assert content(img, snapshot="empty") == bytes(8 * MiB)
     assert json.loads(run("check", img, "--output", "json").stdout)["vdisk-result"] == "clean"
+
+
+@pytest.mark.fuse
+def test_mount_a_snapshot_of_an_s3_pool_image(s3pool, tmp_path, monkeypatch):
+    """``vdisk mount s3://BUCKET/PREFIX/IMAGE@SNAP``: read-only, the snapshot's content
+    while the image has moved on, writes refused; it takes no lease, so a writer can
+    open the image meanwhile."""
+    import errno
+
+    from vdisk.export.fuse.testing import run as sh
+
+    monkeypatch.setenv("VDISK_RUN_DIR", str(tmp_path / "run"))
+    img = f"{s3pool}/disk"
+    run("create", img, "4M")
+    old = pattern(12, 2 * MiB)
+    with vdisk.open(img) as w:
+        w.write(0, old)
+        w.snapshot_create("s1")
+        w.write(0, pattern(13, MiB))
+    mnt = str(tmp_path / "mnt")
+    os.makedirs(mnt)
+    try:
+        run("mount", f"{img}@s1", mnt)
+        with open(os.path.join(mnt, "disk"), "rb") as f:
+            assert f.read(2 * MiB) == old
+        with pytest.raises(OSError) as ei:
+            fd = os.open(os.path.join(mnt, "disk"), os.O_WRONLY)
+            try:
+                os.pwrite(fd, b"x" * 4096, 0)
+            finally:
+                os.close(fd)
+        assert ei.value.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
+        with vdisk.open(img) as w:  # the snapshot's mount holds no lease
+            w.write(3 * MiB, b"live" * 1024)
+        run("umount", mnt)
+    finally:
+        if os.path.ismount(mnt):
+            sh("fusermount3", "-u", "-z", mnt)
+    assert content(img, snapshot="s1")[:2 * MiB] == old
+    assert content(img)[:MiB] == pattern(13, MiB)
 
 
 # ---------------------------------------------------------------------------- hosts
