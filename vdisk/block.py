@@ -217,6 +217,12 @@ class Image:
             else:
                 self.driver.write(offset, bytes(data) if not isinstance(data, bytes) else data)
 
+    def start_writeback(self) -> None:
+        """Hint that what was written so far will be flushed: start writing it back now
+        (:meth:`BlockDriver.start_writeback`; no promise, ``flush`` is the promise)."""
+        if not self.driver.read_only:
+            self.driver.start_writeback()
+
     def prepare_write(self, offset: int, data: bytes) -> object | None:
         """The driver's pure work for a later ``write(offset, data, prepared=...)`` of
         exactly these bytes, which may be done in another thread than the write

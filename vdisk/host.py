@@ -31,6 +31,8 @@ _FALLOC_FL_PUNCH_HOLE = 0x02
 # (ctypes.util.find_library runs ldconfig, 10 ms on every command).
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+_SYNC_FILE_RANGE_WRITE = 2
 
 # Open file description locks (Linux >= 3.15): owned by the open file, not the
 # process, so two opens in one process conflict like two processes do, and the
@@ -90,6 +92,12 @@ class HostStorage:
 
     def flush(self) -> None:
         raise NotImplementedError
+
+    def start_writeback(self) -> None:
+        """Ask the OS to start writing what was written so far to the device, without
+        waiting and without any promise (``flush`` is the promise): a bulk writer that
+        flushes at its end calls it as it goes, so the device works while it copies.
+        Default: nothing."""
 
     def size(self) -> int:
         raise NotImplementedError
@@ -151,6 +159,9 @@ class FailStopStorage(HostStorage):
     def pwritev(self, offset: int, buffers: list) -> None:
         self._check("write")
         self.inner.pwritev(offset, buffers)
+
+    def start_writeback(self) -> None:
+        self.inner.start_writeback()
 
     def flush(self) -> None:
         self._check("flush")
@@ -339,6 +350,13 @@ class HostFile(HostStorage):
             raise _oserror(self.name, f"write of {total} bytes at {offset}", exc) from None
         if n < total:  # short write: finish the rest the simple way
             self.pwrite(offset + n, memoryview(b"".join(buffers))[n:])
+
+    def start_writeback(self) -> None:
+        """sync_file_range(SYNC_FILE_RANGE_WRITE) over the whole file: the kernel starts
+        writing its dirty pages back and returns.  A hint: its errors are ignored (a
+        failed write-back shows at the next ``flush``, which fdatasync reports)."""
+        if self.sync and self.flush_failed is None:
+            _libc.sync_file_range(self.fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
 
     def flush(self) -> None:
         """fdatasync; if it fails, the file refuses changes from then on (see the module)."""

@@ -235,6 +235,14 @@ class BlockDriver(abc.ABC):
         None (nothing to prepare); ``write`` then needs no ``prepared`` argument."""
         return None
 
+    def start_writeback(self) -> None:
+        """A hint from a bulk writer that will flush at its end: have the host storage
+        start writing back what was written so far (``HostStorage.start_writeback``).
+        Default: the driver's ``host``, if it has one."""
+        host = getattr(self, "host", None)
+        if host is not None:
+            host.start_writeback()
+
     def write_zeroes(self, offset: int, length: int) -> None:
         """Make the range read as zeros.  Fallback: write zero bytes."""
         step = 1 << 20

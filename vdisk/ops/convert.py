@@ -211,6 +211,15 @@ def _threaded_read_ahead(src: Image, plan: Iterator[tuple[int, int, bool]],
                     fut.cancel()
 
 
+#: a copy that will be flushed (``convert -t writeback``, ``none``, ...) has its
+#: destination start writing back every this many bytes written (``sync_file_range``,
+#: no waiting): the device then writes while the copy goes on, instead of all at the
+#: final flush.  1 GiB raw -> vdk, copy and flush: 0.59-0.64 s -> 0.32-0.33 s
+#: (BENCHMARKS "write-back as it goes").  Not for ``-t unsafe`` (the default, as
+#: qemu-img's): the OS then writes back when it likes, and the copy itself does not
+#: share the CPUs with the kernel's write-back.
+WRITEBACK_EVERY = 16 << 20
+
 #: destination chunks queued behind the reads by default: a writer thread writes them
 #: while the caller's thread reads (and zero-checks) the next.  Both spend most of
 #: their time in the kernel copying pages, outside the GIL, so the two overlap on two
@@ -271,6 +280,7 @@ def copy_content(
     sparse: bool = True,
     base: Image | None = None,
     rate_limit: int | None = None,
+    writeback_every: int = 0,
 ) -> ConvertStats:
     """Copy ``src``'s guest content into ``dst``.  Does not flush ``dst``.
 
@@ -288,8 +298,10 @@ def copy_content(
     chunks are written by a writer thread while the next are read (0: the caller's
     thread writes; see ``WRITE_BEHIND``): only for a destination (and ``base``) that
     nothing else uses meanwhile and that shares no state with ``src``.  ``rate_limit``
-    caps the rate in guest bytes per second.  ``progress(n)`` gets guest bytes done
-    since the previous call; the total is ``src.size``."""
+    caps the rate in guest bytes per second.  ``writeback_every``: for a copy the
+    caller will flush, ask ``dst`` to start writing back each time that many more
+    bytes were written (``WRITEBACK_EVERY``; 0: never).  ``progress(n)`` gets guest
+    bytes done since the previous call; the total is ``src.size``."""
     if dst.size < src.size:
         raise UsageError(f"{dst.filename}: destination ({dst.size} bytes) is smaller than the source ({src.size} bytes)")
     stats = ConvertStats(size=src.size)
@@ -308,8 +320,14 @@ def copy_content(
         pieces = ((off, n, data if data is None else _Planned(_sparse_pieces(dst, off, data, gran)))
                   for off, n, data in pieces)
 
+    unsent = [0]  # bytes written since the last start_writeback
+
     def put(off: int, n: int, data) -> None:
         """The destination's side of one piece (the only code that changes ``stats``)."""
+        if writeback_every:
+            if stats.bytes_written - unsent[0] >= writeback_every:
+                dst.start_writeback()
+                unsent[0] = stats.bytes_written
         if data is None:
             stats.bytes_skipped += n
             _zero_range(dst, off, n, target_is_zero, sparse, base, chunk)
@@ -465,7 +483,8 @@ def convert(
     # may be an image of the same pool, opened in this process.
     copy_kw = {"progress": progress, "chunk_size": chunk_size, "granularity": granularity, "sparse": sparse,
                "rate_limit": rate_limit, "read_ahead": read_ahead,
-               "write_behind": 0 if format == "pool" else write_behind}
+               "write_behind": 0 if format == "pool" else write_behind,
+               "writeback_every": WRITEBACK_EVERY if durable else 0}
     if existing:
         if backing_file is not None:
             raise UsageError("-n writes into an existing image: it keeps its own backing file (no -B)")
