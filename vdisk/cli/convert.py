@@ -44,8 +44,8 @@ from .progress import progress_bar
     type=click.Choice(["unsafe", "writeback", "none", "writethrough", "directsync"]),
     default="unsafe",
     show_default=True,
-    help="unsafe: leave flushing DST to the OS (as qemu-img convert); any other: flush DST to disk before "
-    "exiting.",
+    help="unsafe: leave flushing DST to the OS (as qemu-img convert); any other: start writing DST back to "
+    "disk as it copies, and flush it before exiting.",
 )
 @progress_option()
 @quiet_option()
