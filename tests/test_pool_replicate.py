@@ -181,6 +181,19 @@ def objects(root: str) -> set[str]:
             for n in os.listdir(os.path.join(root, d)) if not n.startswith(".")}
 
 
+def _again_nothing_then_only_what_is_new(src: str, dst: str, objects, first: dict) -> set:
+    """After a first ``--once`` (``first``): a second ships nothing; after one more write
+    to ``src/a`` a third ships exactly the objects ``dst`` lacks, which it returns."""
+    again = jrun("pool", "replicate", "--once", src, dst)
+    assert again["generations"] == 0 and again["objects"] == 0 and again["generation"] == first["generation"]
+    with vdisk.open(f"{src}/a") as img:
+        img.write(CHUNK, round_bytes(2))
+    new = objects(src) - objects(dst)
+    third = jrun("pool", "replicate", "--once", src, dst)
+    assert third["generations"] >= 1 and third["objects"] == len(new) >= 1  # only what is new
+    return new
+
+
 def test_once_is_incremental_and_json(tmp_path):
     src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
     run("pool", "create", src)
@@ -189,13 +202,7 @@ def test_once_is_incremental_and_json(tmp_path):
         img.write(0, round_bytes(1))
     first = jrun("pool", "replicate", "--once", src, dst)
     assert first["generations"] >= 2 and first["objects"] >= 1 and first["lag"] >= 0
-    again = jrun("pool", "replicate", "--once", src, dst)
-    assert again["generations"] == 0 and again["objects"] == 0 and again["generation"] == first["generation"]
-    with vdisk.open(f"{src}/a") as img:
-        img.write(CHUNK, round_bytes(2))
-    new = objects(src) - objects(dst)
-    third = jrun("pool", "replicate", "--once", src, dst)
-    assert third["generations"] >= 1 and third["objects"] == len(new) >= 1  # only what is new
+    new = _again_nothing_then_only_what_is_new(src, dst, objects, first)
     assert len(new) < len(objects(src))
     assert objects(src) <= objects(dst)
     with vdisk.open(f"{dst}/a", read_only=True) as img:
@@ -308,13 +315,7 @@ def test_once_is_incremental_s3_to_s3(cluster):
             img.flush()
     first = jrun("pool", "replicate", "--once", src, dst)
     assert first["generations"] >= 2 and first["objects"] >= 8
-    again = jrun("pool", "replicate", "--once", src, dst)
-    assert again["generations"] == 0 and again["objects"] == 0 and again["generation"] == first["generation"]
-    with vdisk.open(f"{src}/a") as img:
-        img.write(CHUNK, round_bytes(2))
-    new = objs(src) - objs(dst)
-    third = jrun("pool", "replicate", "--once", src, dst)
-    assert third["generations"] >= 1 and third["objects"] == len(new) >= 1  # only what is new
+    new = _again_nothing_then_only_what_is_new(src, dst, objs, first)
     assert len(new) * 4 < len(objs(src)) and objs(src) <= objs(dst)
     with vdisk.open(f"{dst}/a", read_only=True) as img:
         assert img.read(CHUNK, CHUNK) == round_bytes(2) and img.read(4 * CHUNK, CHUNK) == round_bytes(101)
