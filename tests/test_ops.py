@@ -13,7 +13,7 @@ from imagetools import allocated, make_raw, read_all
 from vdisk.errors import ImageLocked, UsageError, VdiskError
 from vdisk.ops import compare, convert, copy_content, image_info, map_extents
 from vdisk.ops.compare import chunks, first_difference, first_nonzero, is_zero, overlay_runs
-from vdisk.ops.convert import _widen
+from vdisk.ops.copier import _widen
 
 MiB = 1 << 20
 

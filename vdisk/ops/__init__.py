@@ -14,7 +14,7 @@ from .convert import convert as convert  # noqa: E402
 
 _WHERE = {
     "CompareResult": "compare",
-    "ConvertStats": "convert", "copy_content": "convert",
+    "ConvertStats": "copier", "copy_content": "copier",
     "chain_info": "mapping", "image_info": "mapping", "map_extents": "mapping",
 }
 __all__ = sorted([*_WHERE, "compare", "convert"])
