@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from ..block import Image
 from ..errors import UsageError
 from .compare import ProgressFn, chunk_size_for, chunks, data_runs, is_zero, zeros
+from .worker import Worker
 
 
 @dataclass
@@ -172,9 +173,7 @@ def _threaded_read_ahead(src: Image, plan: Iterator[tuple[int, int, bool]],
     fetches the next ``depth`` data chunks, so reading the source overlaps writing
     the destination.  Only that thread touches ``src``; only the caller touches the
     destination, so neither image is used from two threads at once."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vdisk-convert-read") as pool:
+    with Worker("vdisk-convert-read") as pool:
         queue: deque = deque()
         try:
             for off, n, has_data in plan:
@@ -205,8 +204,6 @@ def _write_behind(pieces, put, tick, throttle, depth: int) -> None:
     it: nothing queued after the failed piece is written, and it is raised here.
     Only the writer thread writes the destination (and reads ``base``) meanwhile;
     the caller's thread calls only its ``prepare_write``, which drivers keep pure."""
-    from concurrent.futures import ThreadPoolExecutor
-
     failed: list[bool] = []
 
     def put_unless_failed(off: int, n: int, data: bytes | None) -> None:
@@ -218,7 +215,7 @@ def _write_behind(pieces, put, tick, throttle, depth: int) -> None:
             failed.append(True)
             raise
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vdisk-convert-write") as pool:
+    with Worker("vdisk-convert-write") as pool:
         queue: deque = deque()
         try:
             for off, n, data in pieces:
