@@ -17,7 +17,6 @@ other storage.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import os
@@ -27,12 +26,24 @@ from .errors import HostIOError, ImageExists, ImageLocked, ImageNotFound, VdiskE
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
-# The C library is already loaded into the process: no need to search for it
-# (ctypes.util.find_library runs ldconfig, 10 ms on every command).
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
 _SYNC_FILE_RANGE_WRITE = 2
+_libc_loaded = None
+
+
+def _libc():
+    """The C library's ``fallocate`` and ``sync_file_range`` (not in :mod:`os`), loaded
+    at first use: importing ctypes costs every command 2 ms.  The library is already
+    in the process, so there is nothing to search for (ctypes.util.find_library runs
+    ldconfig, 10 ms)."""
+    global _libc_loaded
+    if _libc_loaded is None:
+        import ctypes
+
+        lib = ctypes.CDLL(None, use_errno=True)
+        lib.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        lib.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+        _libc_loaded = lib
+    return _libc_loaded
 
 # Open file description locks (Linux >= 3.15): owned by the open file, not the
 # process, so two opens in one process conflict like two processes do, and the
@@ -356,7 +367,7 @@ class HostFile(HostStorage):
         writing its dirty pages back and returns.  A hint: its errors are ignored (a
         failed write-back shows at the next ``flush``, which fdatasync reports)."""
         if self.sync and self.flush_failed is None:
-            _libc.sync_file_range(self.fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+            _libc().sync_file_range(self.fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
 
     def flush(self) -> None:
         """fdatasync; if it fails, the file refuses changes from then on (see the module)."""
@@ -411,8 +422,10 @@ class HostFile(HostStorage):
             raise _refused_after_failed_flush(self, "punch hole")
         if length <= 0:
             return
-        rc = _libc.fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+        rc = _libc().fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
         if rc != 0:
+            import ctypes
+
             err = ctypes.get_errno()
             if err in (errno.EOPNOTSUPP, errno.ENOSYS):
                 # No hole punching here: write zeros instead so the contract holds.

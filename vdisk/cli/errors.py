@@ -45,8 +45,10 @@ def errors_exit_with(code: int) -> Iterator[None]:
 @contextlib.contextmanager
 def sigterm_unwinds() -> Iterator[None]:
     """Within the block, SIGTERM raises ``SystemExit(143)`` so ``finally`` clauses run
-    (convert removes its half-written temporary file).  Main thread only."""
-    import signal
+    (convert removes its half-written temporary file).  Main thread only.  The C
+    module ``_signal``, as the command client uses: :mod:`signal` builds its enums
+    at import, 2 ms of a convert's start-up."""
+    import _signal as signal
     import threading
 
     if threading.current_thread() is not threading.main_thread():

@@ -84,6 +84,8 @@ assert _HEADER_V2.size == 72 and _HEADER_V3_TAIL.size == 32
 # ---------------------------------------------------------------------- header
 @dataclass(frozen=True)
 class Header:
+    """The qcow2 header, decoded (QEMU's docs/interop/qcow2.txt)."""
+
     version: int
     backing_file_offset: int
     backing_file_size: int
@@ -195,12 +197,16 @@ def encode_header(h: Header) -> bytes:
 # ---------------------------------------------------------------------- header extensions
 @dataclass(frozen=True)
 class HeaderExtension:
+    """One header extension: its type and raw data."""
+
     type: int
     data: bytes
 
 
 @dataclass(frozen=True)
 class FeatureName:
+    """One entry of the feature name table."""
+
     kind: int  # 0 incompatible, 1 compatible, 2 autoclear
     bit: int
     name: str
@@ -298,6 +304,8 @@ def encode_header_area(
 # ---------------------------------------------------------------------- L1 / L2 entries
 @dataclass(frozen=True)
 class L1Entry:
+    """One L1 entry, decoded."""
+
     l2_offset: int  # 0: no L2 table
     copied: bool
     reserved: int  # reserved bits that are set (should be 0)
@@ -320,6 +328,8 @@ COMPRESSED = 3
 
 @dataclass(frozen=True)
 class L2Entry:
+    """One L2 entry, decoded."""
+
     kind: int
     host_offset: int = 0  # NORMAL/ZERO: cluster offset; COMPRESSED: byte offset of the data
     copied: bool = False

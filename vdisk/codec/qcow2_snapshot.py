@@ -30,6 +30,8 @@ def snapshot_entry_lengths(fixed: bytes) -> tuple[int, int]:
 
 @dataclass(frozen=True, slots=True)  # slots: a table of 65536 records stays small
 class Snapshot:
+    """One internal snapshot of the snapshot table, decoded."""
+
     l1_table_offset: int
     l1_size: int
     id: str

@@ -133,6 +133,8 @@ HEADER_FIELDS = {
 
 @dataclass(frozen=True)
 class Header:
+    """The vdk header, decoded (``formats/vdk.md``, "Header")."""
+
     generation: int
     cluster_bits: int
     virtual_size: int
@@ -308,6 +310,8 @@ def desc_offset(desc: int) -> int:
 
 @dataclass(frozen=True)
 class L2Entry:
+    """One L2 entry, decoded: the cluster's type, where it is stored and how."""
+
     kind: int
     host_offset: int = 0
     stored_length: int = 0
@@ -393,6 +397,8 @@ class HolderRecord:
 
 @dataclass(frozen=True)
 class SnapshotRecord:
+    """One record of the snapshot table, decoded."""
+
     id: int
     name: str
     generation: int

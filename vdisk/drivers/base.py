@@ -32,6 +32,8 @@ class Status(enum.IntEnum):
 
 @dataclass(frozen=True)
 class Extent:
+    """A guest range and what holds it (``block_status``)."""
+
     offset: int
     length: int
     status: Status
@@ -64,6 +66,8 @@ class Holder:
 
 @dataclass(frozen=True)
 class SnapshotInfo:
+    """An internal snapshot, as a driver lists it."""
+
     id: int
     name: str
     created: float  # seconds since the epoch
@@ -99,6 +103,8 @@ class CheckResult:
 
 @dataclass(frozen=True)
 class CreateOptions:
+    """What ``create`` makes: cluster size, compression, backing, the format's own ``-o`` options."""
+
     cluster_size: int | None = None  # None: the format's default
     compression: str | None = None  # None or "none": off; "zstd" (vdk, qcow2), "zlib" (qcow2)
     backing: BackingRef | None = None

@@ -117,6 +117,8 @@ def chunks(start: int, end: int, chunk: int) -> Iterator[tuple[int, int]]:
 
 @dataclass
 class CompareResult:
+    """What ``compare`` found: identical or not, and where they first differ."""
+
     identical: bool
     #: first differing guest byte (exact), None if identical
     mismatch_offset: int | None = None

@@ -21,7 +21,7 @@ in a thread pool shared by all images (zstandard releases the GIL).
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 from ...codec import vdk as C
 from ...errors import ChecksumMismatch, CorruptImage
@@ -34,12 +34,18 @@ _SHIFT = C.TYPE_SHIFT
 _MASK = C.OFFSET_MASK
 _T_UNALLOC, _T_ZERO, _T_DATA, _T_COMP = C.T_UNALLOCATED, C.T_ZERO, C.T_DATA, C.T_COMPRESSED
 
+if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
+
 _pool: ThreadPoolExecutor | None = None
 
 
 def _compress_pool() -> ThreadPoolExecutor:
     global _pool
     if _pool is None:
+        # imported here: concurrent.futures imports logging, 5-8 ms on every command
+        from concurrent.futures import ThreadPoolExecutor
+
         _pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="vdk-zstd")
     return _pool
 
