@@ -354,3 +354,35 @@ def test_rebase_u_onto_a_backing_file_that_does_not_exist_yet(image_dir, run_vdi
     assert "-F" in r.stderr
     _qemu("create", "-q", "-f", "qcow2", str(image_dir / "later.qcow2"), "1M")
     run_vdisk("info", top)  # now it opens, with its chain
+
+
+# ------------------------------------------------------------------ signals
+def test_sigterm_stops_a_convert_with_143_and_leaves_no_file(tmp_path):
+    """SIGTERM during a convert unwinds it (``vdisk.cli.errors.sigterm_unwinds``): exit
+    128 + 15 as a shell reports a killed command, and neither the output nor a
+    partial file is left; the source is untouched."""
+    import signal
+    import time
+
+    from conftest import vdisk_command
+
+    src = tmp_path / "src.raw"
+    data = os.urandom(8 * MiB)
+    src.write_bytes(data)
+    out = tmp_path / "out.vdk"
+    # -r 1M: about 8 s to copy, so the signal lands in the middle of it
+    proc = subprocess.Popen(vdisk_command() + ["convert", "-r", "1M", "-f", "raw", "-O", "vdk", str(src), str(out)],
+                            env=dict(os.environ, VDISK_NO_COMMAND_SERVER="1"), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        time.sleep(1.5)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src.raw"]
+    assert src.read_bytes() == data
