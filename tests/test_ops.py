@@ -443,3 +443,39 @@ def test_host_start_writeback_asks_the_kernel_only_for_a_synced_file(tmp_path, m
     finally:
         unsafe.close()
         synced.close()
+
+
+def test_prepared_writes_into_never_written_entries_keep_zeros_over_a_backing_file(image_dir):
+    """vdk's prepared writes into never-written L2 entries and into entries written
+    before: in an overlay, a zero cluster of the data must hide the backing file's
+    bytes, a data cluster replaces them, and what was written before is replaced,
+    not leaked (check is clean)."""
+    cs = 64 << 10
+    base = make_raw(image_dir / "base.raw", 4 * MiB, [])
+    with open(base, "r+b") as f:
+        f.write(b"\xaa" * (4 * MiB))
+    top = str(image_dir / "top.vdk")
+    vdisk.create(top, format="vdk", backing_file=base, backing_format="raw")
+    a = os.urandom(cs) + bytes(cs) + os.urandom(cs) + bytes(2 * cs) + os.urandom(3 * cs)
+    b = bytes(cs) + os.urandom(2 * cs) + bytes(cs) + os.urandom(4 * cs)
+    with vdisk.open(top) as img:
+        img.write(0, a, img.prepare_write(0, a))  # entries never written
+        img.write(16 * cs, a[:4 * cs], img.prepare_write(16 * cs, a[:4 * cs]))
+        img.flush()
+        img.write(16 * cs, b, img.prepare_write(16 * cs, b))  # half of them written before
+        img.flush()
+    with vdisk.open(top, read_only=True) as img:
+        assert img.read(0, len(a)) == a  # zeros, not the base's 0xaa
+        assert img.read(16 * cs, len(b)) == b
+        assert img.read(8 * cs, 8 * cs) == b"\xaa" * (8 * cs)  # untouched: still the base
+        result = img.check()
+        assert result.exit_code == 0, result
+    without = str(image_dir / "plain.vdk")
+    vdisk.create(without, 4 * MiB)
+    with vdisk.open(without) as img:
+        img.write(0, a, img.prepare_write(0, a))
+        img.flush()
+        assert img.read(0, len(a)) == a
+        # a plain image's zero clusters stay unallocated: only the 5 data clusters are stored
+        data = [e for e in img.block_status(0, len(a)) if e.status.name == "DATA"]
+        assert sum(e.length for e in data) == 5 * cs, img.block_status(0, len(a))
