@@ -11,9 +11,10 @@ The model predicts every refusal too, from its own state (never by asking vdisk)
 - a rebase onto a snapshot of an image whose chain reaches the rebased image (the
   image itself, a clone of it, a clone of a clone, an image rebased onto one of
   those) would make the chain loop: ``BackingError``, checked before anything else;
-- a rebase or flatten of an image that has a backing image and snapshots (visible
-  ones, or deleted ones that a clone still holds, which stay hidden until the last
-  holder lets go) is refused with ``UsageError``.
+- a flatten of an image that has a backing image and snapshots (visible ones, or
+  deleted ones that a clone still holds, which stay hidden until the last holder
+  lets go), and a rebase of an image with snapshots whether it has a backing image
+  or not, are refused with ``UsageError``.
 
 ``VDISK_MODEL_EXAMPLES`` sets the number of examples; otherwise it is a quarter of
 the Hypothesis profile's ``max_examples`` (see tests/conftest.py).
@@ -175,7 +176,7 @@ class ChainModel(RuleBasedStateMachine):
             with pytest.raises(BackingError, match="loop"):
                 chain.rebase(self._path(name), new)
             return
-        if self._refuses_rebase(name):
+        if self._refuses_rebase(name, onto=True):
             with pytest.raises(UsageError, match="has snapshots"):
                 chain.rebase(self._path(name), new)
             return
@@ -222,15 +223,16 @@ class ChainModel(RuleBasedStateMachine):
         chain.remove(self._path(name))
         del self.images[name], self.snaps[name], self.backing[name], self.hidden[name]
 
-    def _refuses_rebase(self, name):
-        """Rebase and flatten refuse an overlay with snapshots (also deleted ones that
-        clones still hold) while it has a backing image: those snapshots read through
-        the backing reference too.  The model decides; vdisk must agree."""
+    def _refuses_rebase(self, name, onto=False):
+        """An image with snapshots (also deleted ones that clones still hold) refuses a
+        flatten while it has a backing image, and any rebase onto a backing image
+        (``onto``), backed or not: its snapshots read through the backing reference
+        too (as zeros where there is none).  The model decides; vdisk must agree."""
         has, backed = self._has_snapshots(name), self.backing[name] is not None
         with vdisk.open(self._path(name), read_only=True, backing=False) as img:
             assert img.driver.has_snapshots() == has, f"{name}: has_snapshots() is not {has} as in the model"
             assert (img.driver.backing_ref is not None) == backed, f"{name}: backing reference is not as in the model"
-        return has and backed
+        return has and (backed or onto)
 
     @invariant()
     def everything_matches(self):
