@@ -436,7 +436,7 @@ def test_host_start_writeback_asks_the_kernel_only_for_a_synced_file(tmp_path, m
                 seen.append(args)
                 return 0
 
-        monkeypatch.setattr(H, "_libc", Libc)  # what the lazy loader would give
+        monkeypatch.setattr(H, "libc", Libc)  # what the lazy loader would give
         synced.start_writeback()
         unsafe.start_writeback()
         assert seen == [(synced.fd, 0, 0, 2)]  # SYNC_FILE_RANGE_WRITE over the whole file

@@ -30,7 +30,7 @@ _SYNC_FILE_RANGE_WRITE = 2
 _libc_loaded = None
 
 
-def _libc():
+def libc():
     """The C library's ``fallocate`` and ``sync_file_range`` (not in :mod:`os`), loaded
     at first use: importing ctypes costs every command 2 ms.  The library is already
     in the process, so there is nothing to search for (ctypes.util.find_library runs
@@ -367,7 +367,7 @@ class HostFile(HostStorage):
         writing its dirty pages back and returns.  A hint: its errors are ignored (a
         failed write-back shows at the next ``flush``, which fdatasync reports)."""
         if self.sync and self.flush_failed is None:
-            _libc().sync_file_range(self.fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+            libc().sync_file_range(self.fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
 
     def flush(self) -> None:
         """fdatasync; if it fails, the file refuses changes from then on (see the module)."""
@@ -422,7 +422,7 @@ class HostFile(HostStorage):
             raise _refused_after_failed_flush(self, "punch hole")
         if length <= 0:
             return
-        rc = _libc().fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+        rc = libc().fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
         if rc != 0:
             import ctypes
 
