@@ -223,3 +223,64 @@ def test_cli_snapshot_clone_info_chain(gold):
     run("snapshot", "delete", path, "s1")
     assert json.loads(run("snapshot", "list", "--output", "json", path).stdout) == []
     assert run("check", path).returncode == 0
+
+
+def test_a_refused_rebase_onto_the_snapshot_an_image_reads_keeps_its_hold(gold, tmp_path):
+    """A clone with snapshots of its own, rebased onto the very snapshot it reads
+    through, is refused (its snapshots read through the reference). The refusal must
+    leave the clone's hold on that snapshot: deleting the snapshot afterwards only hides
+    it, and the clone still reads its data. (Before, the rebase took a +1 hold, which
+    only refreshed the clone's one record, and undid it with a -1 that removed the
+    record: the delete then freed the snapshot under the clone. Found by the chain
+    model's random exploration.)"""
+    path, data = gold
+    c1, c2 = str(tmp_path / "c1.vdk"), str(tmp_path / "c2.vdk")
+    chain.clone(path, c1)  # gold gets the snapshot c1 reads through
+    chain.clone(c1, c2)  # c1 gets a snapshot of its own
+    with vdisk.open(path, read_only=True) as g:
+        [snap] = g.snapshot_list()
+        before = [(s.id, s.holds, s.holders) for s in g.snapshot_list(hidden=True)]
+    with pytest.raises(UsageError, match="has snapshots"):
+        chain.rebase(c1, f"{path}@{snap.name}")
+    with vdisk.open(path, read_only=True) as g:
+        assert [(s.id, s.holds, s.holders) for s in g.snapshot_list(hidden=True)] == before  # nothing changed
+    run("snapshot", "delete", path, snap.name)
+    with vdisk.open(path, read_only=True) as g:
+        [hidden] = g.snapshot_list(hidden=True)
+        assert hidden.hidden and hidden.holds == 1  # kept for c1
+    for img in (c1, c2):
+        with vdisk.open(img, read_only=True) as i:
+            assert i.read(1 << 20, len(data)) == data
+            assert i.check().exit_code == 0
+    assert run("check", path).returncode == 0
+
+
+def test_a_rebase_that_fails_after_its_hold_keeps_a_hold_the_image_had(gold, tmp_path, monkeypatch):
+    """A rebase takes its hold on the new snapshot before it rewrites the image, and
+    gives it back if the rewrite fails, but not a hold the image had before it (its
+    one record on the snapshot it reads through now)."""
+    path, _data = gold
+    c1 = str(tmp_path / "c1.vdk")
+    chain.clone(path, c1)
+    with vdisk.open(path, read_only=True) as g:
+        [snap] = g.snapshot_list()
+        assert snap.holds == 1
+    chain.rebase(c1, f"{path}@{snap.name}")  # onto the same snapshot: fine, one record
+
+    def broken(*args, **kw):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(chain, "_rebase", broken)
+    with pytest.raises(OSError):
+        chain.rebase(c1, f"{path}@{snap.name}")
+    with vdisk.open(path, read_only=True) as g:
+        [after] = g.snapshot_list()
+        assert after.holds == 1 and [h.path for h in after.holders] == ["c1.vdk"]
+    other = str(tmp_path / "other.vdk")
+    vdisk.create(other, 8 << 20)
+    with vdisk.open(other) as o:
+        o.snapshot_create("s")
+    with pytest.raises(OSError):
+        chain.rebase(c1, f"{other}@s")  # a new hold: given back
+    with vdisk.open(other, read_only=True) as o:
+        assert o.snapshot_list()[0].holds == 0

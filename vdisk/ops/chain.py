@@ -259,10 +259,12 @@ def rebase(path: str, new_backing: str | None, new_format: str | None = None, *,
                         unsafe_backing=unsafe_backing, allow_backing_dirs=[os.path.dirname(block.abspath(path))]) as nb:
             _check_no_loop(path, nb)
     with ctx.open(path, read_only=True, backing=False) as cur:
+        _refuse_if_snapshots(path, cur, new_path, unsafe)  # before anything changes anywhere
         image_id = cur.driver.image_id
         cur_format = cur.format
         old_plan = hold_plan(path, cur.driver.backing_ref, image_id, ctx)
     held: Holder | None = None
+    held_before = False
     if new_path is not None and new_snap and new_format in HOLD_FORMATS:
         if cur_format not in HOLD_FORMATS:
             raise UsageError(f"{path}: only a vdk or pool image can read from a snapshot of a {new_format} image "
@@ -271,12 +273,16 @@ def rebase(path: str, new_backing: str | None, new_format: str | None = None, *,
             raise UsageError(f"{path}: has no identity (made by vdisk 0.1) to hold a snapshot with; "
                              "make a new clone instead (vdisk clone)")
         held = Holder(image_id, holder_path(new_path, path))
+        # One record per holder: if this image holds that snapshot already (it reads
+        # from it now), the +1 only refreshes the record, and a failed rebase must not
+        # take the record away with a -1: the snapshot could then be deleted under it.
+        held_before = any(h.image_id == image_id for h in _snapshot_info(new_path, new_snap, ctx).holders)
         info = hold(new_path, new_snap, held, +1, ctx, new_format)
         new_snap = f"#{info.id}"
     try:
         _rebase(path, new_path, new_format, new_snap, unsafe, progress, unsafe_backing, ctx)
     except BaseException:
-        if held is not None:
+        if held is not None and not held_before:
             hold(new_path, new_snap, held, -1, ctx, new_format)
         raise
     if old_plan is not None and held is not None and block.same_image(old_plan.base, new_path) \
@@ -285,15 +291,20 @@ def rebase(path: str, new_backing: str | None, new_format: str | None = None, *,
     release(old_plan, f"rebased {path}", ctx)
 
 
+def _refuse_if_snapshots(path: str, img: block.Image, new_path: str | None, unsafe: bool) -> None:
+    """Internal snapshots read through the image's backing reference (what they do not
+    hold reads from it, or as zeros without one); changing it would change what they
+    hold, and snapshots do not change.  ``rebase -u`` is the user's word that the new
+    backing holds the same data."""
+    if not unsafe and img.driver.has_snapshots() and (img.driver.backing_ref is not None or new_path is not None):
+        raise UsageError(f"{path}: has snapshots, which read through its backing reference; "
+                         "delete them first (or rebase -u if the new backing holds the same data)")
+
+
 def _rebase(path, new_path, new_format, new_snap, unsafe, progress, unsafe_backing, ctx) -> BackingRef | None:
     with ctx.open(path, unsafe_backing=unsafe_backing, backing=not unsafe) as top:
         old_ref = top.driver.backing_ref
-        if not unsafe and top.driver.has_snapshots() and (old_ref is not None or new_path is not None):
-            # Internal snapshots read through the same backing reference (what they do
-            # not hold reads from it, or as zeros without one); changing it would
-            # change what they hold, and snapshots do not change.
-            raise UsageError(f"{path}: has snapshots, which read through its backing reference; "
-                             "delete them first (or rebase -u if the new backing holds the same data)")
+        _refuse_if_snapshots(path, top, new_path, unsafe)  # again under the write lock
         new_ref = None
         if new_path is not None:
             rel = os.path.relpath(block.abspath(new_path), os.path.dirname(block.abspath(path)))
