@@ -439,6 +439,8 @@ def test_rebase_a_vdk_file_onto_a_pool_snapshot(pool, tmp_path):
     assert jrun("info", top)["backing-filename-format"] == "pool"
     assert holders(src, "s") == ["../top.vdk"]
     assert content(top)[:4] == bytes(4)  # safe rebase: the guest content did not change
+    run("rebase", "-b", "pool/a@s", top)  # onto the same snapshot again: still one record, as in vdk
+    assert holders(src, "s") == ["../top.vdk"]
     os.unlink(top)  # behind vdisk's back: a stale hold, a leak check reports and releases
     res = jrun("check", src, code=3)
     assert any("holder" in m for m in res["vdisk-leak-messages"])

@@ -438,7 +438,9 @@ class PoolDriver(BlockDriver):
             if delta > 0:
                 if holder is None:
                     raise UsageError("a hold on a pool snapshot needs the holder's identity")
-                hs.append([holder.image_id, holder.path])
+                # one record per holder, as vdk keeps it: the same image holding again
+                # (a retried clone, a rebase onto the snapshot it reads) refreshes it
+                hs[:] = [h for h in hs if h[0] != holder.image_id] + [[holder.image_id, holder.path]]
                 return
             mine = [h for h in hs if holder is not None and h[0] == holder.image_id]
             if not mine:
