@@ -80,7 +80,7 @@ VDISK_TIMEOUT = 120.0  # seconds, default for one ``vdisk`` command
 #: is in exactly one tier (a new module must be added here, or collection fails).
 TIERS = {
     "tier1": ["test_vdk_codec", "test_spec", "test_drivers", "test_fuse_ops", "test_pool_codec", "test_nbd_proto", "test_trace", "test_zeros",
-              "test_layers", "test_worker"],
+              "test_layers", "test_worker", "test_unixaddr"],
     "tier2": ["test_chain", "test_chain_model", "test_cli", "test_cli_habits", "test_cli_json", "test_matrix",
               "test_model", "test_ops", "test_qcow2", "test_qcow2_safety", "test_safety", "test_vdk_safety",
               "test_rundir", "test_found_bugs", "test_pool", "test_pool_model", "test_pool_commands",

@@ -118,7 +118,7 @@ def test_client_imports_almost_nothing():
     loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                 check=True).stdout.split())
     assert loaded <= {"vdisk", "vdisk.errors", "__future__", "vdisk.cmdserver", "vdisk.cmdserver.client",
-                      "_socket"}, loaded
+                      "_socket", "vdisk.unixaddr"}, loaded  # unixaddr imports only posix and sys
 
 
 @pytest.mark.parametrize("env", [{}, {"VDISK_RUN_DIR": "/x/y"}, {"XDG_RUNTIME_DIR": "/run/user/5"}])
@@ -487,3 +487,23 @@ def test_an_idle_worker_copies_its_parents_pages_before_it_takes_a_command():
     populated, done = _faults_writing_after_fork(True)
     assert plain >= 8000, plain  # one copy-on-write fault per page of the 32 MiB
     assert done >= 32 << 20 and populated < 200, (populated, done)
+
+
+def test_a_run_directory_longer_than_a_socket_address_holds(tmp_path):
+    """The server's socket path can be longer than a Unix socket address holds
+    (vdisk/unixaddr.py): the server listens there and the client reaches it."""
+    run_dir = tmp_path / ("r" * 60) / ("u" * 60)
+    run_dir.mkdir(parents=True, mode=0o700)
+    run_dir.parent.chmod(0o700)
+    assert len(str(run_dir / client.SOCKET_NAME)) > 107
+    s = Server(run_dir)
+    try:
+        s.start()
+        img = tmp_path / "a.vdk"
+        assert s.vdisk("create", "-q", img, "1M", in_process=True).returncode == 0
+        before = s.mark()
+        r = s.vdisk("info", img)
+        assert r.returncode == 0, r.stderr
+        s.assert_served(before, 1)
+    finally:
+        s.stop()

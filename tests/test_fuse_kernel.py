@@ -492,6 +492,32 @@ def test_cli_engine_option_and_status(rig, tmp_path, run_vdisk, monkeypatch):  #
 
 
 @_fuse
+def test_a_run_directory_longer_than_a_socket_address_holds(rig, tmp_path, run_vdisk, monkeypatch):  # noqa: F811
+    """The mount's control sockets live in the run directory; one deeper than a Unix
+    socket address holds (107 bytes with the socket's name) still serves the CLI's
+    requests through the mount (vdisk/unixaddr.py). Before, the mount failed with
+    "internal error: AF_UNIX path too long"."""
+    run_dir = tmp_path / ("r" * 60) / ("u" * 60)
+    run_dir.mkdir(parents=True, mode=0o700)
+    run_dir.parent.chmod(0o700)
+    monkeypatch.setenv("VDISK_RUN_DIR", str(run_dir))
+    assert len(control.socket_path(str(tmp_path))) > 107
+    img = str(tmp_path / "disk.vdk")
+    run_vdisk("create", img, "8M")
+    mnt = str(tmp_path / "mnt")
+    os.makedirs(mnt)
+    rig.fuse_mounts.append(mnt)
+    run_vdisk("mount", img, mnt)
+    rig.pids.append(int(os.getxattr(mnt, "user.vdisk.pid")))
+    assert control.call(img, "status")["pid"] == rig.pids[-1]
+    run_vdisk("snapshot", "create", img, "s")  # handed to the mount through its socket
+    assert os.listdir(os.path.join(mnt, "snapshots")) == ["s"]
+    assert any(len(str(p)) > 107 for p in run_dir.glob("*.sock"))
+    run_vdisk("umount", mnt)
+    rig.fuse_mounts.remove(mnt)
+
+
+@_fuse
 def test_second_signal_detaches_a_busy_mount(rig, tmp_path):  # noqa: F811
     img = str(tmp_path / "disk.vdk")
     vdisk.create(img, 8 * MiB)

@@ -32,6 +32,8 @@ import _socket
 import posix
 import sys
 
+from vdisk import unixaddr
+
 MAGIC = b"vdisk-cmdserver"
 #: bumped on any change of the protocol; a mismatch makes the client run in-process
 PROTOCOL = b"1"
@@ -110,7 +112,7 @@ def connect(path: str):
         return None
     s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
     try:
-        s.connect(path)
+        unixaddr.connect(s, path)
         cred = s.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)
         if int.from_bytes(cred[4:8], sys.byteorder) != posix.geteuid():
             s.close()

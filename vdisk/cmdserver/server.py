@@ -43,6 +43,7 @@ import time
 import traceback
 
 from vdisk.cmdserver import client as proto
+from vdisk import unixaddr
 from vdisk.errors import VdiskError
 
 LOCK_NAME = "cmdserver.lock"
@@ -136,7 +137,7 @@ class Server:
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         old = os.umask(0o177)
         try:
-            self.listener.bind(self.sock_path)
+            unixaddr.bind(self.listener, self.sock_path)  # also a path longer than 107 bytes
         except OSError as exc:
             raise VdiskError(f"{self.sock_path}: cannot listen: {exc.strerror or exc}") from None
         finally:

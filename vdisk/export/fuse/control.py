@@ -53,6 +53,7 @@ from dataclasses import asdict
 
 from vdisk import errors as _errors
 from vdisk.drivers.base import Holder
+from vdisk import unixaddr
 from vdisk.errors import UsageError, VdiskError
 
 log = logging.getLogger("vdisk.export.fuse.control")
@@ -176,7 +177,7 @@ def request_at(path: str, what: str, req: dict, *, timeout: float = DEFAULT_TIME
     try:
         s.settimeout(timeout)
         try:
-            s.connect(path)
+            unixaddr.connect(s, path)
         except (FileNotFoundError, ConnectionRefusedError):
             return None
         except OSError as exc:
@@ -274,7 +275,7 @@ def bind_socket(image_path: str, path: str | None = None) -> socket.socket:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     old = os.umask(0o177)
     try:
-        s.bind(path)
+        unixaddr.bind(s, path)  # also a path longer than a socket address holds
     finally:
         os.umask(old)
     s.listen(16)
