@@ -478,6 +478,9 @@ def test_cli_errors(image_dir, run_vdisk, sockdir):
     r = run_vdisk("serve", "--nbd", f"unix:{sockdir}/x.sock", "--export-name", "n" * 5000, img, expect=1)
     assert "export name is longer than 4096 bytes" in r.stderr
     assert not os.path.exists(f"{sockdir}/x.sock")
+    long = os.path.join(sockdir, "l" * 120 + ".sock")  # no client could reach it: refused, one line
+    r = run_vdisk("serve", "--nbd", f"unix:{long}", img, expect=1)
+    assert "longer than a Unix socket address holds" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_a_second_writer_is_refused_while_served(image_dir, serve, run_vdisk, sockdir):

@@ -140,6 +140,10 @@ def parse_address(spec: str) -> tuple:
 
 def _bind_unix(path: str) -> socket.socket:
     path = os.path.abspath(path)
+    n = len(os.fsencode(path))
+    if n > 107:  # sun_path: 108 bytes with its NUL; qemu and nbd-client pass the path as it is
+        raise NbdError(f"{path}: {n} bytes, longer than a Unix socket address holds (107), so no NBD client "
+                       "could connect to it; give a shorter path")
     try:
         st = os.lstat(path)
     except FileNotFoundError:
