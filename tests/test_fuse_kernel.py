@@ -503,17 +503,14 @@ def test_a_run_directory_longer_than_a_socket_address_holds(rig, tmp_path, run_v
     monkeypatch.setenv("VDISK_RUN_DIR", str(run_dir))
     assert len(control.socket_path(str(tmp_path))) > 107
     img = str(tmp_path / "disk.vdk")
-    run_vdisk("create", img, "8M")
+    vdisk.create(img, 8 << 20)
     mnt = str(tmp_path / "mnt")
-    os.makedirs(mnt)
-    rig.fuse_mounts.append(mnt)
-    run_vdisk("mount", img, mnt)
-    rig.pids.append(int(os.getxattr(mnt, "user.vdisk.pid")))
-    assert control.call(img, "status")["pid"] == rig.pids[-1]
+    pid = rig.mount(img, mnt)
+    assert control.call(img, "status")["pid"] == pid
     run_vdisk("snapshot", "create", img, "s")  # handed to the mount through its socket
     assert os.listdir(os.path.join(mnt, "snapshots")) == ["s"]
     assert any(len(str(p)) > 107 for p in run_dir.glob("*.sock"))
-    run_vdisk("umount", mnt)
+    run_vdisk("umount", mnt)  # asks the mount through its socket too
     rig.fuse_mounts.remove(mnt)
 
 
